@@ -1,0 +1,150 @@
+"""Import order and backend choice, decided in one place.
+
+Unsloth must be imported before trl, transformers and peft: it rewrites TRL's `GRPOTrainer` into a
+generated `UnslothGRPOTrainer` and rebinds `trl.GRPOTrainer`. A subclass created before that keeps
+plain TRL as its base, so `SDPOTrainer` is created only after `bootstrap()` has run.
+
+Backends:
+    "unsloth"       FastLanguageModel loading and unsloth's patched GRPOTrainer (needs a CUDA GPU).
+    "transformers"  transformers + peft (+ bitsandbytes for 4-bit); works on CPU and GPU.
+    "auto"          unsloth when a CUDA GPU is present and unsloth imports, else transformers.
+
+`SDPO_UNSLOTH_BACKEND` in the environment overrides "auto".
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+
+BACKENDS = ("auto", "unsloth", "transformers")
+_LATE_MODULES = ("trl", "transformers", "peft")
+
+
+@dataclass(frozen=True)
+class Backend:
+    name: str  # "unsloth" | "transformers"
+    device: str  # "cuda" | "cpu" | "mps"
+    reason: str
+
+
+_resolved: Backend | None = None
+_warned_order = False
+
+
+def imported_too_early(modules: dict[str, object] | None = None) -> list[str]:
+    """The modules among trl/transformers/peft already imported while unsloth is not."""
+    modules = sys.modules if modules is None else modules
+    if "unsloth" in modules:
+        return []
+    return [name for name in _LATE_MODULES if name in modules]
+
+
+def check_import_order() -> list[str]:
+    """Warn once if trl/transformers/peft were imported before unsloth; returns the offending modules."""
+    global _warned_order
+    early = imported_too_early()
+    if early and not _warned_order:
+        _warned_order = True
+        warnings.warn(
+            f"{', '.join(early)} imported before unsloth, so unsloth cannot patch them and training runs "
+            "slower with more memory. Fix: put `import sdpo_unsloth` (or `import unsloth`) first in your "
+            "script or notebook, before trl, transformers and peft; in a notebook, restart the runtime.",
+            stacklevel=3,
+        )
+    return early
+
+
+def _device() -> str:
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
+
+
+def _import_unsloth() -> None:
+    check_import_order()
+    importlib.import_module("unsloth")
+
+
+def _check_patched() -> None:
+    trl = importlib.import_module("trl")
+    base = trl.GRPOTrainer
+    if "Unsloth" not in base.__name__:
+        raise RuntimeError(
+            f"unsloth imported but trl.GRPOTrainer is still {base.__module__}.{base.__name__}: unsloth's RL patch "
+            "did not apply. Restart the Python process (or notebook runtime) and import sdpo_unsloth (or unsloth) "
+            "before trl/transformers/peft; or call `from unsloth import FastLanguageModel, PatchFastRL; "
+            "PatchFastRL('GRPO', FastLanguageModel)` first. To train without unsloth use backend='transformers'."
+        )
+
+
+def bootstrap(backend: str | None = None) -> Backend:
+    """Pick the backend and import unsloth first when it is used. Idempotent after the first call.
+
+    Args:
+        backend: "auto" (default), "unsloth" or "transformers". None reads `SDPO_UNSLOTH_BACKEND`.
+    """
+    global _resolved
+    requested = backend or os.environ.get("SDPO_UNSLOTH_BACKEND", "auto")
+    if requested not in BACKENDS:
+        raise ValueError(f"`backend` must be one of {', '.join(BACKENDS)}, got {requested!r}.")
+    if _resolved is not None:
+        if requested not in ("auto", _resolved.name):
+            raise RuntimeError(
+                f"the backend is already {_resolved.name!r} in this process ({_resolved.reason}); it cannot switch "
+                f"to {requested!r}. Restart Python and call sdpo_unsloth.bootstrap({requested!r}) first."
+            )
+        return _resolved
+
+    if "unsloth" not in sys.modules and requested != "transformers" and importlib.util.find_spec("unsloth"):
+        # Decide before torch: `import torch` alone does not break unsloth's patching.
+        device = _device()
+        if device == "cuda":
+            try:
+                _import_unsloth()
+                _check_patched()
+                _resolved = Backend("unsloth", device, "CUDA GPU and unsloth available")
+                return _resolved
+            except RuntimeError:
+                raise
+            except Exception as exc:  # unsloth installed but broken: auto falls back, explicit raises
+                if requested == "unsloth":
+                    raise RuntimeError(f"backend='unsloth' but `import unsloth` failed: {exc}") from exc
+                warnings.warn(
+                    f"`import unsloth` failed ({type(exc).__name__}: {exc}); training with transformers + peft. "
+                    "Reinstall unsloth or pass backend='transformers' to silence this.",
+                    stacklevel=2,
+                )
+                _resolved = Backend("transformers", device, f"unsloth failed to import: {exc}")
+                return _resolved
+    device = _device()
+    if requested == "unsloth" or (requested == "auto" and "unsloth" in sys.modules and device == "cuda"):
+        if device != "cuda":
+            raise RuntimeError(
+                "backend='unsloth' needs a CUDA GPU (none found). Use backend='transformers' on CPU, or run on a "
+                "GPU runtime (Colab: Runtime > Change runtime type > T4 GPU)."
+            )
+        if importlib.util.find_spec("unsloth") is None:
+            raise RuntimeError("backend='unsloth' but unsloth is not installed: pip install 'sdpo-unsloth[unsloth]'.")
+        _import_unsloth()
+        _check_patched()
+        _resolved = Backend("unsloth", device, "requested" if requested == "unsloth" else "unsloth already imported")
+        return _resolved
+    reason = "requested" if requested == "transformers" else f"no CUDA GPU ({device})"
+    if requested == "auto" and device == "cuda":
+        reason = "unsloth not installed"
+    _resolved = Backend("transformers", device, reason)
+    return _resolved
+
+
+def current_backend() -> Backend | None:
+    """The backend chosen so far in this process, or None before `bootstrap()`."""
+    return _resolved

