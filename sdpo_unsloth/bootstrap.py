@@ -133,10 +133,14 @@ def bootstrap(backend: str | None = None) -> Backend:
                 "GPU runtime (Colab: Runtime > Change runtime type > T4 GPU)."
             )
         if importlib.util.find_spec("unsloth") is None:
-            raise RuntimeError("backend='unsloth' but unsloth is not installed: pip install 'sdpo-unsloth[unsloth]'.")
+            raise RuntimeError(
+                "backend='unsloth' but unsloth is not installed: pip install 'sdpo-unsloth[unsloth]'."
+            )
         _import_unsloth()
         _check_patched()
-        _resolved = Backend("unsloth", device, "requested" if requested == "unsloth" else "unsloth already imported")
+        _resolved = Backend(
+            "unsloth", device, "requested" if requested == "unsloth" else "unsloth already imported"
+        )
         return _resolved
     reason = "requested" if requested == "transformers" else f"no CUDA GPU ({device})"
     if requested == "auto" and device == "cuda":

@@ -16,7 +16,9 @@ TEACHER_MODES: tuple[str, ...] = ("ema", "frozen", "live", "trust_region")
 
 DEFAULT_REPROMPT_TEMPLATE = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
 DEFAULT_SOLUTION_TEMPLATE = "\nCorrect solution:\n\n{demo}"
-DEFAULT_FEEDBACK_TEMPLATE = "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback}"
+DEFAULT_FEEDBACK_TEMPLATE = (
+    "\nThe following is feedback from your unsuccessful earlier attempt:\n\n{feedback}"
+)
 
 
 def _help(text: str) -> dict[str, str]:
@@ -42,24 +44,32 @@ class SDPOConfig:
     )
     alpha: float = field(
         default=0.5,
-        metadata=_help("Divergence: 0 = KL(teacher||student), 1 = KL(student||teacher), between = generalized JSD."),
+        metadata=_help(
+            "Divergence: 0 = KL(teacher||student), 1 = KL(student||teacher), between = generalized JSD."
+        ),
     )
     distillation_topk: int | None = field(
         default=100,
-        metadata=_help("Support of the divergence: the student's top-K tokens per position. None = full vocabulary."),
+        metadata=_help(
+            "Support of the divergence: the student's top-K tokens per position. None = full vocabulary."
+        ),
     )
     distillation_add_tail: bool = field(
-        default=True, metadata=_help("Add a (K+1)-th bucket with the mass outside the top-K (else renormalise).")
+        default=True,
+        metadata=_help("Add a (K+1)-th bucket with the mass outside the top-K (else renormalise)."),
     )
     teacher_mode: TeacherMode = field(
         default="ema", metadata=_help("ema | frozen | live | trust_region. None of them copies base weights.")
     )
     teacher_update_rate: float = field(
         default=0.05,
-        metadata=_help("ema: teacher = (1-r) teacher + r student after each optimizer step. trust_region: mix weight."),
+        metadata=_help(
+            "ema: teacher = (1-r) teacher + r student after each optimizer step. trust_region: mix weight."
+        ),
     )
     is_clip: float | None = field(
-        default=2.0, metadata=_help("Upper clip of the per-token importance weight. None disables the weight clip.")
+        default=2.0,
+        metadata=_help("Upper clip of the per-token importance weight. None disables the weight clip."),
     )
     include_environment_feedback: bool = field(
         default=True, metadata=_help("Put the reward's feedback string into the teacher prompt.")
@@ -71,34 +81,44 @@ class SDPOConfig:
         default=True, metadata=_help("Strip <think>...</think> blocks from the demonstration.")
     )
     success_reward_threshold: float = field(
-        default=1.0, metadata=_help("A rollout whose total reward is >= this counts as a successful demonstration.")
+        default=1.0,
+        metadata=_help("A rollout whose total reward is >= this counts as a successful demonstration."),
     )
     dont_reprompt_on_self_success: bool = field(
         default=True, metadata=_help("Never show a sample its own answer as the demonstration.")
     )
     reprompt_template: str = field(
-        default=DEFAULT_REPROMPT_TEMPLATE, metadata=_help("Teacher user message; fields {prompt} {solution} {feedback}.")
+        default=DEFAULT_REPROMPT_TEMPLATE,
+        metadata=_help("Teacher user message; fields {prompt} {solution} {feedback}."),
     )
     solution_template: str = field(default=DEFAULT_SOLUTION_TEMPLATE, metadata=_help("Field {demo}."))
     feedback_template: str = field(default=DEFAULT_FEEDBACK_TEMPLATE, metadata=_help("Field {feedback}."))
     max_reprompt_length: int = field(
-        default=1024, metadata=_help("Token budget of the teacher prompt; the demonstration is truncated to fit.")
+        default=1024,
+        metadata=_help("Token budget of the teacher prompt; the demonstration is truncated to fit."),
     )
     max_feedback_chars: int = field(
         default=2000, metadata=_help("Feedback strings are cut to this many characters before reprompting.")
     )
     grpo_weight: float = field(
         default=0.0,
-        metadata=_help("Opt-in hybrid (paper Eq. 3): loss = w * GRPO + (1-w) * SDPO. 0 = pure SDPO (default)."),
+        metadata=_help(
+            "Opt-in hybrid (paper Eq. 3): loss = w * GRPO + (1-w) * SDPO. 0 = pure SDPO (default)."
+        ),
     )
     sampled_token: bool = field(
         default=False,
-        metadata=_help("alpha=1 only: per-token surrogate sg(log p - log q) * log p instead of top-K logits."),
+        metadata=_help(
+            "alpha=1 only: per-token surrogate sg(log p - log q) * log p instead of top-K logits."
+        ),
     )
     logit_chunk_size: int = field(
-        default=1024, metadata=_help("Tokens per chunk of [chunk x V] logits; lower it if the loss runs out of memory.")
+        default=1024,
+        metadata=_help("Tokens per chunk of [chunk x V] logits; lower it if the loss runs out of memory."),
     )
-    teacher_adapter_name: str = field(default="sdpo_teacher", metadata=_help("Name of the teacher LoRA adapter."))
+    teacher_adapter_name: str = field(
+        default="sdpo_teacher", metadata=_help("Name of the teacher LoRA adapter.")
+    )
 
     def __post_init__(self) -> None:
         def fail(name: str, rule: str, value: Any, hint: str = "") -> None:
@@ -115,7 +135,12 @@ class SDPOConfig:
         if self.teacher_mode not in TEACHER_MODES:
             fail("teacher_mode", f"one of {', '.join(TEACHER_MODES)}", self.teacher_mode)
         if not finite(self.teacher_update_rate) or not 0.0 <= self.teacher_update_rate <= 1.0:
-            fail("teacher_update_rate", "in [0, 1]", self.teacher_update_rate, "the paper uses 0.05, or 0.01 on code")
+            fail(
+                "teacher_update_rate",
+                "in [0, 1]",
+                self.teacher_update_rate,
+                "the paper uses 0.05, or 0.01 on code",
+            )
         if self.is_clip is not None and (not finite(self.is_clip) or self.is_clip <= 0):
             fail("is_clip", "a positive number or None", self.is_clip)
         if not finite(self.success_reward_threshold):
@@ -123,7 +148,12 @@ class SDPOConfig:
         if not finite(self.grpo_weight) or not 0.0 <= self.grpo_weight <= 1.0:
             fail("grpo_weight", "in [0, 1]", self.grpo_weight, "the paper's hybrid used 0.9 for a 0.6B model")
         if self.sampled_token and self.alpha != 1.0:
-            fail("alpha", "1.0 when `sampled_token=True`", self.alpha, "the sampled-token surrogate is reverse KL")
+            fail(
+                "alpha",
+                "1.0 when `sampled_token=True`",
+                self.alpha,
+                "the sampled-token surrogate is reverse KL",
+            )
         for name in ("max_reprompt_length", "max_feedback_chars", "logit_chunk_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -136,9 +166,15 @@ class SDPOConfig:
             template = getattr(self, name)
             missing = [key for key in keys if key not in template]
             if missing:
-                fail(name, f"a string containing {', '.join(keys)}", template, f"missing {', '.join(missing)}")
+                fail(
+                    name, f"a string containing {', '.join(keys)}", template, f"missing {', '.join(missing)}"
+                )
         if not self.teacher_adapter_name or self.teacher_adapter_name == "default":
-            fail("teacher_adapter_name", "a non-empty name other than 'default' (the student)", self.teacher_adapter_name)
+            fail(
+                "teacher_adapter_name",
+                "a non-empty name other than 'default' (the student)",
+                self.teacher_adapter_name,
+            )
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

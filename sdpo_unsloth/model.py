@@ -26,10 +26,18 @@ def pick_dtype(device: str, requested: torch.dtype | str | None = None) -> torch
     Asking for bf16 on a GPU without it (T4) warns and gives fp16.
     """
     if isinstance(requested, str):
-        names = {"bf16": torch.bfloat16, "bfloat16": torch.bfloat16, "fp16": torch.float16,
-                 "float16": torch.float16, "fp32": torch.float32, "float32": torch.float32}
+        names = {
+            "bf16": torch.bfloat16,
+            "bfloat16": torch.bfloat16,
+            "fp16": torch.float16,
+            "float16": torch.float16,
+            "fp32": torch.float32,
+            "float32": torch.float32,
+        }
         if requested not in names:
-            raise ValueError(f"`dtype` must be one of {', '.join(names)} or None (automatic), got {requested!r}.")
+            raise ValueError(
+                f"`dtype` must be one of {', '.join(names)} or None (automatic), got {requested!r}."
+            )
         requested = names[requested]
     if device != "cuda":
         return requested or torch.float32

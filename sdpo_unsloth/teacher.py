@@ -34,7 +34,9 @@ def completion_text(completion: Any) -> str:
         return completion
     if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
         return str(completion[-1].get("content", ""))
-    raise TypeError(f"expected a completion string or a list of chat messages, got {type(completion).__name__}")
+    raise TypeError(
+        f"expected a completion string or a list of chat messages, got {type(completion).__name__}"
+    )
 
 
 def strip_thinking(text: str) -> str:
@@ -55,7 +57,7 @@ def select_demonstrations(
     sampler does. A rollout succeeds when its total reward is >= `success_threshold`.
 
     >>> select_demonstrations([0.0, 1.0, 1.0, 0.0], 2, success_threshold=1.0)
-    [1, None, 2, None]
+    [1, None, None, 2]
     >>> select_demonstrations([1.0, 1.0], 2, success_threshold=1.0)
     [1, 0]
     """
@@ -123,13 +125,17 @@ def build_reprompt(
         return Reprompt(render(prompt), demo, feedback)
     users = [i for i, message in enumerate(prompt) if message.get("role") == "user"]
     if not users:
-        raise ValueError("a chat prompt needs a user message to build the teacher prompt; got roles "
-                         f"{[m.get('role') for m in prompt]}")
+        raise ValueError(
+            "a chat prompt needs a user message to build the teacher prompt; got roles "
+            f"{[m.get('role') for m in prompt]}"
+        )
     last = users[-1]
     content = prompt[last].get("content")
     if not isinstance(content, str):
-        raise ValueError("the teacher prompt supports text-only user messages; the last user message has "
-                         f"content of type {type(content).__name__}")
+        raise ValueError(
+            "the teacher prompt supports text-only user messages; the last user message has "
+            f"content of type {type(content).__name__}"
+        )
     messages = [dict(message) for message in prompt]
     messages[last] = {**prompt[last], "content": render(content)}
     return Reprompt(messages, demo, feedback)

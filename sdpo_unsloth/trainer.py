@@ -38,7 +38,9 @@ from .teacher import (  # noqa: E402
     plan_reprompts,
 )
 
-TEACHER_DIR = "sdpo_teacher"  # inside each checkpoint
+# Inside each checkpoint, as a file: a sub-folder holding adapter_model.safetensors would make the
+# Trainer load only sub-folder adapters on resume and skip the student at the checkpoint's root.
+TEACHER_FILE = "sdpo_teacher.safetensors"
 _KEYS = ("sdpo_teacher_prompt_ids", "sdpo_teacher_prompt_mask", "sdpo_sample_mask", "sdpo_active_total")
 
 
@@ -86,7 +88,9 @@ def _prepare_model(model: Any, cfg: SDPOConfig, peft_config: Any) -> Any:
             "sdpo_unsloth.train(model=...) which loads it for you."
         )
     needs_teacher = cfg.enabled and cfg.teacher_mode == "ema"
-    return attach_lora(model, peft_config, teacher_adapter=cfg.teacher_adapter_name if needs_teacher else None)
+    return attach_lora(
+        model, peft_config, teacher_adapter=cfg.teacher_adapter_name if needs_teacher else None
+    )
 
 
 class _SDPOMixin:
@@ -140,7 +144,9 @@ class _SDPOMixin:
         )["input_ids"]
         return list(ids[0] if ids and isinstance(ids[0], list) else ids)
 
-    def _fit_teacher_prompt(self, reprompt: Reprompt, source: Any, demo: str | None, feedback: str | None) -> list[int]:
+    def _fit_teacher_prompt(
+        self, reprompt: Reprompt, source: Any, demo: str | None, feedback: str | None
+    ) -> list[int]:
         """Tokenise; when over `max_reprompt_length`, cut the demonstration (never the template)."""
         cfg = self.sdpo_config
         ids = self._render_teacher_prompt(reprompt)
@@ -233,7 +239,9 @@ class _SDPOMixin:
         metrics["sdpo/frac_masked"].append(1.0 - float(active.mean()))
         return output
 
-    def _completion_hidden(self, model: Any, ids: torch.Tensor, mask: torch.Tensor, length: int) -> torch.Tensor:
+    def _completion_hidden(
+        self, model: Any, ids: torch.Tensor, mask: torch.Tensor, length: int
+    ) -> torch.Tensor:
         """Final hidden states at the positions that predict the last `length` tokens: [B, L, H]."""
         decoder = model.get_base_model().get_decoder()
         hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
@@ -264,10 +272,14 @@ class _SDPOMixin:
         head = model.get_output_embeddings()
         weight = getattr(head, "weight", None)
         if weight is None or weight.ndim != 2:
-            raise NotImplementedError(f"SDPO needs a linear output layer; {type(head).__name__} has no 2-D weight.")
+            raise NotImplementedError(
+                f"SDPO needs a linear output layer; {type(head).__name__} has no 2-D weight."
+            )
         softcap = getattr(model.config, "final_logit_softcapping", None)
         if softcap is not None and self.sdpo_config.teacher_mode == "trust_region":
-            raise NotImplementedError("teacher_mode='trust_region' needs a linear lm_head (no logit softcapping).")
+            raise NotImplementedError(
+                "teacher_mode='trust_region' needs a linear lm_head (no logit softcapping)."
+            )
         return weight, getattr(head, "bias", None), softcap
 
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
@@ -340,7 +352,9 @@ class _SDPOMixin:
             adv = advantages[:, None].expand_as(row_mask)[selected]
             clipped = torch.clamp(ratio, 1 - self.epsilon_low, 1 + self.epsilon_high)
             per_token_grpo = -torch.minimum(ratio * adv, clipped * adv)
-            grpo = sdpo_loss.sequence_mean_loss(scatter(per_token_grpo), row_mask, normalizer=row_mask.size(0))
+            grpo = sdpo_loss.sequence_mean_loss(
+                scatter(per_token_grpo), row_mask, normalizer=row_mask.size(0)
+            )
             loss = cfg.grpo_weight * grpo + (1 - cfg.grpo_weight) * loss
             self._metrics[mode]["sdpo/grpo_loss"].append(float(grpo.detach()))
         if not torch.isfinite(loss):
@@ -356,7 +370,9 @@ class _SDPOMixin:
                 metrics["sdpo/distill_loss"].append(float(per_token_distill.detach()[weight_mask].mean()))
                 if cfg.is_clip is not None:
                     raw = torch.exp(torch.clamp(terms.student_logp.detach() - logp_old, -20, 20))
-                    metrics["sdpo/is_clip_frac"].append(float((raw[weight_mask] > cfg.is_clip).float().mean()))
+                    metrics["sdpo/is_clip_frac"].append(
+                        float((raw[weight_mask] > cfg.is_clip).float().mean())
+                    )
                 if terms.support_kl is not None:
                     metrics["sdpo/teacher_student_kl"].append(float(terms.support_kl[weight_mask].mean()))
         return loss
@@ -384,10 +400,13 @@ class _SDPOMixin:
             from peft.utils import get_peft_model_state_dict
             from safetensors.torch import save_file
 
-            folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}", TEACHER_DIR)
+            folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
             os.makedirs(folder, exist_ok=True)
             state = get_peft_model_state_dict(self._peft_model(), adapter_name=cfg.teacher_adapter_name)
-            save_file({k: v.detach().contiguous().cpu() for k, v in state.items()}, f"{folder}/adapter_model.safetensors")
+            save_file(
+                {k: v.detach().contiguous().cpu() for k, v in state.items()},
+                os.path.join(folder, TEACHER_FILE),
+            )
         super()._save_checkpoint(model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
@@ -395,11 +414,11 @@ class _SDPOMixin:
         cfg = self.sdpo_config
         if not (cfg.enabled and cfg.teacher_mode == "ema"):
             return
-        path = os.path.join(resume_from_checkpoint, TEACHER_DIR, "adapter_model.safetensors")
+        path = os.path.join(resume_from_checkpoint, TEACHER_FILE)
         peft_model = self._peft_model()
         if not os.path.exists(path):
             warnings.warn(
-                f"{resume_from_checkpoint} has no teacher adapter ({TEACHER_DIR}/); the EMA teacher restarts from the "
+                f"{resume_from_checkpoint} has no teacher adapter ({TEACHER_FILE}); the EMA teacher restarts from the "
                 "resumed student.",
                 stacklevel=2,
             )
@@ -414,7 +433,9 @@ class _SDPOMixin:
         result = set_peft_model_state_dict(peft_model, load_file(path), adapter_name=cfg.teacher_adapter_name)
         unexpected = getattr(result, "unexpected_keys", [])
         if unexpected:
-            raise RuntimeError(f"teacher adapter in {path} does not match this model: unexpected keys {unexpected[:3]}")
+            raise RuntimeError(
+                f"teacher adapter in {path} does not match this model: unexpected keys {unexpected[:3]}"
+            )
         add_teacher_adapter(peft_model, cfg.teacher_adapter_name)  # re-freeze, keep the student active
 
 

@@ -50,7 +50,7 @@ def _score(value: Any, name: str, index: int) -> tuple[float | None, str | None]
             "return list[float], not list[dict]. Put feedback on `self.last_feedback` or return "
             "sdpo_unsloth.RewardResult(score, feedback)."
         )
-    if isinstance(value, bool) or not isinstance(value, int | float):
+    if not isinstance(value, int | float):  # bool is an int: True scores 1.0
         try:
             value = float(value)  # numpy / torch scalars
         except (TypeError, ValueError):
@@ -84,7 +84,9 @@ class CheckedReward:
         self.last_scores: list[float | None] = []
         self.last_feedback: list[str] = []
 
-    def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any) -> list[float | None]:
+    def __call__(
+        self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any
+    ) -> list[float | None]:
         name, n = self.__name__, len(completions)
         self.last_scores, self.last_feedback = [], []
         if hasattr(self.func, "last_feedback"):
@@ -138,4 +140,7 @@ def combine_feedback(rewards: Sequence[CheckedReward]) -> list[str]:
     if not rewards:
         return []
     n = len(rewards[0].last_feedback)
-    return ["\n".join(r.last_feedback[i] for r in rewards if r.last_feedback and r.last_feedback[i]) for i in range(n)]
+    return [
+        "\n".join(r.last_feedback[i] for r in rewards if r.last_feedback and r.last_feedback[i])
+        for i in range(n)
+    ]

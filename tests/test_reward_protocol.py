@@ -1,0 +1,144 @@
+"""The reward protocol: three ways to give feedback, and clear errors for every broken shape."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from sdpo_unsloth.rewards import CheckedReward, RewardError, RewardResult, combine_feedback
+
+COMPLETIONS = ["7", "5", "x"]
+PROMPTS = ["3+4?"] * 3
+
+
+def plain(prompts, completions, **kwargs):
+    return [1.0 if c == "7" else 0.0 for c in completions]
+
+
+class SeedStyle:
+    """The seed's callable class with last_feedback."""
+
+    def __init__(self):
+        self.last_feedback: list[str] = []
+
+    def __call__(self, prompts, completions, **kwargs):
+        self.last_feedback = ["" if c == "7" else f"Wrong. The answer is 7, not {c}." for c in completions]
+        return [1.0 if c == "7" else 0.0 for c in completions]
+
+
+def with_results(prompts, completions, **kwargs):
+    return [RewardResult(1.0) if c == "7" else RewardResult(0.0, f"got {c}") for c in completions]
+
+
+@pytest.mark.parametrize(
+    ("func", "scores", "feedback"),
+    [
+        (plain, [1.0, 0.0, 0.0], ["", "", ""]),
+        (
+            SeedStyle(),
+            [1.0, 0.0, 0.0],
+            ["", "Wrong. The answer is 7, not 5.", "Wrong. The answer is 7, not x."],
+        ),
+        (with_results, [1.0, 0.0, 0.0], ["", "got 5", "got x"]),
+    ],
+)
+def test_three_protocols(func, scores, feedback):
+    reward = CheckedReward(func)
+    assert reward(prompts=PROMPTS, completions=COMPLETIONS) == scores
+    assert reward.last_feedback == feedback
+    assert reward.last_scores == scores
+
+
+def test_name_comes_from_function_or_class():
+    assert CheckedReward(plain).__name__ == "plain"
+    assert CheckedReward(SeedStyle()).__name__ == "SeedStyle"
+
+
+def test_none_means_skip_and_numpy_like_scalars_are_accepted():
+    class Scalar:
+        def __float__(self):
+            return 0.25
+
+    reward = CheckedReward(lambda prompts, completions, **kw: [None, Scalar(), True])
+    assert reward(prompts=PROMPTS, completions=COMPLETIONS) == [None, 0.25, 1.0]
+
+
+def test_feedback_never_leaks_between_batches():
+    class Forgetful:
+        """Sets feedback on the first call only."""
+
+        def __init__(self):
+            self.calls = 0
+            self.last_feedback: list[str] = []
+
+        def __call__(self, prompts, completions, **kwargs):
+            self.calls += 1
+            if self.calls == 1:
+                self.last_feedback = ["bad"] * len(completions)
+            return [0.0] * len(completions)
+
+    reward = CheckedReward(Forgetful())
+    reward(prompts=PROMPTS, completions=COMPLETIONS)
+    assert reward.last_feedback == ["bad"] * 3
+    reward(prompts=PROMPTS, completions=COMPLETIONS)
+    assert reward.last_feedback == ["", "", ""]
+
+
+@pytest.mark.parametrize(
+    ("output", "message"),
+    [
+        ([{"score": 1.0}] * 3, "must return list[float], not list[dict]"),
+        ([1.0], "returned 1 values for 3 completions"),
+        ([1.0, float("nan"), 0.0], "returned nan for completion 1"),
+        ([1.0, math.inf, 0.0], "returned inf for completion 1"),
+        (1.0, "returned float; it must return a list"),
+        ("abc", "returned str"),
+        (["a", 1.0, 0.0], "returned str for completion 0"),
+    ],
+)
+def test_broken_outputs_name_the_reward_and_the_fix(output, message):
+    def my_reward(prompts, completions, **kwargs):
+        return output
+
+    with pytest.raises(RewardError) as info:
+        CheckedReward(my_reward)(prompts=PROMPTS, completions=COMPLETIONS)
+    assert "'my_reward'" in str(info.value) and message in str(info.value)
+
+
+def test_exception_inside_reward_is_wrapped_with_its_name():
+    def exploding(prompts, completions, **kwargs):
+        raise KeyError("answer")
+
+    with pytest.raises(RewardError, match=r"reward 'exploding' raised KeyError") as info:
+        CheckedReward(exploding)(prompts=PROMPTS, completions=COMPLETIONS)
+    assert isinstance(info.value.__cause__, KeyError)
+
+
+def test_wrong_length_feedback_is_an_error():
+    class Short:
+        def __init__(self):
+            self.last_feedback: list[str] = []
+
+        def __call__(self, prompts, completions, **kwargs):
+            self.last_feedback = ["only one"]
+            return [0.0] * len(completions)
+
+    with pytest.raises(RewardError, match="set last_feedback with 1 entries for 3 completions"):
+        CheckedReward(Short())(prompts=PROMPTS, completions=COMPLETIONS)
+
+
+def test_not_callable_is_rejected():
+    with pytest.raises(RewardError, match="not callable"):
+        CheckedReward(3)
+
+
+def test_combine_feedback_joins_non_empty():
+    a, b = CheckedReward(SeedStyle()), CheckedReward(with_results)
+    a(prompts=PROMPTS, completions=COMPLETIONS)
+    b(prompts=PROMPTS, completions=COMPLETIONS)
+    assert combine_feedback([a, b]) == [
+        "",
+        "Wrong. The answer is 7, not 5.\ngot 5",
+        "Wrong. The answer is 7, not x.\ngot x",
+    ]

@@ -1,0 +1,317 @@
+"""SDPOTrainer on a tiny Qwen2-architecture model built from a config (CPU, offline)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+from conftest import make_tiny_model, make_tiny_tokenizer
+from datasets import Dataset
+from trl import GRPOConfig, GRPOTrainer
+
+from sdpo_unsloth import SDPOConfig, SDPOTrainer
+from sdpo_unsloth.model import default_lora_config
+from sdpo_unsloth.rewards import RewardError
+from sdpo_unsloth.teacher import adapter_parameter_count, adapter_scope
+
+TEACHER = "sdpo_teacher"
+
+
+def dataset(n: int = 16) -> Dataset:
+    rows = [
+        {
+            "prompt": [{"role": "system", "content": "Answer."}, {"role": "user", "content": f"{a}+{b}="}],
+            "answer": str(a + b),
+        }
+        for a in range(4)
+        for b in range(4)
+    ]
+    return Dataset.from_list(rows[:n])
+
+
+class HasDigit:
+    """Succeeds when the completion contains a digit (about half of random tiny-model samples)."""
+
+    __name__ = "has_digit"
+
+    def __init__(self):
+        self.last_feedback: list[str] = []
+
+    def __call__(self, prompts, completions, answer, **kwargs):
+        texts = [c[-1]["content"] for c in completions]
+        self.last_feedback = [
+            "" if any(ch.isdigit() for ch in t) else f"No number. The answer is {a}."
+            for t, a in zip(texts, answer, strict=True)
+        ]
+        return [float(any(ch.isdigit() for ch in t)) for t in texts]
+
+
+def grpo_args(tmp_path, **overrides) -> GRPOConfig:
+    options = dict(
+        output_dir=str(tmp_path / "run"),
+        num_generations=4,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_completion_length=6,
+        max_steps=3,
+        learning_rate=2e-2,
+        gradient_checkpointing=False,
+        report_to=[],
+        logging_steps=1,
+        use_cpu=True,
+        save_strategy="no",
+        bf16=False,
+        temperature=1.0,
+        seed=7,
+        data_seed=7,
+        disable_tqdm=True,
+    )
+    options.update(overrides)
+    return GRPOConfig(**options)
+
+
+def make_trainer(tmp_path, sdpo_config=None, reward=None, model=None, **overrides):
+    tokenizer = make_tiny_tokenizer()
+    torch.manual_seed(0)
+    return SDPOTrainer(
+        model=model if model is not None else make_tiny_model(len(tokenizer)),
+        args=grpo_args(tmp_path, **overrides),
+        sdpo_config=sdpo_config or SDPOConfig(),
+        processing_class=tokenizer,
+        reward_funcs=[reward or HasDigit()],
+        train_dataset=dataset(),
+    )
+
+
+def adapter_tensors(model, adapter: str) -> dict[str, torch.Tensor]:
+    marker = f".{adapter}."
+    return {n.replace(marker, "."): p.detach().clone() for n, p in model.named_parameters() if marker in n}
+
+
+class Recorder:
+    """Snapshots the student adapter after every optimizer step."""
+
+    def __init__(self):
+        self.students: list[dict[str, torch.Tensor]] = []
+
+    def callback(self, trainer):
+        from transformers import TrainerCallback
+
+        recorder = self
+
+        class _Callback(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):
+                recorder.students.append(adapter_tensors(trainer.model, "default"))
+
+        return _Callback()
+
+
+def test_sdpo_steps_move_student_and_ema_teacher_and_leave_base_untouched(tmp_path):
+    trainer = make_trainer(tmp_path, SDPOConfig(teacher_update_rate=0.3))
+    model = trainer.model
+    base = {n: p.detach().clone() for n, p in model.named_parameters() if "lora_" not in n}
+    student0 = adapter_tensors(model, "default")
+    assert all(torch.equal(student0[k], v) for k, v in adapter_tensors(model, TEACHER).items())
+    recorder = Recorder()
+    trainer.add_callback(recorder.callback(trainer))
+    trainer.train()
+
+    students = recorder.students
+    assert len(students) == 3
+    moved = [k for k in student0 if not torch.equal(student0[k], students[-1][k])]
+    assert len(moved) == len(student0)  # every student LoRA tensor trained
+    # EMA: t_k = (1 - r) t_{k-1} + r s_k with t_0 = s_0
+    expected = dict(student0)
+    for snapshot in students:
+        expected = {k: 0.7 * expected[k] + 0.3 * snapshot[k] for k in expected}
+    teacher = adapter_tensors(model, TEACHER)
+    for k in expected:
+        torch.testing.assert_close(teacher[k], expected[k], rtol=1e-5, atol=1e-6)
+    assert not all(torch.equal(teacher[k], students[-1][k]) for k in teacher)  # lags the student
+    for n, p in model.named_parameters():
+        if n in base:
+            assert torch.equal(p, base[n]), f"base weight {n} changed"
+    logged = {k for entry in trainer.state.log_history for k in entry}
+    for key in (
+        "sdpo/distill_loss",
+        "sdpo/frac_with_demo",
+        "sdpo/frac_with_feedback",
+        "sdpo/frac_masked",
+        "sdpo/is_clip_frac",
+        "sdpo/teacher_student_kl",
+        "sdpo/teacher_update_norm",
+    ):
+        assert key in logged, key
+
+
+def test_teacher_costs_exactly_one_adapter_and_no_second_model(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=1)
+    model = trainer.model
+    base_count = sum(p.numel() for p in make_tiny_model(len(make_tiny_tokenizer())).parameters())
+    student = adapter_parameter_count(model, "default")
+    teacher = adapter_parameter_count(model, TEACHER)
+    total = sum(p.numel() for p in model.parameters())
+    assert teacher == student > 0
+    assert total == base_count + student + teacher
+    assert all(not p.requires_grad for n, p in model.named_parameters() if f".{TEACHER}." in n)
+    assert all(p.requires_grad == (".default." in n) for n, p in model.named_parameters())
+
+
+def first_inputs(trainer):
+    trainer.model.train()
+    batch = next(iter(trainer.get_train_dataloader()))
+    return trainer._prepare_inputs(batch)
+
+
+def test_the_teacher_really_is_the_teacher(tmp_path):
+    trainer = make_trainer(tmp_path, SDPOConfig(distillation_topk=None))
+    inputs = first_inputs(trainer)
+    assert inputs["sdpo_sample_mask"].sum() > 0
+    model = trainer.model
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    loss = trainer._compute_loss(model, inputs).detach()
+    assert float(loss) >= 0
+    assert model.active_adapter == "default"
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    with torch.no_grad():  # perturb the teacher adapter only
+        for n, p in model.named_parameters():
+            if f"lora_B.{TEACHER}." in n:
+                p.add_(torch.randn_like(p) * 0.5)
+    perturbed = trainer._compute_loss(model, inputs).detach()
+    assert abs(float(perturbed) - float(loss)) > 1e-4
+    student_before = adapter_tensors(model, "default")
+    trainer._compute_loss(model, inputs)
+    assert all(torch.equal(v, adapter_tensors(model, "default")[k]) for k, v in student_before.items())
+
+
+def test_adapter_scope_restores_state_when_the_block_raises(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=1)
+    model = trainer.model
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    for target in (TEACHER, None):
+        with pytest.raises(RuntimeError, match="boom"), torch.no_grad(), adapter_scope(model, target):
+            assert model.active_adapter == (target or "default")
+            raise RuntimeError("boom")
+        assert model.active_adapter == "default"
+        assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+
+
+def test_ema_with_rate_zero_equals_frozen(tmp_path):
+    # Each trainer is built right before it trains: the Trainer seeds the global RNG at construction.
+    initial = adapter_tensors(make_trainer(tmp_path / "c").model, "default")
+    ema = make_trainer(tmp_path / "a", SDPOConfig(teacher_mode="ema", teacher_update_rate=0.0))
+    ema.train()
+    frozen = make_trainer(tmp_path / "b", SDPOConfig(teacher_mode="frozen"))
+    assert adapter_parameter_count(frozen.model, TEACHER) == 0  # frozen needs no teacher adapter
+    frozen.train()
+    a, b = adapter_tensors(ema.model, "default"), adapter_tensors(frozen.model, "default")
+    assert any(not torch.equal(a[k], initial[k]) for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("mode", ["live", "trust_region"])
+def test_other_teacher_modes_train(tmp_path, mode):
+    trainer = make_trainer(tmp_path, SDPOConfig(teacher_mode=mode, teacher_update_rate=0.5), max_steps=1)
+    before = adapter_tensors(trainer.model, "default")
+    trainer.train()
+    after = adapter_tensors(trainer.model, "default")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_gradient_accumulation_invariance(tmp_path):
+    """One micro-batch of 8 (GA=1) and two of 4 (GA=2) give the same gradient on the same rollouts."""
+    trainer = make_trainer(
+        tmp_path,
+        SDPOConfig(distillation_topk=5),
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+    )
+    inputs = first_inputs(trainer)
+    assert 0 < inputs["sdpo_sample_mask"].sum() < 8  # some samples masked: the case that breaks naive means
+    params = [p for p in trainer.model.parameters() if p.requires_grad]
+
+    def grads(batches, steps):
+        trainer.model.zero_grad()
+        trainer.args.steps_per_generation = steps
+        for batch in batches:
+            (trainer._compute_loss(trainer.model, batch) / steps).backward()  # the Trainer divides by GA
+        return [p.grad.clone() for p in params]
+
+    whole = grads([inputs], 1)
+    halves = [
+        {k: (v[:4] if isinstance(v, torch.Tensor) and v.ndim else v) for k, v in inputs.items()},
+        {k: (v[4:] if isinstance(v, torch.Tensor) and v.ndim else v) for k, v in inputs.items()},
+    ]
+    split = grads(halves, 2)
+    for g1, g2 in zip(whole, split, strict=True):
+        torch.testing.assert_close(g1, g2, rtol=1e-4, atol=1e-7)
+
+
+def test_disabled_is_plain_grpo_without_teacher_cost(tmp_path):
+    tokenizer = make_tiny_tokenizer()
+    sdpo = make_trainer(tmp_path / "s", SDPOConfig(enabled=False), learning_rate=1e-1)
+    assert adapter_parameter_count(sdpo.model, TEACHER) == 0
+    sdpo.train()
+    torch.manual_seed(0)
+    plain = GRPOTrainer(
+        model=make_tiny_model(len(tokenizer)),
+        args=grpo_args(tmp_path / "p", learning_rate=1e-1),
+        processing_class=tokenizer,
+        reward_funcs=[HasDigit()],
+        train_dataset=dataset(),
+        peft_config=default_lora_config(),
+    )
+    plain.train()
+    a, b = adapter_tensors(sdpo.model, "default"), adapter_tensors(plain.model, "default")
+    assert a.keys() == b.keys()
+    for k in a:
+        torch.testing.assert_close(a[k], b[k])
+    assert not any(k.startswith("sdpo/") for entry in sdpo.state.log_history for k in entry)
+
+
+def test_broken_reward_stops_training_with_its_name(tmp_path):
+    def returns_dicts(prompts, completions, **kwargs):
+        return [{"score": 0.0} for _ in completions]
+
+    trainer = make_trainer(tmp_path, reward=returns_dicts, max_steps=1)
+    with pytest.raises(RewardError, match=r"'returns_dicts'.*list\[float\], not list\[dict\]"):
+        trainer.train()
+
+
+def test_exported_model_has_no_teacher(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.train()
+    out = tmp_path / "final"
+    trainer.save_model(str(out))
+    from safetensors.torch import load_file
+
+    keys = load_file(str(out / "adapter_model.safetensors")).keys()
+    assert keys and not any(TEACHER in k for k in keys)
+    assert not (out / TEACHER).exists()
+
+
+def test_resume_continues_with_the_same_teacher(tmp_path):
+    """4 steps straight vs 2 steps, a checkpoint, and 2 resumed steps: same student and teacher."""
+    straight = make_trainer(tmp_path / "a", SDPOConfig(teacher_update_rate=0.3), max_steps=4)
+    straight.train()
+    first = make_trainer(
+        tmp_path / "b", SDPOConfig(teacher_update_rate=0.3), max_steps=4, save_strategy="steps", save_steps=2
+    )
+    first.train()  # writes checkpoint-2 (and checkpoint-4)
+    checkpoint = tmp_path / "b" / "run" / "checkpoint-2"
+    assert (checkpoint / "sdpo_teacher.safetensors").exists()
+    assert not any(
+        TEACHER in k
+        for k in __import__("safetensors.torch").torch.load_file(
+            str(checkpoint / "adapter_model.safetensors")
+        )
+    )
+    resumed = make_trainer(tmp_path / "c", SDPOConfig(teacher_update_rate=0.3), max_steps=4)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for adapter in ("default", TEACHER):
+        a, b = adapter_tensors(straight.model, adapter), adapter_tensors(resumed.model, adapter)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)  # tolerance: fp32 reordering only
+    assert os.path.exists(checkpoint / "trainer_state.json")
