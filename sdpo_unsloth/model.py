@@ -104,10 +104,10 @@ def attach_lora(model: Any, peft_config: Any = None, *, teacher_adapter: str | N
     from peft import PeftModel, get_peft_model
 
     if not isinstance(model, PeftModel):
-        if getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False):
-            from peft import prepare_model_for_kbit_training
-
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+        # No prepare_model_for_kbit_training: it casts every non-4-bit weight (embeddings, the tied lm_head)
+        # to fp32, doubling their memory on a T4. The base is frozen; only the LoRA tensors train.
+        for param in model.parameters():
+            param.requires_grad_(False)
         model = get_peft_model(model, peft_config or default_lora_config())
     if teacher_adapter:
         add_teacher_adapter(model, teacher_adapter)
