@@ -1,0 +1,551 @@
+"""The in-child harness of `sdpo_unsloth.sandbox`: it confines itself, then runs the untrusted code.
+
+The parent starts it as ``python -I -S sandbox_child.py`` (a fresh, small interpreter: no fork of the
+trainer) in a new session, with a scrubbed environment, and writes one JSON job on its stdin. Before any
+untrusted byte runs, this process, in order:
+
+1. sets ``no_new_privs`` and restricts itself with Landlock (when the kernel has it): writes only below
+   the work directory, reads only from the Python standard library, system libraries and the work
+   directory; no TCP bind/connect (ABI 4+); no signals or abstract unix sockets outside (ABI 6+);
+2. drops to the slot's unprivileged uid/gid with no supplementary groups (when asked, i.e. the parent is
+   root), and refuses to go on if the drop did not take;
+3. installs a seccomp filter (x86_64 only) that refuses ``socket``, ``execve``, ``ptrace``, namespace
+   and mount calls, ``io_uring``, ``setsid``/``setpgid`` and signals to any other process;
+4. sets its resource limits (address space, CPU seconds, file size, open files, processes, no core).
+
+It reports what it applied in a ``ready`` record on the result pipe, before the untrusted code runs,
+so the code cannot change that report. Records are JSON lines: ``ready``, ``load``, ``start``/``done``
+per check, ``exit`` (script mode) and ``end``. The untrusted code shares this process and can write to
+the same pipe, so the parent trusts only values, never verdicts: expected outputs never enter this
+process and every comparison happens in the parent.
+
+Stdlib only; imported as a module only by tests (for the seccomp program).
+"""
+
+from __future__ import annotations
+
+import builtins
+import ctypes
+import marshal
+import os
+import resource
+import stat
+import struct
+import sys
+
+# --- seccomp (x86_64) -------------------------------------------------------------------------------
+
+AUDIT_ARCH_X86_64 = 0xC000003E
+_X32_SYSCALL_BIT = 0x40000000
+_RET_ALLOW = 0x7FFF0000
+_RET_ERRNO = 0x00050000
+_RET_KILL_PROCESS = 0x80000000
+_EPERM, _ENOSYS = 1, 38
+# BPF opcodes: load word at absolute offset, jumps on equal / greater-or-equal / bits set, return.
+_LD_ABS, _JEQ, _JGE, _JSET, _RET = 0x20, 0x15, 0x35, 0x45, 0x06
+# struct seccomp_data: nr at 0, arch at 4, args[i] at 16 + 8 * i (low 32 bits first on x86_64).
+_NR, _ARCH, _ARG0 = 0, 4, 16
+
+# x86_64 syscall numbers refused with EPERM.
+DENIED_SYSCALLS = {
+    "socket": 41,
+    "execve": 59,
+    "execveat": 322,
+    "ptrace": 101,
+    "process_vm_readv": 310,
+    "process_vm_writev": 311,
+    "setsid": 112,
+    "setpgid": 109,
+    "tkill": 200,
+    "rt_sigqueueinfo": 129,
+    "rt_tgsigqueueinfo": 297,
+    "pidfd_open": 434,
+    "pidfd_send_signal": 424,
+    "pidfd_getfd": 438,
+    "unshare": 272,
+    "setns": 308,
+    "mount": 165,
+    "umount2": 166,
+    "pivot_root": 155,
+    "chroot": 161,
+    "open_tree": 428,
+    "move_mount": 429,
+    "fsopen": 430,
+    "fsconfig": 431,
+    "fsmount": 432,
+    "fspick": 433,
+    "mount_setattr": 442,
+    "io_uring_setup": 425,
+    "io_uring_enter": 426,
+    "io_uring_register": 427,
+    "bpf": 321,
+    "perf_event_open": 298,
+    "userfaultfd": 323,
+    "keyctl": 250,
+    "add_key": 248,
+    "request_key": 249,
+    "personality": 135,
+}
+_KILL, _TGKILL, _CLONE, _CLONE3 = 62, 234, 56, 435
+# CLONE_NEWNS | NEWCGROUP | NEWUTS | NEWIPC | NEWUSER | NEWPID | NEWNET
+_CLONE_NAMESPACES = 0x00020000 | 0x02000000 | 0x04000000 | 0x08000000 | 0x10000000 | 0x20000000 | 0x40000000
+
+
+def seccomp_program(own_pid: int) -> list[tuple[int, int, int, int]]:
+    """The filter as ``(code, jt, jf, k)`` BPF instructions.
+
+    Refuses (EPERM) the calls in `DENIED_SYSCALLS`, x32-ABI calls, ``clone`` with namespace flags, and
+    ``kill``/``tgkill`` aimed at any process but ``own_pid``; answers ``clone3`` with ENOSYS so the C
+    library falls back to ``clone`` (whose flags a filter can read); kills the process on a foreign
+    architecture; allows everything else.
+    """
+    code: list[tuple[int, int | str, int | str, int]] = []  # jump targets are labels until resolved
+    labels: dict[str, int] = {}
+
+    def op(opcode: int, k: int, jt: int | str = 0, jf: int | str = 0) -> None:
+        code.append((opcode, jt, jf, k))
+
+    op(_LD_ABS, _ARCH)
+    op(_JEQ, AUDIT_ARCH_X86_64, 0, "kill")
+    op(_LD_ABS, _NR)
+    op(_JGE, _X32_SYSCALL_BIT, "deny", 0)
+    for nr in sorted(DENIED_SYSCALLS.values()):
+        op(_JEQ, nr, "deny", 0)
+    op(_JEQ, _CLONE3, "enosys", 0)
+    op(_JEQ, _KILL, "own_pid", 0)
+    op(_JEQ, _TGKILL, "own_pid", 0)
+    op(_JEQ, _CLONE, "clone", 0)
+    op(_RET, _RET_ALLOW)
+    labels["own_pid"] = len(code)
+    op(_LD_ABS, _ARG0)  # pid_t is 32 bits: the kernel ignores the high half
+    op(_JEQ, own_pid, "allow", "deny")
+    labels["clone"] = len(code)
+    op(_LD_ABS, _ARG0)
+    op(_JSET, _CLONE_NAMESPACES, "deny", "allow")
+    for name, value in (
+        ("allow", _RET_ALLOW),
+        ("deny", _RET_ERRNO | _EPERM),
+        ("enosys", _RET_ERRNO | _ENOSYS),
+        ("kill", _RET_KILL_PROCESS),
+    ):
+        labels[name] = len(code)
+        op(_RET, value)
+
+    program = []
+    for index, (opcode, jt, jf, k) in enumerate(code):
+        offsets = [labels[t] - index - 1 if isinstance(t, str) else t for t in (jt, jf)]
+        if not all(0 <= off <= 255 for off in offsets):
+            raise ValueError(f"seccomp jump out of range at instruction {index}")
+        program.append((opcode, offsets[0], offsets[1], k))
+    return program
+
+
+class _SockFprog(ctypes.Structure):
+    _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
+
+
+def _libc() -> ctypes.CDLL:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
+    libc.prctl.restype = ctypes.c_int
+    libc.syscall.restype = ctypes.c_long
+    return libc
+
+
+def _check(result: int, what: str) -> None:
+    if result < 0:
+        errno = ctypes.get_errno()
+        raise OSError(errno, f"{what}: {os.strerror(errno)}")
+
+
+def install_seccomp(libc: ctypes.CDLL) -> None:
+    """Installs `seccomp_program` for this process (needs ``no_new_privs`` or CAP_SYS_ADMIN)."""
+    program = seccomp_program(os.getpid())
+    raw = b"".join(struct.pack("=HBBI", *ins) for ins in program)
+    buffer = ctypes.create_string_buffer(raw, len(raw))
+    fprog = _SockFprog(len(program), ctypes.addressof(buffer))
+    _check(libc.prctl(22, 2, ctypes.addressof(fprog), 0, 0), "prctl(PR_SET_SECCOMP)")  # SECCOMP_MODE_FILTER
+
+
+# --- Landlock -----------------------------------------------------------------------------------------
+
+_LL_CREATE, _LL_ADD_RULE, _LL_RESTRICT = 444, 445, 446
+_LL_EXECUTE, _LL_WRITE_FILE, _LL_READ_FILE, _LL_READ_DIR = 1, 2, 4, 8
+_LL_ABI1_ALL = (1 << 13) - 1  # EXECUTE .. MAKE_SYM
+_LL_REFER, _LL_TRUNCATE = 1 << 13, 1 << 14
+_LL_NET_TCP = 1 | 2  # BIND_TCP | CONNECT_TCP
+_LL_SCOPE = 1 | 2  # ABSTRACT_UNIX_SOCKET | SIGNAL
+_READ_ROOTS = ("/usr/lib", "/usr/lib64", "/lib", "/lib64", "/usr/share/zoneinfo")
+_READ_FILES = ("/etc/localtime", "/etc/ld.so.cache", "/dev/urandom", "/dev/random", "/dev/zero")
+
+
+def landlock_abi(libc: ctypes.CDLL) -> int:
+    """The kernel's Landlock ABI version, 0 when Landlock is absent or disabled."""
+    version = libc.syscall(
+        ctypes.c_long(_LL_CREATE), ctypes.c_void_p(None), ctypes.c_size_t(0), ctypes.c_uint(1)
+    )
+    return max(int(version), 0)
+
+
+def install_landlock(libc: ctypes.CDLL, abi: int, workdir: str, read_dirs: list[str]) -> None:
+    """Allows writes only below `workdir`, reads only below `read_dirs` + system libraries + `workdir`."""
+    handled = _LL_ABI1_ALL | (_LL_REFER if abi >= 2 else 0) | (_LL_TRUNCATE if abi >= 3 else 0)
+    file_rights = _LL_EXECUTE | _LL_WRITE_FILE | _LL_READ_FILE | (_LL_TRUNCATE if abi >= 3 else 0)
+    fields = [handled]
+    if abi >= 4:
+        fields.append(_LL_NET_TCP)
+    if abi >= 6:
+        fields.append(_LL_SCOPE)
+    attr = ctypes.create_string_buffer(struct.pack(f"={len(fields)}Q", *fields))
+    ruleset = libc.syscall(ctypes.c_long(_LL_CREATE), attr, ctypes.c_size_t(len(attr.raw)), ctypes.c_uint(0))
+    _check(ruleset, "landlock_create_ruleset")
+    try:
+        rules = [(workdir, handled)]
+        rules += [(p, _LL_EXECUTE | _LL_READ_FILE | _LL_READ_DIR) for p in [*read_dirs, *_READ_ROOTS]]
+        rules += [(p, _LL_READ_FILE) for p in _READ_FILES]
+        rules.append(("/dev/null", _LL_READ_FILE | _LL_WRITE_FILE | (_LL_TRUNCATE if abi >= 3 else 0)))
+        for path, rights in rules:
+            try:
+                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
+            except OSError:
+                continue  # absent on this system
+            try:
+                if not stat.S_ISDIR(os.fstat(fd).st_mode):
+                    rights &= file_rights
+                rule = ctypes.create_string_buffer(struct.pack("=Qi", rights, fd))
+                _check(
+                    libc.syscall(
+                        ctypes.c_long(_LL_ADD_RULE),
+                        ctypes.c_int(ruleset),
+                        ctypes.c_int(1),
+                        rule,
+                        ctypes.c_uint(0),
+                    ),
+                    f"landlock_add_rule({path})",
+                )
+            finally:
+                os.close(fd)
+        _check(
+            libc.syscall(ctypes.c_long(_LL_RESTRICT), ctypes.c_int(ruleset), ctypes.c_uint(0)),
+            "landlock_restrict_self",
+        )
+    finally:
+        os.close(ruleset)
+
+
+# --- setup ----------------------------------------------------------------------------------------------
+
+
+def _others_can_enter(path: str) -> bool:
+    """Whether a uid with no rights of its own can list `path` (every ancestor has o+x, it has o+rx)."""
+    path = os.path.realpath(path)
+    parts = path.split("/")
+    for i in range(2, len(parts) + 1):
+        mode = os.stat("/".join(parts[:i]) or "/").st_mode
+        need = stat.S_IXOTH | (stat.S_IROTH if i == len(parts) else 0)
+        if mode & need != need:
+            return False
+    return True
+
+
+def _keep_imports_reachable() -> list[str]:
+    """Rewrites `sys.path` entries an unprivileged uid could not reach to ``/proc/self/fd/N``.
+
+    A directory fd opened now (as root) stays usable after the uid drop: the kernel resolves the magic
+    link without re-checking the parents (e.g. a Python under ``/root/.pyenv`` with ``/root`` 0700).
+    Returns the real directories, for the Landlock read rules.
+    """
+    real_dirs, new_path, moved = [], [], {}
+    for entry in sys.path:
+        if not os.path.isdir(entry):
+            continue
+        real_dirs.append(os.path.realpath(entry))
+        if _others_can_enter(entry):
+            new_path.append(entry)
+        else:
+            fd = os.open(entry, os.O_PATH | os.O_DIRECTORY)
+            new_path.append(f"/proc/self/fd/{fd}")
+            moved[entry.rstrip("/") + "/"] = new_path[-1] + "/"
+    sys.path[:] = new_path
+    sys.path_importer_cache.clear()
+    for module in list(sys.modules.values()):  # packages imported already (encodings, ctypes) too
+        paths = getattr(module, "__path__", None)
+        if isinstance(paths, list):
+            for i, path in enumerate(paths):
+                for old, new in moved.items():
+                    if (path + "/").startswith(old):
+                        paths[i] = new + path[len(old) :]
+    return real_dirs
+
+
+def _drop_privileges(uid: int) -> None:
+    try:
+        os.setgroups([])
+        os.setresgid(uid, uid, uid)
+        os.setresuid(uid, uid, uid)
+    except OSError as exc:
+        raise OSError(f"uid drop to {uid} failed: {exc}") from None
+    if os.getresuid() != (uid, uid, uid) or os.getresgid() != (uid, uid, uid) or os.getgroups():
+        raise OSError(f"uid drop to {uid} did not take")
+
+
+def _set_limits(limits: dict[str, int]) -> None:
+    table = {
+        "cpu": resource.RLIMIT_CPU,
+        "as": resource.RLIMIT_AS,
+        "fsize": resource.RLIMIT_FSIZE,
+        "nofile": resource.RLIMIT_NOFILE,
+        "nproc": resource.RLIMIT_NPROC,
+    }
+    resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    for name, value in limits.items():
+        hard = value + 1 if name == "cpu" else value  # SIGXCPU first, SIGKILL one second later
+        resource.setrlimit(table[name], (value, hard))
+
+
+# --- running ---------------------------------------------------------------------------------------------
+
+_FILENAME = "<solution>"
+
+
+# JSON text without importing `json` (whose imports cost more than the rest of this harness). Only plain
+# values are encoded, through the base types' own methods, so subclasses cannot change what is sent.
+_ESCAPES = {i: f"\\u{i:04x}" for i in [*range(32), *range(0xD800, 0xE000)]}
+_ESCAPES.update({ord('"'): '\\"', ord("\\"): "\\\\"})
+_FLOATS = {"inf": "Infinity", "-inf": "-Infinity", "nan": "NaN"}
+
+
+def to_json(value: object, depth: int = 0) -> str:
+    """JSON text of a plain value (None, bool, int, float, str, list, tuple, dict); TypeError otherwise."""
+    if depth > 100:
+        raise TypeError("nested more than 100 levels deep")
+    if value is None or value is True or value is False:
+        return {None: "null", True: "true", False: "false"}[value]
+    if isinstance(value, int):
+        return int.__repr__(value)
+    if isinstance(value, float):
+        text = float.__repr__(value)
+        return _FLOATS.get(text, text)
+    if isinstance(value, str):
+        return '"' + str.translate(value, _ESCAPES) + '"'
+    if isinstance(value, list | tuple):
+        return "[" + ",".join([to_json(item, depth + 1) for item in value]) + "]"
+    if isinstance(value, dict):
+        items = []
+        for key, item in dict.items(value):
+            if not isinstance(key, str):
+                if key is None or isinstance(key, bool | int | float):
+                    key = to_json(key)  # as json.dumps does: 1 -> "1", True -> "true"
+                else:
+                    raise TypeError("dict keys must be strings")
+            items.append(to_json(key) + ":" + to_json(item, depth + 1))
+        return "{" + ",".join(items) + "}"
+    raise TypeError(f"{type(value).__name__} is not a JSON value")
+
+
+class _Emitter:
+    def __init__(self, fd: int):
+        self.fd = fd
+
+    def __call__(self, **record: object) -> None:
+        data = (to_json(record) + "\n").encode("utf-8", errors="replace")
+        while data:
+            data = data[os.write(self.fd, data) :]
+
+
+def _describe(exc: BaseException) -> dict[str, object]:
+    """Kind, one-line text and line number of an exception from the untrusted code."""
+    if isinstance(exc, SystemExit):
+        return {"kind": "exit", "error": f"SystemExit({exc.code!r:.100})", "code": _exit_code(exc)}
+    try:
+        message = str(exc)
+    except BaseException:
+        message = "<unprintable message>"
+    line = None
+    if isinstance(exc, SyntaxError) and exc.filename == _FILENAME:
+        line, message = exc.lineno, exc.msg
+    tb = exc.__traceback__
+    while tb is not None:
+        if tb.tb_frame.f_code.co_filename == _FILENAME:
+            line = tb.tb_lineno
+        tb = tb.tb_next
+    name = type(exc).__name__
+    text = f"{name}: {message}" if message else name
+    kind = "memory" if isinstance(exc, MemoryError) else "error"
+    return {"kind": kind, "error": text[:4000], "line": line}
+
+
+def _exit_code(exc: SystemExit) -> int:
+    if exc.code is None:
+        return 0
+    return exc.code if isinstance(exc.code, int) else 1
+
+
+def _stdin_fd(data: str, name: str, workdir_fd: int) -> int:
+    """A read fd on a new file `name` in the work dir holding `data` (by dir fd: the path may be unreachable)."""
+    fd = os.open(name, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600, dir_fd=workdir_fd)
+    payload = data.encode("utf-8", errors="replace")
+    while payload:
+        payload = payload[os.write(fd, payload) :]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _run_stdio(code: object, stdin: str, workdir_fd: int, index: int, cap: int) -> dict[str, object]:
+    """Runs the program as ``__main__`` with `stdin` on fd 0 and fd 1 captured to a file."""
+    _flush_std()  # what earlier code printed belongs to the real stdout
+    saved_out = os.dup(1)
+    in_fd = _stdin_fd(stdin, f".stdin-{index}", workdir_fd)
+    out_fd = os.open(f".stdout-{index}", os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600, dir_fd=workdir_fd)
+    os.dup2(in_fd, 0)
+    os.dup2(out_fd, 1)
+    os.close(in_fd)
+    sys.stdin = open(0, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
+    sys.stdout = open(1, "w", encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
+    outcome: dict[str, object] = {"ok": True}
+    try:
+        exec(code, {"__name__": "__main__", "__builtins__": builtins})
+    except BaseException as exc:
+        described = _describe(exc)
+        if described["kind"] != "exit" or described.get("code") != 0:
+            outcome = {"ok": False, **described}
+    try:
+        sys.stdout.flush()
+    except BaseException:
+        pass
+    os.dup2(saved_out, 1)
+    os.close(saved_out)
+    sys.stdout = open(1, "w", encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
+    outcome["value"] = os.pread(out_fd, cap, 0).decode("utf-8", errors="replace")
+    os.close(out_fd)
+    return outcome
+
+
+def _run_checks(job: dict, emit: _Emitter, code: object, workdir_fd: int) -> None:
+    cap = job["max_value_bytes"]
+    namespace: dict[str, object] | None = None
+    for index, check in enumerate(job["checks"]):
+        if "function" in check and namespace is None:
+            namespace = {"__name__": "solution", "__builtins__": builtins}
+            try:
+                exec(code, namespace)
+            except BaseException as exc:
+                emit(ev="load", ok=False, **_describe(exc))
+                return
+            emit(ev="load", ok=True)
+        emit(ev="start", i=index)
+        if "function" not in check:
+            emit(ev="done", i=index, **_run_stdio(code, check["stdin"], workdir_fd, index, cap))
+            continue
+        function = namespace.get(check["function"]) if namespace is not None else None
+        if not callable(function):
+            emit(ev="done", i=index, ok=False, kind="missing", error=f"no function named {check['function']}")
+            continue
+        try:
+            args, kwargs = marshal.loads(check["args"]), marshal.loads(check["kwargs"])  # fresh copies
+            value = function(*args, **kwargs)
+        except BaseException as exc:
+            emit(ev="done", i=index, ok=False, **_describe(exc))
+            continue
+        try:
+            text = to_json(value)
+        except BaseException:
+            kind = type(value).__name__[:100]
+            emit(
+                ev="done", i=index, ok=False, kind="type", error=f"returned a {kind} object, not a JSON value"
+            )
+            continue
+        if len(text) > cap:
+            emit(ev="done", i=index, ok=False, kind="error", error=f"return value larger than {cap} bytes")
+            continue
+        emit(ev="done", i=index, ok=True, value_json=text)
+
+
+def _run_script(job: dict, emit: _Emitter, code: object, workdir_fd: int) -> None:
+    fd = _stdin_fd(job["stdin"], ".stdin", workdir_fd)
+    os.dup2(fd, 0)
+    os.close(fd)
+    sys.stdin = open(0, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
+    try:
+        exec(code, {"__name__": "__main__", "__builtins__": builtins})
+    except BaseException as exc:
+        described = _describe(exc)
+        emit(ev="exit", ok=described.get("code") == 0, **described)
+        return
+    emit(ev="exit", ok=True, code=0)
+
+
+def _flush_std() -> None:
+    for stream in (sys.stdout, sys.stderr, sys.__stdout__, sys.__stderr__):
+        try:
+            stream.flush()
+        except BaseException:
+            pass
+
+
+def main() -> None:
+    """Reads the job from stdin, confines this process, runs the code, reports, and `os._exit`s."""
+    chunks = []
+    while chunk := os.read(0, 1 << 16):
+        chunks.append(chunk)
+    job = marshal.loads(b"".join(chunks))
+    emit = _Emitter(job["result_fd"])
+    workdir = job["workdir"]
+    ready: dict[str, object] = {"uid": None, "seccomp": False, "landlock": 0, "notes": []}
+    try:
+        os.chdir(workdir)
+        workdir_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        null = os.open("/dev/null", os.O_RDONLY)
+        os.dup2(null, 0)
+        os.close(null)
+        libc = _libc()
+        _check(libc.prctl(38, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
+        read_dirs = (
+            _keep_imports_reachable() if job["uid"] is not None else [os.path.realpath(p) for p in sys.path]
+        )
+        read_dirs.append(os.path.dirname(os.path.realpath(os.__file__)))
+        # Landlock and seccomp are best effort (the parent reports a weaker level); the uid drop is not:
+        # a child that was asked to drop root and could not must never run the code.
+        if job["landlock"]:
+            abi = landlock_abi(libc)
+            try:
+                if abi:
+                    install_landlock(libc, abi, os.path.realpath(workdir), read_dirs)
+                    ready["landlock"] = abi
+                else:
+                    ready["notes"].append("Landlock is not available in this kernel")
+            except OSError as exc:
+                ready["notes"].append(f"Landlock failed: {exc}")
+        if job["uid"] is not None:
+            _drop_privileges(job["uid"])
+            ready["uid"] = job["uid"]
+        if job["seccomp"]:
+            try:
+                install_seccomp(libc)
+                ready["seccomp"] = True
+            except OSError as exc:
+                ready["notes"].append(f"seccomp failed: {exc}")
+        _set_limits(job["limits"])
+    except BaseException as exc:
+        emit(ev="fatal", error=f"sandbox setup failed: {type(exc).__name__}: {exc}")
+        os._exit(3)
+    emit(ev="ready", **ready)
+    sys.argv = ["solution"]
+    try:
+        code = compile(job["code"], _FILENAME, "exec", dont_inherit=True)
+    except BaseException as exc:  # SyntaxError, ValueError (null bytes), MemoryError, RecursionError
+        emit(ev="load", ok=False, **_describe(exc))
+        emit(ev="end")
+        os._exit(0)
+    del job["code"]
+    if job["mode"] == "script":
+        _run_script(job, emit, code, workdir_fd)
+    else:
+        _run_checks(job, emit, code, workdir_fd)
+    _flush_std()
+    emit(ev="end")
+    os._exit(0)  # also ends threads the untrusted code left running
+
+
+if __name__ == "__main__":
+    main()

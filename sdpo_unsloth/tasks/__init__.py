@@ -1,0 +1,1 @@
+"""Built-in tasks (datasets, rewards with feedback, evaluation) for demos, examples and tests."""
