@@ -109,6 +109,9 @@ def attach_lora(model: Any, peft_config: Any = None, *, teacher_adapter: str | N
         for param in model.parameters():
             param.requires_grad_(False)
         model = get_peft_model(model, peft_config or default_lora_config())
+        for param in model.parameters():  # fp32 LoRA: fp16 grads cannot be unscaled by the AMP grad scaler
+            if param.requires_grad and param.dtype in (torch.float16, torch.bfloat16):
+                param.data = param.data.float()
     if teacher_adapter:
         add_teacher_adapter(model, teacher_adapter)
     return model

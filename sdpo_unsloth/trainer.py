@@ -119,6 +119,11 @@ class _SDPOMixin:
         ]
         model = _prepare_model(model, sdpo_config, peft_config)
         super().__init__(model=model, reward_funcs=self._checked_rewards, args=args, **kwargs)
+        if self.args.fp16:
+            # TRL casts QLoRA adapters to bf16; fp16 AMP (a T4) cannot unscale bf16 gradients: keep them fp32.
+            for param in self.model.parameters():
+                if param.requires_grad and param.dtype != torch.float32:
+                    param.data = param.data.float()
         if self.accelerator.num_processes > 1 and sdpo_config.enabled:
             raise NotImplementedError(
                 "SDPOTrainer runs on one process (one GPU); prompt groups are not gathered across processes yet."
