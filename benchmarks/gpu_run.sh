@@ -1,0 +1,62 @@
+#!/usr/bin/env bash
+# The GPU benchmark, as one command on the device machine (H100/H200, python3 = /opt/torch/.venv, torch 2.11+cu130,
+# transformers 5.17.0, accelerate 1.15.0 already there). Run from the repo root with `.whl` carried:
+#
+#     bash benchmarks/gpu_run.sh                # default stages, results in $OUT (gpu_step.json, .jsonl, gpu_run.log)
+#     bash benchmarks/gpu_run.sh --budget 300   # extra arguments go to benchmarks/gpu_step.py
+#
+# .whl/ (ignored by git through .git/info/exclude) holds only what the machine lacks, for cp312 manylinux x86_64:
+#   trl 1.14.2, datasets 4.8.5 (+ dill 0.4.1, multiprocess 0.70.19), peft 0.21.2 (the tested version),
+#   bitsandbytes 0.50.2 repacked with only libbitsandbytes_cpu/cuda130/cuda132.so (43 MB -> 7 MB),
+#   unsloth 2026.10.9 repacked without studio/ (its web app, never imported: 28.6 MB -> 2.2 MB), unsloth_zoo 2026.10.9,
+#   and their import-time needs missing there: tyro (+ docstring_parser, typeguard, shtab), msgspec, cut_cross_entropy,
+#   torchao, hf_transfer, diffusers, json5, nest_asyncio, structlog, pydantic 2.14.4 (+ pydantic_core, annotated_types,
+#   typing_inspection), typing_extensions 4.16.0 (installed only when the machine's is older). xformers is left out
+#   (unsloth falls back to SDPA). Recipe: `pip download --no-deps --only-binary=:all: --python-version 3.12
+#   --implementation cp --platform manylinux_2_28_x86_64 ... -d .whl NAME==VERSION` (device README), then the
+#   bitsandbytes and unsloth wheels rewritten with their RECORD trimmed to the kept files.
+# Nothing here replaces the machine's torch, transformers, accelerate, triton or numpy: none of them is in .whl.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu_out}
+mkdir -p "$OUT"
+cd "$(dirname "$0")/.."
+
+# Two folders: /tmp/site for every stage, /tmp/site_unsloth (unsloth and what only it needs) on the path of the
+# unsloth stages alone, so the transformers stages never import torchao, diffusers, pydantic, ...
+base=() extra=()
+for w in .whl/*.whl; do
+    case "$(basename "$w")" in
+        trl-*|datasets-*|dill-*|multiprocess-*|peft-*|bitsandbytes-*) base+=("$w") ;;
+        typing_extensions-*)
+            python3 -c "import sys; from importlib.metadata import version as v; from packaging.version import Version as V; \
+sys.exit(0 if V(v('typing_extensions')) >= V('4.16.0') else 1)" 2>/dev/null || base+=("$w") ;;
+        *) extra+=("$w") ;;
+    esac
+done
+t0=$(date +%s)
+python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "${base[@]}" \
+    && python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site_unsloth \
+    "${extra[@]}" || { echo "gpu_run: wheel install failed"; exit 1; }
+echo "gpu_run: installed ${#base[@]} wheels into /tmp/site and ${#extra[@]} into /tmp/site_unsloth in $(( $(date +%s) - t0 ))s"
+export GPU_STEP_UNSLOTH_PATH=/tmp/site_unsloth
+export PYTHONPATH=/tmp/site:$PWD
+export PYTHONUNBUFFERED=1 OMP_NUM_THREADS=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 \
+    HF_DATASETS_OFFLINE=1 UNSLOTH_DISABLE_STATISTICS=1 WANDB_DISABLED=true
+
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+PYTHONPATH=/tmp/site_unsloth:$PYTHONPATH python3 - <<'EOF'
+import sys
+from importlib.metadata import version, PackageNotFoundError
+import importlib.util
+print("python", sys.version.split()[0], sys.executable)
+for name in ("torch", "transformers", "accelerate", "trl", "peft", "bitsandbytes", "datasets", "unsloth", "unsloth_zoo",
+             "triton", "typing_extensions", "pydantic", "torchao", "xformers"):
+    try:
+        spec = importlib.util.find_spec(name)
+        where = spec.origin.rsplit("/", 3)[0] if spec and spec.origin else "?"
+        print(f"  {name:18s} {version(name):14s} {where}")
+    except PackageNotFoundError:
+        print(f"  {name:18s} (not installed)")
+EOF
+
+python3 benchmarks/gpu_step.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_run.log"
