@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import string
 
 import pytest
 
@@ -20,23 +19,26 @@ CHAT_TEMPLATE = (
 
 
 def make_tiny_tokenizer():
-    """A character-level tokenizer with a ChatML template; save/reload keeps the ids."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
+    """A byte-level tokenizer with no merges (one token per byte) and a ChatML template.
 
-    chars = [c for c in string.printable if c not in "\r\x0b\x0c"]
-    vocab = {token: i for i, token in enumerate(SPECIALS + chars)}
-    core = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    core.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
-    core.decoder = decoders.Fuse()
-    core.add_special_tokens(SPECIALS)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=core,
-        pad_token="<pad>",
+    Built as a `Qwen2Tokenizer`, the class transformers 5 reloads for a saved `model_type=qwen2`, so
+    save/reload next to a tiny Qwen2 model keeps the same ids (test_tiny_tokenizer_round_trips).
+    """
+    from tokenizers import pre_tokenizers
+    from transformers import Qwen2Tokenizer
+
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {token: i for i, token in enumerate(SPECIALS + alphabet)}
+    tokenizer = Qwen2Tokenizer(
+        vocab=vocab,
+        merges=[],
         unk_token="<unk>",
+        pad_token="<pad>",
         eos_token="<|im_end|>",
-        chat_template=CHAT_TEMPLATE,
+        additional_special_tokens=["<|im_start|>"],
     )
+    tokenizer.chat_template = CHAT_TEMPLATE
+    return tokenizer
 
 
 def make_tiny_model(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2):

@@ -60,3 +60,25 @@ def test_valid_edges_accepted():
     assert SDPOConfig(alpha=1.0, sampled_token=True).sampled_token
     assert SDPOConfig(distillation_topk=None, is_clip=None, teacher_update_rate=0.0).distillation_topk is None
     assert "alpha" in SDPOConfig.field_names() and SDPOConfig().to_dict()["alpha"] == 0.5
+
+
+def test_tiny_tokenizer_round_trips(tiny_model_dir):
+    """The test fixture's tokenizer reloads with the same ids next to a saved qwen2 config."""
+    from conftest import make_tiny_tokenizer
+    from transformers import AutoTokenizer
+
+    messages = [
+        {"role": "system", "content": "Be brief."},
+        {"role": "user", "content": "What is 2 + 3?\nSay it."},
+    ]
+    original = make_tiny_tokenizer()
+    reloaded = AutoTokenizer.from_pretrained(tiny_model_dir)
+    for tokenizer in (original, reloaded):
+        ids = tokenizer.apply_chat_template(
+            messages, add_generation_prompt=True, tokenize=True, return_dict=True
+        )
+        tokenizer.ids = ids["input_ids"]
+    assert original.ids == reloaded.ids
+    assert reloaded.decode(reloaded.ids).endswith("<|im_start|>assistant\n")
+    assert (reloaded.pad_token_id, reloaded.eos_token_id) == (original.pad_token_id, original.eos_token_id)
+    assert reloaded.pad_token_id != reloaded.eos_token_id

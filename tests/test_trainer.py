@@ -229,7 +229,9 @@ def test_gradient_accumulation_invariance(tmp_path):
         gradient_accumulation_steps=1,
     )
     inputs = first_inputs(trainer)
-    assert 0 < inputs["sdpo_sample_mask"].sum() < 8  # some samples masked: the case that breaks naive means
+    # Mask three samples, unevenly across the halves: the case that breaks a per-micro-batch mean.
+    inputs["sdpo_sample_mask"] = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0])
+    inputs["sdpo_active_total"] = torch.full((8,), 5.0)
     params = [p for p in trainer.model.parameters() if p.requires_grad]
 
     def grads(batches, steps):
