@@ -1,0 +1,265 @@
+"""Integer addition: the built-in task of the demo and ``examples/basic_sdpo.py``.
+
+Designed so that a few dozen SDPO steps on SmolLM2-135M-Instruct (CPU, LoRA) show held-out accuracy
+rising; ``docs/demo-design.md`` holds the measurements behind every default here:
+
+- one-digit operands (``digits=1``): the untrained model answers ~20% of held-out problems greedily
+  (3-digit: 0%, 2-digit: 0-2%), so sampled groups sometimes hold a correct sibling;
+- the prompt ``"{a}+{b}="`` under the system prompt ``"Answer with just the number."``: the model
+  replies ``"The answer is 7."``, the same shape as a teacher that was told the right answer
+  (``"The answer is 8."``, 100% greedy), so distillation acts on the answer digits themselves;
+- answers are the *first* integer of the completion, within ``MAX_NEW_TOKENS = 8``;
+- feedback on a wrong answer names the right one (``"Wrong. The answer is 8, not 7."``).
+
+With these settings a minimal SDPO loop (LoRA r16, lr 1e-3, 8 completions per step, frozen teacher)
+lifted held-out greedy accuracy from 20% to 55-67% within 20-40 steps.
+"""
+
+from __future__ import annotations
+
+import random
+import re
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+__all__ = [
+    "MAX_NEW_TOKENS",
+    "QUESTION_TEMPLATE",
+    "SYSTEM_PROMPT",
+    "AdditionReward",
+    "addition_dataset",
+    "evaluate",
+    "parse_answer",
+]
+
+SYSTEM_PROMPT = "Answer with just the number."
+QUESTION_TEMPLATE = "{a}+{b}="
+EXAMPLES: tuple[tuple[int, int], ...] = ()
+# SmolLM2 writes one token per digit; "The answer is 17." is 7 tokens, then <|im_end|>.
+MAX_NEW_TOKENS = 8
+
+_INT = re.compile(r"-?\d+")
+
+
+def _question(a: int, b: int, template: str) -> str:
+    return template.format(a=a, b=b)
+
+
+def addition_dataset(
+    n: int,
+    *,
+    seed: int,
+    digits: int = 1,
+    min_digits: int = 1,
+    system_prompt: str | None = SYSTEM_PROMPT,
+    question_template: str = QUESTION_TEMPLATE,
+    examples: Sequence[tuple[int, int]] = EXAMPLES,
+    exclude: Iterable[dict[str, Any]] = (),
+) -> list[dict[str, Any]]:
+    """``n`` distinct addition problems as chat rows, reproducible from ``seed``.
+
+    Each operand has between ``min_digits`` and ``digits`` digits (uniform over the numbers in that
+    range). ``exclude`` takes other rows (e.g. the training split) whose questions must not repeat, so
+    ``addition_dataset(64, seed=1, exclude=train)`` is a held-out set.
+
+    Args:
+        n: number of rows.
+        seed: random seed.
+        digits: maximum digits per operand.
+        min_digits: minimum digits per operand.
+        system_prompt: system message; ``None`` leaves it out (the chat template may add its own).
+        question_template: user message, formatted with ``a`` and ``b``.
+        examples: worked examples ``(a, b)``, each added as a user turn and an assistant turn with the
+            bare sum before the question.
+        exclude: rows whose user questions are not drawn again.
+
+    Returns:
+        Rows ``{"prompt": [system?, (user, assistant) per example, user], "answer": str(a + b)}``.
+
+    >>> rows = addition_dataset(2, seed=0, digits=1, system_prompt="Add.")
+    >>> rows[0]["prompt"][0], rows[0]["prompt"][1]["role"]
+    ({'role': 'system', 'content': 'Add.'}, 'user')
+    >>> rows[0]["prompt"][1]["content"]
+    '6+6='
+    >>> a, b = map(int, rows[0]["prompt"][1]["content"].rstrip("=").split("+"))
+    >>> rows[0]["answer"] == str(a + b)
+    True
+    """
+    if not 1 <= min_digits <= digits:
+        raise ValueError(f"`min_digits` must be in [1, digits={digits}], got {min_digits}")
+    if n < 0:
+        raise ValueError(f"`n` must be >= 0, got {n}")
+    low = 0 if min_digits == 1 else 10 ** (min_digits - 1)
+    high = 10**digits - 1
+    taken = {_user_text(row["prompt"]) for row in exclude}
+    taken |= {_question(x, y, question_template) for x, y in examples}  # never ask a worked example
+    available = (high - low + 1) ** 2 - len(taken)
+    if n > available:
+        raise ValueError(f"only {available} distinct problems with digits={digits}, min_digits={min_digits}")
+    rng = random.Random(seed)
+    rows: list[dict[str, Any]] = []
+    while len(rows) < n:
+        a, b = rng.randint(low, high), rng.randint(low, high)
+        question = _question(a, b, question_template)
+        if question in taken:
+            continue
+        taken.add(question)
+        prompt = [{"role": "system", "content": system_prompt}] if system_prompt is not None else []
+        for x, y in examples:  # worked examples as earlier chat turns
+            prompt.append({"role": "user", "content": _question(x, y, question_template)})
+            prompt.append({"role": "assistant", "content": str(x + y)})
+        prompt.append({"role": "user", "content": question})
+        rows.append({"prompt": prompt, "answer": str(a + b)})
+    return rows
+
+
+def _user_text(prompt: Sequence[dict[str, str]] | str) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    users = [m["content"] for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
+def completion_text(completion: str | Sequence[dict[str, str]]) -> str:
+    """Text of a completion given as a string or as chat messages (the last assistant message).
+
+    >>> completion_text([{"role": "assistant", "content": "12"}])
+    '12'
+    """
+    if isinstance(completion, str):
+        return completion
+    for message in reversed(completion):
+        if message.get("role") == "assistant":
+            return str(message.get("content") or "")
+    return ""
+
+
+def parse_answer(completion: str | Sequence[dict[str, str]]) -> int | None:
+    """The first integer in the completion, or ``None`` when it has none.
+
+    >>> parse_answer("19")
+    19
+    >>> parse_answer(" 42 is the sum")
+    42
+    >>> parse_answer([{"role": "assistant", "content": "-3, I think"}])
+    -3
+    >>> parse_answer("To add these numbers") is None
+    True
+    """
+    match = _INT.search(completion_text(completion))
+    return int(match.group()) if match else None
+
+
+def feedback_for(predicted: int | None, answer: int) -> str:
+    """Feedback for SDPO's teacher: ``""`` when correct, else the right answer and what went wrong.
+
+    >>> feedback_for(7, 7)
+    ''
+    >>> feedback_for(5, 7)
+    'Wrong. The answer is 7, not 5.'
+    >>> feedback_for(None, 7)
+    'Wrong. The answer is 7; reply with just the number.'
+    """
+    if predicted == answer:
+        return ""
+    if predicted is None:
+        return f"Wrong. The answer is {answer}; reply with just the number."
+    return f"Wrong. The answer is {answer}, not {predicted}."
+
+
+class AdditionReward:
+    """1.0 when the first integer of the completion equals ``answer``, else 0.0, with feedback.
+
+    Follows the reward protocol: TRL's signature, one float per completion, and ``last_feedback``
+    (one string per completion, ``""`` when correct) set by every call.
+
+    >>> reward = AdditionReward()
+    >>> reward(prompts=["1+2", "3+4", "5+5"], completions=["3", "8", "ten"], answer=["3", "7", "10"])
+    [1.0, 0.0, 0.0]
+    >>> reward.last_feedback
+    ['', 'Wrong. The answer is 7, not 8.', 'Wrong. The answer is 10; reply with just the number.']
+    """
+
+    __name__ = "addition_correct"
+
+    def __init__(self) -> None:
+        self.last_feedback: list[str] = []
+
+    def __call__(
+        self,
+        prompts: Sequence[Any],
+        completions: Sequence[str | Sequence[dict[str, str]]],
+        answer: Sequence[str | int],
+        **kwargs: Any,
+    ) -> list[float]:
+        if len(answer) != len(completions):
+            raise ValueError(
+                f"{self.__name__}: got {len(completions)} completions but {len(answer)} answers; "
+                "pass the dataset's `answer` column (one per completion)"
+            )
+        scores: list[float] = []
+        feedback: list[str] = []
+        for completion, expected in zip(completions, answer, strict=True):
+            target = int(expected)
+            predicted = parse_answer(completion)
+            scores.append(1.0 if predicted == target else 0.0)
+            feedback.append(feedback_for(predicted, target))
+        self.last_feedback = feedback
+        return scores
+
+
+def evaluate(
+    model: PreTrainedModel,
+    tokenizer: PreTrainedTokenizerBase,
+    rows: Sequence[dict[str, Any]],
+    *,
+    max_new_tokens: int = MAX_NEW_TOKENS,
+    batch_size: int = 16,
+) -> float:
+    """Greedy accuracy of ``model`` on ``rows`` (first-integer scoring), in [0, 1].
+
+    Prompts are rendered with the chat template (``add_generation_prompt=True``) and left-padded;
+    the tokenizer's padding side is restored afterwards. Runs under ``torch.no_grad`` in eval mode
+    and restores the model's training mode.
+    """
+    import torch
+
+    if not rows:
+        raise ValueError("`rows` is empty: nothing to evaluate")
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set `tokenizer.pad_token` before evaluating")
+    was_training, padding_side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    correct = 0
+    try:
+        device = next(model.parameters()).device
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            texts = [
+                tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
+                for row in batch
+            ]
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            with torch.no_grad():
+                out = model.generate(
+                    **enc,
+                    max_new_tokens=max_new_tokens,
+                    do_sample=False,
+                    pad_token_id=tokenizer.pad_token_id,
+                )
+            completions = tokenizer.batch_decode(
+                out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
+            )
+            correct += sum(
+                parse_answer(text) == int(row["answer"]) for text, row in zip(completions, batch, strict=True)
+            )
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return correct / len(rows)
