@@ -317,3 +317,26 @@ def test_resume_continues_with_the_same_teacher(tmp_path):
         for k in a:
             torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)  # tolerance: fp32 reordering only
     assert os.path.exists(checkpoint / "trainer_state.json")
+
+
+def test_non_finite_gradient_refuses_the_step(tmp_path):
+    trainer = make_trainer(tmp_path, max_steps=2, save_strategy="steps", save_steps=1)
+    name, param = next((n, p) for n, p in trainer.model.named_parameters() if p.requires_grad)
+    before = param.detach().clone()
+    param.register_hook(lambda grad: torch.full_like(grad, float("nan")))
+    with pytest.raises(
+        FloatingPointError, match="non-finite gradient at step 1: the optimizer step was refused"
+    ):
+        trainer.train()
+    assert torch.equal(param.detach(), before), f"{name} was updated from a NaN gradient"
+    assert not (tmp_path / "run" / "checkpoint-1").exists()
+
+
+def test_ema_skips_steps_the_optimizer_skipped(tmp_path, monkeypatch):
+    trainer = make_trainer(tmp_path, max_steps=2)
+    teacher0 = adapter_tensors(trainer.model, TEACHER)
+    monkeypatch.setattr(type(trainer.accelerator), "optimizer_step_was_skipped", property(lambda self: True))
+    trainer.train()
+    teacher = adapter_tensors(trainer.model, TEACHER)
+    assert all(torch.equal(teacher0[k], teacher[k]) for k in teacher0)
+    assert any("sdpo/teacher_update_skipped" in entry for entry in trainer.state.log_history)
