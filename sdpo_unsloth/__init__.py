@@ -21,7 +21,7 @@ _LAZY = {
     "SDPOTrainer": "sdpo_unsloth.trainer",
     "load_model": "sdpo_unsloth.model",
     "train": "sdpo_unsloth.api",
-    "export": "sdpo_unsloth.export",
+    "export": "sdpo_unsloth.exporter",
 }
 
 __all__ = [
@@ -38,7 +38,7 @@ __all__ = [
 
 if TYPE_CHECKING:
     from .api import train
-    from .export import export
+    from .exporter import export
     from .model import load_model
     from .trainer import SDPOTrainer
 

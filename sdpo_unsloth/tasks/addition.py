@@ -20,16 +20,19 @@ from __future__ import annotations
 import random
 import re
 from collections.abc import Iterable, Sequence
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 __all__ = [
+    "DEMO_SETTINGS",
     "MAX_NEW_TOKENS",
     "QUESTION_TEMPLATE",
     "SYSTEM_PROMPT",
     "AdditionReward",
+    "DemoSettings",
     "addition_dataset",
     "evaluate",
     "parse_answer",
@@ -42,6 +45,49 @@ EXAMPLES: tuple[tuple[int, int], ...] = ()
 MAX_NEW_TOKENS = 8
 
 _INT = re.compile(r"-?\d+")
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Defaults of the ``sdpo-unsloth demo`` run: CPU, embedded SmolLM2-135M-Instruct, one-digit addition.
+
+    Verified with the real ``SDPOTrainer`` (``benchmarks/demo_tuning.py``); the runs, seeds and wall
+    times are in docs/demo-design.md, section "Verified with SDPOTrainer". Split:
+    ``held = addition_dataset(held_size, seed=held_seed)``,
+    ``train = addition_dataset(train_size, seed=train_seed, exclude=held)``.
+    LoRA alpha equals ``lora_r`` (``load_model``'s default); the learning rate was tuned for that.
+    """
+
+    model: str = "embedded"
+    train_size: int = 68
+    train_seed: int = 0
+    held_size: int = 32
+    held_seed: int = 1
+    max_steps: int = 30
+    learning_rate: float = 2e-3
+    num_generations: int = 4
+    per_device_train_batch_size: int = 8  # completions per step: 2 prompts x 4 samples
+    gradient_accumulation_steps: int = 1
+    temperature: float = 1.0
+    max_completion_length: int = MAX_NEW_TOKENS
+    lora_r: int = 16
+    alpha: float = 1.0
+    distillation_topk: int | None = 100
+    teacher_mode: str = "ema"
+    teacher_update_rate: float = 0.1
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def keys(self) -> list[str]:  # so that dict(DEMO_SETTINGS) and **DEMO_SETTINGS work
+        return list(self.as_dict())
+
+    def __getitem__(self, name: str) -> Any:
+        return getattr(self, name)
+
+
+# The recommended demo run; see docs/demo-design.md ("Verified with SDPOTrainer") for the measurements.
+DEMO_SETTINGS = DemoSettings()
 
 
 def _question(a: int, b: int, template: str) -> str:

@@ -1,0 +1,261 @@
+"""`sdpo_unsloth.train(...)` on a tiny saved model (CPU, offline): end to end, config merging, resume, errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import make_tiny_model, make_tiny_tokenizer
+from safetensors.torch import load_file
+
+from sdpo_unsloth import SDPOConfig, train
+from sdpo_unsloth.api import (
+    TrainResult,
+    UsageError,
+    _build_grpo_config,
+    _build_sdpo_config,
+    _device_settings,
+    _evaluate_with_reward,
+    _plot_rewards,
+    _resolve_dataset,
+    _resolve_rewards,
+    last_complete_checkpoint,
+)
+
+TINY = {  # 2 optimizer steps of 4 completions (1 prompt x 4 generations), 6 new tokens, no progress bar
+    "max_steps": 2,
+    "num_generations": 4,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "max_completion_length": 6,
+    "learning_rate": 5e-2,
+    "lora_r": 4,
+    "eval_size": 4,
+    "eval_batch_size": 4,
+    "progress": False,
+    "seed": 7,
+}
+
+
+def rows(n: int = 24) -> list[dict]:
+    return [
+        {"prompt": [{"role": "user", "content": f"{a}+{b}="}], "answer": str(a + b)}
+        for a in range(5)
+        for b in range(5)
+    ][:n]
+
+
+class HasDigit:
+    """1.0 when the completion contains a digit, with feedback naming the answer otherwise."""
+
+    def __init__(self):
+        self.last_feedback: list[str] = []
+
+    def __call__(self, prompts, completions, answer, **kwargs):
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        hits = [any(ch.isdigit() for ch in t) for t in texts]
+        self.last_feedback = [
+            "" if hit else f"The answer is {a}." for hit, a in zip(hits, answer, strict=True)
+        ]
+        return [float(hit) for hit in hits]
+
+
+def test_train_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir):
+    result = train(tiny_model_dir, rows(), HasDigit(), str(tmp_path / "run"), **TINY)
+    assert isinstance(result, TrainResult)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        result.after = 1.0  # type: ignore[misc]
+    assert 0.0 <= result.before <= 1.0 and 0.0 <= result.after <= 1.0
+    run = Path(result.output_dir)
+    for path in (
+        Path(result.adapter_dir) / "adapter_model.safetensors",
+        Path(result.merged_dir) / "model.safetensors",
+        Path(result.reward_curve_png),
+        run / "train_result.json",
+    ):
+        assert path.is_file() and path.stat().st_size > 0, path
+    steps = [entry for entry in result.log_history if "reward" in entry]
+    assert [entry["step"] for entry in steps] == [1, 2]
+    assert "sdpo/distill_loss" in result.metrics and result.metrics["step"] == 2
+    adapter = load_file(str(Path(result.adapter_dir) / "adapter_model.safetensors"))
+    assert not any("sdpo_teacher" in key for key in adapter)
+    lora_b = [t for k, t in adapter.items() if "lora_B" in k]
+    assert lora_b and any(t.abs().max() > 0 for t in lora_b)  # B starts at 0: the student trained
+    summary = json.loads((run / "train_result.json").read_text())
+    assert summary["before"] == result.before and summary["eval_size"] == 4
+    merged = json.loads((Path(result.merged_dir) / "sdpo_export.json").read_text())
+    assert merged["verification"]["merged_vs_trained_model"]["passed"]
+    assert merged["sdpo_config"]["alpha"] == 0.5
+
+
+def test_resume_skips_an_incomplete_checkpoint(tmp_path, tiny_model_dir):
+    """SPEC §5: a runtime killed mid-save leaves a newer checkpoint without trainer_state.json."""
+    options = {**TINY, "eval_size": 0, "export_formats": (), "plot": False}
+    out = tmp_path / "run"
+    train(tiny_model_dir, rows(), HasDigit(), str(out), save_steps=1, **options)
+    checkpoints = out / "checkpoints"
+    assert (checkpoints / "checkpoint-2" / "trainer_state.json").is_file()
+    (checkpoints / "checkpoint-2" / "trainer_state.json").unlink()  # the "killed mid-save" checkpoint
+    with pytest.warns(UserWarning, match="skipping incomplete checkpoint"):
+        result = train(
+            tiny_model_dir, rows(), HasDigit(), str(out), resume=True, **{**options, "max_steps": 3}
+        )
+    assert result.resumed_from == str(checkpoints / "checkpoint-1")
+    assert [e["step"] for e in result.log_history if "reward" in e] == [1, 2, 3]  # step 1 from the checkpoint
+    assert result.before is None  # a resumed run's starting point is not re-measured
+
+
+def test_last_complete_checkpoint(tmp_path):
+    assert last_complete_checkpoint(tmp_path / "missing") is None
+    for step, complete in ((3, True), (10, True), (12, False)):
+        folder = tmp_path / f"checkpoint-{step}"
+        folder.mkdir()
+        if complete:
+            (folder / "trainer_state.json").write_text("{}")
+    (tmp_path / "checkpoint-x").mkdir()
+    with pytest.warns(UserWarning, match="checkpoint-12"):
+        assert last_complete_checkpoint(tmp_path) == str(
+            tmp_path / "checkpoint-10"
+        )  # numeric, not text order
+
+
+def test_flat_knobs_override_the_config_objects(tmp_path):
+    from trl import GRPOConfig
+
+    sdpo = _build_sdpo_config(
+        SDPOConfig(alpha=0.2, teacher_update_rate=0.3, distillation_topk=7),
+        alpha=1.0,
+        distillation_topk="full",
+    )
+    assert (sdpo.alpha, sdpo.teacher_update_rate, sdpo.distillation_topk) == (1.0, 0.3, None)
+    assert _build_sdpo_config(None, alpha=None).alpha == 0.5  # None = keep the default
+
+    user = GRPOConfig(
+        output_dir="elsewhere",
+        learning_rate=1e-3,
+        num_generations=2,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=1,
+        use_cpu=True,
+        bf16=False,
+        report_to="none",
+        weight_decay=0.2,
+    )
+    args = _build_grpo_config(user, "cpu", tmp_path / "ck", num_generations=4, per_device_train_batch_size=4)
+    assert (args.learning_rate, args.weight_decay) == (1e-3, 0.2)  # kept from the object
+    assert (args.num_generations, args.per_device_train_batch_size, args.generation_batch_size) == (4, 4, 4)
+    assert args.output_dir == str(tmp_path / "ck") and args.remove_unused_columns is False
+
+    default = _build_grpo_config(None, "cpu", tmp_path / "ck")
+    assert (default.bf16, default.fp16, default.gradient_checkpointing) == (False, False, False)
+    assert default.max_steps == 100 and default.optim == "adamw_torch" and default.report_to == []
+
+
+def test_device_settings_pick_fp16_on_a_t4(monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    t4 = _device_settings("cuda")
+    assert (t4["bf16"], t4["fp16"], t4["optim"], t4["gradient_checkpointing"]) == (
+        False,
+        True,
+        "adamw_8bit",
+        True,
+    )
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)
+    assert _device_settings("cuda")["bf16"] is True
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"dataset": "arithmetic"}, r"unknown dataset 'arithmetic': use a built-in task \(addition, code\)"),
+        ({"dataset": []}, r"`dataset` is empty"),
+        ({"dataset": [{"question": "1+1"}]}, r"no 'prompt' column \(columns: \['question'\]\); rename"),
+        (
+            {"dataset": rows(8), "eval_size": 8},
+            r"`eval_size` \(8\) must be smaller than the dataset \(8 rows\)",
+        ),
+        ({"dataset": rows(8), "rewards": None}, r"`rewards` is missing"),
+        ({"dataset": rows(8), "rewards": "exactness"}, r"unknown reward 'exactness'"),
+        (
+            {"dataset": rows(8), "export_formats": ("onnx",)},
+            r"`export_formats` may hold lora, merged_16bit, gguf",
+        ),
+        ({"dataset": rows(8), "num_generations": 3}, r"divisible by num_generations"),
+        ({"dataset": rows(8), "resume": "/nonexistent/ck"}, r"neither a complete checkpoint"),
+        (
+            {"dataset": rows(8), "export_formats": ("merged_16bit",)},
+            r"merged is not empty and is not an sdpo_unsloth",
+        ),
+        (
+            {"dataset": rows(8), "eval_size": 2, "eval_dataset": rows(2)},
+            r"`eval_size` .* or `eval_dataset`, not both",
+        ),
+        ({"dataset": rows(8), "eval_dataset": "addition"}, r"not the task name 'addition'"),
+        ({"dataset": rows(8), "eval_dataset": [{"q": "1+1"}]}, r"`eval_dataset` has no 'prompt' column"),
+    ],
+)
+def test_bad_input_is_one_clear_error(tmp_path, kwargs, message):
+    (tmp_path / "merged").mkdir()
+    (tmp_path / "merged" / "notes.txt").write_text("not an export")  # found before training, not after
+    kwargs = {"rewards": HasDigit(), "output_dir": str(tmp_path), "export_formats": ("lora",), **kwargs}
+    with pytest.raises(UsageError, match=message) as info:
+        train("/no/model/needed", **kwargs)  # fails before any model is loaded
+    assert "\n" not in str(info.value)
+
+
+def test_builtin_tasks_bring_their_rewards():
+    from sdpo_unsloth.rewards.code import CodeExecutionReward
+    from sdpo_unsloth.tasks.addition import AdditionReward
+
+    data, task = _resolve_dataset("addition", 40, seed=1)
+    assert task == "addition" and len(data) == 40 and {"prompt", "answer"} <= set(data.column_names)
+    assert len(_resolve_dataset("addition", 5000, seed=1)[0]) == 100  # capped at the 1-digit pool
+    assert isinstance(_resolve_rewards(None, "addition")[0], AdditionReward)
+    data, task = _resolve_dataset("code", 40, seed=1)
+    assert task == "code" and "tests" in data.column_names
+    assert isinstance(_resolve_rewards(["code"], None)[0], CodeExecutionReward)
+
+
+def test_reward_from_a_file(tmp_path):
+    (tmp_path / "my_reward.py").write_text(
+        "def short(prompts, completions, **kw):\n    return [1.0] * len(completions)\n"
+    )
+    (reward,) = _resolve_rewards(f"{tmp_path / 'my_reward.py'}:short", None)
+    assert reward(prompts=["p"], completions=["c"]) == [1.0]
+
+
+def test_generic_evaluation_scores_greedy_completions_with_the_first_reward():
+    tokenizer = make_tiny_tokenizer()
+    torch.manual_seed(0)
+    model = make_tiny_model(len(tokenizer))
+    seen = []
+
+    def length_reward(prompts, completions, target, **kwargs):
+        seen.extend(completions)
+        return [float(len(c) <= t) for c, t in zip(completions, target, strict=True)]
+
+    data = [{"prompt": f"{i}+{i}=", "target": 100 if i % 2 else -1} for i in range(5)]  # plain-text prompts
+    score = _evaluate_with_reward(model, tokenizer, data, length_reward, max_new_tokens=3, batch_size=2)
+    assert score == pytest.approx(2 / 5)  # odd rows pass, even rows cannot
+    assert len(seen) == 5 and all(isinstance(c, str) for c in seen)
+    assert tokenizer.padding_side == "right" and model.training  # restored
+
+
+def test_reward_curve_is_optional(tmp_path, monkeypatch):
+    import importlib.util
+
+    history = [{"step": 1, "reward": 0.1, "sdpo/distill_loss": 0.5}, {"step": 2, "reward": 0.4}]
+    png = _plot_rewards(history, tmp_path / "curve.png", 0.0, 0.5)
+    assert png and Path(png).read_bytes()[:4] == b"\x89PNG"
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "matplotlib" else real(name, *a)
+    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert _plot_rewards(history, tmp_path / "none.png", None, None) is None
+    assert any("pip install matplotlib" in str(w.message) for w in caught)
