@@ -12,7 +12,8 @@ rising; ``docs/demo-design.md`` holds the measurements behind every default here
 - feedback on a wrong answer names the right one (``"Wrong. The answer is 8, not 7."``).
 
 With these settings a minimal SDPO loop (LoRA r16, lr 1e-3, 8 completions per step, frozen teacher)
-lifted held-out greedy accuracy from 20% to 55-67% within 20-40 steps.
+lifted held-out greedy accuracy from 20% to 55-67% within 20-40 steps. With the real ``SDPOTrainer``
+the lift is seed-dependent (see ``DEMO_SETTINGS`` and docs/demo-design.md).
 """
 
 from __future__ import annotations
@@ -55,7 +56,9 @@ class DemoSettings:
     times are in docs/demo-design.md, section "Verified with SDPOTrainer". Split:
     ``held = addition_dataset(held_size, seed=held_seed)``,
     ``train = addition_dataset(train_size, seed=train_seed, exclude=held)``.
-    LoRA alpha equals ``lora_r`` (``load_model``'s default); the learning rate was tuned for that.
+    LoRA alpha equals ``lora_r`` (``load_model``'s default). SDPO and sampling settings are the seed's
+    (alpha 0.5, top-K 100 + tail, EMA 0.05, temperature 0.7) with lr 5e-4: over 3 training seeds held-out
+    greedy accuracy went 25.0% -> 96.9% / 84.4% / 34.4% in 30 steps (seed 0 is the demo's default).
     """
 
     model: str = "embedded"
@@ -64,17 +67,17 @@ class DemoSettings:
     held_size: int = 32
     held_seed: int = 1
     max_steps: int = 30
-    learning_rate: float = 2e-3
+    learning_rate: float = 5e-4
     num_generations: int = 4
     per_device_train_batch_size: int = 8  # completions per step: 2 prompts x 4 samples
     gradient_accumulation_steps: int = 1
-    temperature: float = 1.0
+    temperature: float = 0.7
     max_completion_length: int = MAX_NEW_TOKENS
     lora_r: int = 16
-    alpha: float = 1.0
+    alpha: float = 0.5
     distillation_topk: int | None = 100
     teacher_mode: str = "ema"
-    teacher_update_rate: float = 0.1
+    teacher_update_rate: float = 0.05
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
