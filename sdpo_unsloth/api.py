@@ -503,6 +503,25 @@ def _jsonable(value: Any) -> Any:
 # ------------------------------------------------------------------------------------------ train
 
 
+_PROGRESS_KEYS = ("reward", "sdpo/distill_loss", "sdpo/frac_with_demo", "sdpo/frac_with_feedback", "loss")
+
+
+def _use_compact_progress(trainer: Any) -> None:
+    """The progress bar, plus one short line about ten times per run instead of a log dict every step."""
+    from transformers import ProgressCallback
+
+    class CompactProgress(ProgressCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            every = max(1, state.max_steps // 10)
+            if self.training_bar is None or not logs or "reward" not in logs or state.global_step % every:
+                return
+            parts = [f"{k.removeprefix('sdpo/')} {logs[k]:.3g}" for k in _PROGRESS_KEYS if k in logs]
+            self.training_bar.write(f"step {state.global_step}: " + ", ".join(parts))
+
+    trainer.remove_callback(ProgressCallback)
+    trainer.add_callback(CompactProgress())
+
+
 def train(
     model: str = "embedded",
     dataset: Dataset | Sequence[Mapping[str, Any]] | str = "addition",
@@ -710,6 +729,8 @@ def train(
         from transformers import PrinterCallback
 
         trainer.remove_callback(PrinterCallback)
+    else:
+        _use_compact_progress(trainer)
     outcome = trainer.train(resume_from_checkpoint=resume_from)
     trained = trainer.accelerator.unwrap_model(trainer.model)
     after = _evaluate(trained, tokenizer, eval_rows, reward_funcs[0], **eval_kwargs)
