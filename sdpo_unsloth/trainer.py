@@ -173,8 +173,9 @@ class _SDPOMixin:
         return ids
 
     def _total_rewards(self, n: int) -> list[float]:
+        """Weighted sum of the rewards per completion, skipping None as TRL does; NaN when all are None."""
         weights = self.reward_weights.tolist()
-        totals = [0.0] * n
+        totals: list[float | None] = [None] * n
         for weight, reward in zip(weights, self._checked_rewards, strict=True):
             if not isinstance(reward, CheckedReward) or len(reward.last_scores) != n:
                 raise RuntimeError(
@@ -182,8 +183,9 @@ class _SDPOMixin:
                     "supported as SDPO rewards yet. Wrap the model in a function returning list[float]."
                 )
             for i, score in enumerate(reward.last_scores):
-                totals[i] += weight * (score if score is not None else float("nan"))
-        return totals
+                if score is not None:
+                    totals[i] = (totals[i] or 0.0) + weight * score
+        return [float("nan") if total is None else total for total in totals]
 
     # ------------------------------------------------------------------ hooks
 

@@ -340,3 +340,20 @@ def test_ema_skips_steps_the_optimizer_skipped(tmp_path, monkeypatch):
     teacher = adapter_tensors(trainer.model, TEACHER)
     assert all(torch.equal(teacher0[k], teacher[k]) for k in teacher0)
     assert any("sdpo/teacher_update_skipped" in entry for entry in trainer.state.log_history)
+
+
+def test_total_reward_skips_none_like_trl(tmp_path):
+    def first(prompts, completions, **kwargs):
+        return [1.0, None, None, 0.5] * (len(completions) // 4)
+
+    def second(prompts, completions, **kwargs):
+        return [None, 2.0, None, 0.25] * (len(completions) // 4)
+
+    trainer = make_trainer(tmp_path, reward=first, max_steps=1)
+    trainer._checked_rewards.append(type(trainer._checked_rewards[0])(second))
+    trainer.reward_weights = torch.tensor([1.0, 0.5])
+    for reward in trainer._checked_rewards:
+        reward(prompts=["q"] * 4, completions=["a"] * 4)
+    totals = trainer._total_rewards(4)
+    assert totals[0] == 1.0 and totals[1] == 1.0 and totals[3] == 0.625
+    assert totals[2] != totals[2]  # all None: NaN, never a demonstration
