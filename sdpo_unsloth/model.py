@@ -87,12 +87,9 @@ def add_teacher_adapter(model: Any, name: str = "sdpo_teacher") -> None:
         config.inference_mode = True
         model.add_adapter(name, config)
         copy_adapter(model, STUDENT_ADAPTER, name)
+    model.set_adapter(STUDENT_ADAPTER)  # marks the student trainable; the teacher is frozen after it
     marker = f".{name}."
     for param_name, param in model.named_parameters():
-        if marker in param_name:
-            param.requires_grad_(False)
-    model.set_adapter(STUDENT_ADAPTER)
-    for param_name, param in model.named_parameters():  # set_adapter marks the student trainable
         if marker in param_name:
             param.requires_grad_(False)
     if adapter_parameter_count(model, name) != adapter_parameter_count(model, STUDENT_ADAPTER):

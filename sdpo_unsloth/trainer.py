@@ -34,6 +34,7 @@ from .teacher import (  # noqa: E402
     Reprompt,
     adapter_scope,
     build_reprompt,
+    copy_adapter,
     ema_update,
     plan_reprompts,
 )
@@ -149,11 +150,10 @@ class _SDPOMixin:
         )["input_ids"]
         return list(ids[0] if ids and isinstance(ids[0], list) else ids)
 
-    def _fit_teacher_prompt(
-        self, reprompt: Reprompt, source: Any, demo: str | None, feedback: str | None
-    ) -> list[int]:
+    def _fit_teacher_prompt(self, reprompt: Reprompt, source: Any) -> list[int]:
         """Tokenise; when over `max_reprompt_length`, cut the demonstration (never the template)."""
         cfg = self.sdpo_config
+        demo = reprompt.demo
         ids = self._render_teacher_prompt(reprompt)
         for _ in range(3):
             excess = len(ids) - cfg.max_reprompt_length
@@ -164,7 +164,7 @@ class _SDPOMixin:
             reprompt = build_reprompt(
                 source,
                 demo=demo,
-                feedback=feedback,
+                feedback=reprompt.feedback,
                 reprompt_template=cfg.reprompt_template,
                 solution_template=cfg.solution_template,
                 feedback_template=cfg.feedback_template,
@@ -228,7 +228,7 @@ class _SDPOMixin:
             if not plan.active:
                 rows.append([pad_id])  # placeholder: no teacher forward for masked samples
                 continue
-            rows.append(self._fit_teacher_prompt(plan, prompt, plan.demo, plan.feedback))
+            rows.append(self._fit_teacher_prompt(plan, prompt))
         width = max(len(r) for r in rows)
         ids = torch.full((n, width), pad_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
@@ -423,26 +423,25 @@ class _SDPOMixin:
             return
         path = os.path.join(resume_from_checkpoint, TEACHER_FILE)
         peft_model = self._peft_model()
-        if not os.path.exists(path):
+        if os.path.exists(path):
+            from peft.utils import set_peft_model_state_dict
+            from safetensors.torch import load_file
+
+            result = set_peft_model_state_dict(
+                peft_model, load_file(path), adapter_name=cfg.teacher_adapter_name
+            )
+            unexpected = getattr(result, "unexpected_keys", [])
+            if unexpected:
+                raise RuntimeError(
+                    f"teacher adapter in {path} does not match this model: unexpected keys {unexpected[:3]}"
+                )
+        else:
             warnings.warn(
                 f"{resume_from_checkpoint} has no teacher adapter ({TEACHER_FILE}); the EMA teacher restarts from the "
                 "resumed student.",
                 stacklevel=2,
             )
-            add_teacher_adapter(peft_model, cfg.teacher_adapter_name)
-            from .teacher import copy_adapter
-
             copy_adapter(peft_model, STUDENT_ADAPTER, cfg.teacher_adapter_name)
-            return
-        from peft.utils import set_peft_model_state_dict
-        from safetensors.torch import load_file
-
-        result = set_peft_model_state_dict(peft_model, load_file(path), adapter_name=cfg.teacher_adapter_name)
-        unexpected = getattr(result, "unexpected_keys", [])
-        if unexpected:
-            raise RuntimeError(
-                f"teacher adapter in {path} does not match this model: unexpected keys {unexpected[:3]}"
-            )
         add_teacher_adapter(peft_model, cfg.teacher_adapter_name)  # re-freeze, keep the student active
 
 

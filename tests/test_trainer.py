@@ -357,3 +357,38 @@ def test_total_reward_skips_none_like_trl(tmp_path):
     totals = trainer._total_rewards(4)
     assert totals[0] == 1.0 and totals[1] == 1.0 and totals[3] == 0.625
     assert totals[2] != totals[2]  # all None: NaN, never a demonstration
+
+
+def test_long_demonstration_is_cut_never_the_template(tmp_path):
+    from sdpo_unsloth.teacher import build_reprompt
+
+    trainer = make_trainer(tmp_path, SDPOConfig(max_reprompt_length=120), max_steps=1)
+    cfg = trainer.sdpo_config
+    prompt = [{"role": "user", "content": "1+2="}]
+    reprompt = build_reprompt(
+        prompt,
+        demo="3" * 400,
+        feedback=None,
+        reprompt_template=cfg.reprompt_template,
+        solution_template=cfg.solution_template,
+        feedback_template=cfg.feedback_template,
+    )
+    ids = trainer._fit_teacher_prompt(reprompt, prompt)
+    text = trainer.processing_class.decode(ids)
+    assert len(ids) <= 120
+    assert "1+2=\nCorrect solution:\n\n333" in text
+    assert text.endswith("\n\nCorrectly solve the original question.<|im_end|>\n<|im_start|>assistant\n")
+
+
+def test_resume_without_teacher_file_restarts_teacher_from_student(tmp_path):
+    first = make_trainer(tmp_path / "a", max_steps=2, save_strategy="steps", save_steps=2)
+    first.train()
+    checkpoint = tmp_path / "a" / "run" / "checkpoint-2"
+    (checkpoint / "sdpo_teacher.safetensors").unlink()
+    resumed = make_trainer(tmp_path / "b", max_steps=2)
+    with pytest.warns(UserWarning, match="the EMA teacher restarts from the resumed student"):
+        resumed._load_from_checkpoint(str(checkpoint))
+    student, teacher = adapter_tensors(resumed.model, "default"), adapter_tensors(resumed.model, TEACHER)
+    assert all(torch.equal(student[k], teacher[k]) for k in student)
+    assert all(not p.requires_grad for n, p in resumed.model.named_parameters() if f".{TEACHER}." in n)
+    assert resumed.model.active_adapter == "default"
