@@ -234,26 +234,9 @@ def make_dataset(n: int = 64):
 
 
 def versions() -> dict[str, str | None]:
-    from importlib import metadata
+    from sdpo_unsloth.doctor import package_versions
 
-    out: dict[str, str | None] = {}
-    for name in (
-        "torch",
-        "transformers",
-        "trl",
-        "peft",
-        "accelerate",
-        "bitsandbytes",
-        "datasets",
-        "unsloth",
-        "unsloth_zoo",
-        "triton",
-        "sdpo-unsloth",
-    ):
-        try:
-            out[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            out[name] = None
+    out = package_versions(extra=("triton", "sdpo-unsloth"))
     try:
         import torch
 

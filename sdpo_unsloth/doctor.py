@@ -25,10 +25,13 @@ _PACKAGES = (
 _GIB = 1024**3
 
 
-def package_versions() -> dict[str, str | None]:
-    """Installed versions (None: not installed), read from metadata without importing the packages."""
+def package_versions(extra: Sequence[str] = ()) -> dict[str, str | None]:
+    """Installed versions (None: not installed), read from metadata without importing the packages.
+
+    `extra` names further distributions to report after the training stack.
+    """
     found: dict[str, str | None] = {}
-    for name in _PACKAGES:
+    for name in (*_PACKAGES, *extra):
         try:
             found[name] = importlib_metadata.version(name)
         except importlib_metadata.PackageNotFoundError:
