@@ -13,6 +13,7 @@ import argparse
 import importlib.util
 import inspect
 import json
+import logging
 import os
 import re
 import sys
@@ -490,11 +491,23 @@ def _one_line_warnings(message, category, filename, lineno, file=None, line=None
     print(f"warning: {message}", file=sys.stderr if file is None else file)
 
 
+# Optional kernels that fail to load at import time (torchao's CUDA extensions, bitsandbytes' kernels
+# package, torch's pytree deprecation notes) log warnings that say nothing about the user's run.
+_NOISY_IMPORT_LOGGERS = ("torchao", "torch.utils._pytree", "bitsandbytes")
+
+
+def _quiet_optional_kernel_logs() -> None:
+    for name in _NOISY_IMPORT_LOGGERS:
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of `sdpo-unsloth`; returns the exit status (0 ok, 2 user mistake, 1 other failure)."""
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if not debug:
+        _quiet_optional_kernel_logs()
     try:
         parser, names = build_parser()
         args = parser.parse_args(argv)
