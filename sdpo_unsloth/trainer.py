@@ -4,7 +4,8 @@ Importing this module runs `bootstrap()` first, so the class below subclasses wh
 `trl.GRPOTrainer` is after unsloth patched it. Overridden hooks, each calling the pure modules:
 
     _generate_and_score_completions  + teacher prompts, demonstrations, feedback, sample mask
-    _compute_loss                    SDPO distillation (chunked top-K), optional GRPO blend
+    compute_loss / _compute_loss     SDPO distillation (chunked top-K), optional GRPO blend; both,
+                                     since unsloth's compute_loss never calls _compute_loss
     _save / _save_checkpoint / _load_from_checkpoint
                                      the teacher adapter lives in checkpoints, never in exports
 A callback refuses optimizer steps on non-finite gradients and applies the EMA teacher update
@@ -289,10 +290,26 @@ class _SDPOMixin:
             )
         return weight, getattr(head, "bias", None), softcap
 
+    def compute_loss(
+        self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        # Overridden here and not only in `_compute_loss`: unsloth's patched GRPOTrainer replaces TRL's
+        # `compute_loss` with its own GRPO loss, which never calls `_compute_loss`.
+        if not self.sdpo_config.enabled:
+            return super().compute_loss(
+                model, inputs, return_outputs=return_outputs, num_items_in_batch=num_items_in_batch
+            )
+        if return_outputs:
+            raise ValueError("SDPOTrainer does not support returning outputs")
+        return self._sdpo_loss(model, inputs)
+
     def _compute_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
-        cfg = self.sdpo_config
-        if not cfg.enabled:
+        if not self.sdpo_config.enabled:
             return super()._compute_loss(model, inputs)
+        return self._sdpo_loss(model, inputs)
+
+    def _sdpo_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        cfg = self.sdpo_config
         mode = "train" if self.model.training else "eval"
         peft_model = self.accelerator.unwrap_model(model)
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]

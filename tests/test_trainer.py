@@ -392,3 +392,45 @@ def test_resume_without_teacher_file_restarts_teacher_from_student(tmp_path):
     assert all(torch.equal(student[k], teacher[k]) for k in student)
     assert all(not p.requires_grad for n, p in resumed.model.named_parameters() if f".{TEACHER}." in n)
     assert resumed.model.active_adapter == "default"
+
+
+class _OwnLossGRPOTrainer(GRPOTrainer):
+    """Like unsloth's patched GRPOTrainer: `compute_loss` is its own GRPO loss and never calls `_compute_loss`."""
+
+    own_loss_calls = 0
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        _OwnLossGRPOTrainer.own_loss_calls += 1
+        logits = model(input_ids=inputs["completion_ids"]).logits
+        return logits.float().mean() * 0.0
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_sdpo_loss_runs_when_the_parent_replaces_compute_loss(tmp_path, enabled):
+    """Found on the GPU: under unsloth the SDPO loss never ran (loss 0, no sdpo/distill_loss) because
+    unsloth's compute_loss bypasses `_compute_loss`. SDPOTrainer must own `compute_loss` when enabled."""
+    from sdpo_unsloth.trainer import _SDPOMixin
+
+    cls = type("OnOwnLoss", (_SDPOMixin, _OwnLossGRPOTrainer), {})
+    tokenizer = make_tiny_tokenizer()
+    torch.manual_seed(0)
+    _OwnLossGRPOTrainer.own_loss_calls = 0
+    trainer = cls(
+        model=make_tiny_model(len(tokenizer)),
+        args=grpo_args(tmp_path, max_steps=1),
+        sdpo_config=SDPOConfig(enabled=enabled),
+        processing_class=tokenizer,
+        reward_funcs=[HasDigit()],
+        train_dataset=dataset(),
+    )
+    student0 = adapter_tensors(trainer.model, "default")
+    trainer.train()
+    distill = [e["sdpo/distill_loss"] for e in trainer.state.log_history if "sdpo/distill_loss" in e]
+    moved = any(not torch.equal(v, adapter_tensors(trainer.model, "default")[k]) for k, v in student0.items())
+    if enabled:
+        assert _OwnLossGRPOTrainer.own_loss_calls == 0
+        assert distill and distill[0] > 0
+        assert moved
+    else:  # plain GRPO keeps the parent's loss (here a zero loss: nothing moves)
+        assert _OwnLossGRPOTrainer.own_loss_calls == 2  # GA 2: one call per micro-batch
+        assert not distill and not moved
