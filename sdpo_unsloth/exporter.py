@@ -142,7 +142,9 @@ def _quantization_of(model: Any) -> dict[str, Any] | None:
         return None
     qc = getattr(base.config, "quantization_config", None)
     data = qc.to_dict() if hasattr(qc, "to_dict") else dict(qc or {})
-    return json.loads(json.dumps(data, default=str))
+    data = json.loads(json.dumps(data, default=str))
+    # unsloth's config can hold torch dtypes ("torch.float16" once serialised); BitsAndBytesConfig wants "float16"
+    return {k: v.removeprefix("torch.") if isinstance(v, str) else v for k, v in data.items()}
 
 
 def _resolve_source(model_or_dir: Any, tokenizer: Any, base_model: str | None, sdpo_config: Any) -> _Source:

@@ -205,3 +205,29 @@ def test_export_stays_the_function_after_the_module_is_imported():
     import sdpo_unsloth.exporter
 
     assert callable(sdpo_unsloth.export) and sdpo_unsloth.export is sdpo_unsloth.exporter.export
+
+
+def test_quantization_settings_with_torch_dtypes_rebuild_a_bnb_config():
+    """Found on the GPU: unsloth's model config holds torch dtypes, serialised as "torch.float16", which
+    BitsAndBytesConfig rejected when the merge re-created the 4-bit base."""
+    from types import SimpleNamespace
+
+    from transformers import BitsAndBytesConfig
+
+    from sdpo_unsloth.exporter import _quantization_of
+
+    config = SimpleNamespace(
+        quantization_config={
+            "load_in_4bit": True,
+            "bnb_4bit_quant_type": "nf4",
+            "bnb_4bit_compute_dtype": torch.float16,
+            "bnb_4bit_quant_storage": torch.uint8,
+            "quant_method": "bitsandbytes",
+        }
+    )
+    base = SimpleNamespace(is_loaded_in_4bit=True, config=config)
+    settings = _quantization_of(SimpleNamespace(get_base_model=lambda: base))
+    assert settings["bnb_4bit_compute_dtype"] == "float16" and settings["bnb_4bit_quant_storage"] == "uint8"
+    settings.pop("quant_method")
+    rebuilt = BitsAndBytesConfig(**settings)
+    assert rebuilt.bnb_4bit_compute_dtype == torch.float16 and rebuilt.bnb_4bit_quant_storage == torch.uint8
