@@ -4,6 +4,7 @@
 #
 #     bash benchmarks/gpu_run.sh                # default stages, results in $OUT (gpu_step.json, .jsonl, gpu_run.log)
 #     bash benchmarks/gpu_run.sh --budget 300   # extra arguments go to benchmarks/gpu_step.py
+#     bash benchmarks/gpu_run.sh --tests --stages unsloth:1.5b   # first tests/gpu (log: $OUT/gpu_tests.log)
 #
 # .whl/ (ignored by git through .git/info/exclude) holds only what the machine lacks, for cp312 manylinux x86_64:
 #   trl 1.14.2, datasets 4.8.5 (+ dill 0.4.1, multiprocess 0.70.19), peft 0.21.2 (the tested version),
@@ -17,6 +18,8 @@
 #   bitsandbytes and unsloth wheels rewritten with their RECORD trimmed to the kept files.
 # Nothing here replaces the machine's torch, transformers, accelerate, triton or numpy: none of them is in .whl.
 set -uo pipefail
+run_tests=0
+if [ "${1:-}" = "--tests" ]; then run_tests=1; shift; fi
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
 cd "$(dirname "$0")/.."
@@ -58,5 +61,12 @@ for name in ("torch", "transformers", "accelerate", "trl", "peft", "bitsandbytes
     except PackageNotFoundError:
         print(f"  {name:18s} (not installed)")
 EOF
+
+if [ "$run_tests" = 1 ]; then  # the GPU tests, bounded so that the benchmark still runs after them
+    t0=$(date +%s)
+    SDPO_UNSLOTH_BACKEND=unsloth PYTHONPATH=/tmp/site_unsloth:$PYTHONPATH timeout "${GPU_TESTS_TIMEOUT:-200}" \
+        python3 -m pytest -m gpu tests/gpu -v -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+    echo "gpu_run: tests/gpu exit ${PIPESTATUS[0]} in $(( $(date +%s) - t0 ))s" | tee -a "$OUT/gpu_tests.log"
+fi
 
 python3 benchmarks/gpu_step.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_run.log"

@@ -391,6 +391,10 @@ def run_one(
         peak_reserved_gib=round(torch.cuda.max_memory_reserved() / 2**30, 3) if cuda else None,
         logs=timing.logs,
     )
+    distill = [entry["sdpo/distill_loss"] for entry in timing.logs if "sdpo/distill_loss" in entry]
+    result["distill_loss"] = distill
+    if kind == "sdpo" and measured and not distill:  # a step time that did not include the SDPO loss
+        result["status"] = "invalid: the SDPO loss never ran (no sdpo/distill_loss logged)"
     last = next((entry for entry in reversed(timing.logs) if "completions/mean_length" in entry), {})
     result["last_log"] = {k: v for k, v in last.items() if k.startswith(("sdpo/", "loss", "completions/"))}
     del trainer, model
@@ -460,6 +464,7 @@ def child(args: argparse.Namespace) -> int:
                 "completion_tokens_per_s",
                 "completion_mean_length",
                 "load_s",
+                "distill_loss",
                 "teacher_adapter_params",
                 "base_params",
                 "wall_s",
@@ -565,12 +570,14 @@ def summarize(args: argparse.Namespace, start: float) -> None:
         )
     print(
         "\n| backend | model | run | status | median step s | peak VRAM GiB | compl. tok/s | mean len | "
-        "teacher params / base |"
+        "teacher params / base | mean distill loss |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for r in records:
         lengths = r.get("completion_mean_length") or []
         mean_len = round(statistics.mean(lengths), 1) if lengths else None
+        losses = r.get("distill_loss") or []
+        distill = f"{statistics.mean(losses):.3g}" if losses else ""
         ratio = (
             f"{r['teacher_adapter_params'] / 1e6:.2f}M / {r['base_params'] / 1e6:.0f}M"
             if r.get("teacher_adapter_params")
@@ -579,7 +586,7 @@ def summarize(args: argparse.Namespace, start: float) -> None:
         print(
             f"| {r.get('backend')} | {r.get('model')} | {r.get('run')} | {str(r.get('status'))[:60]} | "
             f"{r.get('median_step_s')} | {r.get('peak_vram_gib')} | {r.get('completion_tokens_per_s')} | "
-            f"{mean_len} | {ratio} |"
+            f"{mean_len} | {ratio} | {distill} |"
         )
     print(f"\ntotal {time.time() - start:.0f}s; results in {args.out}/gpu_step.json", flush=True)
 
