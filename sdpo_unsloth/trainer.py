@@ -54,6 +54,15 @@ class _TeacherCallback(TrainerCallback):
 
     def on_pre_optimizer_step(self, args, state, control, **kwargs):
         trainer = self.trainer
+        if trainer.sdpo_config.enabled and trainer._sdpo_loss_calls == 0:
+            mro = type(trainer).__mro__
+            base = mro[mro.index(_SDPOMixin) + 1].__name__
+            raise RuntimeError(
+                f"the SDPO loss did not run before the first optimizer step: the base trainer ({base}) computed "
+                "its own loss without calling SDPOTrainer.compute_loss, "
+                "so this would be plain GRPO. Nothing was updated. This unsloth/TRL version changed how the loss is "
+                "called; `sdpo-unsloth doctor` prints the versions: pin the tested ones or report it."
+            )
         if trainer.accelerator.scaler is not None:
             return  # fp16: the grad scaler skips overflowing steps itself
         grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
@@ -113,6 +122,7 @@ class _SDPOMixin:
         if not isinstance(sdpo_config, SDPOConfig):
             raise TypeError(f"`sdpo_config` must be an SDPOConfig, got {type(sdpo_config).__name__}.")
         self.sdpo_config = sdpo_config
+        self._sdpo_loss_calls = 0  # checked before the first optimizer step (a parent could bypass the loss)
         funcs = reward_funcs if isinstance(reward_funcs, list | tuple) else [reward_funcs]
         if not funcs:
             raise ValueError("`reward_funcs` is empty: pass at least one reward function.")
@@ -310,6 +320,7 @@ class _SDPOMixin:
 
     def _sdpo_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
         cfg = self.sdpo_config
+        self._sdpo_loss_calls += 1
         mode = "train" if self.model.training else "eval"
         peft_model = self.accelerator.unwrap_model(model)
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]

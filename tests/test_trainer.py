@@ -434,3 +434,33 @@ def test_sdpo_loss_runs_when_the_parent_replaces_compute_loss(tmp_path, enabled)
     else:  # plain GRPO keeps the parent's loss (here a zero loss: nothing moves)
         assert _OwnLossGRPOTrainer.own_loss_calls == 2  # GA 2: one call per micro-batch
         assert not distill and not moved
+
+
+class _OwnTrainingStepGRPOTrainer(GRPOTrainer):
+    """A parent whose training step computes its own loss and never calls `compute_loss` at all."""
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        inputs = self._prepare_inputs(inputs)
+        loss = model(input_ids=inputs["completion_ids"]).logits.float().mean()
+        self.accelerator.backward(loss)
+        return loss.detach()
+
+
+def test_a_parent_that_bypasses_the_sdpo_loss_stops_before_any_update(tmp_path):
+    from sdpo_unsloth.trainer import _SDPOMixin
+
+    cls = type("OnOwnStep", (_SDPOMixin, _OwnTrainingStepGRPOTrainer), {})
+    tokenizer = make_tiny_tokenizer()
+    torch.manual_seed(0)
+    trainer = cls(
+        model=make_tiny_model(len(tokenizer)),
+        args=grpo_args(tmp_path, max_steps=1),
+        processing_class=tokenizer,
+        reward_funcs=[HasDigit()],
+        train_dataset=dataset(),
+    )
+    student0 = adapter_tensors(trainer.model, "default")
+    with pytest.raises(RuntimeError, match=r"SDPO loss did not run.*_OwnTrainingStepGRPOTrainer.*doctor"):
+        trainer.train()
+    after = adapter_tensors(trainer.model, "default")
+    assert all(torch.equal(v, after[k]) for k, v in student0.items())  # no optimizer step was taken
