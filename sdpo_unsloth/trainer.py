@@ -346,6 +346,12 @@ class _SDPOMixin:
         row_mask = mask[rows]  # [B_r, L]
         selected = row_mask.bool()
         weight, bias, softcap = self._lm_head(peft_model)
+        if student_hidden.size(-1) != weight.size(1) or teacher_hidden.size(-1) != weight.size(1):
+            raise RuntimeError(
+                f"the decoder returned a last dimension of {student_hidden.size(-1)} (teacher {teacher_hidden.size(-1)}) "
+                f"where hidden states of size {weight.size(1)} were expected (vocabulary {weight.size(0)}): a patched "
+                "forward returned logits instead of hidden states. Check `sdpo-unsloth doctor` for the versions."
+            )
         terms = sdpo_loss.chunked_distill(
             student_hidden[selected],
             teacher_hidden[selected].to(student_hidden.dtype),

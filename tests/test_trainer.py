@@ -464,3 +464,16 @@ def test_a_parent_that_bypasses_the_sdpo_loss_stops_before_any_update(tmp_path):
         trainer.train()
     after = adapter_tensors(trainer.model, "default")
     assert all(torch.equal(v, after[k]) for k, v in student0.items())  # no optimizer step was taken
+
+
+def test_logits_where_hidden_states_were_expected_are_named(tmp_path, monkeypatch):
+    """A patched forward that hands back logits (unsloth's UNSLOTH_RETURN_HIDDEN_STATES, inverted) is caught."""
+    from sdpo_unsloth.trainer import _SDPOMixin
+
+    def logits_instead(self, model, ids, mask, length):
+        return model(input_ids=ids, attention_mask=mask).logits[:, -length - 1 : -1, :]
+
+    monkeypatch.setattr(_SDPOMixin, "_completion_hidden", logits_instead)
+    trainer = make_trainer(tmp_path, max_steps=1)
+    with pytest.raises(RuntimeError, match="hidden states of size 32 were expected"):
+        trainer.train()
