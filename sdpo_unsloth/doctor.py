@@ -23,6 +23,18 @@ _PACKAGES = (
     "unsloth_zoo",
 )
 _GIB = 1024**3
+# The stack `tests/gpu` and the GPU benchmark passed with (H200 in fp16, docs/benchmarks.md).
+TESTED_GPU_STACK = {
+    "torch": "2.11.0",
+    "transformers": "5.17.0",
+    "trl": "1.14.2",
+    "peft": "0.21.2",
+    "accelerate": "1.15.0",
+    "bitsandbytes": "0.50.2",
+    "datasets": "4.8.5",
+    "unsloth": "2026.10.9",
+    "unsloth_zoo": "2026.10.9",
+}
 
 
 def package_versions(extra: Sequence[str] = ()) -> dict[str, str | None]:
@@ -218,8 +230,11 @@ def doctor(
     versions = package_versions()
     gpu = gpu_info()
     lines = [f"sdpo-unsloth {__version__} on Python {sys.version.split()[0]}"]
+    lines.append(f"  {'package':13s}{'installed':16s}tested on GPU")
     for name, version in versions.items():
-        lines.append(f"  {name:13s}{version or 'not installed'}")
+        tested = TESTED_GPU_STACK.get(name, "")
+        mark = "" if not tested or (version or "").split("+")[0] == tested else "  (differs)"
+        lines.append(f"  {name:13s}{(version or 'not installed'):16s}{tested}{mark}")
     if gpu:
         lines.append(
             f"device         cuda: {gpu['name']} ({gpu['memory_gib']:.1f} GiB, compute {gpu['capability']}, "

@@ -145,6 +145,10 @@ def test_doctor_reports_the_environment(capsys, tiny_model_dir):
     ):
         assert needle in out, needle
     assert "cpu (no CUDA GPU)" in out and "fp32" in out
+    trl_line = next(line for line in out.splitlines() if line.split()[:1] == ["trl"])
+    assert trl_line.split()[2] == doctor_module.TESTED_GPU_STACK["trl"]  # installed, then the tested version
+    installed = doctor_module.package_versions()["trl"]
+    assert trl_line.endswith("(differs)") == (installed != doctor_module.TESTED_GPU_STACK["trl"])
 
 
 def test_known_problems():
