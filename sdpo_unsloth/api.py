@@ -602,7 +602,7 @@ def train(
         resume: True resumes from the last complete checkpoint in output_dir/checkpoints (if any); a path
             resumes from that checkpoint.
         export_formats: exports after training: "lora" (adapter/), "merged_16bit" (merged/), "gguf" (gguf/,
-            unsloth on GPU only); empty for none.
+            one q8_0 llama.cpp file, Llama/Qwen2-family models); empty for none.
         logging_steps: log every N steps (default 1).
         report_to: "none" (default), "tensorboard", "wandb", ...
         progress: show the training progress bar and log lines.
@@ -623,11 +623,8 @@ def train(
     unknown = [f for f in export_formats if f not in ("lora", "merged_16bit", "gguf")]
     if unknown:
         raise UsageError(f"`export_formats` may hold lora, merged_16bit, gguf; got {unknown}.")
-    if "gguf" in export_formats and chosen.name != "unsloth":
-        raise UsageError(
-            f"export_formats has 'gguf', which needs unsloth on a CUDA GPU (this run uses {chosen.name} on "
-            f"{chosen.device}); export 'merged_16bit' and convert it with llama.cpp's convert_hf_to_gguf.py."
-        )
+    if "gguf" in export_formats and importlib.util.find_spec("gguf") is None:
+        raise UsageError("export_formats has 'gguf', which needs the `gguf` package: pip install gguf")
     if eval_size is not None and eval_size < 0:
         raise UsageError(f"`eval_size` must be >= 0, got {eval_size}.")
     task_name = str(dataset) if isinstance(dataset, str) and dataset in BUILTIN_TASKS else None

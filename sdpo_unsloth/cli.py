@@ -451,7 +451,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
         help="merged weights' dtype (default: fp32 on CPU, bf16/fp16 on GPU)",
     )
     export.add_argument(
-        "--gguf-quantization", default="q4_k_m", help="GGUF quantisation method (default: q4_k_m)"
+        "--gguf-quantization",
+        default="q8_0",
+        help="q8_0 (default), f16, bf16 or f32 (written here); k-quants such as q4_k_m need unsloth on a GPU",
     )
     export.add_argument("--no-verify", action="store_true", help="skip the merged-weights and logits checks")
 

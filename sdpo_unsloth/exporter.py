@@ -14,8 +14,12 @@ base, how it was checked, library versions) and a short `README.md` model card:
                   trained model's on a few fixed token sequences (|diff| <= 1e-4 + 1e-4 |ref|); in 16-bit
                   the logit gap and top-1 agreement are recorded (rounding alone moves 16-bit logits by ~1);
                   no LoRA layer or tensor remains.
-    gguf          through unsloth's `save_pretrained_gguf` (needs the unsloth backend on a GPU runtime,
-                  which builds llama.cpp); elsewhere a clear error says how to convert a merged export.
+    gguf          the merged model as one llama.cpp file, written in Python (`gguf_writer`) for Llama- and
+                  Qwen2-family models in q8_0 (default), f16, bf16 or f32, on any machine. Checked by loading
+                  it back with transformers' GGUF reader: f32 logits equal the merged model's (1e-4), other
+                  types pick the same next token on >= 90% of positions, and the tokenizer is compared on
+                  sample texts. K-quants (q4_k_m, ...) go through unsloth's `save_pretrained_gguf` (unsloth
+                  backend on a GPU runtime, which builds llama.cpp).
 
 Exporting is idempotent: files are written to a temporary sibling directory and swapped in, so exporting
 twice to the same directory gives the same files. A non-empty directory that is not an export (no
@@ -72,6 +76,10 @@ _TOKENIZER_FILES = (
 LOGITS_ATOL = 1e-4
 LOGITS_RTOL = 1e-4
 _FIXED_TEXTS = ("The capital of France is", "12+7=19. 34+8=", "def add(a, b):\n    return a")
+# A GGUF in f16/bf16/q8_0 must pick the merged model's next token on at least this share of ~300 positions
+# (sample texts + random tokens). Measured on SmolLM2-135M with a random LoRA: q8_0 93%, bf16 98%, f16
+# 100%; with the rotary reordering of q/k left out (a wrong conversion) it fell to 31%.
+GGUF_MIN_TOP1 = 0.75
 
 
 class ExportError(RuntimeError):
@@ -510,15 +518,101 @@ def _write_merged(
 
 
 def _write_gguf(
+    source: _Source,
+    folder: Path,
+    work: Path,
+    teacher_names: tuple[str, ...],
+    method: str,
+    *,
+    device: str | None,
+    verify: bool,
+) -> dict[str, Any]:
+    from . import gguf_writer
+
+    method = method.lower()
+    if method not in gguf_writer.QUANTIZATIONS:
+        return _write_gguf_unsloth(source, folder, work, teacher_names, method)
+    from transformers import AutoModelForCausalLM
+
+    merged_dir = work / "merged"
+    merged_dir.mkdir()
+    checks, _ = _write_merged(
+        source,
+        merged_dir,
+        work,
+        teacher_names,
+        dtype=torch.float32 if method == "f32" else None,
+        device=device,
+        verify=verify,
+    )
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
+    name = Path(str(source.base_model or "model").rstrip("/")).name or "model"
+    file = folder / f"{name}-sdpo-{method}.gguf"
+    try:
+        written = gguf_writer.write_gguf(merged, source.tokenizer, file, method, f"{name} (SDPO)")
+    except gguf_writer.GGUFExportError as exc:
+        raise ExportError(str(exc)) from None
+    checks["gguf"] = {**written, "file": file.name, "quantization": method, "bytes": file.stat().st_size}
+    if verify:
+        checks["gguf_vs_merged"] = _check_gguf(file, merged, source.tokenizer, method)
+    del merged
+    return checks
+
+
+def _check_gguf(file: Path, merged: Any, tokenizer: Any, method: str) -> dict[str, Any]:
+    """Load the GGUF back with transformers' reader: logits against the merged model, then the tokenizer."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        str(file.parent), gguf_file=file.name, dtype=torch.float32
+    )
+    vocab = merged.config.get_text_config().vocab_size
+    generator = torch.Generator().manual_seed(0)
+    inputs = _fixed_inputs(tokenizer, vocab) + [
+        torch.randint(0, vocab, (1, 64), generator=generator) for _ in range(4)
+    ]
+    cpu = torch.device("cpu")
+    check = _logit_check(_logits(reloaded, inputs, cpu), _logits(merged, inputs, cpu), strict=method == "f32")
+    del reloaded
+    if method != "f32":
+        check["note"] = f"{method} weights round; the check is next-token agreement >= {GGUF_MIN_TOP1:.0%}"
+    if check.get("passed") is False:
+        raise ExportError(
+            f"the f32 GGUF's logits differ from the merged model's by up to {check['max_abs_diff']:.3g}: the "
+            "conversion is wrong. Nothing was written."
+        )
+    if check["top1_agreement"] < GGUF_MIN_TOP1:
+        raise ExportError(
+            f"the {method} GGUF agrees with the merged model on {check['top1_agreement']:.0%} of next-token "
+            f"argmaxes (at least {GGUF_MIN_TOP1:.0%} expected): the conversion is wrong. Nothing was written."
+        )
+    try:
+        loaded = AutoTokenizer.from_pretrained(str(file.parent), gguf_file=file.name)
+        same = all(loaded(t)["input_ids"] == tokenizer(t)["input_ids"] for t in _FIXED_TEXTS)
+        check["tokenizer_ids_equal"] = same
+        if not same:
+            warnings.warn(
+                f"transformers' GGUF reader tokenizes {file.name} differently from the training tokenizer on "
+                "sample texts; llama.cpp may too. Check the output before deploying it.",
+                stacklevel=4,
+            )
+    except Exception as exc:  # transformers cannot rebuild every tokenizer (e.g. BPE without merges)
+        check["tokenizer_ids_equal"] = f"not checked: {type(exc).__name__}: {str(exc)[:200]}"
+    return check
+
+
+def _write_gguf_unsloth(
     source: _Source, folder: Path, work: Path, teacher_names: tuple[str, ...], method: str
 ) -> dict:
+    from . import gguf_writer
+
     backend = current_backend() or bootstrap()
     if backend.name != "unsloth":
         raise ExportError(
-            "GGUF export needs unsloth on a CUDA GPU runtime (it builds llama.cpp to quantise); this process uses "
-            f"the {backend.name} backend on {backend.device}. Export format='merged_16bit' here, then convert with "
-            "llama.cpp: `python convert_hf_to_gguf.py <merged_dir> --outtype q8_0`, or run the export on a GPU "
-            "runtime with `pip install 'sdpo-unsloth[unsloth]'`."
+            f"GGUF {method!r} (a k-quant) needs llama.cpp's quantiser: this package writes "
+            f"{', '.join(gguf_writer.QUANTIZATIONS)} itself (gguf_quantization='q8_0'), then `llama-quantize "
+            f"model-q8_0.gguf model-{method}.gguf {method.upper()}` (better from f16). Or run the export with the "
+            "unsloth backend on a GPU runtime, whose save_pretrained_gguf builds llama.cpp."
         )
     from unsloth import FastLanguageModel
 
@@ -533,7 +627,7 @@ def _write_gguf(
     files = sorted(p.name for p in folder.rglob("*.gguf"))
     if not files:
         raise ExportError(f"unsloth's save_pretrained_gguf wrote no .gguf file into {folder}.")
-    return {"gguf_files": files, "quantization_method": method}
+    return {"gguf_files": files, "quantization_method": method, "writer": "unsloth save_pretrained_gguf"}
 
 
 # ------------------------------------------------------------------------------------------ metadata
@@ -610,7 +704,7 @@ def export(
     device: str | None = None,
     sdpo_config: Any = None,
     teacher_adapter: str = "sdpo_teacher",
-    gguf_quantization: str = "q4_k_m",
+    gguf_quantization: str = "q8_0",
 ) -> ExportResult:
     """Export the student model in one of `FORMATS`; the caller's model is left untouched.
 
@@ -621,7 +715,7 @@ def export(
             uses the base's original weights.
         output_dir: a new or empty directory, or an earlier export (replaced).
         format: "lora" (student adapter only), "merged_16bit" (adapter merged into the base), or "gguf"
-            (unsloth on a GPU runtime only).
+            (one llama.cpp file; see `gguf_quantization`).
         tokenizer: saved beside the weights; default: the adapter directory's, then the base model's.
         base_model: the base model's hub name or path; default: the adapter config's
             `base_model_name_or_path`.
@@ -630,7 +724,9 @@ def export(
         device: where to merge ("cuda" / "cpu"); default the model's device, else CPU.
         sdpo_config: recorded in `sdpo_export.json` (taken from an SDPOTrainer automatically).
         teacher_adapter: the teacher adapter's name, checked to be absent from the export.
-        gguf_quantization: unsloth's `quantization_method` for "gguf" (e.g. "q4_k_m", "q8_0").
+        gguf_quantization: "q8_0" (default), "f16", "bf16" or "f32", written here for Llama/Qwen2-family
+            models and checked by loading the file back; a k-quant such as "q4_k_m" goes through unsloth's
+            `save_pretrained_gguf` (unsloth backend on a GPU runtime only).
 
     Returns:
         An `ExportResult` naming the directory, its files and the checks that ran.
@@ -658,7 +754,9 @@ def export(
                 source, staging, work, teacher_names, dtype=dtype, device=device, verify=verify
             )
         else:
-            checks = _write_gguf(source, staging, work, teacher_names, gguf_quantization)
+            checks = _write_gguf(
+                source, staging, work, teacher_names, gguf_quantization, device=device, verify=verify
+            )
         meta = {
             "sdpo_unsloth_export": 1,
             "format": format,

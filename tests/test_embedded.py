@@ -143,3 +143,25 @@ def test_model_answers_an_easy_addition(smollm2):
     )
     out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tokenizer.pad_token_id)
     assert "4" in tokenizer.decode(out[0, enc["input_ids"].shape[1] :])
+
+
+@needs_embedded
+def test_gguf_export_of_smollm2_with_a_lora_round_trips(tmp_path):
+    """A real tokenizer (49,152 tokens, 48,900 merges) and 30 `llama` blocks through the Python GGUF writer:
+    transformers' GGUF reader gets the same token ids and the same next tokens."""
+    import torch
+
+    from sdpo_unsloth import export, load_model
+
+    model, tokenizer = load_model("embedded", load_in_4bit=False, lora_r=8, backend="transformers")
+    with torch.no_grad():  # a LoRA that visibly changes the model, as after training
+        generator = torch.Generator().manual_seed(0)
+        for name, param in model.named_parameters():
+            if "lora_B.default." in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
+    result = export(model, tmp_path / "gguf", format="gguf", gguf_quantization="f16", tokenizer=tokenizer)
+    written, check = result.verification["gguf"], result.verification["gguf_vs_merged"]
+    assert written["architecture"] == "llama" and written["pre_tokenizer"] == "smollm"
+    assert written["vocab_size"] == 49152 and written["tied_output"] is True
+    assert check["tokenizer_ids_equal"] is True
+    assert check["top1_agreement"] >= 0.95

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -155,11 +156,113 @@ def test_bad_inputs_name_the_fix(tmp_path, tiny_model_dir):
         export(make_tiny_model(10), tmp_path / "x")
 
 
-def test_gguf_without_unsloth_says_how(tmp_path, tiny_model_dir):
+def _gguf_logits(folder, ids):
+    from transformers import AutoModelForCausalLM
+
+    name = next(p.name for p in folder.iterdir() if p.suffix == ".gguf")
+    model = AutoModelForCausalLM.from_pretrained(str(folder), gguf_file=name, dtype=torch.float32).eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def test_gguf_f32_is_the_student_exactly(tmp_path, tiny_model_dir):
+    """GGUF written in Python, read back by transformers: the student's logits, not the teacher's."""
     model = trained_like_model(tiny_model_dir)
-    with pytest.raises(ExportError, match=r"merged_16bit.*convert_hf_to_gguf"):
-        export(model, tmp_path / "gguf", format="gguf")
+    result = export(
+        model, tmp_path / "gguf", format="gguf", gguf_quantization="f32", tokenizer=make_tiny_tokenizer()
+    )
+    checks = result.verification
+    assert checks["gguf"]["architecture"] == "qwen2" and checks["gguf"]["tensor_types"] == {"F32": 26}
+    assert checks["gguf_vs_merged"]["passed"] and checks["gguf_vs_merged"]["max_abs_diff"] <= FP32_ATOL
+    assert [f for f in result.files if f.endswith(".gguf")] == [f"{Path(tiny_model_dir).name}-sdpo-f32.gguf"]
+    ids = torch.randint(4, 90, (2, 20), generator=torch.Generator().manual_seed(1))
+    model.eval()
+    with torch.no_grad():
+        student = model(input_ids=ids).logits
+        model.set_adapter(TEACHER)
+        teacher = model(input_ids=ids).logits
+        model.set_adapter("default")
+    gguf_logits = _gguf_logits(tmp_path / "gguf", ids)
+    torch.testing.assert_close(gguf_logits, student, atol=FP32_ATOL, rtol=FP32_RTOL)
+    assert (gguf_logits - teacher).abs().max() > 1e-2
+    meta = json.loads((tmp_path / "gguf" / METADATA_FILE).read_text())
+    assert meta["format"] == "gguf" and meta["verification"]["gguf"]["pre_tokenizer"] == "qwen2"
+
+
+def _tiny_llama_dir(tmp_path):
+    from transformers import AutoModelForCausalLM, LlamaConfig
+
+    tokenizer = make_tiny_tokenizer()
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=3,
+        bos_token_id=None,
+    )
+    path = tmp_path / "tiny-llama"
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return str(path)
+
+
+def test_gguf_llama_layout_and_a_wrong_conversion_is_refused(tmp_path, monkeypatch):
+    """`llama` GGUFs store q/k rows in pairwise rotary order: with the reordering, f32 logits match exactly;
+    without it (a broken writer) the check refuses the file and writes nothing."""
+    from sdpo_unsloth import gguf_writer
+
+    model = trained_like_model(_tiny_llama_dir(tmp_path))
+    result = export(
+        model, tmp_path / "ok", format="gguf", gguf_quantization="f32", tokenizer=make_tiny_tokenizer()
+    )
+    assert result.verification["gguf"]["architecture"] == "llama"
+    assert result.verification["gguf"]["tied_output"] is False
+    assert result.verification["gguf_vs_merged"]["max_abs_diff"] <= FP32_ATOL
+    monkeypatch.setattr(gguf_writer, "_interleave_rotary", lambda weight, heads: weight)
+    with pytest.raises(ExportError, match="conversion is wrong"):
+        export(
+            model, tmp_path / "bad", format="gguf", gguf_quantization="f32", tokenizer=make_tiny_tokenizer()
+        )
+    assert not (tmp_path / "bad").exists()
+
+
+def test_gguf_defaults_to_q8_0(tmp_path, tiny_model_dir):
+    model = trained_like_model(tiny_model_dir)
+    result = export(model, tmp_path / "q8", format="gguf", tokenizer=make_tiny_tokenizer())
+    checks = result.verification
+    assert checks["gguf"]["quantization"] == "q8_0"
+    assert checks["gguf"]["tensor_types"] == {"Q8_0": 15, "F32": 11}  # matrices quantised, norms/biases f32
+    assert checks["gguf_vs_merged"]["top1_agreement"] >= 0.75
+    f32 = export(
+        model, tmp_path / "f32", format="gguf", gguf_quantization="f32", tokenizer=make_tiny_tokenizer()
+    )
+    assert checks["gguf"]["bytes"] < 0.5 * f32.verification["gguf"]["bytes"]
+
+
+def test_k_quants_without_unsloth_say_how(tmp_path, tiny_model_dir):
+    model = trained_like_model(tiny_model_dir)
+    with pytest.raises(ExportError, match=r"llama-quantize.*Q4_K_M.*unsloth"):
+        export(model, tmp_path / "gguf", format="gguf", gguf_quantization="q4_k_m")
     assert not (tmp_path / "gguf").exists()
+
+
+def test_gguf_writer_refuses_what_it_cannot_convert(tmp_path):
+    from types import SimpleNamespace
+
+    from sdpo_unsloth.gguf_writer import GGUFExportError, write_gguf
+
+    config = SimpleNamespace(model_type="gpt2")
+    with pytest.raises(GGUFExportError, match=r"'gpt2'.*merged_16bit.*convert_hf_to_gguf"):
+        write_gguf(SimpleNamespace(config=config), make_tiny_tokenizer(), tmp_path / "x.gguf", "f16", "x")
+    with pytest.raises(GGUFExportError, match="llama-quantize"):
+        write_gguf(SimpleNamespace(config=config), make_tiny_tokenizer(), tmp_path / "x.gguf", "q4_0", "x")
 
 
 def test_bf16_merge_is_checked_on_the_weights(tmp_path, tiny_model_dir):
