@@ -13,6 +13,7 @@ The file is checked by loading it back with transformers' GGUF reader (see `expo
 from __future__ import annotations
 
 import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -99,6 +100,12 @@ def _tokenizer_tables(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[
     names = [tokens.get(i, f"[PAD{i}]") for i in range(size)]
     kinds = [types.get(i, int(gguf.TokenType.UNUSED)) for i in range(size)]
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges", [])]
+    if not merges:
+        warnings.warn(
+            'the tokenizer has no BPE merges: llama.cpp refuses such a vocabulary ("cannot find tokenizer merges"), '
+            "transformers' GGUF reader still loads the file.",
+            stacklevel=3,
+        )
     return names, kinds, merges
 
 
