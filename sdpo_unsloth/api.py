@@ -68,7 +68,8 @@ class TrainResult:
     """What `train` produced.
 
     Attributes:
-        output_dir: the run directory (checkpoints/, adapter/, merged/, reward_curve.png, train_result.json).
+        output_dir: the run directory (checkpoints/, adapter/, merged/, gguf/, reward_curve.png,
+            train_result.json).
         adapter_dir: the student LoRA adapter export, or None if not exported.
         merged_dir: the merged 16-bit model, or None if not exported.
         before: the first reward's mean on the held-out rows before training (None: no evaluation).
@@ -77,6 +78,7 @@ class TrainResult:
         log_history: every log entry of the run.
         reward_curve_png: the reward-curve plot, or None (matplotlib missing or `plot=False`).
         resumed_from: the checkpoint the run resumed from, or None.
+        gguf_file: the exported GGUF file (q8_0), or None if not exported.
     """
 
     output_dir: str
@@ -88,6 +90,7 @@ class TrainResult:
     log_history: tuple[dict[str, Any], ...]
     reward_curve_png: str | None
     resumed_from: str | None = None
+    gguf_file: str | None = None
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -761,6 +764,9 @@ def train(
         log_history=history,
         reward_curve_png=png,
         resumed_from=resume_from,
+        gguf_file=next((str(p) for p in sorted(Path(exports["gguf"]).glob("*.gguf"))), None)
+        if "gguf" in exports
+        else None,
     )
     summary = {k: v for k, v in dataclasses.asdict(result).items() if k != "log_history"}
     summary.update(

@@ -281,6 +281,7 @@ def _print_result(result: Any, score_name: str, count: int | None = None) -> Non
     for label, path in (
         ("adapter", result.adapter_dir),
         ("merged model", result.merged_dir),
+        ("gguf", result.gguf_file),
         ("reward curve", result.reward_curve_png),
     ):
         if path:

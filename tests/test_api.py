@@ -92,6 +92,25 @@ def test_train_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir):
     assert merged["sdpo_config"]["alpha"] == 0.5
 
 
+def test_train_can_export_a_gguf_file(tmp_path, tiny_model_dir):
+    from transformers import AutoModelForCausalLM
+
+    result = train(
+        tiny_model_dir,
+        rows(),
+        HasDigit(),
+        str(tmp_path / "run"),
+        **{**TINY, "max_steps": 1, "eval_size": 0, "plot": False},
+        export_formats=("gguf",),
+    )
+    assert result.adapter_dir is None and result.gguf_file and result.gguf_file.endswith("-sdpo-q8_0.gguf")
+    gguf = Path(result.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    assert model.config.model_type == "qwen2"
+    summary = json.loads((Path(result.output_dir) / "train_result.json").read_text())
+    assert summary["gguf_file"] == result.gguf_file
+
+
 def test_resume_skips_an_incomplete_checkpoint(tmp_path, tiny_model_dir):
     """SPEC §5: a runtime killed mid-save leaves a newer checkpoint without trainer_state.json."""
     options = {**TINY, "eval_size": 0, "export_formats": (), "plot": False}
