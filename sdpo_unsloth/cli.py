@@ -433,7 +433,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
         parents=[common],
         help="export a saved adapter: lora, merged_16bit or gguf",
         description="Export a saved LoRA adapter folder (train's adapter/, a checkpoint-N) as the student adapter only, "
-        "a merged 16-bit model (verified against the adapter model), or GGUF (unsloth on a GPU runtime).",
+        "a merged 16-bit model (verified against the adapter model), or one GGUF file for llama.cpp (q8_0 by default, checked by reading it back).",
     )
     export.add_argument("source", help="adapter folder (adapter_config.json + adapter_model.safetensors)")
     export.add_argument("output_dir", help="new or empty folder, or an earlier export to replace")
