@@ -545,34 +545,39 @@ def _write_gguf(
         device=device,
         verify=verify,
     )
-    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
+    # One model in memory at a time: written from its saved dtype (tensor by tensor in fp32), then the
+    # fp32 reference and the reloaded GGUF are run one after the other (a 1.5B model fits a Colab runtime).
+    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype="auto")
     name = Path(str(source.base_model or "model").rstrip("/")).name or "model"
     file = folder / f"{name}-sdpo-{method}.gguf"
     try:
         written = gguf_writer.write_gguf(merged, source.tokenizer, file, method, f"{name} (SDPO)")
     except gguf_writer.GGUFExportError as exc:
         raise ExportError(str(exc)) from None
+    del merged
     checks["gguf"] = {**written, "file": file.name, "quantization": method, "bytes": file.stat().st_size}
     if verify:
-        checks["gguf_vs_merged"] = _check_gguf(file, merged, source.tokenizer, method)
-    del merged
+        checks["gguf_vs_merged"] = _check_gguf(file, merged_dir, source.tokenizer, method)
     return checks
 
 
-def _check_gguf(file: Path, merged: Any, tokenizer: Any, method: str) -> dict[str, Any]:
+def _check_gguf(file: Path, merged_dir: Path, tokenizer: Any, method: str) -> dict[str, Any]:
     """Load the GGUF back with transformers' reader: logits against the merged model, then the tokenizer."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    reloaded = AutoModelForCausalLM.from_pretrained(
-        str(file.parent), gguf_file=file.name, dtype=torch.float32
-    )
-    vocab = merged.config.get_text_config().vocab_size
+    cpu = torch.device("cpu")
+    reference = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype=torch.float32)
+    vocab = reference.config.get_text_config().vocab_size
     generator = torch.Generator().manual_seed(0)
     inputs = _fixed_inputs(tokenizer, vocab) + [
         torch.randint(0, vocab, (1, 64), generator=generator) for _ in range(4)
     ]
-    cpu = torch.device("cpu")
-    check = _logit_check(_logits(reloaded, inputs, cpu), _logits(merged, inputs, cpu), strict=method == "f32")
+    expected = _logits(reference, inputs, cpu)
+    del reference
+    reloaded = AutoModelForCausalLM.from_pretrained(
+        str(file.parent), gguf_file=file.name, dtype=torch.float32
+    )
+    check = _logit_check(_logits(reloaded, inputs, cpu), expected, strict=method == "f32")
     del reloaded
     if method != "f32":
         check["note"] = f"{method} weights round; the check is next-token agreement >= {GGUF_MIN_TOP1:.0%}"
