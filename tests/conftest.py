@@ -41,12 +41,15 @@ def make_tiny_tokenizer():
     return tokenizer
 
 
-def make_tiny_model(vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2):
+def make_tiny_model(
+    vocab_size: int, seed: int = 0, hidden: int = 32, layers: int = 2, arch: str = "qwen2", tied: bool = True
+):
+    """A random causal LM from a config: Qwen2 (q/k/v biases) or Llama (no biases), tied output or not."""
     import torch
-    from transformers import AutoModelForCausalLM, Qwen2Config
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     torch.manual_seed(seed)
-    config = Qwen2Config(
+    config = {"qwen2": Qwen2Config, "llama": LlamaConfig}[arch](
         vocab_size=vocab_size,
         hidden_size=hidden,
         intermediate_size=2 * hidden,
@@ -54,7 +57,7 @@ def make_tiny_model(vocab_size: int, seed: int = 0, hidden: int = 32, layers: in
         num_attention_heads=4,
         num_key_value_heads=2,
         max_position_embeddings=1024,
-        tie_word_embeddings=True,
+        tie_word_embeddings=tied,
         pad_token_id=0,
         eos_token_id=3,
         bos_token_id=None,

@@ -191,25 +191,9 @@ def test_gguf_f32_is_the_student_exactly(tmp_path, tiny_model_dir):
 
 
 def _tiny_llama_dir(tmp_path):
-    from transformers import AutoModelForCausalLM, LlamaConfig
-
     tokenizer = make_tiny_tokenizer()
-    torch.manual_seed(0)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        tie_word_embeddings=False,
-        pad_token_id=0,
-        eos_token_id=3,
-        bos_token_id=None,
-    )
     path = tmp_path / "tiny-llama"
-    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    make_tiny_model(len(tokenizer), hidden=64, arch="llama", tied=False).save_pretrained(path)
     tokenizer.save_pretrained(path)
     return str(path)
 
