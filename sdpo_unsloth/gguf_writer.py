@@ -171,6 +171,13 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quantization: str, name: 
 
     tokens, token_types, merges = _tokenizer_tables(tokenizer, int(config.vocab_size))
     pre = pre_tokenizer_name(model_type, int(config.vocab_size))
+    if pre == "default":
+        warnings.warn(
+            f"no llama.cpp pre-tokenizer is known for this {model_type} tokenizer ({config.vocab_size} tokens): the GGUF "
+            "says 'default', so llama.cpp may split text differently from training. Compare its tokens "
+            "(llama-tokenize) on a few prompts before deploying.",
+            stacklevel=2,
+        )
     writer.add_tokenizer_model("gpt2")
     writer.add_tokenizer_pre(pre)
     writer.add_token_list(tokens)

@@ -250,6 +250,19 @@ def test_gguf_writer_refuses_what_it_cannot_convert(tmp_path):
         write_gguf(SimpleNamespace(config=config), make_tiny_tokenizer(), tmp_path / "x.gguf", "q4_0", "x")
 
 
+def test_gguf_pre_tokenizer_names_and_the_unknown_case(tmp_path):
+    from sdpo_unsloth.gguf_writer import pre_tokenizer_name
+
+    assert pre_tokenizer_name("qwen2", 151936) == "qwen2"
+    assert pre_tokenizer_name("llama", 49152) == "smollm"
+    assert pre_tokenizer_name("llama", 128256) == "llama-bpe"
+    assert pre_tokenizer_name("llama", 260) == "default"
+    model = trained_like_model(_tiny_llama_dir(tmp_path))  # a llama vocabulary llama.cpp has no name for
+    with pytest.warns(UserWarning, match="no llama.cpp pre-tokenizer is known"):
+        result = export(model, tmp_path / "g", format="gguf", tokenizer=make_tiny_tokenizer())
+    assert result.verification["gguf"]["pre_tokenizer"] == "default"
+
+
 def test_bf16_merge_is_checked_on_the_weights(tmp_path, tiny_model_dir):
     model = trained_like_model(tiny_model_dir)
     result = export(
