@@ -109,7 +109,7 @@ def _tokenizer_tables(tokenizer: Any, vocab_size: int) -> tuple[list[str], list[
     return names, kinds, merges
 
 
-def _stored(array: Any, name: str, quantization: str) -> tuple[Any, Any]:
+def _stored(array: Any, quantization: str) -> tuple[Any, Any]:
     """The array to write and its GGUF type: 1-D tensors f32, matrices as asked."""
     import numpy as np
 
@@ -196,7 +196,6 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quantization: str, name: 
         writer.add_chat_template(tokenizer.chat_template)
 
     counts: dict[str, int] = {}
-    written = 0
     with torch.no_grad():
         for hf_name, tensor in model.state_dict().items():
             if hf_name.endswith("rotary_emb.inv_freq") or (tied and hf_name == "lm_head.weight"):
@@ -209,17 +208,16 @@ def write_gguf(model: Any, tokenizer: Any, path: Path, quantization: str, name: 
                 data = _interleave_rotary(data, heads)
             elif arch == "llama" and ".self_attn.k_proj." in hf_name:
                 data = _interleave_rotary(data, kv_heads)
-            array, kind = _stored(data.numpy(), target, quantization)
+            array, kind = _stored(data.numpy(), quantization)
             writer.add_tensor(target, array, raw_dtype=kind)
             counts[kind.name] = counts.get(kind.name, 0) + 1
-            written += 1
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
     writer.close()
     return {
         "architecture": arch,
-        "tensors": written,
+        "tensors": sum(counts.values()),
         "tensor_types": counts,
         "pre_tokenizer": pre,
         "vocab_size": len(tokens),
