@@ -34,6 +34,7 @@ import os
 import shutil
 import tempfile
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from importlib import metadata as importlib_metadata
 from pathlib import Path
@@ -432,7 +433,9 @@ def _write_merged(
     dtype: torch.dtype | str | None,
     device: str | None,
     verify: bool,
+    then: Callable[[Any], None] | None = None,
 ) -> tuple[dict[str, Any], torch.dtype]:
+    """Merge the student into the base and save it to `folder`; `then(merged)` runs before it is freed."""
     from peft import PeftModel
     from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
@@ -513,6 +516,8 @@ def _write_merged(
             if any("lora_" in key for key in handle.keys()):  # noqa: SIM118 (safe_open has no __iter__)
                 raise ExportError(f"{file.name} still holds LoRA tensors after merging.")
     checks["lora_layers_remaining"] = 0
+    if then is not None:
+        then(merged)
     del merged, peft_model, base
     return checks, merge_dtype
 
@@ -532,10 +537,17 @@ def _write_gguf(
     method = method.lower()
     if method not in gguf_writer.QUANTIZATIONS:
         return _write_gguf_unsloth(source, folder, work, teacher_names, method)
-    from transformers import AutoModelForCausalLM
+    merged_dir = work / "merged"  # kept: the fp32 reference of the check is loaded from it
+    name = Path(str(source.base_model or "model").rstrip("/")).name or "model"
+    file = folder / f"{name}-sdpo-{method}.gguf"
+    written: dict[str, Any] = {}
 
-    merged_dir = work / "merged"
-    merged_dir.mkdir()
+    def write(merged: Any) -> None:  # from the merged model in memory (its merge dtype), tensor by tensor
+        try:
+            written.update(gguf_writer.write_gguf(merged, source.tokenizer, file, method, f"{name} (SDPO)"))
+        except gguf_writer.GGUFExportError as exc:
+            raise ExportError(str(exc)) from None
+
     checks, _ = _write_merged(
         source,
         merged_dir,
@@ -544,17 +556,8 @@ def _write_gguf(
         dtype=torch.float32 if method == "f32" else None,
         device=device,
         verify=verify,
+        then=write,
     )
-    # One model in memory at a time: written from its saved dtype (tensor by tensor in fp32), then the
-    # fp32 reference and the reloaded GGUF are run one after the other (a 1.5B model fits a Colab runtime).
-    merged = AutoModelForCausalLM.from_pretrained(str(merged_dir), dtype="auto")
-    name = Path(str(source.base_model or "model").rstrip("/")).name or "model"
-    file = folder / f"{name}-sdpo-{method}.gguf"
-    try:
-        written = gguf_writer.write_gguf(merged, source.tokenizer, file, method, f"{name} (SDPO)")
-    except gguf_writer.GGUFExportError as exc:
-        raise ExportError(str(exc)) from None
-    del merged
     checks["gguf"] = {**written, "file": file.name, "quantization": method, "bytes": file.stat().st_size}
     if verify:
         checks["gguf_vs_merged"] = _check_gguf(file, merged_dir, source.tokenizer, method)
