@@ -746,9 +746,13 @@ def train(
         gc.collect()
         torch.cuda.empty_cache()
     exports: dict[str, str] = {}
+    gguf_file = None
     for fmt in dict.fromkeys(export_formats):
         written = export(trainer, output / folders[fmt], format=fmt, tokenizer=tokenizer, sdpo_config=sdpo)
         exports[fmt] = written.output_dir
+        gguf_file = gguf_file or next(
+            (str(Path(written.output_dir) / f) for f in written.files if f.endswith(".gguf")), None
+        )
 
     history = tuple(dict(entry) for entry in trainer.state.log_history)
     steps = [e for e in history if "reward" in e or "loss" in e]
@@ -764,9 +768,7 @@ def train(
         log_history=history,
         reward_curve_png=png,
         resumed_from=resume_from,
-        gguf_file=next((str(p) for p in sorted(Path(exports["gguf"]).glob("*.gguf"))), None)
-        if "gguf" in exports
-        else None,
+        gguf_file=gguf_file,
     )
     summary = {k: v for k, v in dataclasses.asdict(result).items() if k != "log_history"}
     summary.update(
