@@ -623,9 +623,11 @@ def train(
     chosen = bootstrap(None if backend == "auto" else backend)
     output = Path(output_dir).expanduser().resolve()
     checkpoint_dir = output / CHECKPOINT_SUBDIR
-    unknown = [f for f in export_formats if f not in ("lora", "merged_16bit", "gguf")]
+    from .exporter import FORMATS
+
+    unknown = [f for f in export_formats if f not in FORMATS]
     if unknown:
-        raise UsageError(f"`export_formats` may hold lora, merged_16bit, gguf; got {unknown}.")
+        raise UsageError(f"`export_formats` may hold {', '.join(FORMATS)}; got {unknown}.")
     if "gguf" in export_formats and importlib.util.find_spec("gguf") is None:
         raise UsageError("export_formats has 'gguf', which needs the `gguf` package: pip install gguf")
     if eval_size is not None and eval_size < 0:
