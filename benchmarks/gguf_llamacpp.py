@@ -73,40 +73,33 @@ def randomise_student(model) -> None:
                 param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
 
 
-def llama_cpp_logits(path: Path, ids: list[int]) -> np.ndarray:
-    from llama_cpp import Llama
-
-    llm = Llama(model_path=str(path), n_ctx=512, logits_all=True, verbose=False, n_threads=1, seed=0)
-    llm.eval(ids)
-    logits = np.array(llm.scores[: len(ids)], dtype=np.float32)
-    llm.close()
-    return logits
-
-
 def compare(model, tokenizer, folder: Path, token_ids: list[list[int]], check_tokenizer: bool) -> dict:
+    """One llama.cpp load per file: its tokenizer on TEXTS, then its logits on each sequence."""
     from llama_cpp import Llama
 
     file = next(folder.glob("*.gguf"))
     row: dict = {"file_mib": file.stat().st_size / 2**20}
+    llm = Llama(model_path=str(file), n_ctx=512, logits_all=True, verbose=False, n_threads=1, seed=0)
     if check_tokenizer:
-        llm = Llama(model_path=str(file), n_ctx=64, vocab_only=True, verbose=False)
         same = [
             llm.tokenize(t.encode(), add_bos=False, special=True)
             == tokenizer(t, add_special_tokens=False)["input_ids"]
             for t in TEXTS
         ]
-        llm.close()
         row["tokenizer_ids_equal"] = f"{sum(same)}/{len(same)}"
     diffs, agree, total = [], 0, 0
     model.eval()
     for ids in token_ids:
         with torch.no_grad():
             reference = model(input_ids=torch.tensor([ids])).logits[0].float().numpy()
-        ours = llama_cpp_logits(file, ids)
+        llm.reset()  # a fresh context for each sequence
+        llm.eval(ids)
+        ours = np.array(llm.scores[: len(ids)], dtype=np.float32)
         vocab = reference.shape[-1]
         diffs.append(float(np.abs(ours[:, :vocab] - reference).max()))
         agree += int((ours[:, :vocab].argmax(-1) == reference.argmax(-1)).sum())
         total += len(ids)
+    llm.close()
     row["max_abs_logit_diff"] = max(diffs)
     row["top1_agreement"] = agree / total
     row["positions"] = total
