@@ -19,6 +19,8 @@ import logging
 import os
 import re
 import sys
+import tempfile
+from collections import Counter
 from datetime import date
 from pathlib import Path
 
@@ -84,7 +86,7 @@ def compile_counts(enabled: bool, steps: int) -> tuple[list[int], list[str]]:
     trainer = SDPOTrainer(
         model=make_tiny_model(len(tokenizer), hidden=64),
         args=GRPOConfig(
-            output_dir=os.path.join("/tmp", "compile_count"),
+            output_dir=os.path.join(tempfile.gettempdir(), "compile_count"),
             num_generations=4,
             per_device_train_batch_size=4,
             gradient_accumulation_steps=2,
@@ -157,11 +159,9 @@ def main() -> None:
     rows = []
     adapter_failures = 0
     for name, (counts, reasons) in results.items():
-        kinds: dict[str, int] = {}
-        for reason in reasons:
-            kinds[kind_of(reason)] = kinds.get(kind_of(reason), 0) + 1
-        adapter_failures += kinds.get("active adapter", 0)
-        why = ", ".join(f"{k} {v}" for k, v in sorted(kinds.items(), key=lambda kv: -kv[1]))
+        kinds = Counter(kind_of(reason) for reason in reasons)
+        adapter_failures += kinds["active adapter"]
+        why = ", ".join(f"{k} {v}" for k, v in kinds.most_common())
         rows.append(f"| {name} | {', '.join(map(str, counts))} | {last_new_graph(counts)} | {why} |")
         print(
             f"{name}: graphs after each step {counts}; last new graph at step {last_new_graph(counts)}; failed guards: {why}"
