@@ -11,19 +11,8 @@ from collections.abc import Sequence
 from importlib import metadata as importlib_metadata
 from typing import Any
 
-_PACKAGES = (
-    "torch",
-    "transformers",
-    "trl",
-    "peft",
-    "accelerate",
-    "bitsandbytes",
-    "datasets",
-    "unsloth",
-    "unsloth_zoo",
-)
-_GIB = 1024**3
-# The stack `tests/gpu` and the GPU benchmark passed with (H200 in fp16, docs/benchmarks.md).
+# The training stack, with the versions `tests/gpu` and the GPU benchmark passed with (H200 in fp16,
+# docs/benchmarks.md); `package_versions` reports these packages in this order.
 TESTED_GPU_STACK = {
     "torch": "2.11.0",
     "transformers": "5.17.0",
@@ -35,6 +24,8 @@ TESTED_GPU_STACK = {
     "unsloth": "2026.10.9",
     "unsloth_zoo": "2026.10.9",
 }
+_PACKAGES = tuple(TESTED_GPU_STACK)
+_GIB = 1024**3
 
 
 def package_versions(extra: Sequence[str] = ()) -> dict[str, str | None]:
