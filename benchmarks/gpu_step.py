@@ -248,17 +248,40 @@ def versions() -> dict[str, str | None]:
 
 
 def make_timing_callback(cuda: bool):
+    import logging
+
     import torch
+    from torch._dynamo.utils import counters
     from transformers import TrainerCallback
 
     class Timing(TrainerCallback):
-        """Wall time between consecutive optimizer steps (generation + loss + backward + optimizer)."""
+        """Wall time between consecutive optimizer steps (generation + loss + backward + optimizer), and the
+        torch.compile work done in each step: new dynamo graphs and the guards whose failure caused them,
+        so that a slow step can be told apart as a (re)compile."""
 
         def __init__(self) -> None:
             self.step_times: list[float] = []
             self.logs: list[dict[str, Any]] = []
-            self.train_peak: int | None = None
+            self.new_graphs: list[int] = []
+            self.recompile_reasons: list[list[str]] = []
+            self._reasons: list[str] = []
+            self._graphs = 0
             self._last = None
+
+        def _listen_to_recompiles(self) -> None:
+            timing = self
+
+            class Reasons(logging.Handler):
+                # a record reads "Recompiling function X in file:line", then "triggered by ...: - 0/0: guard"
+                def emit(self, record):
+                    lines = [line.strip() for line in record.getMessage().splitlines() if line.strip()]
+                    if lines:
+                        timing._reasons.append(" | ".join(lines[:1] + lines[-1:])[:300])
+
+            torch._logging.set_logs(recompiles=True)  # here, after the backend's own logging set-up
+            recompiles = logging.getLogger("torch._dynamo.guards.__recompiles")
+            recompiles.handlers[:] = [Reasons()]
+            recompiles.propagate = False
 
         def _now(self) -> float:
             if cuda:
@@ -268,12 +291,24 @@ def make_timing_callback(cuda: bool):
         def on_train_begin(self, args, state, control, **kwargs):
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
+            self._listen_to_recompiles()
+            self._graphs = counters["stats"]["unique_graphs"]
             self._last = self._now()
 
         def on_step_end(self, args, state, control, **kwargs):
             now = self._now()
             self.step_times.append(now - self._last)
             self._last = now
+            graphs = counters["stats"]["unique_graphs"]
+            self.new_graphs.append(graphs - self._graphs)
+            self._graphs = graphs
+            self.recompile_reasons.append(self._reasons)
+            self._reasons = []
+            log(
+                f"step {state.global_step}: {self.step_times[-1]:.2f}s, {self.new_graphs[-1]} new dynamo graphs, "
+                f"{len(self.recompile_reasons[-1])} recompiles"
+                + "".join(f"\n    {r}" for r in self.recompile_reasons[-1][:6])
+            )
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if logs:
@@ -383,6 +418,8 @@ def run_one(
         status=status if measured else "no measured step",
         steps_done=len(timing.step_times),
         step_times_s=[round(t, 4) for t in timing.step_times],
+        new_dynamo_graphs=timing.new_graphs,
+        recompile_reasons=timing.recompile_reasons,
         median_step_s=round(statistics.median(measured), 4) if measured else None,
         completion_mean_length=lengths,
         completion_tokens_per_s=round(gen_tokens_per_step / statistics.median(measured), 1)
