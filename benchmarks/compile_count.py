@@ -192,9 +192,9 @@ def main() -> None:
             f"graph it was checked against. In {args.steps} steps GRPO compiled {results['GRPO'][0][-1]} graphs and SDPO",
             f"{results['SDPO'][0][-1]}; the active adapter {adapter_note}. New graphs come in the first",
             "steps and then only when a batch brings a new guard combination (a batch without padding passes no",
-            "attention mask, for one), not at every step. That fits the one slow SDPO step on the H200 (48.8 s at",
-            "step 3, 6.4 s at step 4) being a compile, but this is an emulation on the transformers forward with a",
-            "counting backend, not a run of unsloth's kernels, and it says nothing of how long each compile takes.",
+            "attention mask, for one), not at every step. On the H200 with unsloth, SDPO's one slow step (the third,",
+            '40-57 s) was measured to be a recompile (section "GPU" above); this emulation runs the transformers forward',
+            "with a counting backend, not unsloth's kernels, and says nothing of how long each compile takes.",
             "",
             f"Reproduce: `OMP_NUM_THREADS=1 python benchmarks/compile_count.py --steps {args.steps} --write`",
         ]
