@@ -2,27 +2,28 @@
 
     OMP_NUM_THREADS=1 python benchmarks/compile_count.py --steps 8 [--write]
 
-unsloth compiles each decoder block as one region. A region is recompiled whenever one of its guards
-fails: a new grad mode, a tensor that did or did not require grad, a new sequence length before the
-length is marked dynamic. SDPO adds a teacher forward (no_grad, the teacher adapter active, teacher
-prompts of other lengths), so it can add recompiles; what matters for step time is whether they stop
-after the first steps or recur. This emulates the regional compile on the transformers backend: each
-decoder layer's training/teacher forward goes through `torch.compile` with a backend that only counts
-(generation, which unsloth runs through its own inference path, stays eager), and the cumulative number
-of compiled graphs is recorded after every optimizer step.
+unsloth compiles each decoder block as one region, only in training mode (eval and generation with a KV
+cache stay eager), and marks the sequence and batch dimensions of the block's inputs dynamic before each
+call. A region is then recompiled whenever another of its guards fails: a new grad mode, a hidden state
+that did or did not require grad, an attention mask given where it was None (transformers drops the mask
+of a batch without padding) or the reverse. SDPO adds a teacher forward (no_grad, the teacher adapter
+active), so it can add recompiles; what matters for step time is whether they stop after the first steps
+or recur. This emulates that on the transformers backend, with the GPU benchmark's data (`gpu_step.py`:
+its prompts, completions forced to full length, its always-wrong reward with feedback): each decoder
+layer goes through `torch.compile` with a backend that only counts, and the cumulative number of compiled
+graphs is recorded after every optimizer step, with the guards that failed.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import logging
 import os
 import re
-import sys
 import tempfile
 from collections import Counter
 from datetime import date
-from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -30,43 +31,51 @@ os.environ.setdefault("SDPO_UNSLOTH_BACKEND", "transformers")
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+def _mark_dynamic(hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> None:
+    """unsloth's marking: every input dimension equal to the sequence length (a float tensor's last dimension
+    excepted: it is a width) and the batch dimension become dynamic before the block is called."""
+    batch, length = hidden_states.shape[:2]
+    stack = [hidden_states, *args, *kwargs.values()]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, list | tuple):
+            stack.extend(obj)
+        elif isinstance(obj, dict):
+            stack.extend(obj.values())
+        elif isinstance(obj, torch.Tensor):
+            last = obj.dim() - 1 if obj.dim() == 3 and obj.is_floating_point() else None
+            for dim, size in enumerate(obj.shape):
+                if size == length and dim != last:
+                    torch._dynamo.maybe_mark_dynamic(obj, dim)
+            if batch > 1 and obj.dim() >= 2 and obj.shape[0] == batch:
+                torch._dynamo.maybe_mark_dynamic(obj, 0)
 
 
-class VariedFeedback:
-    """Always wrong; feedback of four lengths, so teacher prompts differ in length within a batch."""
-
-    __name__ = "varied_feedback"
-
-    def __init__(self):
-        self.last_feedback: list[str] = []
-
-    def __call__(self, prompts, completions, **kwargs):
-        self.last_feedback = ["Wrong." + " Check the sum again." * (i % 4) for i in range(len(completions))]
-        return [0.0] * len(completions)
-
-
-def compile_counts(enabled: bool, steps: int) -> tuple[list[int], list[str]]:
+def compile_counts(enabled: bool, steps: int) -> tuple[list[int], list[tuple[int, list[str]]]]:
+    """Cumulative compiled graphs after each optimizer step, and each recompile as (step, failed guards)."""
     import torch._dynamo
-    from conftest import make_tiny_model, make_tiny_tokenizer
-    from datasets import Dataset
+    from gpu_step import FeedbackReward, ensure_model_dir, make_dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig
 
-    from sdpo_unsloth import SDPOConfig, SDPOTrainer
+    from sdpo_unsloth import SDPOConfig, SDPOTrainer, load_model
 
     torch._dynamo.reset()
     torch._dynamo.config.recompile_limit = 256  # count every recompile instead of falling back to eager
     torch._dynamo.config.accumulated_recompile_limit = 4096
     graphs: list[int] = []
-    reasons: list[str] = []
+    per_step: list[int] = []
+    recompiles: list[tuple[int, list[str]]] = []
 
     class Reasons(logging.Handler):
-        def emit(self, record):
-            text = record.getMessage()
-            reasons.extend(
-                line.strip()[2:] for line in text.splitlines() if re.match(r"- \d+/\d+: ", line.strip())
-            )
+        def emit(self, record):  # one line "- i/j: guard" per cached graph the call was checked against
+            guards = [
+                line.strip()[2:]
+                for line in record.getMessage().splitlines()
+                if re.match(r"- \d+/\d+: ", line.strip())
+            ]
+            recompiles.append((len(per_step) + 1, guards))
 
     torch._logging.set_logs(recompiles=True)
     log = logging.getLogger("torch._dynamo.guards.__recompiles")
@@ -77,22 +86,31 @@ def compile_counts(enabled: bool, steps: int) -> tuple[list[int], list[str]]:
         graphs.append(len(gm.graph.nodes))
         return gm.forward
 
-    tokenizer = make_tiny_tokenizer()
-    torch.manual_seed(0)
-    rows = [
-        {"prompt": [{"role": "user", "content": f"What is {3 * i + 7} + {5 * i + 11}? Answer briefly."}]}
-        for i in range(8 * steps)
-    ]
+    sdpo_config = SDPOConfig(enabled=enabled)
+    model_dir, _ = ensure_model_dir("tiny", os.path.join(tempfile.gettempdir(), "compile_count_models"))
+    model, tokenizer = load_model(  # gpu_step's tiny stage: its model, tokenizer, chat template and LoRA
+        model_dir,
+        load_in_4bit=False,
+        dtype="fp32",
+        lora_r=16,
+        teacher_adapter=sdpo_config.teacher_adapter_name if enabled else None,
+        gradient_checkpointing=False,
+        backend="transformers",
+    )
+    completion_tokens = 12
     trainer = SDPOTrainer(
-        model=make_tiny_model(len(tokenizer), hidden=64),
+        model=model,
         args=GRPOConfig(
             output_dir=os.path.join(tempfile.gettempdir(), "compile_count"),
             num_generations=4,
             per_device_train_batch_size=4,
             gradient_accumulation_steps=2,
-            max_completion_length=12,
+            max_completion_length=completion_tokens,
+            generation_kwargs={
+                "min_new_tokens": completion_tokens
+            },  # as gpu_step: every completion full length
             max_steps=steps,
-            learning_rate=1e-3,
+            learning_rate=5e-6,
             report_to=[],
             save_strategy="no",
             use_cpu=True,
@@ -101,23 +119,23 @@ def compile_counts(enabled: bool, steps: int) -> tuple[list[int], list[str]]:
             gradient_checkpointing=False,
             seed=0,
         ),
-        sdpo_config=SDPOConfig(enabled=enabled),
+        sdpo_config=sdpo_config,
         processing_class=tokenizer,
-        reward_funcs=[VariedFeedback()],
-        train_dataset=Dataset.from_list(rows),
+        reward_funcs=[FeedbackReward()],
+        train_dataset=make_dataset(),
     )
     for layer in trainer.model.get_base_model().model.layers:
         eager = layer.forward
         compiled = torch.compile(eager, backend=counting_backend)
 
-        def forward(*args, _eager=eager, _compiled=compiled, **kwargs):
-            if kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
-                return _eager(*args, **kwargs)
-            return _compiled(*args, **kwargs)
+        def forward(hidden_states, *args, _layer=layer, _eager=eager, _compiled=compiled, **kwargs):
+            if not _layer.training or kwargs.get("past_key_values") is not None or kwargs.get("use_cache"):
+                return _eager(hidden_states, *args, **kwargs)
+            if hidden_states.dim() == 3 and hidden_states.shape[1] > 1:
+                _mark_dynamic(hidden_states, args, kwargs)
+            return _compiled(hidden_states, *args, **kwargs)
 
         layer.forward = forward
-
-    per_step: list[int] = []
 
     class Count(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
@@ -125,7 +143,7 @@ def compile_counts(enabled: bool, steps: int) -> tuple[list[int], list[str]]:
 
     trainer.add_callback(Count())
     trainer.train()
-    return per_step, reasons
+    return per_step, recompiles
 
 
 def kind_of(reason: str) -> str:
@@ -147,6 +165,14 @@ def last_new_graph(counts: list[int]) -> int:
     return max((i + 1 for i in range(len(counts)) if counts[i] > (counts[i - 1] if i else 0)), default=0)
 
 
+def guards_by_step(recompiles: list[tuple[int, list[str]]]) -> str:
+    """`step N: kind, kind` for each step with recompiles: the kinds of guard that failed there."""
+    steps: dict[int, Counter] = {}
+    for step, guards in recompiles:
+        steps.setdefault(step, Counter()).update(kind_of(guard) for guard in guards)
+    return "; ".join(f"step {step}: " + ", ".join(sorted(kinds)) for step, kinds in sorted(steps.items()))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -157,44 +183,42 @@ def main() -> None:
     torch.set_num_threads(1)
     results = {name: compile_counts(name == "SDPO", args.steps) for name in ("GRPO", "SDPO")}
     rows = []
-    adapter_failures = 0
-    for name, (counts, reasons) in results.items():
-        kinds = Counter(kind_of(reason) for reason in reasons)
-        adapter_failures += kinds["active adapter"]
-        why = ", ".join(f"{k} {v}" for k, v in kinds.most_common())
-        rows.append(f"| {name} | {', '.join(map(str, counts))} | {last_new_graph(counts)} | {why} |")
-        print(
-            f"{name}: graphs after each step {counts}; last new graph at step {last_new_graph(counts)}; failed guards: {why}"
-        )
+    for name, (counts, recompiles) in results.items():
+        new = [counts[0]] + [b - a for a, b in itertools.pairwise(counts)]
+        where = guards_by_step(recompiles)
+        rows.append(f"| {name} | {', '.join(map(str, new))} | {last_new_graph(counts)} | {where} |")
+        print(f"{name}: new graphs per step {new}; last new graph at step {last_new_graph(counts)}; {where}")
     if args.write:
         from bench_doc import write_section
 
-        adapter_note = (
-            "was never the reported cause (dynamo reports the first failed guard of each cached graph, and the "
-            "teacher's no_grad already keeps its graphs apart)"
-            if not adapter_failures
-            else f"caused {adapter_failures} failed guards"
-        )
-
+        grpo, sdpo = (results[name][0] for name in ("GRPO", "SDPO"))
+        late = last_new_graph(sdpo)
         lines = [
             f"## Recompiles of the decoder blocks: GRPO vs SDPO (CPU emulation, measured {date.today()})",
             "",
-            "Each decoder layer compiled as one region, as unsloth does, with a counting backend; generation stays",
-            "eager (unsloth generates through its own inference path). Tiny Qwen2 model, 4 generations x 12 tokens,",
-            f"batch 4, GA 2, {args.steps} steps, feedback of four lengths so teacher prompts vary in length.",
+            "Each decoder layer compiled as one region in training mode, its inputs' sequence and batch dimensions",
+            "marked dynamic before each call, as unsloth does, with a counting backend; generation stays eager.",
+            "`gpu_step.py`'s tiny model (Qwen2, random weights, LoRA r16), prompts, reward (always wrong, one",
+            f"feedback string) and forced full-length completions: 4 generations x 12 tokens, batch 4, GA 2, {args.steps}",
+            "steps.",
             "",
-            "| run | compiled graphs after step 1, 2, ... | last new graph at step | failed guards that caused them |",
+            "| run | new compiled graphs at step 1, 2, ... | last new graph at step | kinds of failed guard at each recompile |",
             "|---|---|---|---|",
             *rows,
             "",
-            "The question this answers: does SDPO's teacher forward (no_grad, teacher adapter active, other prompt",
-            "lengths) make the compiled regions recompile at every step? A failed guard is listed once for each cached",
-            f"graph it was checked against. In {args.steps} steps GRPO compiled {results['GRPO'][0][-1]} graphs and SDPO",
-            f"{results['SDPO'][0][-1]}; the active adapter {adapter_note}. New graphs come in the first",
-            "steps and then only when a batch brings a new guard combination (a batch without padding passes no",
-            "attention mask, for one), not at every step. On the H200 with unsloth, SDPO's one slow step (the third,",
-            '40-57 s) was measured to be a recompile (section "GPU" above); this emulation runs the transformers forward',
-            "with a counting backend, not unsloth's kernels, and says nothing of how long each compile takes.",
+            f"In {args.steps} steps GRPO compiled {grpo[-1]} graphs and SDPO {sdpo[-1]}, nothing after step {late} and",
+            "nothing at every step. The blocks keep a graph per guard combination: a hidden state that does or does",
+            "not require grad (the first layer's input comes from the frozen embeddings), and for SDPO the grad mode",
+            "(the teacher forward runs under no_grad). A later batch with a new combination is compiled once per",
+            f"variant: at step {late} comes the first micro-batch with padding (two prompts of different lengths;",
+            "every completion has full length), the first for which transformers passes an attention mask: steps",
+            "before it had one prompt length per micro-batch and no mask. That is the step and the kind of",
+            'recompile measured on the H200 with unsloth (section "GPU": SDPO\'s third step took 40-57 s and logged',
+            "grad-mode and active-adapter guards). There GRPO's third step was not slow (its slowest measured step",
+            "by ~1 s): unsloth's own GRPO loss does not run the blocks as this emulation does. With completions of",
+            "varied length nearly every micro-batch has padding, so the masked variant is compiled at step 1 and an",
+            "unpadded one when the first such micro-batch comes, or never. A counting backend says which graphs",
+            "are compiled, not how long each takes.",
             "",
             f"Reproduce: `OMP_NUM_THREADS=1 python benchmarks/compile_count.py --steps {args.steps} --write`",
         ]
