@@ -1,0 +1,69 @@
+"""The GPU benchmark and the recompile emulation run on CPU before they spend scarce device minutes."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+BENCHMARKS = ROOT / "benchmarks"
+
+
+def _env() -> dict[str, str]:
+    env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", SDPO_UNSLOTH_BACKEND="transformers")
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
+    return env
+
+
+def test_gpu_step_tiny_records_grpo_and_sdpo(tmp_path):
+    """`gpu_step.py --tiny` runs both trainers through a stage child and writes one result per run, with
+    per-step times, compile counts and (SDPO only) the distillation loss that proves the SDPO loss ran."""
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "gpu_step.py"), "--tiny", "--out", str(out), "--budget", "300"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    results = json.loads((out / "gpu_step.json").read_text())["results"]
+    by_run = {r["run"]: r for r in results}
+    assert set(by_run) == {"grpo", "sdpo"}, [r.get("status") for r in results]
+    for run, r in by_run.items():
+        assert r["status"] == "ok", (run, r["status"])
+        assert r["steps_done"] == 3  # 1 warm-up + 2 measured (--tiny)
+        assert len(r["step_times_s"]) == len(r["new_dynamo_graphs"]) == len(r["recompile_reasons"]) == 3
+        assert r["median_step_s"] > 0
+        assert r["completion_mean_length"] == [16.0, 16.0, 16.0]  # forced to max_completion_length
+    assert len(by_run["sdpo"]["distill_loss"]) == 3 and all(x > 0 for x in by_run["sdpo"]["distill_loss"])
+    assert by_run["grpo"]["distill_loss"] == []
+    assert by_run["sdpo"]["teacher_adapter_params"] == by_run["sdpo"]["student_adapter_params"]
+
+
+def test_compile_count_emulation_separates_the_teacher_grad_mode(tmp_path):
+    """The emulated regional compile: new graphs only in the first steps, and only SDPO (whose teacher
+    forward runs under no_grad) recompiles on the grad mode."""
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / "compile_count.py"), "--steps", "3"],
+        env=_env(),
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=tmp_path,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = {
+        line.split(":", 1)[0]: line
+        for line in proc.stdout.splitlines()
+        if line.startswith(("GRPO:", "SDPO:"))
+    }
+    assert set(lines) == {"GRPO", "SDPO"}, proc.stdout[-2000:]
+    assert "grad mode" in lines["SDPO"] and "grad mode" not in lines["GRPO"]
+    for line in lines.values():
+        new = json.loads(line.split("new graphs per step ", 1)[1].split(";", 1)[0])
+        assert len(new) == 3 and new[0] > 0 and min(new) >= 0
