@@ -70,11 +70,11 @@ CHAT_TEMPLATE = (
     "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-# Rough wall-clock seconds per run (load + warm-up + measured steps) on an H100/H200 (0.5B measured 77-106 s),
-# used to skip what no longer fits the budget. The first run of a stage also builds/saves the model and
-# imports the backend.
-RUN_ESTIMATE_S = {"0.5b": 100.0, "1.5b": 110.0, "tiny": 20.0}
-STAGE_OVERHEAD_S = {"transformers": 25.0, "unsloth": 60.0}
+# Rough wall-clock seconds per run of 2 + 8 steps (load, compile, steps) on an H200, used to skip what no longer
+# fits the budget: measured 77-126 s at 0.5B (GRPO fastest, SDPO slowest: one more compile) and 118-152 s at
+# 1.5B. A stage also imports the backend and builds/saves the model first (unsloth: 25-45 s).
+RUN_ESTIMATE_S = {"0.5b": 110.0, "1.5b": 135.0, "tiny": 20.0}
+STAGE_OVERHEAD_S = {"transformers": 25.0, "unsloth": 45.0}
 
 
 def log(msg: str) -> None:
