@@ -19,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import signal
 import statistics
 import subprocess
@@ -272,11 +273,13 @@ def make_timing_callback(cuda: bool):
             timing = self
 
             class Reasons(logging.Handler):
-                # a record reads "Recompiling function X in file:line", then "triggered by ...: - 0/0: guard"
+                # "Recompiling function X in file:line", then one "- i/j: guard" line per cached graph
+                # (each with source lines under it): keep the function and every failed guard.
                 def emit(self, record):
                     lines = [line.strip() for line in record.getMessage().splitlines() if line.strip()]
+                    guards = [line[2:] for line in lines if re.match(r"- \d+/\d+: ", line)]
                     if lines:
-                        timing._reasons.append(" | ".join(lines[:1] + lines[-1:])[:300])
+                        timing._reasons.append(" | ".join(lines[:1] + guards)[:1000])
 
             torch._logging.set_logs(recompiles=True)  # here, after the backend's own logging set-up
             recompiles = logging.getLogger("torch._dynamo.guards.__recompiles")

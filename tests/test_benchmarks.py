@@ -12,25 +12,26 @@ ROOT = Path(__file__).resolve().parents[1]
 BENCHMARKS = ROOT / "benchmarks"
 
 
-def _env() -> dict[str, str]:
+def _run(script: str, *args: str, cwd: Path) -> subprocess.CompletedProcess:
     env = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", SDPO_UNSLOTH_BACKEND="transformers")
     env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH", "")) if p)
-    return env
+    proc = subprocess.run(
+        [sys.executable, str(BENCHMARKS / script), *args],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=400,
+        cwd=cwd,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
 
 
 def test_gpu_step_tiny_records_grpo_and_sdpo(tmp_path):
     """`gpu_step.py --tiny` runs both trainers through a stage child and writes one result per run, with
     per-step times, compile counts and (SDPO only) the distillation loss that proves the SDPO loss ran."""
     out = tmp_path / "out"
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "gpu_step.py"), "--tiny", "--out", str(out), "--budget", "300"],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=400,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    _run("gpu_step.py", "--tiny", "--out", str(out), "--budget", "300", cwd=tmp_path)
     results = json.loads((out / "gpu_step.json").read_text())["results"]
     by_run = {r["run"]: r for r in results}
     assert set(by_run) == {"grpo", "sdpo"}, [r.get("status") for r in results]
@@ -48,15 +49,7 @@ def test_gpu_step_tiny_records_grpo_and_sdpo(tmp_path):
 def test_compile_count_emulation_separates_the_teacher_grad_mode(tmp_path):
     """The emulated regional compile: new graphs only in the first steps, and only SDPO (whose teacher
     forward runs under no_grad) recompiles on the grad mode."""
-    proc = subprocess.run(
-        [sys.executable, str(BENCHMARKS / "compile_count.py"), "--steps", "3"],
-        env=_env(),
-        capture_output=True,
-        text=True,
-        timeout=400,
-        cwd=tmp_path,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    proc = _run("compile_count.py", "--steps", "3", cwd=tmp_path)
     lines = {
         line.split(":", 1)[0]: line
         for line in proc.stdout.splitlines()
