@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import itertools
-import logging
 import os
 import re
 import tempfile
@@ -55,7 +54,7 @@ def _mark_dynamic(hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> Non
 def compile_counts(enabled: bool, steps: int) -> tuple[list[int], list[tuple[int, list[str]]]]:
     """Cumulative compiled graphs after each optimizer step, and each recompile as (step, failed guards)."""
     import torch._dynamo
-    from gpu_step import FeedbackReward, ensure_model_dir, make_dataset
+    from gpu_step import FeedbackReward, ensure_model_dir, listen_to_recompiles, make_dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig
 
@@ -68,19 +67,7 @@ def compile_counts(enabled: bool, steps: int) -> tuple[list[int], list[tuple[int
     per_step: list[int] = []
     recompiles: list[tuple[int, list[str]]] = []
 
-    class Reasons(logging.Handler):
-        def emit(self, record):  # one line "- i/j: guard" per cached graph the call was checked against
-            guards = [
-                line.strip()[2:]
-                for line in record.getMessage().splitlines()
-                if re.match(r"- \d+/\d+: ", line.strip())
-            ]
-            recompiles.append((len(per_step) + 1, guards))
-
-    torch._logging.set_logs(recompiles=True)
-    log = logging.getLogger("torch._dynamo.guards.__recompiles")
-    log.handlers[:] = [Reasons()]
-    log.propagate = False
+    listen_to_recompiles(lambda where, guards: recompiles.append((len(per_step) + 1, guards)))
 
     def counting_backend(gm, example_inputs):
         graphs.append(len(gm.graph.nodes))

@@ -27,6 +27,7 @@ import sys
 import tempfile
 import time
 import traceback
+from collections.abc import Callable
 from typing import Any
 
 for _key, _value in (
@@ -248,9 +249,27 @@ def versions() -> dict[str, str | None]:
     return out
 
 
-def make_timing_callback(cuda: bool):
+def listen_to_recompiles(record: Callable[[str, list[str]], None]) -> None:
+    """Call `record(where, guards)` at each dynamo recompile: its first line ("Recompiling function X in
+    file:line") and the guard that failed against each cached graph (the "- i/j: guard" lines)."""
     import logging
 
+    import torch
+    import torch._dynamo  # registers the recompiles logger: set up before it, it would keep torch's handler
+
+    class Handler(logging.Handler):
+        def emit(self, entry):
+            lines = [line.strip() for line in entry.getMessage().splitlines() if line.strip()]
+            if lines:
+                record(lines[0], [line[2:] for line in lines if re.match(r"- \d+/\d+: ", line)])
+
+    torch._logging.set_logs(recompiles=True)
+    log = logging.getLogger("torch._dynamo.guards.__recompiles")
+    log.handlers[:] = [Handler()]
+    log.propagate = False
+
+
+def make_timing_callback(cuda: bool):
     import torch
     from torch._dynamo.utils import counters
     from transformers import TrainerCallback
@@ -269,23 +288,6 @@ def make_timing_callback(cuda: bool):
             self._graphs = 0
             self._last = None
 
-        def _listen_to_recompiles(self) -> None:
-            timing = self
-
-            class Reasons(logging.Handler):
-                # "Recompiling function X in file:line", then one "- i/j: guard" line per cached graph
-                # (each with source lines under it): keep the function and every failed guard.
-                def emit(self, record):
-                    lines = [line.strip() for line in record.getMessage().splitlines() if line.strip()]
-                    guards = [line[2:] for line in lines if re.match(r"- \d+/\d+: ", line)]
-                    if lines:
-                        timing._reasons.append(" | ".join(lines[:1] + guards)[:1000])
-
-            torch._logging.set_logs(recompiles=True)  # here, after the backend's own logging set-up
-            recompiles = logging.getLogger("torch._dynamo.guards.__recompiles")
-            recompiles.handlers[:] = [Reasons()]
-            recompiles.propagate = False
-
         def _now(self) -> float:
             if cuda:
                 torch.cuda.synchronize()
@@ -294,7 +296,10 @@ def make_timing_callback(cuda: bool):
         def on_train_begin(self, args, state, control, **kwargs):
             if cuda:
                 torch.cuda.reset_peak_memory_stats()
-            self._listen_to_recompiles()
+            # here, after the backend's own logging set-up
+            listen_to_recompiles(
+                lambda where, guards: self._reasons.append(" | ".join([where, *guards])[:1000])
+            )
             self._graphs = counters["stats"]["unique_graphs"]
             self._last = self._now()
 
