@@ -698,7 +698,6 @@ def train(
     from .model import load_model
 
     use_4bit = chosen.device == "cuda" if load_in_4bit is None else load_in_4bit
-    needs_teacher = sdpo.enabled and sdpo.teacher_mode == "ema"
     peft_model, tokenizer = load_model(
         model,
         load_in_4bit=use_4bit,
@@ -706,7 +705,7 @@ def train(
         lora_r=lora_r,
         lora_alpha=lora_alpha,
         dtype="bf16" if args.bf16 else "fp16" if args.fp16 else None,
-        teacher_adapter=sdpo.teacher_adapter_name if needs_teacher else None,
+        teacher_adapter=sdpo.teacher_adapter_name if sdpo.ema_teacher else None,
         gradient_checkpointing=args.gradient_checkpointing,
         backend=chosen.name,
         seed=args.seed,

@@ -8,7 +8,7 @@ Pure modules (`loss.py`, `teacher.py`) take plain arguments, never this object.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 TeacherMode = Literal["ema", "frozen", "live", "trust_region"]
@@ -113,7 +113,7 @@ class SDPOConfig:
         ),
     )
     logit_chunk_size: int = field(
-        default=1024,
+        default=256,
         metadata=_help("Tokens per chunk of [chunk x V] logits; lower it if the loss runs out of memory."),
     )
     teacher_adapter_name: str = field(
@@ -176,9 +176,10 @@ class SDPOConfig:
                 self.teacher_adapter_name,
             )
 
+    @property
+    def ema_teacher(self) -> bool:
+        """True when the teacher is an EMA adapter moved after every optimizer step."""
+        return self.enabled and self.teacher_mode == "ema"
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-    @classmethod
-    def field_names(cls) -> list[str]:
-        return [f.name for f in fields(cls)]

@@ -85,6 +85,7 @@ def add_teacher_adapter(model: Any, name: str = "sdpo_teacher") -> None:
     if name not in model.peft_config:
         config = copy.deepcopy(model.peft_config[STUDENT_ADAPTER])
         config.inference_mode = True
+        config.lora_dropout = 0.0  # the teacher's targets are deterministic
         model.add_adapter(name, config)
         copy_adapter(model, STUDENT_ADAPTER, name)
     model.set_adapter(STUDENT_ADAPTER)  # marks the student trainable; the teacher is frozen after it

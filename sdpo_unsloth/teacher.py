@@ -237,6 +237,34 @@ def adapter_scope(model: Any, adapter: str | None) -> Iterator[None]:
                 param.requires_grad_(flags[name])
 
 
+@contextmanager
+def dropout_off(model: torch.nn.Module) -> Iterator[None]:
+    """Run a block with every dropout module in eval mode (identity), then restore each module's mode.
+
+    The teacher's log-probs are targets: a user's `lora_dropout > 0` must not add noise to them. Only
+    dropout modules change mode, so the rest of the model (and unsloth's training-mode paths) stays as is.
+    """
+    modules = [
+        m for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training
+    ]
+    try:
+        for module in modules:
+            module.train(False)
+        yield
+    finally:
+        for module in modules:
+            module.train(True)
+
+
+def adapter_is_initial(model: torch.nn.Module, adapter: str) -> bool:
+    """True when every LoRA B of `adapter` is zero: the adapter adds nothing, so disabling it is exact."""
+    params = _adapter_parameters(model, adapter)
+    if any("modules_to_save" in name for name in params):
+        return False  # trained copies of whole modules: disabling the adapter is not the initial policy
+    tensors = [p for name, p in params.items() if "lora_B" in name]
+    return bool(tensors) and all(not bool(p.detach().any()) for p in tensors)
+
+
 def copy_adapter(model: torch.nn.Module, source: str, target: str) -> None:
     """Set every tensor of adapter `target` equal to the matching tensor of `source`."""
     src = _adapter_parameters(model, source)

@@ -29,13 +29,16 @@ from transformers import TrainerCallback  # noqa: E402
 
 from . import loss as sdpo_loss  # noqa: E402
 from .config import SDPOConfig  # noqa: E402
+from .heads import OutputHead, check_output_head, output_head  # noqa: E402
 from .model import STUDENT_ADAPTER, add_teacher_adapter, attach_lora  # noqa: E402
-from .rewards.protocol import CheckedReward, combine_feedback  # noqa: E402
+from .rewards.protocol import CheckedReward, checked_reward, combine_feedback  # noqa: E402
 from .teacher import (  # noqa: E402
     Reprompt,
+    adapter_is_initial,
     adapter_scope,
     build_reprompt,
     copy_adapter,
+    dropout_off,
     ema_update,
     plan_reprompts,
 )
@@ -43,7 +46,6 @@ from .teacher import (  # noqa: E402
 # Inside each checkpoint, as a file: a sub-folder holding adapter_model.safetensors would make the
 # Trainer load only sub-folder adapters on resume and skip the student at the checkpoint's root.
 TEACHER_FILE = "sdpo_teacher.safetensors"
-_KEYS = ("sdpo_teacher_prompt_ids", "sdpo_teacher_prompt_mask", "sdpo_sample_mask", "sdpo_active_total")
 
 
 class _TeacherCallback(TrainerCallback):
@@ -76,7 +78,7 @@ class _TeacherCallback(TrainerCallback):
     def on_optimizer_step(self, args, state, control, **kwargs):
         trainer = self.trainer
         cfg = trainer.sdpo_config
-        if not (cfg.enabled and cfg.teacher_mode == "ema"):
+        if not cfg.ema_teacher:
             return
         if trainer.accelerator.optimizer_step_was_skipped:
             trainer._metrics["train"]["sdpo/teacher_update_skipped"].append(1.0)
@@ -90,17 +92,53 @@ class _TeacherCallback(TrainerCallback):
         trainer._metrics["train"]["sdpo/teacher_update_norm"].append(size)
 
 
-def _prepare_model(model: Any, cfg: SDPOConfig, peft_config: Any) -> Any:
-    """Student LoRA `default` (+ the teacher adapter in `ema` mode) on one shared base."""
+def _prepare_model(model: Any, cfg: SDPOConfig, peft_config: Any) -> tuple[Any, str | None]:
+    """Student LoRA `default` on one shared base, plus the teacher adapter when the mode needs one.
+
+    Returns the PEFT model and the teacher adapter's name (None when the teacher needs no adapter):
+    `ema` always keeps one; `frozen` and `trust_region` keep a frozen copy of the student adapter as
+    loaded when it is already trained (else disabling the adapter is the initial policy, for free).
+    """
     if isinstance(model, str):
         raise TypeError(
             "SDPOTrainer needs a loaded model; got the string "
             f"{model!r}. Load it with `model, tokenizer = sdpo_unsloth.load_model({model!r})`, or use "
             "sdpo_unsloth.train(model=...) which loads it for you."
         )
-    needs_teacher = cfg.enabled and cfg.teacher_mode == "ema"
-    return attach_lora(
-        model, peft_config, teacher_adapter=cfg.teacher_adapter_name if needs_teacher else None
+    model = attach_lora(model, peft_config, teacher_adapter=None)
+    name = cfg.teacher_adapter_name
+    if not cfg.enabled or cfg.teacher_mode == "live":
+        return model, None
+    if cfg.teacher_mode == "ema" or not adapter_is_initial(model, STUDENT_ADAPTER):
+        add_teacher_adapter(model, name)
+        return model, name
+    return model, None
+
+
+def _token_count(batch: dict[str, Any]) -> tuple[float, float]:
+    """(sequences with a teacher, sequences with at least one completion token) of one micro-batch."""
+    has_tokens = batch["completion_mask"].sum(dim=1) > 0
+    return float(((batch["sdpo_sample_mask"] > 0) & has_tokens).sum()), float(has_tokens.sum())
+
+
+def align_old_logps(old: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
+    """`old_per_token_logps` as [B, L], one value per completion token.
+
+    TRL stores them as [B, L]. Unsloth's GRPO computes them on left-packed rows (prompt padding moved to
+    the right) over the last L + max_left_pad positions, and returns `max_left_pad`: completion token j of
+    a row with p prompt pads sits at column max_left_pad - p + j there.
+    """
+    length = inputs["completion_ids"].size(1)
+    if old.shape[1] == length:
+        return old
+    if "max_left_pad" in inputs and old.shape[1] > length:
+        max_left_pad = int(inputs["max_left_pad"].reshape(-1)[0])
+        prompt_pads = (inputs["prompt_mask"] == 0).sum(dim=1)  # [B]
+        columns = (max_left_pad - prompt_pads)[:, None] + torch.arange(length, device=old.device)  # [B, L]
+        return old.gather(1, columns.clamp(0, old.shape[1] - 1))
+    raise RuntimeError(
+        f"old_per_token_logps has shape {tuple(old.shape)} for completions of length {length}: this layout is "
+        "not known to SDPOTrainer. `sdpo-unsloth doctor` prints the versions: pin the tested ones or report it."
     )
 
 
@@ -121,15 +159,24 @@ class _SDPOMixin:
             sdpo_config = SDPOConfig()
         if not isinstance(sdpo_config, SDPOConfig):
             raise TypeError(f"`sdpo_config` must be an SDPOConfig, got {type(sdpo_config).__name__}.")
+        if sdpo_config.enabled and args is not None and getattr(args, "beta", 0.0):
+            raise ValueError(
+                f"`beta` (GRPOConfig) must be 0 with SDPO, got {args.beta}: the SDPO loss has no reference-model "
+                "KL term, so beta would only load a reference model and be ignored. Set beta=0.0, or "
+                "SDPOConfig(enabled=False) for plain GRPO with a KL term."
+            )
         self.sdpo_config = sdpo_config
         self._sdpo_loss_calls = 0  # checked before the first optimizer step (a parent could bypass the loss)
+        self._sdpo_window: tuple[int, int] | None = None  # (first micro-batch, micro-batches) of this step
+        self._sdpo_stats: dict[str, list[float]] = {}  # per-step sums of token metrics: name -> [sum, count]
+        self.sdpo_last_terms: dict[str, torch.Tensor] | None = None  # the last micro-batch's per-token terms
         funcs = reward_funcs if isinstance(reward_funcs, list | tuple) else [reward_funcs]
         if not funcs:
             raise ValueError("`reward_funcs` is empty: pass at least one reward function.")
         self._checked_rewards = [
-            CheckedReward(f) if callable(f) and not isinstance(f, nn.Module) else f for f in funcs
+            checked_reward(f) if callable(f) and not isinstance(f, nn.Module) else f for f in funcs
         ]
-        model = _prepare_model(model, sdpo_config, peft_config)
+        model, self._teacher_adapter = _prepare_model(model, sdpo_config, peft_config)
         super().__init__(model=model, reward_funcs=self._checked_rewards, args=args, **kwargs)
         if self.args.fp16:
             # TRL casts QLoRA adapters to bf16; fp16 AMP (a T4) cannot unscale bf16 gradients: keep them fp32.
@@ -140,12 +187,35 @@ class _SDPOMixin:
             raise NotImplementedError(
                 "SDPOTrainer runs on one process (one GPU); prompt groups are not gathered across processes yet."
             )
+        if sdpo_config.enabled:
+            self._head = self._checked_head()
         self.add_callback(_TeacherCallback(self))
 
     # ------------------------------------------------------------------ helpers
 
     def _peft_model(self) -> Any:
         return self.accelerator.unwrap_model(self.model)
+
+    def _checked_head(self) -> OutputHead:
+        cfg = self.sdpo_config
+        model = self._peft_model()
+        head = output_head(model)
+        if head.softcap is not None and cfg.teacher_mode == "trust_region":
+            raise NotImplementedError(
+                f"teacher_mode='trust_region' mixes the initial and live teachers before the output layer, which "
+                f"is exact only without logit softcapping; the {model.config.model_type} model softcaps its logits. "
+                "Use teacher_mode='ema' or 'frozen'."
+            )
+        if BACKEND.name == "transformers":  # unsloth's patched forward may return hidden states as logits
+            vocab = head.weight.shape[0]
+            with dropout_off(model):
+                check_output_head(
+                    model,
+                    head,
+                    lambda ids: self._completion_hidden(model, ids, torch.ones_like(ids), ids.shape[1] - 1),
+                    [i % vocab for i in range(1, 9)],
+                )
+        return head
 
     def _render_teacher_prompt(self, reprompt: Reprompt) -> list[int]:
         tokenizer = self._tokenizer
@@ -198,6 +268,52 @@ class _SDPOMixin:
                     totals[i] = (totals[i] or 0.0) + weight * score
         return [float("nan") if total is None else total for total in totals]
 
+    # ------------------------------------------------------------------ per-step bookkeeping
+
+    def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
+        # Called once per optimizer step, before its micro-batches: the window the loss is normalised over.
+        self._sdpo_window = (self._step, num_batches)
+        return super().get_batch_samples(epoch_iterator, num_batches, device)
+
+    def _window_counts(self, inputs: dict[str, Any]) -> tuple[float, float]:
+        """The (teacher, non-empty) sequence counts this micro-batch's loss is divided by.
+
+        In training, the counts of the optimizer step's micro-batches that come from the same generation
+        batch as this one (TRL buffers them all), times the number of generation batches the step spans:
+        the step's loss is then the mean over its sequences whatever the split into micro-batches. The
+        Trainer does not divide by the accumulation steps (GRPOTrainer sets `compute_loss_func`).
+        """
+        buffered = getattr(self, "_buffered_inputs", None) or []
+        if not self.model.training or not any(batch is inputs for batch in buffered):
+            return _token_count(inputs)  # evaluation, or a direct call: this batch is the whole step
+        per_generation = self.args.steps_per_generation
+        every = per_generation * self.num_iterations
+        accumulation = getattr(
+            self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
+        )
+        start, size = self._sdpo_window or (self._step - self._step % accumulation, accumulation)
+        window = range(start, start + size)
+        same = [m for m in window if m // every == self._step // every]
+        generations = len({m // every for m in window})
+        counts = [_token_count(buffered[m % per_generation]) for m in same]
+        return sum(c[0] for c in counts) * generations, sum(c[1] for c in counts) * generations
+
+    def _add_stat(self, name: str, total: float, count: float | None) -> None:
+        """Accumulate a metric over the optimizer step: a token mean (count given) or a step sum (None)."""
+        entry = self._sdpo_stats.setdefault(name, [0.0, 0.0, count is None])
+        entry[0] += total
+        entry[1] += count or 0.0
+
+    def _end_micro_batch(self, mode: str) -> None:
+        """After the step's last micro-batch, log each metric once: per optimizer step, split-independent."""
+        window = self._sdpo_window
+        if mode == "train" and window is not None and self._step < window[0] + window[1] - 1:
+            return
+        for name, (total, count, is_sum) in self._sdpo_stats.items():
+            if is_sum or count > 0:
+                self._metrics[mode][name].append(total if is_sum else total / count)
+        self._sdpo_stats = {}
+
     # ------------------------------------------------------------------ hooks
 
     def _generate_and_score_completions(self, inputs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -214,13 +330,27 @@ class _SDPOMixin:
             [row[:length] for row, length in zip(completion_ids.tolist(), lengths, strict=True)],
             skip_special_tokens=True,
         )
-        rewards = self._total_rewards(n)
-        feedback = combine_feedback([r for r in self._checked_rewards if isinstance(r, CheckedReward)])
+        # A demonstration is a real answer: never an empty one (a truncated completion under
+        # mask_truncated_completions has no tokens left), never an unscorable one (NaN).
+        rewards = [
+            r if r == r and length > 0 and text.strip() else float("-inf")
+            for r, length, text in zip(self._total_rewards(n), lengths, texts, strict=True)
+        ]
+        weights = self.reward_weights.tolist()
+        feedback = combine_feedback(
+            [
+                r
+                for r, w in zip(self._checked_rewards, weights, strict=True)
+                if isinstance(r, CheckedReward) and w != 0  # a reward weighted 0 does not teach
+            ]
+        )
+        if not feedback:
+            feedback = [""] * n
         prompts = [example["prompt"] for example in inputs]
         plans = plan_reprompts(
             prompts,
             texts,
-            [r if r == r else float("-inf") for r in rewards],  # NaN (unscorable) never succeeds
+            rewards,
             feedback,
             group_size=self.num_generations if mode == "train" else self.num_generations_eval,
             success_threshold=cfg.success_reward_threshold,
@@ -233,28 +363,25 @@ class _SDPOMixin:
             solution_template=cfg.solution_template,
             feedback_template=cfg.feedback_template,
         )
+        active = [plan.active and length > 0 for plan, length in zip(plans, lengths, strict=True)]
         pad_id = self._tokenizer.pad_token_id
         rows = []
-        for plan, prompt in zip(plans, prompts, strict=True):
-            if not plan.active:
-                rows.append([pad_id])  # placeholder: no teacher forward for masked samples
-                continue
-            rows.append(self._fit_teacher_prompt(plan, prompt))
+        for plan, prompt, is_active in zip(plans, prompts, active, strict=True):
+            # Placeholder for a sample without a teacher: it gets no loss and no teacher forward.
+            rows.append(self._fit_teacher_prompt(plan, prompt) if is_active else [pad_id])
         width = max(len(r) for r in rows)
         ids = torch.full((n, width), pad_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)
         for i, row in enumerate(rows):
             ids[i, width - len(row) :] = torch.tensor(row)
             mask[i, width - len(row) :] = 1
-        active = torch.tensor([float(p.active) for p in plans])
         output["sdpo_teacher_prompt_ids"] = ids.to(device)
         output["sdpo_teacher_prompt_mask"] = mask.to(device)
-        output["sdpo_sample_mask"] = active.to(device)
-        output["sdpo_active_total"] = torch.full((n,), float(active.sum()), device=device)
+        output["sdpo_sample_mask"] = torch.tensor(active, dtype=torch.float32, device=device)
         metrics = self._metrics[mode]
         metrics["sdpo/frac_with_demo"].append(sum(p.has_demo for p in plans) / n)
         metrics["sdpo/frac_with_feedback"].append(sum(p.has_feedback for p in plans) / n)
-        metrics["sdpo/frac_masked"].append(1.0 - float(active.mean()))
+        metrics["sdpo/frac_masked"].append(1.0 - sum(active) / n)
         return output
 
     def _completion_hidden(
@@ -262,43 +389,43 @@ class _SDPOMixin:
     ) -> torch.Tensor:
         """Final hidden states at the positions that predict the last `length` tokens: [B, L, H]."""
         decoder = model.get_base_model().get_decoder()
-        hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        # Unsloth's fast decoder drops the attention mask in training mode unless told to keep it (exact
+        # only for right padding; our rows are left-padded). Its own distillation trainers do the same.
+        decoder._unsloth_keep_padding_mask = True
+        try:
+            hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
+        finally:
+            del decoder._unsloth_keep_padding_mask
         return hidden[:, -length - 1 : -1, :]
 
     @torch.no_grad()
     def _teacher_hidden(self, model: Any, inputs: dict[str, Any], rows: torch.Tensor) -> torch.Tensor:
+        """The teacher's final hidden states on its prompt + the student's completion: [B_t, L, H].
+
+        Dropout is off (the targets are deterministic); the student adapter is restored afterwards.
+        """
         cfg = self.sdpo_config
         completion_ids = inputs["completion_ids"][rows]
         length = completion_ids.size(1)
         ids = torch.cat([inputs["sdpo_teacher_prompt_ids"][rows], completion_ids], dim=1)
         mask = torch.cat([inputs["sdpo_teacher_prompt_mask"][rows], inputs["completion_mask"][rows]], dim=1)
         mode = cfg.teacher_mode
-        if mode == "live":
-            return self._completion_hidden(model, ids, mask, length)
-        if mode == "ema":
-            with adapter_scope(model, cfg.teacher_adapter_name):
+        with dropout_off(model):
+            if mode == "live":
                 return self._completion_hidden(model, ids, mask, length)
-        with adapter_scope(model, None):
-            frozen = self._completion_hidden(model, ids, mask, length)
-        if mode == "frozen":
-            return frozen
-        # trust_region: (1-r) frozen + r live logits. lm_head is linear, so mixing hidden states is exact.
-        live = self._completion_hidden(model, ids, mask, length)
-        return torch.lerp(frozen, live, cfg.teacher_update_rate)
+            # ema: the EMA adapter. frozen / trust_region: the initial policy, i.e. a frozen copy of an
+            # adapter that was trained before SDPO, or the base with adapters disabled.
+            with adapter_scope(model, self._teacher_adapter):
+                initial = self._completion_hidden(model, ids, mask, length)
+            if mode != "trust_region":
+                return initial
+            # (1-r) initial + r live logits; lm_head is linear (softcap refused), so mixing hidden states is exact.
+            live = self._completion_hidden(model, ids, mask, length)
+            return torch.lerp(initial, live, cfg.teacher_update_rate)
 
-    def _lm_head(self, model: Any) -> tuple[torch.Tensor, torch.Tensor | None, float | None]:
-        head = model.get_output_embeddings()
-        weight = getattr(head, "weight", None)
-        if weight is None or weight.ndim != 2:
-            raise NotImplementedError(
-                f"SDPO needs a linear output layer; {type(head).__name__} has no 2-D weight."
-            )
-        softcap = getattr(model.config, "final_logit_softcapping", None)
-        if softcap is not None and self.sdpo_config.teacher_mode == "trust_region":
-            raise NotImplementedError(
-                "teacher_mode='trust_region' needs a linear lm_head (no logit softcapping)."
-            )
-        return weight, getattr(head, "bias", None), softcap
+    def _zero_loss(self, model: Any) -> torch.Tensor:
+        """A zero loss connected to every trainable parameter (their gradients are 0, not missing)."""
+        return sum((p.sum() * 0.0 for p in model.parameters() if p.requires_grad), torch.zeros(()))
 
     def compute_loss(
         self, model: Any, inputs: dict[str, Any], return_outputs: bool = False, num_items_in_batch: Any = None
@@ -319,85 +446,97 @@ class _SDPOMixin:
         return self._sdpo_loss(model, inputs)
 
     def _sdpo_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
+        """One micro-batch's share of the optimizer step's loss.
+
+            L_SDPO = sum over sequences i with a teacher of [token mean of w_t D(p_t, q_t)] / n_teacher
+            L_GRPO = sum over non-empty sequences of [token mean of TRL's clipped surrogate] / n_sequences
+            loss   = grpo_weight * L_GRPO + (1 - grpo_weight) * L_SDPO   (a loss-level mix)
+
+        with both counts taken over the whole optimizer step (`_window_counts`), so any split into
+        micro-batches gives the same update.
+        """
         cfg = self.sdpo_config
         self._sdpo_loss_calls += 1
         mode = "train" if self.model.training else "eval"
         peft_model = self.accelerator.unwrap_model(model)
         completion_ids, completion_mask = inputs["completion_ids"], inputs["completion_mask"]
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
-        sample_mask = inputs["sdpo_sample_mask"]
-        token_mask = mask * sample_mask[:, None]  # [B, L]
-        blend = cfg.grpo_weight > 0
-        rows = torch.ones_like(sample_mask, dtype=torch.bool) if blend else sample_mask > 0
+        has_teacher = inputs["sdpo_sample_mask"] > 0  # [B]
+        hybrid = cfg.grpo_weight > 0
+        rows = (mask.sum(dim=1) > 0) & (True if hybrid else has_teacher)  # [B]
+        n_teacher, n_sequences = self._window_counts(inputs)
         if not rows.any():
-            self._metrics[mode]["sdpo/distill_loss"].append(0.0)
-            return torch.zeros((), device=completion_ids.device, requires_grad=True)
+            self._end_micro_batch(mode)
+            return self._zero_loss(model)
 
         length = completion_ids.size(1)
-        teacher_rows = rows & (sample_mask > 0)
-        teacher_hidden = self._teacher_hidden(peft_model, inputs, teacher_rows)  # [B_t, L, H]
+        teacher_rows = has_teacher[rows]  # [B_r]: which of the rows have a teacher
+        teacher_hidden = None
+        if teacher_rows.any():
+            teacher_hidden = self._teacher_hidden(peft_model, inputs, rows & has_teacher)  # [B_t, L, H]
         ids = torch.cat([inputs["prompt_ids"][rows], completion_ids[rows]], dim=1)
         attention = torch.cat([inputs["prompt_mask"][rows], completion_mask[rows]], dim=1)
         student_hidden = self._completion_hidden(peft_model, ids, attention, length)  # [B_r, L, H]
-        if blend:  # inactive rows score against themselves (zero divergence, masked out anyway)
+        if hybrid:  # rows without a teacher score against themselves: zero divergence and gradient
             full = student_hidden.detach().clone()
-            full[teacher_rows[rows]] = teacher_hidden.to(full.dtype)
+            if teacher_hidden is not None:
+                full[teacher_rows] = teacher_hidden.to(full.dtype)
             teacher_hidden = full
         row_mask = mask[rows]  # [B_r, L]
         selected = row_mask.bool()
-        weight, bias, softcap = self._lm_head(peft_model)
-        if student_hidden.size(-1) != weight.size(1) or teacher_hidden.size(-1) != weight.size(1):
+        head = self._head
+        if student_hidden.size(-1) != head.weight.size(1) or teacher_hidden.size(-1) != head.weight.size(1):
             raise RuntimeError(
                 f"the decoder returned a last dimension of {student_hidden.size(-1)} (teacher {teacher_hidden.size(-1)}) "
-                f"where hidden states of size {weight.size(1)} were expected (vocabulary {weight.size(0)}): a patched "
-                "forward returned logits instead of hidden states. Check `sdpo-unsloth doctor` for the versions."
+                f"where hidden states of size {head.weight.size(1)} were expected (vocabulary {head.weight.size(0)}): a "
+                "patched forward returned logits instead of hidden states. Check `sdpo-unsloth doctor` for the versions."
             )
         terms = sdpo_loss.chunked_distill(
             student_hidden[selected],
             teacher_hidden[selected].to(student_hidden.dtype),
-            weight,
+            head.weight,
             completion_ids[rows][selected],
             alpha=cfg.alpha,
             topk=cfg.distillation_topk,
             add_tail=cfg.distillation_add_tail,
-            temperature=self.temperature,
-            lm_head_bias=bias,
-            logit_softcap=softcap,
+            temperature=head.temperature(self.temperature),
+            lm_head_bias=head.bias,
+            logit_softcap=head.softcap,
             chunk_size=cfg.logit_chunk_size,
             need_divergence=not cfg.sampled_token,
         )
+        student_logp = terms.student_logp.detach()  # [N]
         old = inputs.get("old_per_token_logps")
-        logp_old = old[rows][selected] if old is not None else terms.student_logp.detach()
-        is_weight = sdpo_loss.importance_weight(terms.student_logp.detach(), logp_old, cfg.is_clip)
+        logp_old = align_old_logps(old, inputs)[rows][selected] if old is not None else student_logp
+        is_weight = sdpo_loss.importance_weight(student_logp, logp_old, cfg.is_clip)  # [N]
+        rollout = inputs.get("importance_sampling_ratio")  # vLLM: sampler -> trainer correction
+        rollout = rollout.expand_as(mask)[rows][selected] if rollout is not None else 1.0
         if cfg.sampled_token:
             per_token_distill = sdpo_loss.sampled_token_surrogate(terms.student_logp, terms.teacher_logp)
+            divergence = student_logp - terms.teacher_logp  # single-sample estimate of KL(p || q)
         else:
             per_token_distill = terms.divergence
-        per_token_distill = per_token_distill * is_weight
+            divergence = terms.divergence.detach()
+        per_token_distill = per_token_distill * is_weight * rollout
 
-        def scatter(values: torch.Tensor) -> torch.Tensor:
+        def scatter(values: torch.Tensor) -> torch.Tensor:  # [N] -> [B_r, L]
             grid = torch.zeros(row_mask.shape, dtype=values.dtype, device=values.device)
             return grid.masked_scatter(selected, values)
 
-        # Normalise by the active sequences of the whole generation batch, per optimizer step: with the
-        # Trainer's division by GA steps this gives a gradient independent of how the batch is split.
-        steps = self.args.steps_per_generation if mode == "train" else 1
-        active_total = float(inputs["sdpo_active_total"][0])
-        distill_mask = token_mask[rows]
+        distill_mask = row_mask * teacher_rows[:, None]  # [B_r, L]: tokens of sequences with a teacher
         loss = sdpo_loss.sequence_mean_loss(
-            scatter(per_token_distill), distill_mask, normalizer=max(active_total, 1.0) / steps
+            scatter(per_token_distill), distill_mask, normalizer=max(n_teacher, 1.0)
         )
-        if blend:
-            advantages = inputs["advantages"][rows]
+        if hybrid:
             ratio = torch.exp(terms.student_logp - logp_old)
-            adv = advantages[:, None].expand_as(row_mask)[selected]
+            advantages = inputs["advantages"][rows][:, None].expand_as(row_mask)[selected]
             clipped = torch.clamp(ratio, 1 - self.epsilon_low, 1 + self.epsilon_high)
-            per_token_grpo = -torch.minimum(ratio * adv, clipped * adv)
+            per_token_grpo = -torch.minimum(ratio * advantages, clipped * advantages) * rollout
             grpo = sdpo_loss.sequence_mean_loss(
-                scatter(per_token_grpo), row_mask, normalizer=row_mask.size(0)
+                scatter(per_token_grpo), row_mask, normalizer=max(n_sequences, 1.0)
             )
             loss = cfg.grpo_weight * grpo + (1 - cfg.grpo_weight) * loss
-            self._metrics[mode]["sdpo/grpo_loss"].append(float(grpo.detach()))
+            self._add_stat("sdpo/grpo_loss", float(grpo.detach()), None)
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"the SDPO loss is {float(loss)} at step {self.state.global_step}; the step was refused and nothing "
@@ -405,17 +544,21 @@ class _SDPOMixin:
             )
 
         with torch.no_grad():
-            weight_mask = distill_mask[selected].bool()  # [N]: tokens of samples with a teacher
-            metrics = self._metrics[mode]
-            if weight_mask.any():
-                metrics["sdpo/distill_loss"].append(float(per_token_distill.detach()[weight_mask].mean()))
-                if cfg.is_clip is not None:
-                    raw = torch.exp(torch.clamp(terms.student_logp.detach() - logp_old, -20, 20))
-                    metrics["sdpo/is_clip_frac"].append(
-                        float((raw[weight_mask] > cfg.is_clip).float().mean())
-                    )
-                if terms.support_kl is not None:
-                    metrics["sdpo/teacher_student_kl"].append(float(terms.support_kl[weight_mask].mean()))
+            taught = distill_mask[selected].bool()  # [N]: tokens of samples with a teacher
+            count = float(taught.sum())
+            self._add_stat("sdpo/distill_loss", float((divergence * is_weight)[taught].sum()), count)
+            if cfg.is_clip is not None:
+                raw = torch.exp(torch.clamp(student_logp - logp_old, -20, 20))
+                self._add_stat("sdpo/is_clip_frac", float((raw[taught] > cfg.is_clip).sum()), count)
+            if terms.support_kl is not None:
+                self._add_stat("sdpo/teacher_student_kl", float(terms.support_kl[taught].sum()), count)
+            self.sdpo_last_terms = {
+                "rows": rows.nonzero().flatten(),
+                "mask": distill_mask,
+                "student_logp": scatter(student_logp),
+                "teacher_logp": scatter(terms.teacher_logp),
+            }
+        self._end_micro_batch(mode)
         return loss
 
     # ------------------------------------------------------------------ checkpoints
@@ -435,15 +578,14 @@ class _SDPOMixin:
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        cfg = self.sdpo_config
-        if cfg.enabled and cfg.teacher_mode == "ema":
+        if self._teacher_adapter is not None:
             # Written before the Trainer's files: trainer_state.json stays the last file of a complete checkpoint.
             from peft.utils import get_peft_model_state_dict
             from safetensors.torch import save_file
 
             folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
             os.makedirs(folder, exist_ok=True)
-            state = get_peft_model_state_dict(self._peft_model(), adapter_name=cfg.teacher_adapter_name)
+            state = get_peft_model_state_dict(self._peft_model(), adapter_name=self._teacher_adapter)
             save_file(
                 {k: v.detach().contiguous().cpu() for k, v in state.items()},
                 os.path.join(folder, TEACHER_FILE),
@@ -452,8 +594,8 @@ class _SDPOMixin:
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
         super()._load_from_checkpoint(resume_from_checkpoint, model)
-        cfg = self.sdpo_config
-        if not (cfg.enabled and cfg.teacher_mode == "ema"):
+        teacher = self._teacher_adapter
+        if teacher is None:
             return
         path = os.path.join(resume_from_checkpoint, TEACHER_FILE)
         peft_model = self._peft_model()
@@ -461,9 +603,7 @@ class _SDPOMixin:
             from peft.utils import set_peft_model_state_dict
             from safetensors.torch import load_file
 
-            result = set_peft_model_state_dict(
-                peft_model, load_file(path), adapter_name=cfg.teacher_adapter_name
-            )
+            result = set_peft_model_state_dict(peft_model, load_file(path), adapter_name=teacher)
             unexpected = getattr(result, "unexpected_keys", [])
             if unexpected:
                 raise RuntimeError(
@@ -471,12 +611,13 @@ class _SDPOMixin:
                 )
         else:
             warnings.warn(
-                f"{resume_from_checkpoint} has no teacher adapter ({TEACHER_FILE}); the EMA teacher restarts from the "
-                "resumed student.",
+                f"{resume_from_checkpoint} has no teacher adapter ({TEACHER_FILE}); the "
+                f"{'EMA' if self.sdpo_config.ema_teacher else 'initial-policy'} teacher restarts from the resumed "
+                "student.",
                 stacklevel=2,
             )
-            copy_adapter(peft_model, STUDENT_ADAPTER, cfg.teacher_adapter_name)
-        add_teacher_adapter(peft_model, cfg.teacher_adapter_name)  # re-freeze, keep the student active
+            copy_adapter(peft_model, STUDENT_ADAPTER, teacher)
+        add_teacher_adapter(peft_model, teacher)  # re-freeze, keep the student active
 
 
 SDPOTrainer = type(

@@ -14,6 +14,7 @@ NaN as 0, broadcasts a 1-element list, and turns one `inf` into NaN weights.
 
 from __future__ import annotations
 
+import inspect
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -87,20 +88,38 @@ class CheckedReward:
     def __call__(
         self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any
     ) -> list[float | None]:
-        name, n = self.__name__, len(completions)
+        self._start()
+        try:
+            output = self.func(prompts=prompts, completions=completions, **kwargs)
+        except Exception as exc:
+            raise self._raised(exc) from exc
+        return self._check(output, len(completions))
+
+    def _start(self) -> None:
         self.last_scores, self.last_feedback = [], []
         if hasattr(self.func, "last_feedback"):
             self.func.last_feedback = []  # a reward that forgets to reset it must not leak old feedback
-        try:
-            output = self.func(prompts=prompts, completions=completions, **kwargs)
-        except RewardError:
-            raise
-        except Exception as exc:
+
+    def _raised(self, exc: Exception) -> Exception:
+        if isinstance(exc, RewardError):
+            return exc
+        return RewardError(
+            f"reward '{self.__name__}' raised {type(exc).__name__}: {exc}. Fix the reward function (it is called "
+            "as f(prompts=..., completions=..., completion_ids=..., **dataset_columns)); accept **kwargs for "
+            "columns you do not use."
+        )
+
+    def _check(self, output: Any, n: int) -> list[float | None]:
+        name = self.__name__
+        if inspect.isawaitable(output):
+            if hasattr(output, "close"):
+                output.close()  # never awaited: close it so Python does not warn about it
             raise RewardError(
-                f"reward '{name}' raised {type(exc).__name__}: {exc}. Fix the reward function (it is called as "
-                "f(prompts=..., completions=..., completion_ids=..., **dataset_columns)); accept **kwargs for "
-                "columns you do not use."
-            ) from exc
+                f"reward '{name}' returned an awaitable from a plain call; define it with `async def` (or an "
+                "`async def __call__`) so it runs on the trainer's event loop."
+            )
+        if hasattr(output, "tolist") and not isinstance(output, str | bytes):
+            output = output.tolist()  # numpy arrays, torch tensors
         if isinstance(output, str | bytes) or not isinstance(output, Sequence):
             raise RewardError(
                 f"reward '{name}' returned {type(output).__name__}; it must return a list with one float per "
@@ -117,6 +136,8 @@ class CheckedReward:
             scores.append(score)
             feedback.append(note)
         attribute = getattr(self.func, "last_feedback", None)
+        if hasattr(attribute, "tolist") and not isinstance(attribute, str):
+            attribute = attribute.tolist()  # a numpy array of strings
         if attribute:
             if not isinstance(attribute, Sequence) or isinstance(attribute, str) or len(attribute) != n:
                 size = len(attribute) if isinstance(attribute, Sequence) else type(attribute).__name__
@@ -133,6 +154,26 @@ class CheckedReward:
         self.last_scores = scores
         self.last_feedback = [note or "" for note in feedback]
         return scores
+
+
+class AsyncCheckedReward(CheckedReward):
+    """`CheckedReward` for an `async def` reward: TRL awaits it on its event loop, as it does the reward."""
+
+    async def __call__(  # type: ignore[override]
+        self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any
+    ) -> list[float | None]:
+        self._start()
+        try:
+            output = await self.func(prompts=prompts, completions=completions, **kwargs)
+        except Exception as exc:
+            raise self._raised(exc) from exc
+        return self._check(output, len(completions))
+
+
+def checked_reward(func: Callable[..., Any]) -> CheckedReward:
+    """Wrap `func` in the guard that matches it: `AsyncCheckedReward` for coroutine functions."""
+    is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(type(func).__call__)
+    return AsyncCheckedReward(func) if is_async else CheckedReward(func)
 
 
 def combine_feedback(rewards: Sequence[CheckedReward]) -> list[str]:
