@@ -6,6 +6,7 @@ exactly what the model's own forward does after the decoder. Known transforms:
     Gemma-2/3 style ``final_logit_softcapping`` c:   logits = c * tanh(z / c)
     Granite ``logits_scaling`` s:                     logits = z / s
     Cohere ``logit_scale`` s:                         logits = z * s
+    Falcon-H1 ``lm_head_multiplier`` s:               logits = z * s
 
 A scale folds into the sampling temperature (z * s / T = z / (T / s)). Any other transform is found by
 ``check_output_head``: it compares the model's own logits with this projection on a few tokens and
@@ -61,8 +62,9 @@ def output_head(model: Any) -> OutputHead:
     scale = 1.0
     if getattr(config, "logits_scaling", None):  # Granite: logits / logits_scaling
         scale /= float(config.logits_scaling)
-    if getattr(config, "logit_scale", None):  # Cohere: logits * logit_scale
-        scale *= float(config.logit_scale)
+    for name in ("logit_scale", "lm_head_multiplier"):  # Cohere, Falcon-H1: logits * s
+        if getattr(config, name, None):
+            scale *= float(getattr(config, name))
     if softcap is not None and scale != 1.0:
         raise NotImplementedError(
             f"the {_model_type(model)} model both softcaps and scales its logits; SDPO's loss supports one of "

@@ -157,14 +157,23 @@ def plan_reprompts(
     reprompt_template: str,
     solution_template: str,
     feedback_template: str,
+    can_demonstrate: Sequence[bool] | None = None,
 ) -> list[Reprompt]:
-    """One `Reprompt` per sample, applying SPEC §1's demonstration and feedback rules."""
+    """One `Reprompt` per sample, applying SPEC §1's demonstration and feedback rules.
+
+    `can_demonstrate[i]` False keeps completion i from ever being a demonstration, whatever its reward
+    (an empty answer, or one cut at the token budget). An empty completion never demonstrates.
+    """
     n = len(prompts)
     if not len(completions) == len(rewards) == len(feedback) == n:
         raise ValueError(
             f"plan_reprompts needs one completion, reward and feedback per prompt; got {n} prompts, "
             f"{len(completions)} completions, {len(rewards)} rewards, {len(feedback)} feedback strings"
         )
+    eligible = [bool(text.strip()) for text in completions]
+    if can_demonstrate is not None:
+        eligible = [a and bool(b) for a, b in zip(eligible, can_demonstrate, strict=True)]
+    rewards = [r if ok else float("-inf") for r, ok in zip(rewards, eligible, strict=True)]
     demo_index = select_demonstrations(
         rewards, group_size, success_threshold=success_threshold, allow_self=not dont_reprompt_on_self_success
     )

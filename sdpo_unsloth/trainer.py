@@ -330,12 +330,10 @@ class _SDPOMixin:
             [row[:length] for row, length in zip(completion_ids.tolist(), lengths, strict=True)],
             skip_special_tokens=True,
         )
-        # A demonstration is a real answer: never an empty one (a truncated completion under
-        # mask_truncated_completions has no tokens left), never an unscorable one (NaN).
-        rewards = [
-            r if r == r and length > 0 and text.strip() else float("-inf")
-            for r, length, text in zip(self._total_rewards(n), lengths, texts, strict=True)
-        ]
+        rewards = [r if r == r else float("-inf") for r in self._total_rewards(n)]  # NaN never succeeds
+        # A demonstration is a real answer: under `mask_truncated_completions` TRL zeroes the mask of a
+        # completion cut at the token budget, so it has no tokens left and never demonstrates.
+        can_demonstrate = [length > 0 for length in lengths]
         weights = self.reward_weights.tolist()
         feedback = combine_feedback(
             [
@@ -362,6 +360,7 @@ class _SDPOMixin:
             reprompt_template=cfg.reprompt_template,
             solution_template=cfg.solution_template,
             feedback_template=cfg.feedback_template,
+            can_demonstrate=can_demonstrate,
         )
         active = [plan.active and length > 0 for plan, length in zip(plans, lengths, strict=True)]
         pad_id = self._tokenizer.pad_token_id

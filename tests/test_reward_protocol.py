@@ -142,3 +142,54 @@ def test_combine_feedback_joins_non_empty():
         "Wrong. The answer is 7, not 5.\ngot 5",
         "Wrong. The answer is 7, not x.\ngot x",
     ]
+
+
+def test_numpy_arrays_and_tuples_are_accepted():
+    import numpy as np
+
+    from sdpo_unsloth.rewards.protocol import CheckedReward
+
+    def as_array(prompts, completions, **kwargs):
+        return np.array([1.0, 0.5], dtype=np.float32)
+
+    def as_tuple(prompts, completions, **kwargs):
+        return (np.float64(0.0), 1)
+
+    assert CheckedReward(as_array)(["p", "p"], ["a", "b"]) == [1.0, 0.5]
+    assert CheckedReward(as_tuple)(["p", "p"], ["a", "b"]) == [0.0, 1.0]
+
+
+def test_async_rewards_are_awaited_and_checked():
+    import asyncio
+
+    from sdpo_unsloth.rewards.protocol import AsyncCheckedReward, RewardError, checked_reward
+
+    async def judge(prompts, completions, **kwargs):
+        await asyncio.sleep(0)
+        return [len(c) / 10 for c in completions]
+
+    async def broken(prompts, completions, **kwargs):
+        return [1.0]
+
+    class Judge:
+        async def __call__(self, prompts, completions, **kwargs):
+            return [0.0 for _ in completions]
+
+    wrapped = checked_reward(judge)
+    assert isinstance(wrapped, AsyncCheckedReward) and isinstance(checked_reward(Judge()), AsyncCheckedReward)
+    assert asyncio.run(wrapped(["p", "p"], ["ab", "abcd"])) == [0.2, 0.4]
+    with pytest.raises(RewardError, match="'broken' returned 1 values for 2 completions"):
+        asyncio.run(checked_reward(broken)(["p", "p"], ["a", "b"]))
+
+
+def test_an_awaitable_from_a_plain_call_is_named():
+    from sdpo_unsloth.rewards.protocol import CheckedReward, RewardError
+
+    async def judge(prompts, completions, **kwargs):
+        return [0.0 for _ in completions]
+
+    def sneaky(prompts, completions, **kwargs):
+        return judge(prompts, completions)
+
+    with pytest.raises(RewardError, match="'sneaky' returned an awaitable"):
+        CheckedReward(sneaky)(["p"], ["a"])

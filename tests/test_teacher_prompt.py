@@ -137,3 +137,19 @@ def test_feedback_is_capped():
 def test_mismatched_lengths_are_rejected():
     with pytest.raises(ValueError, match="one completion, reward and feedback per prompt"):
         plan(["q", "q"], ["a"], [0.0, 0.0], ["", ""], 2)
+
+
+def test_empty_and_cut_completions_never_demonstrate():
+    prompts = [CHAT] * 4
+    # All four succeed; #0 is empty, #1 was cut at the token budget, #2 and #3 are real answers.
+    plans = plan(
+        prompts,
+        ["", "7 and then", "7", "7."],
+        [1.0] * 4,
+        [""] * 4,
+        4,
+        can_demonstrate=[True, False, True, True],
+    )
+    assert [p.demo for p in plans] == ["7", "7", "7.", "7"]
+    plans = plan(prompts, ["", "  ", "7", "8"], [1.0, 1.0, 0.0, 0.0], [""] * 4, 4)
+    assert [p.demo for p in plans] == [None] * 4  # whitespace-only answers do not count either

@@ -446,3 +446,88 @@ def test_logits_where_hidden_states_were_expected_are_named(tmp_path, monkeypatc
     monkeypatch.setattr(_SDPOMixin, "_completion_hidden", logits_instead)
     with pytest.raises(RuntimeError, match="hidden states of size 32 were expected"):
         trainer.train()
+
+
+class Secret:
+    """Gives feedback the teacher must never see when this reward is weighted 0."""
+
+    __name__ = "secret"
+
+    def __init__(self):
+        self.last_feedback: list[str] = []
+
+    def __call__(self, prompts, completions, **kwargs):
+        self.last_feedback = ["SECRET" for _ in completions]
+        return [0.0 for _ in completions]
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_feedback_of_a_reward_weighted_zero_does_not_reach_the_teacher(tmp_path, weight):
+    tokenizer = make_tiny_tokenizer()
+    torch.manual_seed(0)
+    trainer = SDPOTrainer(
+        model=make_tiny_model(len(tokenizer)),
+        args=grpo_args(
+            tmp_path,
+            reward_weights=[1.0, weight],
+            per_device_train_batch_size=8,
+            gradient_accumulation_steps=1,
+        ),
+        sdpo_config=SDPOConfig(),
+        processing_class=tokenizer,
+        reward_funcs=[HasDigit(), Secret()],
+        train_dataset=dataset(),
+    )
+    inputs = first_inputs(trainer)
+    texts = tokenizer.batch_decode(inputs["sdpo_teacher_prompt_ids"])
+    assert any("SECRET" in t for t in texts) == (weight != 0)
+
+
+def test_async_reward_trains(tmp_path):
+    import asyncio
+
+    async def judge(prompts, completions, **kwargs):
+        await asyncio.sleep(0)
+        return [float(any(ch.isdigit() for ch in c[-1]["content"])) for c in completions]
+
+    trainer = make_trainer(tmp_path, reward=judge, max_steps=1)
+    before = adapter_tensors(trainer.model, "default")
+    trainer.train()
+    after = adapter_tensors(trainer.model, "default")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+
+
+def test_vllm_rollout_correction_scales_the_distillation_term(tmp_path):
+    trainer = make_trainer(tmp_path, per_device_train_batch_size=8, gradient_accumulation_steps=1)
+    inputs = first_inputs(trainer)
+    plain = float(trainer._compute_loss(trainer.model, inputs).detach())
+    inputs["importance_sampling_ratio"] = torch.full_like(inputs["completion_mask"], 3.0, dtype=torch.float32)
+    corrected = float(trainer._compute_loss(trainer.model, inputs).detach())
+    assert plain > 0 and corrected == pytest.approx(3 * plain, rel=1e-5)
+
+
+def test_unsloth_packed_old_logps_are_realigned():
+    """Unsloth scores left-packed rows (prompt pads moved right) over the last L + max_left_pad positions."""
+    from sdpo_unsloth.trainer import align_old_logps
+
+    pad = 0
+    prompt_ids = torch.tensor([[0, 0, 5, 6], [7, 8, 9, 10], [0, 11, 12, 13]])
+    completion_ids = torch.tensor([[21, 22, 23], [24, 25, 0], [26, 27, 28]])
+    rows = torch.cat([prompt_ids, completion_ids], dim=1)
+    order = torch.argsort(rows != pad, dim=1, descending=True, stable=True)
+    packed = rows.gather(1, order)  # unsloth's left_pack_padding
+    max_left_pad = 2
+    window = packed[:, -(completion_ids.size(1) + max_left_pad) :].float()  # "log-prob" = the token's own id
+    inputs = {
+        "completion_ids": completion_ids,
+        "prompt_mask": (prompt_ids != pad).long(),
+        "max_left_pad": torch.full((3, 1), max_left_pad),
+    }
+    aligned = align_old_logps(window, inputs)
+    real = completion_ids != pad
+    assert torch.equal(aligned[real], completion_ids[real].float())
+    assert torch.equal(align_old_logps(completion_ids.float(), inputs), completion_ids.float())
+    with pytest.raises(RuntimeError, match="layout is not known"):
+        align_old_logps(
+            window, {**inputs, "max_left_pad": None} if False else {"completion_ids": completion_ids}
+        )

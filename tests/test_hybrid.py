@@ -1,0 +1,99 @@
+"""The opt-in hybrid, a loss-level mix: loss = w * L_GRPO + (1 - w) * L_SDPO.
+
+L_SDPO is the mean over sequences with a teacher of their token-mean divergence; L_GRPO the mean over
+non-empty sequences of their token-mean clipped surrogate -min(r A, clip(r) A) (TRL's epsilons).
+"""
+
+from __future__ import annotations
+
+import torch
+from test_alignment import row_logps
+from test_trainer import adapter_tensors, first_inputs, make_trainer
+
+from sdpo_unsloth import SDPOConfig
+from sdpo_unsloth.loss import divergence
+from sdpo_unsloth.teacher import adapter_scope
+
+
+class PartialCredit:
+    """Never reaches the success threshold (1.0) and gives no feedback: no sample ever has a teacher."""
+
+    __name__ = "partial_credit"
+
+    def __call__(self, prompts, completions, **kwargs):
+        return [0.5 * any(ch.isdigit() for ch in c[-1]["content"]) for c in completions]
+
+
+class DigitWithFeedback:
+    __name__ = "digit"
+
+    def __init__(self):
+        self.last_feedback: list[str] = []
+
+    def __call__(self, prompts, completions, answer, **kwargs):
+        ok = [any(ch.isdigit() for ch in c[-1]["content"]) for c in completions]
+        self.last_feedback = [
+            "" if good or i % 2 else f"Say {a}." for i, (good, a) in enumerate(zip(ok, answer, strict=True))
+        ]
+        return [float(good) for good in ok]
+
+
+def test_hybrid_equals_a_hand_computation(tmp_path):
+    weight = 0.25
+    trainer = make_trainer(
+        tmp_path,
+        SDPOConfig(grpo_weight=weight, distillation_topk=None, alpha=0.5),
+        reward=DigitWithFeedback(),
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+    )
+    inputs = first_inputs(trainer)
+    model = trainer.model
+    teacher = inputs["sdpo_sample_mask"].bool()
+    assert 0 < int(teacher.sum()) < 8 and float(inputs["advantages"].abs().sum()) > 0
+    loss = float(trainer._compute_loss(model, inputs).detach())
+    model.eval()
+    sdpo, grpo = [], []
+    with torch.no_grad():
+        for row in range(8):
+            length = int(inputs["completion_mask"][row].sum())
+            if length == 0:
+                continue
+            completion = inputs["completion_ids"][row, :length]
+            prompt = inputs["prompt_ids"][row][inputs["prompt_mask"][row].bool()]
+            _, student = row_logps(model, prompt, completion)
+            # On-policy: the ratio is 1, so the surrogate is -A on every token.
+            grpo.append(-float(inputs["advantages"][row]))
+            if teacher[row]:
+                teacher_prompt = inputs["sdpo_teacher_prompt_ids"][row][
+                    inputs["sdpo_teacher_prompt_mask"][row].bool()
+                ]
+                with adapter_scope(model, "sdpo_teacher"):
+                    _, scores = row_logps(model, teacher_prompt, completion)
+                per_token = divergence(student.log_softmax(-1), scores.log_softmax(-1), 0.5)  # [L]
+                sdpo.append(float(per_token.mean()))
+    expected = weight * sum(grpo) / len(grpo) + (1 - weight) * sum(sdpo) / len(sdpo)
+    assert abs(loss - expected) < 1e-5 * max(1.0, abs(expected))
+
+
+def test_hybrid_without_any_teacher_trains_on_its_grpo_term(tmp_path):
+    trainer = make_trainer(
+        tmp_path,
+        SDPOConfig(grpo_weight=0.5),
+        reward=PartialCredit(),
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        max_steps=3,
+        learning_rate=0.5,
+        optim="sgd",
+    )
+    before = adapter_tensors(trainer.model, "default")
+    trainer.train()
+    after = adapter_tensors(trainer.model, "default")
+    assert any(not torch.equal(before[k], after[k]) for k in before)
+    logs = [e for e in trainer.state.log_history if "sdpo/frac_masked" in e]
+    assert logs and all(e["sdpo/frac_masked"] == 1.0 for e in logs)  # no sample had a teacher
+    assert all("sdpo/distill_loss" not in e for e in logs)  # nothing distilled, so nothing logged as 0
+    assert all(
+        "sdpo/grpo_loss" in e for e in logs
+    )  # on-policy its value is -mean(A) = 0; its gradient is not
