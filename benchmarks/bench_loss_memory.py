@@ -31,6 +31,8 @@ import sys
 import time
 from pathlib import Path
 
+from sdpo_unsloth.config import SDPOConfig
+
 BEGIN, END = "<!-- loss-memory:begin -->", "<!-- loss-memory:end -->"
 COMMAND = "OMP_NUM_THREADS=1 python benchmarks/bench_loss_memory.py --write-docs docs/benchmarks.md"
 
@@ -44,7 +46,8 @@ def _parse() -> argparse.Namespace:
     p.add_argument("--length", type=int, default=256)
     p.add_argument("--topk", type=int, default=100)
     p.add_argument("--alpha", type=float, default=0.5)
-    p.add_argument("--chunk-sizes", type=int, nargs="+", default=[1024, 256])
+    default_chunk = SDPOConfig().logit_chunk_size
+    p.add_argument("--chunk-sizes", type=int, nargs="+", default=sorted({default_chunk, 1024}, reverse=True))
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", type=Path, help="also save the results here")
     p.add_argument("--from-json", type=Path, help="render saved results instead of running")
@@ -187,7 +190,7 @@ def _table(result: dict) -> str:
         name, _, chunk = r["variant"].partition(":")
         cells = [
             "`distill_from_logits` (naive)" if name == "naive" else "`chunked_distill`",
-            chunk or "all",
+            f"{chunk} (default)" if chunk and int(chunk) == SDPOConfig().logit_chunk_size else chunk or "all",
             f"{r['peak_bytes'] / 2**20:,.0f}",
             f"{r['peak_bytes'] / naive['peak_bytes']:.1%}",
             f"{r['seconds'] * 1e3:,.1f}",
@@ -220,8 +223,8 @@ def _write_docs(path: Path, result: dict) -> None:
 Forward + backward of the SDPO loss (`sdpo_unsloth.loss`) at Qwen2.5-0.5B's shape. `naive` materialises
 full [N, V] logits and log-probs for both sides (`distill_from_logits` on `hidden @ W.T`); `chunked_distill`
 projects `chunk` rows at a time and keeps only [N, H] gradient rows for the backward, so its peak is about
-two [chunk, V] fp32 buffers (student probabilities, teacher logits): at V = 151,936, 1.16 GiB at the
-default `chunk_size=1024`, 0.29 GiB at 256. Each variant runs in a fresh subprocess; the first run sets the
+two [chunk, V] fp32 buffers (student probabilities, teacher logits): at V = 151,936, 0.29 GiB at the
+default `SDPOConfig.logit_chunk_size=256`, 1.16 GiB at 1024. Each variant runs in a fresh subprocess; the first run sets the
 peak, time is the median of the runs (CPU times come from a shared 2-core machine: indicative only). The last
 two columns check that both variants compute the same loss and gradient.
 

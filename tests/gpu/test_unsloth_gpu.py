@@ -226,3 +226,77 @@ def test_export_round_trip_on_gpu(trained, tmp_path):
     assert (merged_logits - base_logits).abs().max() > 1e-2, "the merge did not change the model"
     assert base_agreement < agreement
     assert model.active_adapter == "default"
+
+
+def test_loss_logps_match_an_unpadded_forward_in_training_mode(small_model_dir, tmp_path):
+    """Uneven prompts and teacher prompts on unsloth's fast decoder (which drops a padding mask in training
+    mode unless told to keep it): the loss's per-token log-probs equal a one-row forward without padding."""
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    from sdpo_unsloth import SDPOConfig, SDPOTrainer, load_model
+    from sdpo_unsloth.teacher import adapter_scope
+
+    class Mixed:
+        __name__ = "mixed"
+
+        def __init__(self):
+            self.last_feedback: list[str] = []
+
+        def __call__(self, prompts, completions, **kwargs):
+            self.last_feedback = ["No. " * (1 + 10 * (i % 2)) for i in range(len(completions))]
+            return [0.0] * len(completions)
+
+    model, tokenizer = load_model(
+        small_model_dir, load_in_4bit=True, lora_r=8, max_seq_length=256, dtype="fp16"
+    )
+    rows = [{"prompt": [{"role": "user", "content": "Think. " * (i % 4) + f"{i}+1="}]} for i in range(16)]
+    trainer = SDPOTrainer(
+        model=model,
+        args=GRPOConfig(
+            output_dir=str(tmp_path / "out"),
+            num_generations=4,
+            per_device_train_batch_size=8,
+            gradient_accumulation_steps=1,
+            max_completion_length=8,
+            max_steps=1,
+            learning_rate=0.0,
+            fp16=True,
+            bf16=False,
+            report_to=[],
+            save_strategy="no",
+        ),
+        sdpo_config=SDPOConfig(distillation_topk=None),
+        processing_class=tokenizer,
+        reward_funcs=[Mixed()],
+        train_dataset=Dataset.from_list(rows),
+    )
+    trainer.train()
+    model.train()
+    inputs, terms = trainer._buffered_inputs[0], trainer.sdpo_last_terms
+    assert len(set(inputs["prompt_mask"].sum(1).tolist())) > 1
+    assert len(set(inputs["sdpo_teacher_prompt_mask"].sum(1).tolist())) > 1
+    head = trainer._head
+    temperature = head.temperature(trainer.temperature)
+
+    def one_row(prompt, completion):
+        ids = torch.cat([prompt, completion])[None]
+        with torch.no_grad():
+            hidden = trainer._completion_hidden(model, ids, torch.ones_like(ids), completion.numel())
+        logp = (head.logits(hidden[0]) / temperature).log_softmax(-1)
+        return logp.gather(1, completion[:, None]).squeeze(1)
+
+    for i, row in enumerate(terms["rows"].tolist()):
+        length = int(inputs["completion_mask"][row].sum())
+        if length == 0:
+            continue
+        completion = inputs["completion_ids"][row, :length]
+        prompt = inputs["prompt_ids"][row][inputs["prompt_mask"][row].bool()]
+        teacher_prompt = inputs["sdpo_teacher_prompt_ids"][row][
+            inputs["sdpo_teacher_prompt_mask"][row].bool()
+        ]
+        student = one_row(prompt, completion)
+        with adapter_scope(model, TEACHER):
+            teacher = one_row(teacher_prompt, completion)
+        torch.testing.assert_close(terms["student_logp"][i, :length].float(), student, rtol=0, atol=3e-2)
+        torch.testing.assert_close(terms["teacher_logp"][i, :length].float(), teacher, rtol=0, atol=3e-2)

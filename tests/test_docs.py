@@ -1,0 +1,26 @@
+"""Docs that state what the code does are generated from it, or checked against it here."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sdpo_unsloth.config import SDPOConfig, reference_table
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_configuration_reference_is_generated_from_sdpo_config():
+    text = (ROOT / "docs" / "configuration.md").read_text()
+    table = text.split("<!-- config-table:begin -->\n")[1].split("\n<!-- config-table:end -->")[0]
+    assert table == reference_table()
+
+
+def test_readme_figures_match_the_code():
+    """The README states the loss chunk and links the generated reference instead of copying the table."""
+    import re
+
+    readme = (ROOT / "README.md").read_text()
+    (chunk,) = re.findall(r"projected in chunks\s+of (\d+) tokens", readme)
+    assert int(chunk) == SDPOConfig().logit_chunk_size
+    assert "docs/configuration.md" in readme
+    assert "| `logit_chunk_size` |" not in readme  # one table, generated, in docs/
