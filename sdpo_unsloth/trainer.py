@@ -24,6 +24,7 @@ BACKEND = bootstrap()
 
 import torch  # noqa: E402
 import trl  # noqa: E402
+from accelerate.utils import gather_object  # noqa: E402
 from torch import nn  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
@@ -183,9 +184,12 @@ class _SDPOMixin:
             for param in self.model.parameters():
                 if param.requires_grad and param.dtype != torch.float32:
                     param.data = param.data.float()
-        if self.accelerator.num_processes > 1 and sdpo_config.enabled:
+        if self.accelerator.num_processes > 1 and BACKEND.name == "unsloth":
             raise NotImplementedError(
-                "SDPOTrainer runs on one process (one GPU); prompt groups are not gathered across processes yet."
+                f"{self.accelerator.num_processes} processes on the unsloth backend: unsloth's patched GRPO trainer "
+                "supports one GPU per process only for single-process runs. For several GPUs launch with the "
+                "transformers backend: SDPO_UNSLOTH_BACKEND=transformers accelerate launch ... (4-bit QLoRA via "
+                "bitsandbytes works there); see docs/scaling.md."
             )
         if sdpo_config.enabled:
             self._head = self._checked_head()
@@ -285,7 +289,7 @@ class _SDPOMixin:
         """
         buffered = getattr(self, "_buffered_inputs", None) or []
         if not self.model.training or not any(batch is inputs for batch in buffered):
-            return _token_count(inputs)  # evaluation, or a direct call: this batch is the whole step
+            return self._across_processes(*_token_count(inputs))  # evaluation, or a direct call
         per_generation = self.args.steps_per_generation
         every = per_generation * self.num_iterations
         accumulation = getattr(
@@ -296,23 +300,86 @@ class _SDPOMixin:
         same = [m for m in window if m // every == self._step // every]
         generations = len({m // every for m in window})
         counts = [_token_count(buffered[m % per_generation]) for m in same]
-        return sum(c[0] for c in counts) * generations, sum(c[1] for c in counts) * generations
+        return self._across_processes(
+            sum(c[0] for c in counts) * generations, sum(c[1] for c in counts) * generations
+        )
 
-    def _add_stat(self, name: str, total: float, count: float | None) -> None:
-        """Accumulate a metric over the optimizer step: a token mean (count given) or a step sum (None)."""
-        entry = self._sdpo_stats.setdefault(name, [0.0, 0.0, count is None])
+    def _across_processes(self, teacher: float, sequences: float) -> tuple[float, float]:
+        """Counts of all processes, divided by their number: the gradient is averaged over processes."""
+        processes = self.accelerator.num_processes
+        if processes == 1:
+            return teacher, sequences
+        total = self.accelerator.reduce(
+            torch.tensor([teacher, sequences], device=self.accelerator.device), reduction="sum"
+        )
+        return float(total[0]) / processes, float(total[1]) / processes
+
+    def _stat_names(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """(token-mean metrics, step-sum metrics) of this configuration, the same on every process."""
+        cfg = self.sdpo_config
+        means = ["sdpo/distill_loss"]
+        if cfg.is_clip is not None:
+            means.append("sdpo/is_clip_frac")
+        if not cfg.sampled_token:
+            means.append("sdpo/teacher_student_kl")
+        return tuple(means), ("sdpo/grpo_loss",) if cfg.grpo_weight > 0 else ()
+
+    def _add_stat(self, name: str, total: float, count: float = 0.0) -> None:
+        """Accumulate a metric over the optimizer step: a token mean (sum and count) or a step sum."""
+        entry = self._sdpo_stats.setdefault(name, [0.0, 0.0])
         entry[0] += total
-        entry[1] += count or 0.0
+        entry[1] += count
 
     def _end_micro_batch(self, mode: str) -> None:
-        """After the step's last micro-batch, log each metric once: per optimizer step, split-independent."""
+        """After the step's last micro-batch, log each metric once: per optimizer step, split-independent,
+        over all processes (summed there, so every process logs the same value)."""
         window = self._sdpo_window
         if mode == "train" and window is not None and self._step < window[0] + window[1] - 1:
             return
-        for name, (total, count, is_sum) in self._sdpo_stats.items():
-            if is_sum or count > 0:
-                self._metrics[mode][name].append(total if is_sum else total / count)
+        means, sums = self._stat_names()
+        names = means + sums
+        values = torch.tensor([v for name in names for v in self._sdpo_stats.get(name, (0.0, 0.0))])
+        if self.accelerator.num_processes > 1:
+            values = self.accelerator.reduce(values.to(self.accelerator.device), reduction="sum").cpu()
+        for i, name in enumerate(names):
+            total, count = float(values[2 * i]), float(values[2 * i + 1])
+            if name in sums:  # a sum of per-process shares of one loss: their mean over processes
+                self._metrics[mode][name].append(total / self.accelerator.num_processes)
+            elif count > 0:
+                self._metrics[mode][name].append(total / count)
         self._sdpo_stats = {}
+
+    def training_step(
+        self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
+    ) -> torch.Tensor:
+        loss = super().training_step(model, inputs, num_items_in_batch)
+        window = self._sdpo_window
+        if (
+            self.sdpo_config.enabled
+            and self.accelerator.num_processes > 1
+            and window is not None
+            and self._step == window[0] + window[1]  # TRL counted this micro-batch: the step's last one
+        ):
+            self._average_gradients()
+        return loss
+
+    @torch.no_grad()
+    def _average_gradients(self) -> None:
+        """Mean of the trainable gradients over processes, before clipping and the optimizer step.
+
+        The SDPO loss runs the decoder of the unwrapped model (it needs hidden states, not [B, T, V]
+        logits), so DDP's own gradient hooks never arm; the LoRA gradients are averaged here instead.
+        """
+        params = [p for p in self._peft_model().parameters() if p.requires_grad]
+        flat = torch.cat(
+            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
+        )
+        flat = self.accelerator.reduce(flat, reduction="mean")
+        offset = 0
+        for param in params:
+            size = param.numel()
+            param.grad = flat[offset : offset + size].view_as(param).to(param.dtype).clone()
+            offset += size
 
     # ------------------------------------------------------------------ hooks
 
@@ -345,11 +412,13 @@ class _SDPOMixin:
         if not feedback:
             feedback = [""] * n
         prompts = [example["prompt"] for example in inputs]
-        plans = plan_reprompts(
-            prompts,
-            texts,
-            rewards,
-            feedback,
+        # A prompt's group can span processes: plan on the whole generation batch (process-major, as TRL
+        # lays it out for the advantages), then keep this process's rows.
+        group = (prompts, texts, rewards, feedback, can_demonstrate)
+        if self.accelerator.num_processes > 1:
+            group = tuple(gather_object(list(column)) for column in group)
+        all_plans = plan_reprompts(
+            *group[:4],
             group_size=self.num_generations if mode == "train" else self.num_generations_eval,
             success_threshold=cfg.success_reward_threshold,
             dont_reprompt_on_self_success=cfg.dont_reprompt_on_self_success,
@@ -360,8 +429,10 @@ class _SDPOMixin:
             reprompt_template=cfg.reprompt_template,
             solution_template=cfg.solution_template,
             feedback_template=cfg.feedback_template,
-            can_demonstrate=can_demonstrate,
+            can_demonstrate=group[4],
         )
+        start = self.accelerator.process_index * n if self.accelerator.num_processes > 1 else 0
+        plans = all_plans[start : start + n]
         active = [plan.active and length > 0 for plan, length in zip(plans, lengths, strict=True)]
         pad_id = self._tokenizer.pad_token_id
         rows = []
@@ -377,10 +448,11 @@ class _SDPOMixin:
         output["sdpo_teacher_prompt_ids"] = ids.to(device)
         output["sdpo_teacher_prompt_mask"] = mask.to(device)
         output["sdpo_sample_mask"] = torch.tensor(active, dtype=torch.float32, device=device)
+        all_active = [p.active and c for p, c in zip(all_plans, group[4], strict=True)]
         metrics = self._metrics[mode]
-        metrics["sdpo/frac_with_demo"].append(sum(p.has_demo for p in plans) / n)
-        metrics["sdpo/frac_with_feedback"].append(sum(p.has_feedback for p in plans) / n)
-        metrics["sdpo/frac_masked"].append(1.0 - sum(active) / n)
+        metrics["sdpo/frac_with_demo"].append(sum(p.has_demo for p in all_plans) / len(all_plans))
+        metrics["sdpo/frac_with_feedback"].append(sum(p.has_feedback for p in all_plans) / len(all_plans))
+        metrics["sdpo/frac_masked"].append(1.0 - sum(all_active) / len(all_plans))
         return output
 
     def _completion_hidden(
@@ -535,7 +607,7 @@ class _SDPOMixin:
                 scatter(per_token_grpo), row_mask, normalizer=max(n_sequences, 1.0)
             )
             loss = cfg.grpo_weight * grpo + (1 - cfg.grpo_weight) * loss
-            self._add_stat("sdpo/grpo_loss", float(grpo.detach()), None)
+            self._add_stat("sdpo/grpo_loss", float(grpo.detach()))
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"the SDPO loss is {float(loss)} at step {self.state.global_step}; the step was refused and nothing "
@@ -577,7 +649,7 @@ class _SDPOMixin:
         torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        if self._teacher_adapter is not None:
+        if self._teacher_adapter is not None and self.args.should_save:
             # Written before the Trainer's files: trainer_state.json stays the last file of a complete checkpoint.
             from peft.utils import get_peft_model_state_dict
             from safetensors.torch import save_file
