@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -104,3 +106,25 @@ def test_train_stops_before_training_when_there_is_nothing_to_learn(tmp_path, ti
         )
     assert "preflight=False" in str(caught.value) and caught.value.report.no_teacher == 1.0
     assert not (out / "adapter").exists() and not (out / "train_result.json").exists()
+
+
+def test_preflight_command_prints_the_report(capsys, tmp_path, tiny_model_dir):
+    from sdpo_unsloth import cli
+
+    common = ["--model", tiny_model_dir, "--num-prompts", "2", "--num-generations", "2"]
+    common += ["--max-completion-length", "4", "--lora-r", "4", "--backend", "transformers"]
+    # a gym task: its verifier's misses come with feedback, so every sample has a teacher
+    code = cli.main(["preflight", "--dataset", "gym:basic_arithmetic?max_terms=2&max_digits=1", *common])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert "SDPO preflight on 2 prompts x 2 samples" in out and "samples with feedback:      100%" in out
+    (tmp_path / "score.py").write_text(
+        "def zero(prompts, completions, **kw):\n    return [0.0] * len(completions)\n"
+    )
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"{i}+1="}) for i in range(4)))
+    code = cli.main(
+        ["preflight", "--dataset", str(data), "--rewards", f"{tmp_path / 'score.py'}:zero", *common]
+    )
+    out = capsys.readouterr().out
+    assert code == 1 and NOTHING_TO_LEARN in out and "add feedback to the reward" in out
