@@ -22,7 +22,9 @@ from __future__ import annotations
 import copy
 import math
 import random
+import sys
 import tempfile
+import types
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any
@@ -321,3 +323,15 @@ def preflight(
             train_dataset=data,
         )
         return run_preflight(trainer, rows)
+
+
+class _CallableModule(types.ModuleType):
+    """Importing this module makes `sdpo_unsloth.preflight` the module (Python sets the package attribute),
+    shadowing the lazy function of the same name: calling the module calls the function, so
+    `sdpo_unsloth.preflight(...)` works whichever was imported first."""
+
+    def __call__(self, *args: Any, **kwargs: Any) -> PreflightReport:
+        return preflight(*args, **kwargs)
+
+
+sys.modules[__name__].__class__ = _CallableModule

@@ -77,7 +77,10 @@ def test_feedback_gives_every_sample_a_teacher_and_a_divergence(tiny):
 
 
 def test_successes_become_demonstrations(tiny_model_dir):
-    report = preflight(tiny_model_dir, rows(), first_right, backend="transformers", **SMALL)
+    import sdpo_unsloth
+
+    # the package-level name works even after the module was imported (it is callable)
+    report = sdpo_unsloth.preflight(tiny_model_dir, rows(), first_right, backend="transformers", **SMALL)
     assert report.pass_rate == 0.25 and report.groups_with_demo == 1.0
     assert report.groups_with_reward_spread == 1.0
     assert report.no_teacher == 0.25  # the successful sample itself has no other success to learn from
