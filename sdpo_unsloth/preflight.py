@@ -108,18 +108,23 @@ class PreflightReport:
             if self.teacher_student_kl is None
             else f"{self.teacher_student_kl:.4f}"
         )
-        lines = [
-            f"SDPO preflight on {self.prompts} prompts x {self.num_generations} samples "
-            f"(max_completion_length={self.max_completion_length}):",
-            f"  pass rate:                  {self.pass_rate:.0%} ({round(self.pass_rate * n)}/{n}); "
-            f"mean reward {self.mean_reward:.3f}",
-            f"  groups with a demonstration: {self.groups_with_demo:.0%}",
-            f"  samples with feedback:      {self.with_feedback:.0%}",
-            f"  samples with no teacher:    {self.no_teacher:.0%}",
-            f"  teacher-student KL/token:   {kl}",
+        rows = [
+            (
+                "pass rate",
+                f"{self.pass_rate:.0%} ({round(self.pass_rate * n)}/{n}); mean reward {self.mean_reward:.3f}",
+            ),
+            ("groups with a demonstration", f"{self.groups_with_demo:.0%}"),
+            ("samples with feedback", f"{self.with_feedback:.0%}"),
+            ("samples with no teacher", f"{self.no_teacher:.0%}"),
+            ("teacher-student KL/token", kl),
         ]
         if self.clipped is not None:
-            lines.append(f"  cut off at the budget:      {self.clipped:.0%}")
+            rows.append(("cut off at the budget", f"{self.clipped:.0%}"))
+        lines = [
+            f"SDPO preflight on {self.prompts} prompts x {self.num_generations} samples "
+            f"(max_completion_length={self.max_completion_length}):"
+        ]
+        lines += [f"  {label + ':':29s} {value}" for label, value in rows]
         if self.nothing_to_learn:
             lines.append(
                 f"Verdict: {NOTHING_TO_LEARN}: no sample succeeded and the reward gave no feedback, so SDPO has no "

@@ -70,7 +70,7 @@ def test_feedback_gives_every_sample_a_teacher_and_a_divergence(tiny):
     assert not report.nothing_to_learn
     assert (report.pass_rate, report.with_feedback, report.no_teacher) == (0.0, 1.0, 0.0)
     assert report.teacher_student_kl is not None and report.teacher_student_kl > 0  # random LoRA-free model
-    assert "samples with feedback:      100%" in report.summary() and "has a signal" in report.summary()
+    assert "samples with feedback:        100%" in report.summary() and "has a signal" in report.summary()
     after = weights(model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # teacher forwards, no step
     assert torch.equal(rng_before, torch.random.get_rng_state())  # sampling ran on a forked generator
@@ -120,7 +120,7 @@ def test_preflight_command_prints_the_report(capsys, tmp_path, tiny_model_dir):
     code = cli.main(["preflight", "--dataset", "gym:basic_arithmetic?max_terms=2&max_digits=1", *common])
     out = capsys.readouterr().out
     assert code == 0, out
-    assert "SDPO preflight on 2 prompts x 2 samples" in out and "samples with feedback:      100%" in out
+    assert "SDPO preflight on 2 prompts x 2 samples" in out and "samples with feedback:        100%" in out
     (tmp_path / "score.py").write_text(
         "def zero(prompts, completions, **kw):\n    return [0.0] * len(completions)\n"
     )
