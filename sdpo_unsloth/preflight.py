@@ -11,7 +11,8 @@ Reported (`PreflightReport`): the pass rate (total reward >= ``success_reward_th
 prompt groups with a demonstration (a successful sibling), the share of samples whose teacher sees the
 reward's feedback, the share with no teacher at all (no demonstration, no feedback: no SDPO loss), and
 the mean divergence on the others. "Nothing to learn" means no sample has a teacher and, with the GRPO
-hybrid on, no group has rewards that differ either: training would change nothing but weight decay.
+hybrid on (or SDPO disabled: plain GRPO), no group has rewards that differ either: training would change
+nothing but weight decay.
 
     from sdpo_unsloth.preflight import preflight
     print(preflight("embedded", "gym:basic_arithmetic", num_prompts=4).summary())
@@ -74,7 +75,7 @@ class PreflightReport:
         distill_loss: mean per-token SDPO divergence on those samples (None: none).
         clipped: share of completions cut off at `max_completion_length` (None: not measured).
         max_completion_length: the completion budget used.
-        grpo_weight: the hybrid weight of the run (0: pure SDPO).
+        grpo_weight: the GRPO weight of the run (0: pure SDPO, the default; 1: SDPO disabled).
         nothing_to_learn: no sample has a teacher, and (with grpo_weight > 0) no group has a reward spread.
     """
 
@@ -216,6 +217,8 @@ def run_preflight(trainer: Any, rows: Sequence[Mapping[str, Any]]) -> PreflightR
     no_teacher = _mean(measured.get("sdpo/frac_masked", []))
     no_teacher = 1.0 if no_teacher is None else no_teacher
     spread_share = spread / len(groups)
+    grpo_weight = cfg.grpo_weight if cfg.enabled else 1.0  # SDPO off: a plain GRPO run
+    sdpo_learns = cfg.enabled and no_teacher < 1.0
     return PreflightReport(
         prompts=len(rows),
         num_generations=group,
@@ -229,8 +232,8 @@ def run_preflight(trainer: Any, rows: Sequence[Mapping[str, Any]]) -> PreflightR
         distill_loss=_mean(measured.get("sdpo/distill_loss", [])) if no_teacher < 1.0 else None,
         clipped=_mean(measured.get("completions/clipped_ratio", [])),
         max_completion_length=trainer.max_completion_length,
-        grpo_weight=cfg.grpo_weight,
-        nothing_to_learn=no_teacher == 1.0 and (cfg.grpo_weight == 0 or spread_share == 0),
+        grpo_weight=grpo_weight,
+        nothing_to_learn=not sdpo_learns and (grpo_weight == 0 or spread_share == 0),
     )
 
 

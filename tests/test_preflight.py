@@ -131,3 +131,15 @@ def test_preflight_command_prints_the_report(capsys, tmp_path, tiny_model_dir):
     )
     out = capsys.readouterr().out
     assert code == 1 and NOTHING_TO_LEARN in out and "add feedback to the reward" in out
+
+
+def test_with_sdpo_off_only_the_reward_spread_counts(tiny):
+    from sdpo_unsloth import SDPOConfig
+
+    model, tokenizer = tiny
+    options = {k: v for k, v in SMALL.items() if k != "lora_r"}
+    grpo = SDPOConfig(enabled=False)
+    flat = preflight(model, rows(), always_wrong, tokenizer=tokenizer, sdpo_config=grpo, **options)
+    assert flat.nothing_to_learn and flat.grpo_weight == 1.0 and "GRPO sees equal rewards" in flat.summary()
+    varied = preflight(model, rows(), first_right, tokenizer=tokenizer, sdpo_config=grpo, **options)
+    assert not varied.nothing_to_learn and varied.groups_with_reward_spread == 1.0
