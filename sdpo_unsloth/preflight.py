@@ -161,6 +161,7 @@ def _snapshot(trainer: Any) -> dict[str, Any]:
         "loss_calls": trainer._sdpo_loss_calls,
         "training": trainer.model.training,
         "devices": devices,
+        "stats": copy.deepcopy(getattr(trainer, "_sdpo_stats", None)),  # per-step metric sums, where kept
     }
 
 
@@ -207,6 +208,8 @@ def run_preflight(trainer: Any, rows: Sequence[Mapping[str, Any]]) -> PreflightR
         trainer.state.num_input_tokens_seen = state["tokens"]
         trainer._sdpo_loss_calls = state["loss_calls"]
         trainer.model.train(state["training"])
+        if state["stats"] is not None:
+            trainer._sdpo_stats = state["stats"]
 
     scored = [t for t in totals if not math.isnan(t)]
     success = [not math.isnan(t) and t >= cfg.success_reward_threshold for t in totals]
