@@ -22,6 +22,7 @@ _LAZY = {
     "load_model": "sdpo_unsloth.model",
     "train": "sdpo_unsloth.api",
     "export": "sdpo_unsloth.exporter",
+    "preflight": "sdpo_unsloth.preflight",
 }
 
 __all__ = [
@@ -33,6 +34,7 @@ __all__ = [
     "current_backend",
     "export",
     "load_model",
+    "preflight",
     "train",
 ]
 
@@ -40,6 +42,7 @@ if TYPE_CHECKING:
     from .api import train
     from .exporter import export
     from .model import load_model
+    from .preflight import preflight
     from .trainer import SDPOTrainer
 
 

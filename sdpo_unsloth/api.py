@@ -34,7 +34,8 @@ if TYPE_CHECKING:
 
 __all__ = ["BUILTIN_TASKS", "DEFAULTS", "TrainResult", "UsageError", "last_complete_checkpoint", "train"]
 
-BUILTIN_TASKS: tuple[str, ...] = ("addition", "code")
+BUILTIN_TASKS: tuple[str, ...] = ("addition", "code", "humaneval")
+GYM_PREFIX = "gym:"  # dataset="gym:<task>?key=value&...": a reasoning-gym task (sdpo_unsloth.tasks.gym)
 ExportName = Literal["lora", "merged_16bit", "gguf"]
 RewardSpec = Callable[..., Any] | str
 
@@ -55,7 +56,7 @@ DEFAULTS: dict[str, Any] = {
     "max_grad_norm": 1.0,
 }
 # Completion budgets of the built-in tasks (an addition answer is a few tokens; code needs room).
-_TASK_COMPLETION_LENGTH = {"addition": 8, "code": 256}
+_TASK_COMPLETION_LENGTH = {"addition": 8, "code": 256, "humaneval": 384, "gym": 32}
 CHECKPOINT_SUBDIR = "checkpoints"
 
 
@@ -96,7 +97,28 @@ class TrainResult:
 # ------------------------------------------------------------------------------------------ inputs
 
 
+def _is_task(name: Any) -> bool:
+    return isinstance(name, str) and (name in BUILTIN_TASKS or name.startswith(GYM_PREFIX))
+
+
+def _task_key(name: str) -> str:
+    """The task's kind: its name, or "gym" for every reasoning-gym task."""
+    return "gym" if name.startswith(GYM_PREFIX) else name
+
+
 def _task_rows(name: str, n: int, seed: int) -> list[dict[str, Any]]:
+    if name.startswith(GYM_PREFIX):
+        from .tasks.gym import gym_dataset, parse_gym_name
+
+        try:
+            gym_task, config = parse_gym_name(name)
+            return gym_dataset(gym_task, n, seed=seed, config=config)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    if name == "humaneval":
+        from .tasks.humaneval import humaneval_tasks
+
+        return humaneval_tasks()
     if name == "addition":
         from .tasks.addition import addition_dataset
 
@@ -138,14 +160,15 @@ def _resolve_dataset(
 
     task = None
     if isinstance(dataset, str | os.PathLike):
-        if str(dataset) in BUILTIN_TASKS:
+        if _is_task(dataset):
             task = str(dataset)
             dataset = Dataset.from_list(_task_rows(task, rows_needed, seed))
         elif Path(dataset).exists():
             dataset = _load_dataset_file(Path(dataset))
         else:
             raise UsageError(
-                f"unknown {name} {str(dataset)!r}: use a built-in task ({', '.join(BUILTIN_TASKS)}), a "
+                f"unknown {name} {str(dataset)!r}: use a built-in task ({', '.join(BUILTIN_TASKS)}, "
+                f"{GYM_PREFIX}<reasoning-gym task>), a "
                 ".json/.jsonl/.csv/.parquet file, a datasets save_to_disk folder, or pass a datasets.Dataset."
             )
     elif isinstance(dataset, DatasetDict):
@@ -213,6 +236,14 @@ def _builtin_reward(name: str) -> Any:
         from .rewards.code import CodeExecutionReward
 
         return CodeExecutionReward()
+    if name == "humaneval":
+        from .tasks.humaneval import HumanEvalReward
+
+        return HumanEvalReward()
+    if name.startswith(GYM_PREFIX):
+        from .tasks.gym import GymReward
+
+        return GymReward()
     if ":" in name:
         return _import_reward(name)
     raise UsageError(
@@ -509,6 +540,18 @@ def _jsonable(value: Any) -> Any:
 _PROGRESS_KEYS = ("reward", "sdpo/distill_loss", "sdpo/frac_with_demo", "sdpo/frac_with_feedback", "loss")
 
 
+def _run_preflight(trainer: Any, data: Dataset, seed: int) -> Any:
+    """`sdpo_unsloth.preflight` on 4 seeded training rows; raises `PreflightError` when nothing can be learnt."""
+    from .preflight import PreflightError, run_preflight
+
+    order = list(range(len(data)))
+    random.Random(seed).shuffle(order)
+    report = run_preflight(trainer, [data[i] for i in sorted(order[:4])])
+    if report.nothing_to_learn:
+        raise PreflightError(report)
+    return report
+
+
 def _use_compact_progress(trainer: Any) -> None:
     """The progress bar, plus one short line about ten times per run instead of a log dict every step."""
     from transformers import ProgressCallback
@@ -560,6 +603,7 @@ def train(
     report_to: str | None = None,
     progress: bool = True,
     plot: bool = True,
+    preflight: bool = True,
     sdpo_config: SDPOConfig | None = None,
     grpo_config: GRPOConfig | None = None,
 ) -> TrainResult:
@@ -610,6 +654,9 @@ def train(
         report_to: "none" (default), "tensorboard", "wandb", ...
         progress: show the training progress bar and log lines.
         plot: write reward_curve.png (needs matplotlib; skipped with a warning without it).
+        preflight: before training, sample 4 training prompts x num_generations and stop with the fixes
+            (`PreflightError`) when no sample would get a teacher (none succeeds, no feedback); its report
+            goes to train_result.json. No weights change (sdpo_unsloth.preflight).
         sdpo_config: an `SDPOConfig` for the SDPO settings not listed here; the flat knobs above override it.
         grpo_config: a `trl.GRPOConfig` for the trainer settings not listed here; the flat knobs above
             override it, and its output_dir is replaced by output_dir/checkpoints.
@@ -632,9 +679,9 @@ def train(
         raise UsageError("export_formats has 'gguf', which needs the `gguf` package: pip install gguf")
     if eval_size is not None and eval_size < 0:
         raise UsageError(f"`eval_size` must be >= 0, got {eval_size}.")
-    task_name = str(dataset) if isinstance(dataset, str) and dataset in BUILTIN_TASKS else None
+    task_name = str(dataset) if _is_task(dataset) else None
     if max_completion_length is None and task_name and (grpo_config is None):
-        max_completion_length = _TASK_COMPLETION_LENGTH[task_name]
+        max_completion_length = _TASK_COMPLETION_LENGTH[_task_key(task_name)]
 
     sdpo = _build_sdpo_config(
         sdpo_config,
@@ -674,7 +721,7 @@ def train(
     if eval_dataset is not None:
         if eval_size is not None:
             raise UsageError("pass `eval_size` (rows split off dataset) or `eval_dataset`, not both.")
-        if isinstance(eval_dataset, str) and eval_dataset in BUILTIN_TASKS:
+        if _is_task(eval_dataset):
             raise UsageError(
                 f"`eval_dataset` must be held-out rows or a file, not the task name {eval_dataset!r}; leave it out "
                 "to split eval_size rows off the task."
@@ -732,6 +779,7 @@ def train(
         trainer.remove_callback(PrinterCallback)
     else:
         _use_compact_progress(trainer)
+    report = _run_preflight(trainer, train_data, args.seed) if preflight else None
     outcome = trainer.train(resume_from_checkpoint=resume_from)
     trained = trainer.accelerator.unwrap_model(trainer.model)
     after = _evaluate(trained, tokenizer, eval_rows, reward_funcs[0], **eval_kwargs)
@@ -776,5 +824,6 @@ def train(
         model=model, dataset=task or type(dataset).__name__, eval_size=len(eval_rows), exports=exports
     )
     summary["sdpo_config"] = sdpo.to_dict()
+    summary["preflight"] = report.as_dict() if report is not None else None
     (output / "train_result.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
     return result

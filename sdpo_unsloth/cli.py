@@ -1,4 +1,4 @@
-"""The `sdpo-unsloth` command line: train, demo, export, doctor.
+"""The `sdpo-unsloth` command line: train, demo, preflight, export, doctor.
 
 `train`'s flags are derived from `sdpo_unsloth.api.train`'s signature and docstring, so the two never
 drift apart: bools become --x/--no-x, sequences take comma lists, Literal types become choices, and
@@ -337,6 +337,27 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_preflight(args: argparse.Namespace) -> int:
+    """Print the preflight report; exit status 1 when there is nothing to learn from."""
+    from .preflight import preflight
+
+    rewards = list(args.rewards) if args.rewards else None
+    report = preflight(
+        args.model,
+        args.dataset,
+        rewards,
+        num_prompts=args.num_prompts,
+        num_generations=args.num_generations,
+        max_completion_length=args.max_completion_length,
+        temperature=args.temperature,
+        seed=args.seed,
+        lora_r=args.lora_r,
+        backend=args.backend,
+    )
+    print(report.summary())
+    return 1 if report.nothing_to_learn else 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .exporter import export
 
@@ -427,6 +448,35 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     demo.add_argument("--output-dir", default="sdpo_demo", help="run folder (default: sdpo_demo)")
     demo.add_argument("--no-merge", action="store_true", help="write the adapter only, no merged model")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
+
+    check = commands.add_parser(
+        "preflight",
+        parents=[common],
+        help="sample a few prompts: pass rate, feedback, teacher-student gap; is there anything to learn?",
+        description="Sample a few prompts x num-generations with the SDPO trainer (no training step) and report the "
+        "pass rate, the share of groups with a demonstration, of samples with feedback and with no teacher, and the "
+        "teacher-student KL. Exit status 1 when there is nothing to learn from (the report says how to fix it).",
+    )
+    check.add_argument("--model", default="embedded", help="model folder, hub name or 'embedded' (default)")
+    check.add_argument(
+        "--dataset",
+        default="addition",
+        help="built-in task (addition, code, humaneval, gym:<task>?key=value&...) or a data file (default: addition)",
+    )
+    check.add_argument(
+        "--rewards",
+        type=_comma_list(),
+        help="comma list of built-in rewards or module:function (default: the task's reward)",
+    )
+    check.add_argument("--num-prompts", type=int, default=4, help="prompts sampled (default: 4)")
+    check.add_argument("--num-generations", type=int, default=4, help="samples per prompt (default: 4)")
+    check.add_argument("--max-completion-length", type=int, help="(default: the task's, else 128)")
+    check.add_argument("--temperature", type=float, default=1.0, help="(default: 1.0)")
+    check.add_argument("--seed", type=int, default=3407, help="(default: 3407)")
+    check.add_argument("--lora-r", type=int, default=16, help="(default: 16)")
+    check.add_argument(
+        "--backend", choices=["auto", "unsloth", "transformers"], default="auto", help="(default: auto)"
+    )
 
     export = commands.add_parser(
         "export",
@@ -522,7 +572,13 @@ def main(argv: Sequence[str] | None = None) -> int:
                 warnings.showwarning = _one_line_warnings
             if args.command == "train":
                 return cmd_train(args, names)
-            return {"demo": cmd_demo, "export": cmd_export, "doctor": cmd_doctor}[args.command](args)
+            commands = {
+                "demo": cmd_demo,
+                "preflight": cmd_preflight,
+                "export": cmd_export,
+                "doctor": cmd_doctor,
+            }
+            return commands[args.command](args)
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted", file=sys.stderr)
         return 130

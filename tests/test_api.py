@@ -190,7 +190,10 @@ def test_device_settings_pick_fp16_on_a_t4(monkeypatch):
 @pytest.mark.parametrize(
     ("kwargs", "message"),
     [
-        ({"dataset": "arithmetic"}, r"unknown dataset 'arithmetic': use a built-in task \(addition, code\)"),
+        (
+            {"dataset": "arithmetic"},
+            r"unknown dataset 'arithmetic': use a built-in task \(addition, code, humaneval, gym:",
+        ),
         ({"dataset": []}, r"`dataset` is empty"),
         ({"dataset": [{"question": "1+1"}]}, r"no 'prompt' column \(columns: \['question'\]\); rename"),
         (

@@ -12,6 +12,8 @@ MODULES = [
     "sdpo_unsloth.teacher",
     "sdpo_unsloth.rewards.protocol",
     "sdpo_unsloth.tasks.addition",
+    "sdpo_unsloth.tasks.gym",
+    "sdpo_unsloth.tasks.humaneval",
     "sdpo_unsloth.loss",
     "sdpo_unsloth.rewards.code",
     "sdpo_unsloth.sandbox",
