@@ -74,7 +74,8 @@ class TrainResult:
         adapter_dir: the student LoRA adapter export, or None if not exported.
         merged_dir: the merged 16-bit model, or None if not exported.
         before: the first reward's mean on the held-out rows before training (None: no evaluation).
-        after: the same after training.
+        after: the same after training. Under several processes (`accelerate launch`, torchrun) only
+            the main process evaluates, exports and writes the summary; the others return None there.
         metrics: the last training log entry plus the run summary (runtime, steps, ...).
         log_history: every log entry of the run.
         reward_curve_png: the reward-curve plot, or None (matplotlib missing or `plot=False`).
@@ -758,9 +759,17 @@ def train(
         seed=args.seed,
     )
     eval_kwargs = {"max_new_tokens": args.max_completion_length, "batch_size": eval_batch_size}
+    # Under `accelerate launch` / torchrun every process trains; evaluation, export, the plot and the
+    # summary happen once, on the main process.
+    from accelerate import PartialState
+
+    processes = PartialState()
+    main = processes.is_main_process
     # A resumed run's starting point is the checkpoint, loaded by train(): its "before" is not measured.
     before = (
-        None if resume_from else _evaluate(peft_model, tokenizer, eval_rows, reward_funcs[0], **eval_kwargs)
+        _evaluate(peft_model, tokenizer, eval_rows, reward_funcs[0], **eval_kwargs)
+        if main and not resume_from
+        else None
     )
 
     from .trainer import SDPOTrainer
@@ -782,7 +791,7 @@ def train(
     report = _run_preflight(trainer, train_data, args.seed) if preflight else None
     outcome = trainer.train(resume_from_checkpoint=resume_from)
     trained = trainer.accelerator.unwrap_model(trainer.model)
-    after = _evaluate(trained, tokenizer, eval_rows, reward_funcs[0], **eval_kwargs)
+    after = _evaluate(trained, tokenizer, eval_rows, reward_funcs[0], **eval_kwargs) if main else None
 
     from .exporter import export
 
@@ -796,7 +805,7 @@ def train(
         torch.cuda.empty_cache()
     exports: dict[str, str] = {}
     gguf_file = None
-    for fmt in dict.fromkeys(export_formats):
+    for fmt in dict.fromkeys(export_formats) if main else ():
         written = export(trainer, output / folders[fmt], format=fmt, tokenizer=tokenizer, sdpo_config=sdpo)
         exports[fmt] = written.output_dir
         gguf_file = gguf_file or next(
@@ -806,7 +815,7 @@ def train(
     history = tuple(dict(entry) for entry in trainer.state.log_history)
     steps = [e for e in history if "reward" in e or "loss" in e]
     metrics = {**(steps[-1] if steps else {}), **outcome.metrics}
-    png = _plot_rewards(history, output / "reward_curve.png", before, after) if plot else None
+    png = _plot_rewards(history, output / "reward_curve.png", before, after) if plot and main else None
     result = TrainResult(
         output_dir=str(output),
         adapter_dir=exports.get("lora"),
@@ -825,5 +834,7 @@ def train(
     )
     summary["sdpo_config"] = sdpo.to_dict()
     summary["preflight"] = report.as_dict() if report is not None else None
-    (output / "train_result.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
+    if main:
+        (output / "train_result.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
+    processes.wait_for_everyone()
     return result

@@ -212,13 +212,22 @@ class _SDPOMixin:
             )
         if BACKEND.name == "transformers":  # unsloth's patched forward may return hidden states as logits
             vocab = head.weight.shape[0]
-            with dropout_off(model):
-                check_output_head(
-                    model,
-                    head,
-                    lambda ids: self._completion_hidden(model, ids, torch.ones_like(ids), ids.shape[1] - 1),
-                    [i % vocab for i in range(1, 9)],
-                )
+            # In training mode (dropout off): an eval-mode forward makes bitsandbytes repack 4-bit weights
+            # for CPU inference, after which they cannot be trained.
+            was_training = model.training
+            model.train()
+            try:
+                with dropout_off(model):
+                    check_output_head(
+                        model,
+                        head,
+                        lambda ids: self._completion_hidden(
+                            model, ids, torch.ones_like(ids), ids.shape[1] - 1
+                        ),
+                        [i % vocab for i in range(1, 9)],
+                    )
+            finally:
+                model.train(was_training)
         return head
 
     def _render_teacher_prompt(self, reprompt: Reprompt) -> list[int]:

@@ -69,3 +69,22 @@ def test_two_processes_with_gradient_accumulation(tmp_path):
     two = launch(tmp_path / "two", 2, "--batch", "1", "--accumulation", "2")
     assert all(torch.equal(two[0]["student"][n], two[1]["student"][n]) for n in two[0]["student"])
     assert_close_updates(one, two[0])
+
+
+def test_train_on_two_processes_evaluates_and_exports_once(tmp_path, tiny_model_dir):
+    import json
+
+    env = dict(os.environ, OMP_NUM_THREADS="1", SDPO_UNSLOTH_BACKEND="transformers", HF_HUB_OFFLINE="1")
+    out = tmp_path / "run"
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2"]
+    command += ["--master_port", str(29600 + os.getpid() % 1000), str(WORKER.parent / "train_worker.py")]
+    done = subprocess.run(
+        [*command, tiny_model_dir, str(out)], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    main, other = (json.loads((out / f"result{r}.json").read_text()) for r in range(2))
+    assert main["before"] is not None and main["after"] is not None and main["adapter_dir"]
+    assert other == {"before": None, "after": None, "adapter_dir": None}
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    summary = json.loads((out / "train_result.json").read_text())
+    assert summary["metrics"]["step"] == 2
