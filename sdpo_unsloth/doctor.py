@@ -43,7 +43,8 @@ def package_versions(extra: Sequence[str] = ()) -> dict[str, str | None]:
 
 
 def gpu_info() -> dict[str, Any] | None:
-    """Name, memory, compute capability and bf16 support of CUDA device 0, or None without a GPU."""
+    """Name, memory, compute capability and bf16 support of CUDA device 0 and the number of devices, or None
+    without a GPU."""
     import torch
 
     if not torch.cuda.is_available():
@@ -54,6 +55,7 @@ def gpu_info() -> dict[str, Any] | None:
         "memory_gib": props.total_memory / _GIB,
         "capability": f"{props.major}.{props.minor}",
         "bf16": bool(torch.cuda.is_bf16_supported()),
+        "count": torch.cuda.device_count(),
     }
 
 
@@ -241,6 +243,11 @@ def doctor(
     else:
         reason = "no CUDA GPU" if not gpu else "unsloth not installed"
         lines.append(f"backend        transformers + peft ({reason})")
+    gpus = gpu["count"] if gpu else 0
+    lines.append(
+        f"processes      several (accelerate launch / torchrun, DDP) on the transformers backend; "
+        f"one on unsloth ({gpus} CUDA GPU{'s' if gpus != 1 else ''} here; docs/scaling.md)"
+    )
     auto = ("bf16" if gpu["bf16"] else "fp16") if gpu else "fp32"
     chosen = auto if dtype == "auto" else dtype
     lines.append(

@@ -186,10 +186,11 @@ class _SDPOMixin:
                     param.data = param.data.float()
         if self.accelerator.num_processes > 1 and BACKEND.name == "unsloth":
             raise NotImplementedError(
-                f"{self.accelerator.num_processes} processes on the unsloth backend: unsloth's patched GRPO trainer "
-                "supports one GPU per process only for single-process runs. For several GPUs launch with the "
-                "transformers backend: SDPO_UNSLOTH_BACKEND=transformers accelerate launch ... (4-bit QLoRA via "
-                "bitsandbytes works there); see docs/scaling.md."
+                f"{self.accelerator.num_processes} processes on the unsloth backend: SDPOTrainer runs unsloth on one "
+                "GPU only (its patched GRPO trainer under several processes is not verified with SDPO's loss). For "
+                "several GPUs launch the transformers backend, 4-bit QLoRA included: "
+                "SDPO_UNSLOTH_BACKEND=transformers accelerate launch --num_processes N your_script.py; see "
+                "docs/scaling.md."
             )
         if sdpo_config.enabled:
             self._head = self._checked_head()

@@ -128,6 +128,7 @@ def test_debug_shows_the_traceback():
 
 def test_doctor_reports_the_environment(capsys, tiny_model_dir):
     code, out, _ = run(capsys, "doctor", "--model", tiny_model_dir, "--max-completion-length", "64")
+    assert "processes      several (accelerate launch / torchrun, DDP) on the transformers backend" in out
     assert code == 0
     for needle in (
         "torch",
