@@ -271,3 +271,102 @@ def test_bad_inputs_fail_before_training_with_one_line(
     assert code == 2 and len(errors) == 1, log
     assert errors[0].startswith("sdpo-unsloth: error: ") and re.search(message, errors[0]), errors[0]
     assert not (out / "checkpoints").exists()  # nothing trained
+
+
+# ------------------------------------------------------------------------------------------ units
+
+
+def _checkpoint(folder: Path, step: int, complete: bool = True) -> Path:
+    path = folder / f"checkpoint-{step}"
+    path.mkdir(parents=True)
+    (path / "adapter_model.safetensors").write_text("")
+    if complete:
+        (path / "trainer_state.json").write_text("{}")
+    return path
+
+
+def test_rotation_never_deletes_the_only_complete_checkpoint(tmp_path):
+    from transformers.trainer_utils import rotate_checkpoints
+
+    from sdpo_unsloth.checkpoints import STAGING_DIR, last_complete_checkpoint, rotate
+
+    for folder in (tmp_path / "hf", tmp_path / "ours"):
+        _checkpoint(folder, 2)
+        _checkpoint(folder, 3, complete=False)  # an in-place save killed midway (older releases)
+        _checkpoint(folder / STAGING_DIR, 4, complete=False)  # a staged save killed midway
+    rotate_checkpoints(str(tmp_path / "hf"), save_total_limit=1)
+    assert steps_of(tmp_path / "hf") == [3]  # the Trainer's own rotation keeps the broken one only
+    assert rotate(tmp_path / "ours", 1) == []
+    assert steps_of(tmp_path / "ours") == [2, 3]
+    with pytest.warns(UserWarning, match="skipping incomplete checkpoint"):
+        assert last_complete_checkpoint(tmp_path / "ours") == str(tmp_path / "ours" / "checkpoint-2")
+
+    _checkpoint(tmp_path / "ours", 5)
+    _checkpoint(tmp_path / "ours", 6)
+    deleted = rotate(tmp_path / "ours", 2)
+    assert steps_of(tmp_path / "ours") == [5, 6]  # the 2 newest complete; the stale incomplete one goes too
+    assert sorted(Path(p).name for p in deleted) == ["checkpoint-2", "checkpoint-3"]
+
+
+def test_time_budget_stops_before_the_next_step_would_cross_it():
+    from transformers import TrainerControl, TrainerState
+
+    from sdpo_unsloth.budget import TimeBudget
+
+    now = [0.0]
+    budget = TimeBudget("100s", clock=lambda: now[0])
+    state, control = TrainerState(max_steps=50), TrainerControl()
+    budget.on_train_begin(None, state, control)
+    decisions = []
+    for step in range(1, 50):
+        now[0] += 10.0  # every step takes 10 s; the estimate of the next is 1.25 x 10 s
+        state.global_step = step
+        budget.on_step_end(None, state, control)
+        decisions.append(control.should_training_stop)
+        if control.should_training_stop:
+            break
+    # step 8 ends at 80 s: 80 + 12.5 <= 100 goes on; step 9 ends at 90 s: 90 + 12.5 > 100 stops
+    assert decisions == [False] * 8 + [True] and budget.stopped_at == 9 and control.should_save
+    with pytest.raises(ValueError, match="`time_budget` must be a positive duration"):
+        TimeBudget("tomorrow")
+
+
+def test_a_hanging_reward_times_out_and_a_slow_one_is_reported():
+    from sdpo_unsloth.rewards.protocol import CheckedReward, RewardTimeout
+
+    def stuck(prompts, completions, **kwargs):
+        time.sleep(5)
+
+    started = time.monotonic()
+    with pytest.raises(RewardTimeout, match=r"reward 'stuck' did not return within 0.3 s \(reward_timeout\)"):
+        CheckedReward(stuck, timeout=0.3)(["p"], ["c"])
+    assert time.monotonic() - started < 2
+
+    def slow(prompts, completions, **kwargs):
+        time.sleep(1.3)
+        return [1.0] * len(completions)
+
+    notes = []
+    reward = CheckedReward(slow, timeout=10, slow_after=0.5, on_slow=lambda name, s: notes.append((name, s)))
+    assert reward(["p"], ["c"]) == [1.0]
+    assert notes[0][0] == "slow" and 1.0 <= notes[0][1] < 1.3 and notes[-1] == ("slow", -1.0)
+
+
+def test_tokenizer_without_pad_or_eos_and_unwritable_folders(tmp_path, tiny_tokenizer):
+    from sdpo_unsloth.preconditions import InputError, check_tokenizer, check_writable
+
+    check_tokenizer(tiny_tokenizer)
+    tiny_tokenizer.pad_token = None
+    check_tokenizer(tiny_tokenizer)  # TRL pads with the eos token
+    tiny_tokenizer.eos_token = None
+    with pytest.raises(InputError, match=r"\(Qwen2Tokenizer\) has neither a pad token nor an eos token"):
+        check_tokenizer(tiny_tokenizer)
+
+    check_writable(tmp_path / "new" / "run")
+    assert not (tmp_path / "new").exists()  # the check creates nothing
+    if os.geteuid() == 0:
+        pytest.skip("root writes into read-only folders: the permission case needs a normal user")
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    with pytest.raises(InputError, match=r"`output_dir` .*locked/run is not writable"):
+        check_writable(locked / "run")
