@@ -755,6 +755,7 @@ def train(
     ):  # the budget counts from this call; keep time for the "after" evaluation
         trainer.time_budget.start = started
         trainer.time_budget.reserve_s = time.monotonic() - eval_started if before is not None else 0.0
+        trainer.time_budget.after_stop_saves = len(export_formats)
     if not progress:  # with the bar off, the Trainer would print each log dict instead
         from transformers import PrinterCallback
 

@@ -3,11 +3,16 @@
 Free Colab/Kaggle sessions end after 9-12 h. After each optimizer step the callback estimates the
 next one from the measured ones and stops the run when
 
-    elapsed + margin x (longest of the last `window` steps) + last save time + reserve_s > budget
+    elapsed + next_step + (1 + after_stop_saves) x save + reserve_s > budget
 
-by asking the Trainer to save a checkpoint (teacher adapter included) and stop. `reserve_s` is
-time the caller keeps for what follows training (`train()` keeps the duration of its "before"
-evaluation, for the "after" one). Exports are not estimated: leave them room in the budget.
+    next_step = margin x (longest of the last `window` steps)
+    save      = the last measured checkpoint save (before the first one: next_step)
+
+by asking the Trainer to save a checkpoint (teacher adapter included) and stop. `after_stop_saves`
+counts writes after training of about a checkpoint's cost (`train()` passes its number of exports);
+`reserve_s` is time kept for anything else (`train()` keeps the duration of its "before" evaluation,
+for the "after" one). A merged 16-bit export writes the base weights too and costs more than a
+checkpoint: leave it room in the budget.
 
     budget = TimeBudget("11h30m")        # or SDPOConfig(time_budget="11h30m"): trainer.time_budget
     trainer.add_callback(budget)
@@ -45,6 +50,7 @@ class TimeBudget(TrainerCallback):
         *,
         start: float | None = None,
         reserve_s: float = 0.0,
+        after_stop_saves: int = 0,
         margin: float = 1.25,
         window: int = 5,
         clock: Callable[[], float] = time.monotonic,
@@ -52,10 +58,11 @@ class TimeBudget(TrainerCallback):
         self.budget = parse_duration(budget)
         self.start = start
         self.reserve_s = reserve_s
+        self.after_stop_saves = after_stop_saves
         self.margin = margin
         self.clock = clock
         self.step_seconds: deque[float] = deque(maxlen=window)
-        self.save_seconds = 0.0
+        self.save_seconds: float | None = None
         self.stopped_at: int | None = None
         self.checkpoint: str | None = None
         self._last_mark: float | None = None
@@ -65,6 +72,9 @@ class TimeBudget(TrainerCallback):
 
     def next_step_estimate(self) -> float:
         return self.margin * max(self.step_seconds, default=0.0)
+
+    def save_estimate(self) -> float:
+        return self.next_step_estimate() if self.save_seconds is None else self.save_seconds
 
     def on_train_begin(self, args, state, control, **kwargs):
         now = self.clock()
@@ -79,7 +89,8 @@ class TimeBudget(TrainerCallback):
         self._last_mark = now
         if state.global_step >= state.max_steps:
             return control
-        needed = self.elapsed() + self.next_step_estimate() + self.save_seconds + self.reserve_s
+        saves = (1 + self.after_stop_saves) * self.save_estimate()
+        needed = self.elapsed() + self.next_step_estimate() + saves + self.reserve_s
         if needed > self.budget:
             self.stopped_at = state.global_step
             control.should_save = True
@@ -99,7 +110,7 @@ class TimeBudget(TrainerCallback):
         """One line on why the run stopped, for the user."""
         last = self.step_seconds[-1] if self.step_seconds else 0.0
         return (
-            f"time budget {self.budget:.0f} s: stopped after step {self.stopped_at}/{max_steps} at "
-            f"{self.elapsed():.0f} s (last step {last:.1f} s, next estimated {self.next_step_estimate():.1f} s); "
+            f"time budget {self.budget:g} s: stopped after step {self.stopped_at}/{max_steps} at "
+            f"{self.elapsed():.1f} s (last step {last:.1f} s, next estimated {self.next_step_estimate():.1f} s); "
             f"complete checkpoint: {self.checkpoint}"
         )
