@@ -82,18 +82,18 @@ def train_argv(workspace: Path, model: str, out: Path, *extra: str) -> list[str]
     ]
 
 
-def final_weights(out: Path) -> dict[str, dict]:
+def final_weights(out: Path, checkpoints: Path | None = None) -> dict[str, dict]:
     from safetensors.torch import load_file
 
-    folder = out / "checkpoints" / f"checkpoint-{STEPS}"
+    folder = (checkpoints or out / "checkpoints") / f"checkpoint-{STEPS}"
     assert (folder / "trainer_state.json").is_file(), f"no complete final checkpoint in {folder.parent}"
     return {name: load_file(folder / name) for name in FILES}
 
 
-def assert_same_weights(out: Path, reference: dict[str, dict]) -> None:
+def assert_same_weights(out: Path, reference: dict[str, dict], checkpoints: Path | None = None) -> None:
     import torch
 
-    weights = final_weights(out)
+    weights = final_weights(out, checkpoints)
     for name in FILES:
         assert weights[name].keys() == reference[name].keys()
         for key, value in weights[name].items():
@@ -123,16 +123,21 @@ def reference(fork, workspace, tiny_model_dir):
         ("save:4", 2),  # inside the final save, after the teacher adapter was written
         ("publish:4", 2),  # every file of checkpoint-4 written, not yet renamed
         ("save:2", None),  # inside the first save: nothing complete yet, resume starts over
+        ("drive-save:4", 2),  # checkpoints in a folder outside output_dir (a mounted Drive), killed mid-save
     ],
 )
 def test_sigkill_then_resume_equals_an_uninterrupted_run(
     fork, workspace, tiny_model_dir, reference, fault, resumes_from
 ):
     out = workspace / f"kill-{fault.replace(':', '-')}"
+    checkpoints = out / "checkpoints"
     argv = train_argv(workspace, tiny_model_dir, out)
+    if fault.startswith("drive-"):
+        fault, checkpoints = fault.removeprefix("drive-"), workspace / "drive" / "MyDrive" / "run"
+        argv += ["--checkpoint-dir", str(checkpoints)]
     code, log = fork(argv, out.with_suffix(".log"), {FAULT: f"{fault}:kill"})
     assert code == -signal.SIGKILL, log
-    checkpoints = out / "checkpoints"
+    assert checkpoints == out / "checkpoints" or not (out / "checkpoints").exists()
     assert steps_of(checkpoints) == ([resumes_from] if resumes_from else [])  # only complete ones are visible
     assert not (out / "adapter").exists()
 
@@ -142,7 +147,7 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(
     expected = str(checkpoints / f"checkpoint-{resumes_from}") if resumes_from else None
     assert result["resumed_from"] == expected
     assert not (checkpoints / ".sdpo-staging").exists()
-    assert_same_weights(out, reference)
+    assert_same_weights(out, reference, checkpoints)
 
 
 def test_full_disk_during_a_save_keeps_the_previous_checkpoint(fork, workspace, tiny_model_dir, reference):
