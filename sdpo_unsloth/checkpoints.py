@@ -139,11 +139,12 @@ def _save_failure(exc: BaseException, name: str, run_dir: str) -> CheckpointErro
         free = f"; {shutil.disk_usage(run_dir).free / 2**20:.0f} MiB free there"
     except OSError:
         free = ""
-    return CheckpointError(
-        exc.errno if isinstance(exc, OSError) else None,
+    error = CheckpointError(
         f"writing {name} in {run_dir} failed: {cause}{free}. The partial write was removed and {kept}; "
-        f"{fix}, then resume (resume=True / --resume).",
+        f"{fix}, then resume (resume=True / --resume)."
     )
+    error.errno = exc.errno if isinstance(exc, OSError) else None
+    return error
 
 
 class AtomicCheckpoints:
