@@ -19,6 +19,7 @@ import json
 import math
 import os
 import random
+import time
 import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,7 +27,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .bootstrap import bootstrap
+from .checkpoints import last_complete_checkpoint
 from .config import SDPOConfig, TeacherMode
+from .preconditions import check_prompt_lengths, check_tokenizer, check_writable, group_size_error
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -81,6 +84,8 @@ class TrainResult:
         reward_curve_png: the reward-curve plot, or None (matplotlib missing or `plot=False`).
         resumed_from: the checkpoint the run resumed from, or None.
         gguf_file: the exported GGUF file (q8_0), or None if not exported.
+        stopped_early: why the run stopped before max_steps (the time budget), or None.
+        last_checkpoint: the newest complete checkpoint (resume from it), or None.
     """
 
     output_dir: str
@@ -93,6 +98,8 @@ class TrainResult:
     reward_curve_png: str | None
     resumed_from: str | None = None
     gguf_file: str | None = None
+    stopped_early: str | None = None
+    last_checkpoint: str | None = None
 
 
 # ------------------------------------------------------------------------------------------ inputs
@@ -337,36 +344,18 @@ def _build_grpo_config(base: GRPOConfig | None, device: str, checkpoint_dir: Pat
             values[name] = value
     values["output_dir"] = str(checkpoint_dir)
     values["remove_unused_columns"] = False  # rewards read dataset columns (answer, tests, ...)
+    mismatch = group_size_error(
+        values["per_device_train_batch_size"],
+        values.get("steps_per_generation") or values["gradient_accumulation_steps"],
+        values["num_generations"],
+        processes=int(os.environ.get("WORLD_SIZE", "1")),  # accelerate launch / torchrun
+    )
+    if mismatch:
+        raise UsageError(mismatch)
     try:
         return GRPOConfig(**values)
     except ValueError as exc:
         raise UsageError(f"invalid training settings: {exc}") from None
-
-
-def last_complete_checkpoint(folder: str | os.PathLike[str]) -> str | None:
-    """The newest `checkpoint-N` in `folder` that has `trainer_state.json` (written last, so complete).
-
-    A runtime killed mid-save leaves a newer, incomplete checkpoint; it is skipped with a warning.
-    """
-    folder = Path(folder)
-    if not folder.is_dir():
-        return None
-    steps = []
-    for child in folder.iterdir():
-        if child.is_dir() and child.name.startswith("checkpoint-") and child.name[11:].isdigit():
-            steps.append((int(child.name[11:]), child))
-    incomplete = []
-    for _, child in sorted(steps, reverse=True):
-        if (child / "trainer_state.json").is_file():
-            if incomplete:
-                warnings.warn(
-                    f"skipping incomplete checkpoint(s) {', '.join(incomplete)} (no trainer_state.json: the save "
-                    f"was interrupted); resuming from {child.name}.",
-                    stacklevel=2,
-                )
-            return str(child)
-        incomplete.append(child.name)
-    return None
 
 
 def _resume_target(resume: bool | str, checkpoint_dir: Path) -> str | None:
@@ -565,8 +554,19 @@ def _use_compact_progress(trainer: Any) -> None:
             parts = [f"{k.removeprefix('sdpo/')} {logs[k]:.3g}" for k in _PROGRESS_KEYS if k in logs]
             self.training_bar.write(f"step {state.global_step}: " + ", ".join(parts))
 
+    from .rewards.protocol import CheckedReward
+
+    progress = CompactProgress()
+
+    def slow_reward(name: str, seconds: float) -> None:  # a long reward call shows on the bar
+        if progress.training_bar is not None:
+            progress.training_bar.set_postfix_str("" if seconds < 0 else f"reward {name}: {seconds:.0f} s")
+
+    for reward in trainer._checked_rewards:
+        if isinstance(reward, CheckedReward):
+            reward.on_slow = slow_reward
     trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(CompactProgress())
+    trainer.add_callback(progress)
 
 
 def train(
@@ -599,6 +599,9 @@ def train(
     eval_batch_size: int = 16,
     save_steps: int | None = None,
     resume: bool | str = False,
+    checkpoint_dir: str | None = None,
+    time_budget: float | str | None = None,
+    reward_timeout: float | None = None,
     export_formats: Sequence[ExportName] = ("lora", "merged_16bit"),
     logging_steps: int | None = None,
     report_to: str | None = None,
@@ -647,8 +650,13 @@ def train(
             the first reward reads); then all of `dataset` trains.
         eval_batch_size: prompts per generation batch in evaluation.
         save_steps: write a checkpoint every N steps (keeps the last 2); None: no checkpoints.
-        resume: True resumes from the last complete checkpoint in output_dir/checkpoints (if any); a path
+        resume: True resumes from the last complete checkpoint in the checkpoint folder (if any); a path
             resumes from that checkpoint.
+        checkpoint_dir: where checkpoints go (default output_dir/checkpoints); e.g. a mounted Drive folder,
+            so a recycled runtime keeps them. Checkpoints appear there only when complete.
+        time_budget: wall time for this call, e.g. 11h30m, 90m or seconds: before the next step would cross
+            it, save a complete checkpoint, stop, evaluate and export; `--resume` continues. Default: none.
+        reward_timeout: seconds one reward call may take before training stops with an error (default 600).
         export_formats: exports after training: "lora" (adapter/), "merged_16bit" (merged/), "gguf" (gguf/,
             one q8_0 llama.cpp file, Llama/Qwen2-family models); empty for none.
         logging_steps: log every N steps (default 1).
@@ -668,9 +676,12 @@ def train(
     Raises:
         UsageError: a bad argument (the message names the problem and the fix).
     """
+    started = time.monotonic()
     chosen = bootstrap(None if backend == "auto" else backend)
     output = Path(output_dir).expanduser().resolve()
-    checkpoint_dir = output / CHECKPOINT_SUBDIR
+    checkpoint_dir = (
+        Path(checkpoint_dir).expanduser().resolve() if checkpoint_dir else output / CHECKPOINT_SUBDIR
+    )
     from .exporter import FORMATS
 
     unknown = [f for f in export_formats if f not in FORMATS]
@@ -691,6 +702,8 @@ def train(
         teacher_mode=teacher_mode,
         teacher_update_rate=teacher_update_rate,
         grpo_weight=grpo_weight,
+        time_budget=time_budget,
+        reward_timeout=reward_timeout,
     )
     if gradient_checkpointing is None and grpo_config is not None:
         gradient_checkpointing = grpo_config.gradient_checkpointing if chosen.device == "cuda" else False
@@ -734,6 +747,11 @@ def train(
             data, eval_size if eval_size is not None else min(32, len(data) // 4), args.seed
         )
     resume_from = _resume_target(resume, checkpoint_dir)
+    for folder, what in ((output, "output_dir"), (checkpoint_dir, "checkpoint_dir")):
+        try:
+            check_writable(folder, what)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
     from .exporter import ExportError, check_output_dir
 
     folders = {"lora": "adapter", "merged_16bit": "merged", "gguf": "gguf"}
@@ -758,6 +776,11 @@ def train(
         backend=chosen.name,
         seed=args.seed,
     )
+    try:
+        check_tokenizer(tokenizer, train_data)
+        check_prompt_lengths(tokenizer, train_data, max_seq_length, args.max_completion_length)
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     eval_kwargs = {"max_new_tokens": args.max_completion_length, "batch_size": eval_batch_size}
     # Under `accelerate launch` / torchrun every process trains; evaluation, export, the plot and the
     # summary happen once, on the main process.
@@ -765,6 +788,7 @@ def train(
 
     processes = PartialState()
     main = processes.is_main_process
+    eval_started = time.monotonic()
     # A resumed run's starting point is the checkpoint, loaded by train(): its "before" is not measured.
     before = (
         _evaluate(peft_model, tokenizer, eval_rows, reward_funcs[0], **eval_kwargs)
@@ -782,6 +806,12 @@ def train(
         processing_class=tokenizer,
         train_dataset=train_data,
     )
+    if (
+        trainer.time_budget is not None
+    ):  # the budget counts from this call; keep time for the "after" evaluation
+        trainer.time_budget.start = started
+        trainer.time_budget.reserve_s = time.monotonic() - eval_started if before is not None else 0.0
+        trainer.time_budget.after_stop_saves = len(export_formats)
     if not progress:  # with the bar off, the Trainer would print each log dict instead
         from transformers import PrinterCallback
 
@@ -790,6 +820,14 @@ def train(
         _use_compact_progress(trainer)
     report = _run_preflight(trainer, train_data, args.seed) if preflight else None
     outcome = trainer.train(resume_from_checkpoint=resume_from)
+    budget = trainer.time_budget
+    stopped = budget.summary(args.max_steps) if budget is not None and budget.stopped_at is not None else None
+    if stopped:
+        warnings.warn(
+            f"{stopped}. Exporting what was asked; call train() again with resume=True (same output_dir) or "
+            "add --resume to the command to continue.",
+            stacklevel=2,
+        )
     trained = trainer.accelerator.unwrap_model(trainer.model)
     after = _evaluate(trained, tokenizer, eval_rows, reward_funcs[0], **eval_kwargs) if main else None
 
@@ -827,6 +865,8 @@ def train(
         reward_curve_png=png,
         resumed_from=resume_from,
         gguf_file=gguf_file,
+        stopped_early=stopped,
+        last_checkpoint=last_complete_checkpoint(checkpoint_dir, warn=False),
     )
     summary = {k: v for k, v in dataclasses.asdict(result).items() if k != "log_history"}
     summary.update(

@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import shlex
 import sys
 import types
 import typing
@@ -162,6 +163,9 @@ def _add_flag(parser: argparse.ArgumentParser, name: str, hint: Any, help_text: 
     if hints == [bool]:
         parser.add_argument(flag, action=argparse.BooleanOptionalAction, **options)
         return True
+    if set(plain) == {float, str}:  # a duration: seconds or 11h30m
+        parser.add_argument(flag, metavar="DURATION", **options)
+        return True
     if set(plain) == {bool, str}:  # e.g. resume: the flag alone means True, or give a path
         parser.add_argument(flag, nargs="?", const=True, metavar="PATH", **options)
         return True
@@ -289,11 +293,36 @@ def _print_result(result: Any, score_name: str, count: int | None = None) -> Non
     print(f"{'summary:':14s}{Path(result.output_dir) / 'train_result.json'}")
 
 
+def resume_command(argv: Sequence[str]) -> str:
+    """The `train` command line `argv` with `--resume` (any earlier --resume [PATH] dropped).
+
+    >>> resume_command(["train", "--max-steps", "9", "--resume", "ck/checkpoint-2", "--time-budget", "1h"])
+    'sdpo-unsloth train --max-steps 9 --time-budget 1h --resume'
+    """
+    kept: list[str] = []
+    skip = False
+    for token in argv:
+        if skip:
+            skip = False
+            if not token.startswith("-"):
+                continue
+        if token == "--resume":
+            skip = True
+            continue
+        if token.startswith("--resume="):
+            continue
+        kept.append(token)
+    return shlex.join([PROG, *kept, "--resume"])
+
+
 def cmd_train(args: argparse.Namespace, names: list[str]) -> int:
     from .api import train
 
     result = train(**_train_kwargs(args, names))
     _print_result(result, "reward")
+    if result.stopped_early:
+        print(f"stopped early: {result.stopped_early}")
+        print(f"to resume: {resume_command(getattr(args, 'argv', ['train']))}")
     return 0
 
 
@@ -571,6 +600,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             if not debug:
                 warnings.showwarning = _one_line_warnings
             if args.command == "train":
+                args.argv = argv  # for the resume command printed after a time-budget stop
                 return cmd_train(args, names)
             commands = {
                 "demo": cmd_demo,

@@ -8,6 +8,7 @@ Pure modules (`loss.py`, `teacher.py`) take plain arguments, never this object.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
@@ -23,6 +24,34 @@ DEFAULT_FEEDBACK_TEMPLATE = (
 
 def _help(text: str) -> dict[str, str]:
     return {"help": text}
+
+
+_DURATION = re.compile(r"^(?:(\d+(?:\.\d+)?)h)?(?:(\d+(?:\.\d+)?)m)?(?:(\d+(?:\.\d+)?)s)?$")
+
+
+def parse_duration(value: float | int | str, name: str = "time_budget") -> float:
+    """Seconds from a number of seconds or a duration such as "11h30m", "90m", "1.5h", "45s".
+
+    >>> parse_duration("11h30m"), parse_duration("90m"), parse_duration(3600)
+    (41400.0, 5400.0, 3600.0)
+    """
+    seconds: float | None = None
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip().lower().replace(" ", "")
+        match = _DURATION.match(text) if text else None
+        if text.replace(".", "", 1).isdigit():
+            seconds = float(text)
+        elif match and any(match.groups()):
+            hours, minutes, secs = (float(g) if g else 0.0 for g in match.groups())
+            seconds = hours * 3600 + minutes * 60 + secs
+    if seconds is None or not math.isfinite(seconds) or seconds <= 0:
+        raise ValueError(
+            f"`{name}` must be a positive duration such as 11h30m, 90m, 1.5h, 45s or a number of seconds, "
+            f"got {value!r}."
+        )
+    return seconds
 
 
 @dataclass
@@ -128,6 +157,20 @@ class SDPOConfig:
     teacher_adapter_name: str = field(
         default="sdpo_teacher", metadata=_help("Name of the teacher LoRA adapter.")
     )
+    time_budget: float | str | None = field(
+        default=None,
+        metadata=_help(
+            "Stop cleanly, with a complete checkpoint, before the next step would cross this wall time "
+            "(seconds or '11h30m'), counted from the start of training. None = no limit."
+        ),
+    )
+    reward_timeout: float | None = field(
+        default=600.0,
+        metadata=_help(
+            "Seconds one reward call may take before training stops with an error naming the reward. "
+            "None = no limit (the reward then runs in the trainer's thread)."
+        ),
+    )
 
     def __post_init__(self) -> None:
         def fail(name: str, rule: str, value: Any, hint: str = "") -> None:
@@ -178,6 +221,11 @@ class SDPOConfig:
                 fail(
                     name, f"a string containing {', '.join(keys)}", template, f"missing {', '.join(missing)}"
                 )
+        if self.time_budget is not None:
+            parse_duration(self.time_budget)
+        timeout = self.reward_timeout
+        if timeout is not None and (not finite(timeout) or timeout <= 0):
+            fail("reward_timeout", "a positive number of seconds or None", timeout)
         if not self.teacher_adapter_name or self.teacher_adapter_name == "default":
             fail(
                 "teacher_adapter_name",
@@ -189,6 +237,10 @@ class SDPOConfig:
     def ema_teacher(self) -> bool:
         """True when the teacher is an EMA adapter moved after every optimizer step."""
         return self.enabled and self.teacher_mode == "ema"
+
+    @property
+    def time_budget_seconds(self) -> float | None:
+        return None if self.time_budget is None else parse_duration(self.time_budget)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

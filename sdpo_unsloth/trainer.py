@@ -7,7 +7,8 @@ Importing this module runs `bootstrap()` first, so the class below subclasses wh
     compute_loss / _compute_loss     SDPO distillation (chunked top-K), optional GRPO blend; both,
                                      since unsloth's compute_loss never calls _compute_loss
     _save / _save_checkpoint / _load_from_checkpoint
-                                     the teacher adapter lives in checkpoints, never in exports
+                                     the teacher adapter lives in checkpoints, never in exports;
+                                     checkpoints are staged and renamed (`checkpoints.AtomicCheckpoints`)
 A callback refuses optimizer steps on non-finite gradients and applies the EMA teacher update
 after every real optimizer step.
 """
@@ -29,9 +30,13 @@ from torch import nn  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from . import loss as sdpo_loss  # noqa: E402
+from .budget import TimeBudget  # noqa: E402
+from .checkpoints import AtomicCheckpoints  # noqa: E402
 from .config import SDPOConfig  # noqa: E402
+from .faults import fault_point  # noqa: E402
 from .heads import OutputHead, check_output_head, output_head  # noqa: E402
 from .model import STUDENT_ADAPTER, add_teacher_adapter, attach_lora  # noqa: E402
+from .preconditions import check_trainer_inputs  # noqa: E402
 from .rewards.protocol import CheckedReward, checked_reward, combine_feedback  # noqa: E402
 from .teacher import (  # noqa: E402
     Reprompt,
@@ -175,8 +180,12 @@ class _SDPOMixin:
         if not funcs:
             raise ValueError("`reward_funcs` is empty: pass at least one reward function.")
         self._checked_rewards = [
-            checked_reward(f) if callable(f) and not isinstance(f, nn.Module) else f for f in funcs
+            checked_reward(f, timeout=sdpo_config.reward_timeout)
+            if callable(f) and not isinstance(f, nn.Module)
+            else f
+            for f in funcs
         ]
+        check_trainer_inputs(args, kwargs.get("train_dataset"), kwargs.get("processing_class"))
         model, self._teacher_adapter = _prepare_model(model, sdpo_config, peft_config)
         super().__init__(model=model, reward_funcs=self._checked_rewards, args=args, **kwargs)
         if self.args.fp16:
@@ -195,6 +204,10 @@ class _SDPOMixin:
         if sdpo_config.enabled:
             self._head = self._checked_head()
         self.add_callback(_TeacherCallback(self))
+        budget = sdpo_config.time_budget_seconds
+        self.time_budget = TimeBudget(budget) if budget is not None else None  # stops with a checkpoint
+        if self.time_budget is not None:
+            self.add_callback(self.time_budget)
 
     # ------------------------------------------------------------------ helpers
 
@@ -671,6 +684,7 @@ class _SDPOMixin:
                 {k: v.detach().contiguous().cpu() for k, v in state.items()},
                 os.path.join(folder, TEACHER_FILE),
             )
+            fault_point("save", self.state.global_step)  # test hook: a kill mid-save
         super()._save_checkpoint(model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
@@ -703,7 +717,7 @@ class _SDPOMixin:
 
 SDPOTrainer = type(
     "SDPOTrainer",
-    (_SDPOMixin, trl.GRPOTrainer),
+    (AtomicCheckpoints, _SDPOMixin, trl.GRPOTrainer),
     {
         "__module__": __name__,
         "__doc__": """GRPOTrainer with self-distillation (SDPO). Same arguments as TRL's GRPOTrainer plus

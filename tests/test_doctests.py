@@ -17,6 +17,9 @@ MODULES = [
     "sdpo_unsloth.loss",
     "sdpo_unsloth.rewards.code",
     "sdpo_unsloth.sandbox",
+    "sdpo_unsloth.faults",
+    "sdpo_unsloth.preconditions",
+    "sdpo_unsloth.cli",
 ]
 
 

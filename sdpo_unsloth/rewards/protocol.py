@@ -10,14 +10,28 @@ completion. Three ways to also give SDPO's teacher feedback:
 `None` means "cannot score this completion" (TRL skips it). Anything else that is not one finite
 number per completion is an error that names the reward and the fix: TRL itself silently scores
 NaN as 0, broadcasts a 1-element list, and turns one `inf` into NaN weights.
+
+Each call runs in a helper thread, joined with a timeout (`timeout`, default `DEFAULT_REWARD_TIMEOUT`
+seconds): a reward that hangs stops training with a `RewardTimeout` naming the reward and the time,
+before anything is saved. Python cannot kill a thread, so the hung call is abandoned (a daemon thread)
+and the process should exit. `timeout=None` calls the reward directly in the caller's thread. A call running longer than `slow_after` seconds is reported every second
+to `on_slow(name, seconds)` (the progress bar shows it).
 """
 
 from __future__ import annotations
 
+import asyncio
 import inspect
 import math
+import threading
+import time
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
+
+DEFAULT_REWARD_TIMEOUT = (
+    600.0  # seconds per call: generous; a code reward on a slow T4 batch stays well under
+)
+SLOW_REWARD_AFTER = 10.0  # seconds before a running call is reported as slow
 
 
 class RewardResult(NamedTuple):
@@ -33,6 +47,10 @@ class RewardResult(NamedTuple):
 
 class RewardError(ValueError):
     """A reward function broke the protocol; the message names it and says what to change."""
+
+
+class RewardTimeout(RewardError):
+    """A reward call ran past its timeout; training stopped without saving."""
 
 
 def reward_name(func: Any) -> str:
@@ -77,10 +95,23 @@ class CheckedReward:
     never leak from one batch into the next.
     """
 
-    def __init__(self, func: Callable[..., Any]):
+    def __init__(
+        self,
+        func: Callable[..., Any],
+        timeout: float | None = DEFAULT_REWARD_TIMEOUT,
+        slow_after: float = SLOW_REWARD_AFTER,
+        on_slow: Callable[[str, float], None] | None = None,
+    ):
         if not callable(func):
             raise RewardError(f"reward {func!r} is not callable; pass a function or an object with __call__.")
+        if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
+            raise RewardError(
+                f"`reward_timeout` must be a positive number of seconds or None, got {timeout!r}."
+            )
         self.func = func
+        self.timeout = timeout
+        self.slow_after = slow_after
+        self.on_slow = on_slow
         self.__name__ = reward_name(func)
         self.last_scores: list[float | None] = []
         self.last_feedback: list[str] = []
@@ -90,7 +121,7 @@ class CheckedReward:
     ) -> list[float | None]:
         self._start()
         try:
-            output = self.func(prompts=prompts, completions=completions, **kwargs)
+            output = self._call_with_timeout(prompts=prompts, completions=completions, **kwargs)
         except Exception as exc:
             raise self._raised(exc) from exc
         return self._check(output, len(completions))
@@ -155,6 +186,48 @@ class CheckedReward:
         self.last_feedback = [note or "" for note in feedback]
         return scores
 
+    def _call_with_timeout(self, **kwargs: Any) -> Any:
+        """Run the reward in a daemon thread; raise RewardTimeout if it outlives `timeout`.
+
+        `timeout=None` calls it directly in this thread (for rewards that need the main thread, e.g. signals).
+        """
+        if self.timeout is None:
+            return self.func(**kwargs)
+        result: dict[str, Any] = {}
+
+        def target() -> None:
+            try:
+                result["value"] = self.func(**kwargs)
+            except BaseException as exc:  # re-raised in the caller's thread
+                result["error"] = exc
+
+        worker = threading.Thread(target=target, name=f"reward-{self.__name__}", daemon=True)
+        start = time.monotonic()
+        worker.start()
+        while True:
+            elapsed = time.monotonic() - start
+            left = self.timeout - elapsed
+            if left <= 0:
+                break
+            worker.join(min(1.0, left))
+            if not worker.is_alive():
+                break
+            elapsed = time.monotonic() - start
+            if self.on_slow is not None and elapsed >= self.slow_after:
+                self.on_slow(self.__name__, elapsed)
+        if worker.is_alive():
+            raise RewardTimeout(
+                f"reward '{self.__name__}' did not return within {self.timeout:g} s (reward_timeout); training "
+                "stopped before this step's update and nothing was saved for it. The call cannot be killed (it "
+                "runs in a thread): exit this process. Make the reward faster or raise reward_timeout, then resume "
+                "from the last checkpoint."
+            )
+        if self.on_slow is not None and time.monotonic() - start >= self.slow_after:
+            self.on_slow(self.__name__, -1.0)  # done: clear the note
+        if "error" in result:
+            raise result["error"]
+        return result["value"]
+
 
 class AsyncCheckedReward(CheckedReward):
     """`CheckedReward` for an `async def` reward: TRL awaits it on its event loop, as it does the reward."""
@@ -163,17 +236,25 @@ class AsyncCheckedReward(CheckedReward):
         self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any
     ) -> list[float | None]:
         self._start()
+        call = self.func(prompts=prompts, completions=completions, **kwargs)
         try:
-            output = await self.func(prompts=prompts, completions=completions, **kwargs)
+            output = await (call if self.timeout is None else asyncio.wait_for(call, self.timeout))
+        except TimeoutError:
+            raise RewardTimeout(
+                f"reward '{self.__name__}' did not return within {self.timeout:g} s (reward_timeout); training "
+                "stopped before this step's update and nothing was saved for it. Make the reward faster or raise "
+                "reward_timeout, then resume from the last checkpoint."
+            ) from None
         except Exception as exc:
             raise self._raised(exc) from exc
         return self._check(output, len(completions))
 
 
-def checked_reward(func: Callable[..., Any]) -> CheckedReward:
-    """Wrap `func` in the guard that matches it: `AsyncCheckedReward` for coroutine functions."""
+def checked_reward(func: Callable[..., Any], **options: Any) -> CheckedReward:
+    """Wrap `func` in the guard that matches it (`AsyncCheckedReward` for coroutine functions); `options`
+    go to its constructor (`timeout`, `slow_after`, `on_slow`)."""
     is_async = inspect.iscoroutinefunction(func) or inspect.iscoroutinefunction(type(func).__call__)
-    return AsyncCheckedReward(func) if is_async else CheckedReward(func)
+    return (AsyncCheckedReward if is_async else CheckedReward)(func, **options)
 
 
 def combine_feedback(rewards: Sequence[CheckedReward]) -> list[str]:

@@ -1,0 +1,187 @@
+"""Atomic checkpoints: a `checkpoint-N` folder exists only once it is complete.
+
+The Trainer writes `checkpoint-N/` in place, file by file (SPEC §5): a runtime killed mid-save leaves a
+newer, broken folder next to the good one, and `save_total_limit` may then delete the good one. Here
+every checkpoint is written into `<run_dir>/.sdpo-staging/checkpoint-N/`, each file is fsynced, and the
+folder is renamed to `<run_dir>/checkpoint-N` (one `rename`, atomic on a POSIX filesystem; the staging
+folder is inside `run_dir`, so it is on the same filesystem, a mounted Drive folder included). A kill at
+any point leaves either the previous checkpoints only, or those plus the new complete one.
+
+- Resume (`last_complete_checkpoint`) takes the newest `checkpoint-N` holding `trainer_state.json`
+  (the Trainer's last file), skipping older-style incomplete folders and the staging folder.
+- Rotation counts complete checkpoints only and always keeps the newest complete one.
+- A failed save (a full disk, a quota) removes its staging folder and raises `CheckpointError`,
+  naming the checkpoint that is still intact.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import re
+import shutil
+import warnings
+from pathlib import Path
+from typing import Any
+
+from .faults import fault_point
+
+STAGING_DIR = ".sdpo-staging"
+COMPLETE_MARK = "trainer_state.json"  # written last by Trainer._save_checkpoint
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+_DISK_FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+
+
+class CheckpointError(OSError):
+    """A checkpoint could not be written; the message says which earlier checkpoint is intact."""
+
+
+def _checkpoints(folder: Path) -> list[tuple[int, Path]]:
+    """(step, path) of the `checkpoint-N` folders directly in `folder`, oldest first."""
+    if not folder.is_dir():
+        return []
+    found = []
+    for child in folder.iterdir():
+        match = _CHECKPOINT.match(child.name)
+        if match and child.is_dir():
+            found.append((int(match.group(1)), child))
+    return sorted(found)
+
+
+def is_complete(path: str | os.PathLike[str]) -> bool:
+    return (Path(path) / COMPLETE_MARK).is_file()
+
+
+def last_complete_checkpoint(folder: str | os.PathLike[str], warn: bool = True) -> str | None:
+    """The newest `checkpoint-N` in `folder` that is complete (has `trainer_state.json`), or None.
+
+    Incomplete folders (left by an older in-place save killed midway) are skipped, with a warning.
+    """
+    incomplete = []
+    for _, path in reversed(_checkpoints(Path(folder))):
+        if is_complete(path):
+            if incomplete and warn:
+                warnings.warn(
+                    f"skipping incomplete checkpoint(s) {', '.join(incomplete)} (no {COMPLETE_MARK}: the save "
+                    f"was interrupted); resuming from {path.name}.",
+                    stacklevel=2,
+                )
+            return str(path)
+        incomplete.append(path.name)
+    return None
+
+
+def _fsync(path: str, directory: bool = False) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | (os.O_DIRECTORY if directory else 0))
+    except OSError:
+        return  # some mounted filesystems cannot open folders: the rename is still atomic
+    try:
+        os.fsync(fd)
+    except OSError as exc:
+        if exc.errno in _DISK_FULL:
+            raise
+    finally:
+        os.close(fd)
+
+
+def _fsync_tree(root: str) -> None:
+    for folder, _, files in os.walk(root):
+        for name in files:
+            _fsync(os.path.join(folder, name))
+        _fsync(folder, directory=True)
+
+
+def publish(staged: str, final: str) -> None:
+    """Rename the complete `staged` folder to `final`; an existing `final` (same step) is replaced."""
+    if os.path.exists(final):
+        old = staged + ".replaced"
+        os.replace(final, old)  # `final` is briefly absent; the older checkpoints still resume
+        os.replace(staged, final)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staged, final)
+    _fsync(os.path.dirname(final), directory=True)
+
+
+def rotate(run_dir: str | os.PathLike[str], limit: int | None, protect: tuple[str, ...] = ()) -> list[str]:
+    """Keep the newest `limit` complete checkpoints (never fewer than one); returns the deleted paths.
+
+    Incomplete folders older than the newest complete checkpoint cannot be resumed and are deleted too.
+    """
+    if not limit or limit <= 0:
+        return []
+    found = _checkpoints(Path(run_dir))
+    complete = [path for _, path in found if is_complete(path)]
+    if not complete:
+        return []
+    newest_step = max(step for step, path in found if path in complete)
+    keep = set(complete[-limit:]) | {Path(p).resolve() for p in protect if p}
+    deleted = []
+    for step, path in found:
+        stale = path not in complete and step < newest_step
+        if (path in complete and path not in keep and path.resolve() not in keep) or stale:
+            shutil.rmtree(path, ignore_errors=True)
+            deleted.append(str(path))
+    return deleted
+
+
+def _save_failure(exc: BaseException, name: str, run_dir: str) -> CheckpointError:
+    intact = last_complete_checkpoint(run_dir, warn=False)
+    kept = f"{intact} is intact" if intact else "there is no earlier checkpoint"
+    if isinstance(exc, OSError) and exc.errno in _DISK_FULL:
+        cause = f"the disk is full ({exc.strerror})"
+        fix = "free space or point checkpoints at a larger disk (checkpoint_dir=, e.g. a Drive folder)"
+    else:
+        cause = f"{type(exc).__name__}: {exc}"
+        fix = "fix the cause"
+    try:
+        free = f"; {shutil.disk_usage(run_dir).free / 2**20:.0f} MiB free there"
+    except OSError:
+        free = ""
+    error = CheckpointError(
+        f"writing {name} in {run_dir} failed: {cause}{free}. The partial write was removed and {kept}; "
+        f"{fix}, then resume (resume=True / --resume)."
+    )
+    error.errno = exc.errno if isinstance(exc, OSError) else None
+    return error
+
+
+class AtomicCheckpoints:
+    """Trainer mixin: `_save_checkpoint` writes into a staging folder and publishes it by a rename."""
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        # Under several processes every rank writes its own files (its RNG state) into the one staging
+        # folder; the main process prepares it, publishes it once all ranks are done, and rotates.
+        run_dir = self._get_output_dir(trial=trial)
+        name = f"checkpoint-{self.state.global_step}"
+        staging = os.path.join(run_dir, STAGING_DIR)
+        main = self.args.should_save
+        if main:
+            shutil.rmtree(staging, ignore_errors=True)  # what a run killed mid-save left behind
+            os.makedirs(staging)
+        self.accelerator.wait_for_everyone()
+        # Everything the save writes under `_get_output_dir()` (teacher file, Trainer files) lands in staging.
+        self._get_output_dir = lambda trial=None: staging
+        try:
+            super()._save_checkpoint(model, trial)
+            self.accelerator.wait_for_everyone()
+            if main:
+                fault_point("publish", self.state.global_step)
+                staged = os.path.join(staging, name)
+                _fsync_tree(staged)
+                publish(staged, os.path.join(run_dir, name))
+        except Exception as exc:
+            if main:
+                shutil.rmtree(staging, ignore_errors=True)
+            raise _save_failure(exc, name, run_dir) from exc
+        finally:
+            del self._get_output_dir
+        self.accelerator.wait_for_everyone()
+        if not main:
+            return
+        shutil.rmtree(staging, ignore_errors=True)
+        best = self.state.best_model_checkpoint
+        if best and best.startswith(staging):
+            self.state.best_model_checkpoint = best = os.path.join(run_dir, os.path.relpath(best, staging))
+        rotate(run_dir, self.args.save_total_limit, protect=(best or "",))
