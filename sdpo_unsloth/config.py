@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
 TeacherMode = Literal["ema", "frozen", "live", "trust_region"]
+HybridMode = Literal["fixed", "per_group"]
+HYBRID_MODES: tuple[str, ...] = ("fixed", "per_group")
 TEACHER_MODES: tuple[str, ...] = ("ema", "frozen", "live", "trust_region")
 
 DEFAULT_REPROMPT_TEMPLATE = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
@@ -144,6 +146,14 @@ class SDPOConfig:
             "Eq. 3 mixes advantages instead; it used w = 0.9 for a 0.6B model). 0 = pure SDPO."
         ),
     )
+    hybrid_mode: HybridMode = field(
+        default="fixed",
+        metadata=_help(
+            "How the hybrid's weight w applies. fixed: every sequence mixes w * GRPO + (1-w) * SDPO. "
+            "per_group: w only in prompt groups whose rewards differ (GRPO has a signal there); groups with "
+            "equal rewards (e.g. all failed, with feedback) get pure distillation. Needs grpo_weight > 0."
+        ),
+    )
     sampled_token: bool = field(
         default=False,
         metadata=_help(
@@ -199,6 +209,15 @@ class SDPOConfig:
             fail("success_reward_threshold", "a finite number", self.success_reward_threshold)
         if not finite(self.grpo_weight) or not 0.0 <= self.grpo_weight <= 1.0:
             fail("grpo_weight", "in [0, 1]", self.grpo_weight, "the paper's hybrid used 0.9 for a 0.6B model")
+        if self.hybrid_mode not in HYBRID_MODES:
+            fail("hybrid_mode", f"one of {', '.join(HYBRID_MODES)}", self.hybrid_mode)
+        if self.hybrid_mode == "per_group" and self.grpo_weight == 0:
+            fail(
+                "grpo_weight",
+                "> 0 with hybrid_mode='per_group'",
+                self.grpo_weight,
+                "it is the GRPO weight of groups whose rewards differ, e.g. 0.9",
+            )
         if self.sampled_token and self.alpha != 1.0:
             fail(
                 "alpha",

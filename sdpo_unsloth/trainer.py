@@ -15,6 +15,7 @@ after every real optimizer step.
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from typing import Any
@@ -295,6 +296,19 @@ class _SDPOMixin:
                     totals[i] = (totals[i] or 0.0) + weight * score
         return [float("nan") if total is None else total for total in totals]
 
+    def _hybrid_weights(self, rewards: list[float], group_size: int) -> list[float]:
+        """Per-sample GRPO weight of the hybrid: `grpo_weight` everywhere (`fixed`), or only in prompt groups
+        whose rewards differ (`per_group`; equal rewards give GRPO no signal, so those get pure SDPO)."""
+        cfg = self.sdpo_config
+        if cfg.hybrid_mode == "fixed":
+            return [cfg.grpo_weight] * len(rewards)
+        weights: list[float] = []
+        for start in range(0, len(rewards), group_size):
+            scores = [r for r in rewards[start : start + group_size] if math.isfinite(r)]
+            differ = len(scores) > 1 and max(scores) > min(scores)
+            weights += [cfg.grpo_weight if differ else 0.0] * group_size
+        return weights
+
     # ------------------------------------------------------------------ per-step bookkeeping
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
@@ -440,9 +454,10 @@ class _SDPOMixin:
         group = (prompts, texts, rewards, feedback, can_demonstrate)
         if self.accelerator.num_processes > 1:
             group = tuple(gather_object(list(column)) for column in group)
+        group_size = self.num_generations if mode == "train" else self.num_generations_eval
         all_plans = plan_reprompts(
             *group[:4],
-            group_size=self.num_generations if mode == "train" else self.num_generations_eval,
+            group_size=group_size,
             success_threshold=cfg.success_reward_threshold,
             dont_reprompt_on_self_success=cfg.dont_reprompt_on_self_success,
             include_environment_feedback=cfg.include_environment_feedback,
@@ -456,6 +471,10 @@ class _SDPOMixin:
         )
         start = self.accelerator.process_index * n if self.accelerator.num_processes > 1 else 0
         plans = all_plans[start : start + n]
+        weights = self._hybrid_weights(group[2], group_size)
+        output["sdpo_grpo_weight"] = torch.tensor(
+            weights[start : start + n], dtype=torch.float32, device=device
+        )
         active = [plan.active and length > 0 for plan, length in zip(plans, lengths, strict=True)]
         pad_id = self._tokenizer.pad_token_id
         rows = []
@@ -542,9 +561,12 @@ class _SDPOMixin:
     def _sdpo_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
         """One micro-batch's share of the optimizer step's loss.
 
-            L_SDPO = sum over sequences i with a teacher of [token mean of w_t D(p_t, q_t)] / n_teacher
-            L_GRPO = sum over non-empty sequences of [token mean of TRL's clipped surrogate] / n_sequences
-            loss   = grpo_weight * L_GRPO + (1 - grpo_weight) * L_SDPO   (a loss-level mix)
+            L_SDPO = sum over sequences i with a teacher of [(1 - m_i) token mean of w_t D(p_t, q_t)] / n_teacher
+            L_GRPO = sum over non-empty sequences i of [m_i token mean of TRL's clipped surrogate] / n_sequences
+            loss   = L_GRPO + L_SDPO     (a loss-level mix; m_i = 0 without the hybrid)
+
+        m_i is `grpo_weight` for every sequence (`hybrid_mode="fixed"`: loss = w L_GRPO + (1 - w) L_SDPO over
+        the plain means), or only for sequences of prompt groups whose rewards differ (`"per_group"`).
 
         with both counts taken over the whole optimizer step (`_window_counts`), so any split into
         micro-batches gives the same update.
@@ -618,19 +640,23 @@ class _SDPOMixin:
             return grid.masked_scatter(selected, values)
 
         distill_mask = row_mask * teacher_rows[:, None]  # [B_r, L]: tokens of sequences with a teacher
-        loss = sdpo_loss.sequence_mean_loss(
-            scatter(per_token_distill), distill_mask, normalizer=max(n_teacher, 1.0)
-        )
+        distill_grid = scatter(per_token_distill)
+        if hybrid:  # per sequence: m_i * GRPO_i + (1 - m_i) * SDPO_i, m_i = grpo_weight (or 0, per_group)
+            mix = inputs["sdpo_grpo_weight"][rows][:, None].to(distill_grid.dtype)  # [B_r, 1]
+            distill_grid = distill_grid * (1 - mix)
+        loss = sdpo_loss.sequence_mean_loss(distill_grid, distill_mask, normalizer=max(n_teacher, 1.0))
         if hybrid:
             ratio = torch.exp(terms.student_logp - logp_old)
             advantages = inputs["advantages"][rows][:, None].expand_as(row_mask)[selected]
             clipped = torch.clamp(ratio, 1 - self.epsilon_low, 1 + self.epsilon_high)
-            per_token_grpo = -torch.minimum(ratio * advantages, clipped * advantages) * rollout
-            grpo = sdpo_loss.sequence_mean_loss(
-                scatter(per_token_grpo), row_mask, normalizer=max(n_sequences, 1.0)
+            grpo_grid = scatter(-torch.minimum(ratio * advantages, clipped * advantages) * rollout)
+            loss = loss + sdpo_loss.sequence_mean_loss(
+                grpo_grid * mix, row_mask, normalizer=max(n_sequences, 1.0)
             )
-            loss = cfg.grpo_weight * grpo + (1 - cfg.grpo_weight) * loss
-            self._add_stat("sdpo/grpo_loss", float(grpo.detach()))
+            grpo = sdpo_loss.sequence_mean_loss(
+                grpo_grid.detach(), row_mask, normalizer=max(n_sequences, 1.0)
+            )
+            self._add_stat("sdpo/grpo_loss", float(grpo))
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"the SDPO loss is {float(loss)} at step {self.state.global_step}; the step was refused and nothing "

@@ -97,3 +97,86 @@ def test_hybrid_without_any_teacher_trains_on_its_grpo_term(tmp_path):
     assert all(
         "sdpo/grpo_loss" in e for e in logs
     )  # on-policy its value is -mean(A) = 0; its gradient is not
+
+
+class FirstOfFirstPrompt:
+    """Group of the first prompt: its first sample succeeds (reward spread). Other groups: all fail, with feedback."""
+
+    __name__ = "first_of_first"
+
+    def __call__(self, prompts, completions, answer, **kwargs):
+        first = prompts[0]
+        scores, seen = [], False
+        for prompt in prompts:
+            scores.append(1.0 if prompt == first and not seen else 0.0)
+            seen = seen or prompt == first
+        self.last_feedback = [
+            "" if s else f"Wrong. The answer is {a}." for s, a in zip(scores, answer, strict=True)
+        ]
+        return scores
+
+
+def test_per_group_hybrid_update_equals_a_hand_computation(tmp_path):
+    """One SGD step through trainer.train(): the group with a reward spread gets w GRPO + (1 - w) SDPO,
+    the all-failed group with feedback pure distillation; the update equals -lr x grad of that loss."""
+    weight, lr = 0.75, 1.0
+    trainer = make_trainer(
+        tmp_path,
+        SDPOConfig(
+            grpo_weight=weight, hybrid_mode="per_group", distillation_topk=None, teacher_update_rate=0.0
+        ),
+        reward=FirstOfFirstPrompt(),
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=lr,
+        max_grad_norm=0.0,  # no clipping: the update is exactly -lr * grad
+    )
+    model = trainer.model
+    student0 = {n: p.detach().clone() for n, p in model.named_parameters() if ".default." in n}
+    trainer.train()
+    update = {n: p.detach() - student0[n] for n, p in model.named_parameters() if ".default." in n}
+    inputs = trainer._buffered_inputs[0]
+
+    groups = {}
+    for row in range(8):
+        groups.setdefault(
+            inputs["prompt_ids"][row][inputs["prompt_mask"][row].bool()].tolist().__repr__(), []
+        ).append(row)
+    spread = [rows for rows in groups.values() if len({float(inputs["advantages"][r]) for r in rows}) > 1]
+    assert len(groups) == 2 and len(spread) == 1
+    expected_mix = [weight if row in spread[0] else 0.0 for row in range(8)]
+    assert inputs["sdpo_grpo_weight"].tolist() == expected_mix
+
+    with torch.no_grad():  # back to the weights the step saw
+        for n, p in model.named_parameters():
+            if ".default." in n:
+                p.copy_(student0[n])
+    model.zero_grad()
+    model.train()
+    grpo_terms, sdpo_terms = [], []
+    for row in range(8):
+        length = int(inputs["completion_mask"][row].sum())
+        completion = inputs["completion_ids"][row, :length]
+        prompt = inputs["prompt_ids"][row][inputs["prompt_mask"][row].bool()]
+        student_logp, student_logits = row_logps(model, prompt, completion)
+        # On-policy ratio 1 with the gradient of log p: d/dθ of -A * exp(logp - sg(logp)) = -A dlogp.
+        ratio = torch.exp(student_logp - student_logp.detach())
+        grpo_terms.append(expected_mix[row] * (-float(inputs["advantages"][row]) * ratio).mean())
+        if inputs["sdpo_sample_mask"][row]:
+            teacher_prompt = inputs["sdpo_teacher_prompt_ids"][row][
+                inputs["sdpo_teacher_prompt_mask"][row].bool()
+            ]
+            with torch.no_grad(), adapter_scope(model, "sdpo_teacher"):
+                _, teacher_logits = row_logps(model, teacher_prompt, completion)
+            jsd = divergence(student_logits.log_softmax(-1), teacher_logits.log_softmax(-1), 0.5).mean()
+            sdpo_terms.append((1 - expected_mix[row]) * jsd)
+    loss = sum(grpo_terms) / len(grpo_terms) + sum(sdpo_terms) / len(sdpo_terms)
+    loss.backward()
+    moved = 0.0
+    for n, p in model.named_parameters():
+        if ".default." in n:
+            torch.testing.assert_close(update[n], -lr * p.grad, rtol=1e-3, atol=1e-7)
+            moved = max(moved, float(update[n].abs().max()))
+    assert moved > 1e-5
