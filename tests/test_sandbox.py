@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from sdpo_unsloth import sandbox_child, sandbox_slots
+import sdpo_unsloth
 from sdpo_unsloth.sandbox import (
     Check,
     Isolation,
@@ -40,6 +40,8 @@ from sdpo_unsloth.sandbox import (
     outputs_equal,
     values_equal,
 )
+from sdpo_unsloth.sandbox import child as sandbox_child
+from sdpo_unsloth.sandbox import slots as sandbox_slots
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox is Linux only")
 
@@ -537,7 +539,7 @@ def test_non_root_trainer_gets_weaker_isolation_reported(tmp_path):
     python = next(
         (p for p in (sys.executable, "/usr/bin/python3") if p and _world_usable(p) and _same_minor(p)), None
     )
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(sandbox_child.__file__)))
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(sdpo_unsloth.__file__)))
     if python is None or not _world_usable(package_root):
         pytest.skip("no interpreter and package path usable by an unprivileged user here")
     script = textwrap.dedent(f"""\

@@ -1,48 +1,6 @@
-"""Run untrusted, model-written Python in a confined child process. Standard library only.
-
-Every run starts a fresh ``python -I -S`` child (`sandbox_child.py`, no fork of the big trainer
-process) in a new session, a fresh temporary work directory (removed afterwards), and an environment
-holding only ``PATH``, ``LANG``, ``HOME`` and ``TMPDIR`` (no ``HF_TOKEN``, ``WANDB_API_KEY``, cloud
-keys). Before any untrusted byte runs, the child confines itself; the layers it managed to apply are
-reported on every result as an `Isolation`:
-
-- **uid** (parent is root): the child drops to a dedicated unprivileged uid, one per worker slot. Each
-  slot's uid is locked against other processes on the machine and reused only when no process of it
-  is left (killed by process group and by uid after every run).
-- **Landlock** (Linux 5.13+): writes only below the work directory; reads only from the Python
-  standard library, system libraries and the work directory; no TCP (6.7+); no signals or abstract
-  unix sockets outside the sandbox (6.12+).
-- **seccomp** (x86_64): refuses ``socket``, ``execve``, ``ptrace``, ``process_vm_*``, namespace and
-  mount calls, ``io_uring``, ``bpf``, ``setsid``/``setpgid`` and signals to any other process.
-- **rlimits** (always): address space, CPU seconds, file size, open files, processes, no core dumps;
-  plus a wall-clock timeout per check enforced by the parent.
-
-With all three layers the level is ``strong``. It protects the trainer against: infinite loops and CPU
-burn, memory bombs, fork bombs, huge files, output floods (captured with a cap, decoded with
-replacement), reading the trainer's environment or memory (``/proc/<ppid>/environ``, ``/mem``),
-reading other files (``~/.cache/huggingface/token``, a world-readable ``.env``), deleting or changing
-files outside the work directory, killing or tracing the trainer, network access, running programs
-(``os.system``), daemons that outlive the run, and results faked by the code under test: expected
-values never enter the child, outputs are compared in the parent as plain JSON values (an object whose
-``__eq__`` is always true is not a JSON value), and exiting before the tests run fails them.
-
-It does **not** protect against: kernel exploits (seccomp here is a deny-list, the rest of the kernel
-is reachable); contention, since children share the machine's CPUs and page cache with the trainer
-(limits are per child, so ``workers * memory_mb`` can be in use); filling the disk (or RAM, when
-``/tmp`` is a tmpfs) with many files each under the size limit within the time limit; reading the
-Python standard library and system libraries (allowed by design); timing side channels. Without root
-the uid layer is missing; without Landlock, world-readable files (and world-usable devices such as
-``/dev/nvidia*``) can be opened and world-writable directories (``/tmp``, ``/dev/shm``) written; without seccomp (non-x86_64), sockets, ``execve`` and
-signals are not filtered. `Isolation.description` lists what is missing; a weaker level warns once.
-
-The child has only the standard library (``-S``: no site-packages). Linux only.
-
->>> result = run("print(sum(range(4)))")
->>> str(result.status), result.stdout
-('ok', '6\\n')
->>> result = run("def add(a, b): return a - b", [Check("add", (2, 3), expected=5)])
->>> str(result.status), result.checks[0].got
-('wrong', -1)
+"""The parent side of `sdpo_unsloth.sandbox`: `Sandbox` starts confined children, feeds them a job,
+follows them to the end (with time and output caps), kills what is left, and turns the child's report
+into a `SandboxResult`. What the sandbox covers and what it does not is in the package docstring.
 """
 
 from __future__ import annotations
@@ -63,11 +21,11 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from . import sandbox_slots
-from .sandbox_results import (
+from . import slots
+from .errors import SandboxError
+from .results import (
     UNSET,
     Check,
-    CheckResult,
     Isolation,
     IsolationLevel,
     Job,
@@ -77,32 +35,10 @@ from .sandbox_results import (
     Status,
     check_results,
     ending,
-    outputs_equal,
     script_status,
-    values_equal,
 )
-from .sandbox_slots import SandboxError
 
-__all__ = [
-    "LAYERS",
-    "UNSET",
-    "Check",
-    "CheckResult",
-    "Isolation",
-    "IsolationLevel",
-    "Job",
-    "Limits",
-    "Sandbox",
-    "SandboxError",
-    "SandboxResult",
-    "Status",
-    "outputs_equal",
-    "run",
-    "run_many",
-    "values_equal",
-]
-
-HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
+HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child.py")
 LAYERS = frozenset({"uid", "landlock", "seccomp"})
 
 
@@ -157,7 +93,7 @@ class Sandbox:
         workers: int | None = None,
         limits: Limits | None = None,
         layers: Iterable[str] = LAYERS,
-        uid_base: int = sandbox_slots.DEFAULT_UID_BASE,
+        uid_base: int = slots.DEFAULT_UID_BASE,
         python: str | None = None,
         tmp_dir: str | None = None,
     ):
@@ -168,10 +104,8 @@ class Sandbox:
         self.layers = frozenset(layers)
         if not self.layers <= LAYERS:
             raise ValueError(f"`layers` must be a subset of {sorted(LAYERS)}, got {sorted(self.layers)}")
-        if not 1 <= uid_base <= 2**31 - sandbox_slots.UID_SEARCH:
-            raise ValueError(
-                f"`uid_base` must be a uid in [1, 2**31 - {sandbox_slots.UID_SEARCH}], got {uid_base}"
-            )
+        if not 1 <= uid_base <= 2**31 - slots.UID_SEARCH:
+            raise ValueError(f"`uid_base` must be a uid in [1, 2**31 - {slots.UID_SEARCH}], got {uid_base}")
         if workers is not None and workers < 1:
             raise ValueError(f"`workers` must be >= 1 (or None for one per CPU), got {workers}")
         self.workers = workers or max(1, min(len(os.sched_getaffinity(0)), 32))
@@ -184,7 +118,7 @@ class Sandbox:
         self.tmp_dir = tmp_dir
         use_uid = "uid" in self.layers and os.geteuid() == 0
         self._seccomp = "seccomp" in self.layers and platform.machine() in ("x86_64", "AMD64")
-        self._slots = sandbox_slots.SlotPool(self.workers, uid_base if use_uid else None)
+        self._slots = slots.SlotPool(self.workers, uid_base if use_uid else None)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._isolation: Isolation | None = None
@@ -281,7 +215,7 @@ class Sandbox:
             4,
         )
 
-    def _execute(self, job: Job, slot: sandbox_slots.Slot, limits: Limits) -> SandboxResult:
+    def _execute(self, job: Job, slot: slots.Slot, limits: Limits) -> SandboxResult:
         if not isinstance(job.code, str):
             raise TypeError(f"code must be a str, got {type(job.code).__name__}")
         started = time.monotonic()
@@ -323,7 +257,7 @@ class Sandbox:
         read_fd: int,
         job: Job,
         limits: Limits,
-        slot: sandbox_slots.Slot,
+        slot: slots.Slot,
     ) -> tuple[Report, _Capped, _Capped, bool]:
         """Feeds the job, follows the child until it ends or times out, then kills what is left.
 
@@ -334,7 +268,7 @@ class Sandbox:
         report = Report(len(job.checks), limits, line_cap=2 * limits.max_output_bytes + 8192)
         sinks = {proc.stdout.fileno(): out.add, proc.stderr.fileno(): err.add, read_fd: report.feed}
         selector = selectors.DefaultSelector()
-        exit_fd = sandbox_slots.exit_fd(proc.pid)
+        exit_fd = slots.exit_fd(proc.pid)
         timed_out, grace_until, unsent = False, None, memoryview(payload)
         try:
             for fd in [*sinks, proc.stdin.fileno()]:
@@ -353,7 +287,7 @@ class Sandbox:
                     break
                 events = selector.select(min(remaining, 0.05) if exit_fd is None else remaining)
                 if any(key.fd == exit_fd for key, _ in events) or (
-                    exit_fd is None and not events and sandbox_slots.has_exited(proc.pid)
+                    exit_fd is None and not events and slots.has_exited(proc.pid)
                 ):
                     break
                 for key, mask in events:
@@ -362,7 +296,7 @@ class Sandbox:
                     else:
                         self._read(selector, key.fd, sinks)
         finally:
-            sandbox_slots.kill_group(proc.pid)  # the child is not reaped yet: its pid cannot be reused
+            slots.kill_group(proc.pid)  # the child is not reaped yet: its pid cannot be reused
             try:
                 proc.wait(timeout=10)
             except subprocess.TimeoutExpired:

@@ -1,6 +1,6 @@
 """The in-child harness of `sdpo_unsloth.sandbox`: it confines itself, then runs the untrusted code.
 
-The parent starts it as ``python -I -S sandbox_child.py`` (a fresh, small interpreter: no fork of the
+The parent starts it as ``python -I -S child.py`` (a fresh, small interpreter: no fork of the
 trainer) in a new session, with a scrubbed environment, and writes one JSON job on its stdin. Before any
 untrusted byte runs, this process, in order:
 

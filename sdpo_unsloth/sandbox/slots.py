@@ -21,12 +21,10 @@ import threading
 import time
 from dataclasses import dataclass
 
+from .errors import SandboxError
+
 DEFAULT_UID_BASE = 62_400  # below 65534 (nobody) so that it also maps inside a 16-bit user namespace
 UID_SEARCH = 2_000
-
-
-class SandboxError(RuntimeError):
-    """The sandbox itself cannot work here (not the untrusted code's fault); the message says why."""
 
 
 @dataclass
