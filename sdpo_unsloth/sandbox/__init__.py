@@ -1,10 +1,14 @@
 """Run untrusted, model-written Python in a confined child process. Standard library only.
 
-Every run starts a fresh ``python -I -S`` child (`child.py`, no fork of the big trainer
-process) in a new session, a fresh temporary work directory (removed afterwards), and an environment
-holding only ``PATH``, ``LANG``, ``HOME`` and ``TMPDIR`` (no ``HF_TOKEN``, ``WANDB_API_KEY``, cloud
-keys). Before any untrusted byte runs, the child confines itself; the layers it managed to apply are
-reported on every result as an `Isolation`:
+Each worker slot has a **zygote**: a ``python -I -S`` harness (`child.py`) started once with
+``subprocess`` (no fork of the big trainer process, no ``preexec_fn``) in its own session with a
+scrubbed environment. The zygote never runs untrusted code: for every run it forks a fresh child, in a
+new session, with a fresh work directory (removed afterwards) and an environment holding only ``PATH``,
+``LANG``, ``HOME`` and ``TMPDIR`` (no ``HF_TOKEN``, ``WANDB_API_KEY``, cloud keys). Every run thus gets
+fresh process state (a copy of the idle zygote) for the cost of a ``fork`` instead of an interpreter
+start; ``Sandbox(prefork=False)`` starts a fresh zygote per run instead (slower; same isolation). Before
+any untrusted byte runs, the forked child confines itself; the layers it managed to apply are reported
+on every result as an `Isolation`:
 
 - **uid** (parent is root): the child drops to a dedicated unprivileged uid, one per worker slot. Each
   slot's uid is locked against other processes on the machine and reused only when no process of it
@@ -16,20 +20,27 @@ reported on every result as an `Isolation`:
   mount calls, ``io_uring``, ``bpf``, ``setsid``/``setpgid`` and signals to any other process.
 - **rlimits** (always): address space, CPU seconds, file size, open files, processes, no core dumps;
   plus a wall-clock timeout per check enforced by the parent.
+- **disk quota** (always; `Limits.max_disk_mb`, `Limits.max_files`): with root and a private mount
+  namespace (layer ``tmpfs``) the work dir is a tmpfs of that size and inode count, so the kernel refuses
+  the write past the quota; otherwise the zygote measures the work dir every 10 ms and kills the run
+  over it (it can overshoot by what is written in 10 ms). Either way the run ends with the error
+  ``quota exceeded: ...`` and its work dir is removed. `Isolation.disk_quota` says which tier ran.
 
 With all three layers the level is ``strong``. It protects the trainer against: infinite loops and CPU
-burn, memory bombs, fork bombs, huge files, output floods (captured with a cap, decoded with
+burn, memory bombs, fork bombs, huge files and many files, output floods (captured with a cap, decoded with
 replacement), reading the trainer's environment or memory (``/proc/<ppid>/environ``, ``/mem``),
 reading other files (``~/.cache/huggingface/token``, a world-readable ``.env``), deleting or changing
 files outside the work directory, killing or tracing the trainer, network access, running programs
-(``os.system``), daemons that outlive the run, and results faked by the code under test: expected
+(``os.system``), daemons that outlive the run (every descendant comes back to the zygote, which
+reaps it), filling the disk through the work directory, and results faked by the code under test: expected
 values never enter the child, outputs are compared in the parent as plain JSON values (an object whose
 ``__eq__`` is always true is not a JSON value), and exiting before the tests run fails them.
 
 It does **not** protect against: kernel exploits (seccomp here is a deny-list, the rest of the kernel
 is reachable); contention, since children share the machine's CPUs and page cache with the trainer
-(limits are per child, so ``workers * memory_mb`` can be in use); filling the disk (or RAM, when
-``/tmp`` is a tmpfs) with many files each under the size limit within the time limit; reading the
+(limits are per child, so ``workers * (memory_mb + max_disk_mb)`` can be in use: a tmpfs work dir is
+RAM); writes outside the work dir where Landlock is missing (``/tmp``, ``/dev/shm`` have no quota);
+telling runs of one zygote apart (they share its hash seed and address layout); reading the
 Python standard library and system libraries (allowed by design); timing side channels. Without root
 the uid layer is missing; without Landlock, world-readable files (and world-usable devices such as
 ``/dev/nvidia*``) can be opened and world-writable directories (``/tmp``, ``/dev/shm``) written; without seccomp (non-x86_64), sockets, ``execve`` and

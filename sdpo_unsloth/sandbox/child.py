@@ -1,8 +1,10 @@
-"""The in-child harness of `sdpo_unsloth.sandbox`: it confines itself, then runs the untrusted code.
+"""The harness of `sdpo_unsloth.sandbox`: a zygote that forks one child per run; the child confines
+itself, then runs the untrusted code.
 
-The parent starts it as ``python -I -S child.py`` (a fresh, small interpreter: no fork of the
-trainer) in a new session, with a scrubbed environment, and writes one JSON job on its stdin. Before any
-untrusted byte runs, this process, in order:
+The parent starts it as ``python -I -S child.py <socket fd> <tmp dir> <tmpfs 0/1>`` (a fresh, small
+interpreter: no fork of the trainer) in a new session, with a scrubbed environment; the zygote loop at
+the end of this file serves runs. Each forked child reads one job on its stdin and, before any untrusted
+byte runs, in order:
 
 1. sets ``no_new_privs`` and restricts itself with Landlock (when the kernel has it): writes only below
    the work directory, reads only from the Python standard library, system libraries and the work
@@ -26,12 +28,18 @@ from __future__ import annotations
 
 import builtins
 import ctypes
+import fcntl
+import gc
 import marshal
 import os
 import resource
+import select
+import shutil
+import socket
 import stat
 import struct
 import sys
+import time
 
 # --- seccomp (x86_64) -------------------------------------------------------------------------------
 
@@ -144,11 +152,17 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
+_LIBC: list[ctypes.CDLL] = []  # loaded once by the zygote, inherited by every child
+
+
 def _libc() -> ctypes.CDLL:
+    if _LIBC:
+        return _LIBC[0]
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
     libc.prctl.restype = ctypes.c_int
     libc.syscall.restype = ctypes.c_long
+    _LIBC.append(libc)
     return libc
 
 
@@ -158,10 +172,24 @@ def _check(result: int, what: str) -> None:
         raise OSError(errno, f"{what}: {os.strerror(errno)}")
 
 
+_SECCOMP: list[bytes] = []
+_PID_MARK = 0x5EC0FFEE
+
+
+def _seccomp_template() -> bytes:
+    """`seccomp_program` packed, with a marker for the pid: built once (in the zygote), copied per child."""
+    if not _SECCOMP:
+        template = b"".join(struct.pack("=HBBI", *ins) for ins in seccomp_program(_PID_MARK))
+        if template.count(struct.pack("=I", _PID_MARK)) != 1:
+            raise ValueError("the seccomp pid marker is not unique in the program")
+        _SECCOMP.append(template)
+    return _SECCOMP[0]
+
+
 def install_seccomp(libc: ctypes.CDLL) -> None:
     """Installs `seccomp_program` for this process (needs ``no_new_privs`` or CAP_SYS_ADMIN)."""
-    program = seccomp_program(os.getpid())
-    raw = b"".join(struct.pack("=HBBI", *ins) for ins in program)
+    raw = _seccomp_template().replace(struct.pack("=I", _PID_MARK), struct.pack("=I", os.getpid()))
+    program = range(len(raw) // 8)
     buffer = ctypes.create_string_buffer(raw, len(raw))
     fprog = _SockFprog(len(program), ctypes.addressof(buffer))
     _check(libc.prctl(22, 2, ctypes.addressof(fprog), 0, 0), "prctl(PR_SET_SECCOMP)")  # SECCOMP_MODE_FILTER
@@ -483,15 +511,14 @@ def _flush_std() -> None:
             pass
 
 
-def main() -> None:
+def _confine_and_run(workdir: str, disk: str) -> None:
     """Reads the job from stdin, confines this process, runs the code, reports, and `os._exit`s."""
     chunks = []
     while chunk := os.read(0, 1 << 16):
         chunks.append(chunk)
     job = marshal.loads(b"".join(chunks))
-    emit = _Emitter(job["result_fd"])
-    workdir = job["workdir"]
-    ready: dict[str, object] = {"uid": None, "seccomp": False, "landlock": 0, "notes": []}
+    emit = _Emitter(_RESULT_FD)
+    ready: dict[str, object] = {"uid": None, "seccomp": False, "landlock": 0, "disk": disk, "notes": []}
     try:
         os.chdir(workdir)
         workdir_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -500,17 +527,13 @@ def main() -> None:
         os.close(null)
         libc = _libc()
         _check(libc.prctl(38, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
-        read_dirs = (
-            _keep_imports_reachable() if job["uid"] is not None else [os.path.realpath(p) for p in sys.path]
-        )
-        read_dirs.append(os.path.dirname(os.path.realpath(os.__file__)))
         # Landlock and seccomp are best effort (the parent reports a weaker level); the uid drop is not:
         # a child that was asked to drop root and could not must never run the code.
         if job["landlock"]:
             abi = landlock_abi(libc)
             try:
                 if abi:
-                    install_landlock(libc, abi, os.path.realpath(workdir), read_dirs)
+                    install_landlock(libc, abi, os.path.realpath(workdir), _READ_DIRS)
                     ready["landlock"] = abi
                 else:
                     ready["notes"].append("Landlock is not available in this kernel")
@@ -547,5 +570,215 @@ def main() -> None:
     os._exit(0)  # also ends threads the untrusted code left running
 
 
+# --- the zygote ------------------------------------------------------------------------------------------
+#
+# One zygote serves one worker slot. It runs as the trainer's user (root for the uid layer), never runs
+# untrusted code, and for each run: creates the work directory (a size- and inode-limited tmpfs in its
+# own mount namespace where it may mount one, else a plain directory it measures), forks a child that
+# confines itself and runs the job, reports the child's exit status and disk use, and after the parent
+# has killed the run's process group, reaps every descendant (it is their subreaper) and removes the
+# work directory. Messages on the SOCK_SEQPACKET control socket (one datagram each):
+#   parent -> zygote: R<marshal: uid, quota_bytes, quota_files> with the child's stdin, stdout, stderr
+#                     and result fds attached; C (clean up the last run); empty (EOF): exit.
+#   zygote -> parent: Z<json: ready>, P<pid><workdir>, X<json: exit status and disk use>, D<left: 0/1>.
+
+_RESULT_FD = 3
+_READ_DIRS: list[str] = []
+_CLONE_NEWNS, _MS_REC, _MS_PRIVATE, _MNT_DETACH = 0x00020000, 0x4000, 1 << 18, 2
+_MS_NOSUID, _MS_NODEV = 2, 4
+_POLL_S = 0.01  # disk measuring interval where no tmpfs limits it
+
+
+def _private_mounts(libc: ctypes.CDLL) -> str | None:
+    """Moves this process to its own mount namespace (mounts made here stay invisible outside)."""
+    if libc.unshare(_CLONE_NEWNS) != 0:
+        return f"no private mount namespace ({os.strerror(ctypes.get_errno())})"
+    if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+        return f"mounts cannot be made private ({os.strerror(ctypes.get_errno())})"
+    return None
+
+
+def _usage(path: str) -> tuple[int, int]:
+    """(bytes on disk, entries) below `path`, never following symlinks."""
+    used, entries, stack = 0, 0, [path]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as found:
+                for entry in found:
+                    entries += 1
+                    info = entry.stat(follow_symlinks=False)
+                    used += info.st_blocks * 512
+                    if stat.S_ISDIR(info.st_mode):
+                        stack.append(entry.path)
+        except OSError:
+            continue
+    return used, entries
+
+
+def _over_quota(workdir: str, tmpfs: bool, quota_bytes: int, quota_files: int) -> tuple[int, int, str]:
+    if tmpfs:
+        info = os.statvfs(workdir)
+        used = (info.f_blocks - info.f_bfree) * info.f_frsize
+        files = info.f_files - info.f_ffree - 1  # the work dir's own inode
+        full = info.f_bfree == 0 or info.f_ffree == 0
+    else:
+        used, files = _usage(workdir)
+        full = used > quota_bytes or files > quota_files
+    if not full:
+        return used, files, ""
+    if files >= quota_files:
+        return used, files, f"the work dir reached its limit of {quota_files} files"
+    return used, files, f"the work dir reached its limit of {quota_bytes >> 20} MB ({used} bytes written)"
+
+
+def _fork_child(fds: list[int], workdir: str, disk: str, keep: set[int]) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        os.setsid()
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in fds]
+        for target, fd in enumerate(high):
+            os.dup2(fd, target)
+        for name in os.listdir("/proc/self/fd"):
+            if int(name) > _RESULT_FD and int(name) not in keep:
+                try:
+                    os.close(int(name))
+                except OSError:
+                    pass
+        os.environ["HOME"] = os.environ["TMPDIR"] = workdir
+        _confine_and_run(workdir, disk)
+    finally:
+        os._exit(3)
+
+
+def _reap(deadline: float) -> bool:
+    """Reaps every dead descendant; kills live ones (the run is over). True if some are left."""
+    while True:
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            return False
+        try:
+            with open(f"/proc/self/task/{os.getpid()}/children") as handle:
+                for pid in handle.read().split():
+                    os.kill(int(pid), 9)
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.001)
+
+
+def _serve_run(sock, params: dict, fds: list[int], tmp_dir: str, tmpfs: bool, keep: set[int], libc) -> None:
+    uid, quota_bytes, quota_files = params["uid"], params["quota_bytes"], params["quota_files"]
+    workdir = os.path.join(tmp_dir, "sdpo-sandbox-" + os.urandom(8).hex())
+    mounted = False
+    try:
+        os.mkdir(workdir, 0o700)
+        if tmpfs:
+            options = f"size={quota_bytes},nr_inodes={quota_files + 1},mode=0700".encode()
+            mounted = libc.mount(b"tmpfs", workdir.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, options) == 0
+            if not mounted:
+                raise OSError(f"tmpfs mount on {workdir} failed: {os.strerror(ctypes.get_errno())}")
+        if uid is not None:
+            os.chown(workdir, uid, uid)
+        pid = _fork_child(fds, workdir, "tmpfs" if tmpfs else "watched", keep)
+    except OSError as exc:
+        _remove(workdir, mounted, libc)
+        sock.send(b"E" + f"{type(exc).__name__}: {exc}".encode())
+        return
+    finally:
+        for fd in fds:
+            os.close(fd)
+    sock.send(b"P" + struct.pack("=i", pid) + workdir.encode())
+    pidfd = os.pidfd_open(pid)
+    exceeded, parent_gone = "", False
+    try:
+        while True:
+            ready = select.select([pidfd, sock], [], [], None if tmpfs else _POLL_S)[0]
+            if pidfd in ready:
+                break
+            if sock in ready:  # the parent closed the socket (it is gone): end the run and leave
+                _killpg(pid)
+                parent_gone = True
+            elif not exceeded and (exceeded := _over_quota(workdir, tmpfs, quota_bytes, quota_files)[2]):
+                _killpg(pid)  # measured over the quota: end the run now
+    finally:
+        os.close(pidfd)
+    if not parent_gone:
+        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # unreaped: the pid (group) stays reserved
+        used, files, over = _over_quota(workdir, tmpfs, quota_bytes, quota_files)
+        rc = info.si_status if info.si_code == 1 else -info.si_status  # CLD_EXITED = 1, else a signal
+        sock.send(
+            b"X" + to_json({"rc": rc, "bytes": used, "files": files, "quota": exceeded or over}).encode()
+        )
+        parent_gone = sock.recv(16) != b"C"  # the parent kills the process group first
+    if parent_gone:
+        _killpg(pid)
+    left = _reap(time.monotonic() + 0.1)
+    _remove(workdir, mounted, libc)
+    if parent_gone:
+        os._exit(0)
+    sock.send(b"D" + bytes([left]))
+
+
+def _killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, 9)
+    except OSError:
+        pass
+
+
+def _remove(workdir: str, mounted: bool, libc: ctypes.CDLL) -> None:
+    if mounted:
+        libc.umount2(workdir.encode(), _MNT_DETACH)  # frees the whole tmpfs at once
+    else:
+        shutil.rmtree(workdir, ignore_errors=True)  # fd-based: never follows the code's symlinks
+    try:
+        os.rmdir(workdir)
+    except OSError:
+        pass
+
+
+def zygote(control: int, tmp_dir: str, want_tmpfs: bool) -> None:
+    """Serves runs on the control socket until the parent closes it (or dies)."""
+    libc = _libc()
+    _check(libc.prctl(36, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")  # orphans of a run come back here
+    moved = fcntl.fcntl(control, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(control)
+    os.dup2(os.open("/dev/null", os.O_RDWR), _RESULT_FD)  # fds 0-3 stay free of what must outlive a fork
+    sock = socket.socket(fileno=moved)
+    notes = []
+    tmpfs = False
+    if want_tmpfs:
+        why = _private_mounts(libc)
+        tmpfs = why is None
+        if why:
+            notes.append(f"disk quota watched, not a tmpfs: {why}")
+    keep = set()
+    if os.geteuid() == 0:
+        _READ_DIRS.extend(_keep_imports_reachable())
+        keep = {int(p.rsplit("/", 1)[1]) for p in sys.path if p.startswith("/proc/self/fd/")}
+    else:
+        _READ_DIRS.extend(os.path.realpath(p) for p in sys.path if os.path.isdir(p))
+    _READ_DIRS.append(os.path.dirname(os.path.realpath(os.__file__)))
+    _libc()
+    _seccomp_template()
+    gc.collect()
+    gc.freeze()  # the zygote's objects stay out of every child's collections: fewer copied pages
+    sock.send(b"Z" + to_json({"tmpfs": tmpfs, "notes": notes}).encode())
+    while True:
+        message, fds, _flags, _addr = socket.recv_fds(sock, 1 << 12, 4)
+        if not message:
+            os._exit(0)
+        if message[:1] == b"R" and len(fds) == 4:
+            _serve_run(sock, marshal.loads(message[1:]), fds, tmp_dir, tmpfs, keep, libc)
+        else:
+            for fd in fds:
+                os.close(fd)
+
+
 if __name__ == "__main__":
-    main()
+    zygote(int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1")

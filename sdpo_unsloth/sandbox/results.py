@@ -59,6 +59,9 @@ class Isolation:
     uid: int | None  # the unprivileged uid it ran as, None when it kept the trainer's uid
     seccomp: bool
     landlock_abi: int  # 0 = no Landlock
+    # how the work dir's byte and file quota holds: "tmpfs" (a size- and inode-limited tmpfs, exact) or
+    # "watched" (measured every 10 ms and after the run: can overshoot by what is written in 10 ms)
+    disk_quota: str = ""
     notes: tuple[str, ...] = ()
 
     @property
@@ -96,6 +99,13 @@ class Isolation:
             gaps.append(
                 "no seccomp (x86_64 only): network sockets, execve (os.system) and ptrace are not refused"
             )
+        if self.disk_quota == "tmpfs":
+            applied.append("disk quota (work dir on a size- and file-limited tmpfs)")
+        elif self.disk_quota:
+            gaps.append(
+                "no tmpfs for the work dir (needs root and a private mount namespace): its disk quota is "
+                "measured every 10 ms and may overshoot by what the code writes in that time"
+            )
         text = f"{self.level.value} isolation: " + ", ".join(applied)
         if gaps:
             text += ". Missing: " + "; ".join(gaps)
@@ -112,13 +122,16 @@ class Limits:
     max_file_mb: int = 16  # largest file the child may write (RLIMIT_FSIZE)
     max_processes: int = 8  # processes + threads of the slot uid (RLIMIT_NPROC)
     max_open_files: int = 64
+    max_disk_mb: int = 64  # bytes in the work dir, all files together (tmpfs size, or watched)
+    max_files: int = 1_000  # files and directories in the work dir
     startup_timeout_s: float = 30.0  # for the interpreter to start and confine itself
 
     def __post_init__(self) -> None:
         if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
             raise ValueError(f"`timeout_s` must be a positive number of seconds, got {self.timeout_s}")
         for name, low in (("memory_mb", 64), ("max_output_bytes", 256), ("max_file_mb", 1),
-                          ("max_processes", 1), ("max_open_files", 16)):  # fmt: skip
+                          ("max_processes", 1), ("max_open_files", 16), ("max_disk_mb", 1),
+                          ("max_files", 16)):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")

@@ -12,7 +12,6 @@ import os
 import platform
 import selectors
 import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -26,6 +25,7 @@ from .errors import SandboxError
 from .results import (
     UNSET,
     Check,
+    CheckResult,
     Isolation,
     IsolationLevel,
     Job,
@@ -37,9 +37,9 @@ from .results import (
     ending,
     script_status,
 )
+from .zygote import Exited, Zygote, ZygoteLost
 
-HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "child.py")
-LAYERS = frozenset({"uid", "landlock", "seccomp"})
+LAYERS = frozenset({"uid", "landlock", "seccomp", "tmpfs"})
 
 
 # --- one run --------------------------------------------------------------------------------------------
@@ -77,14 +77,18 @@ class Sandbox:
     Args:
         workers: parallel children (one uid slot each); default: the CPUs this process may use.
         limits: default `Limits` for every run.
-        layers: confinement layers to apply where possible, a subset of `LAYERS`. Leave all on; drop
-            one only to debug code that a layer refuses.
+        layers: confinement layers to apply where possible, a subset of `LAYERS` (``uid``, ``landlock``,
+            ``seccomp``, and ``tmpfs`` for the work dir's quota; without it the quota is watched). Leave
+            all on; drop one only to debug code that a layer refuses.
         uid_base: first uid to try for the slots (uids listed in /etc/passwd or /etc/group, or with
             running processes, or locked by another sandbox on this machine are skipped).
         python: interpreter for the children (default: this one).
         tmp_dir: where work directories are created (default: the system temp dir).
+        prefork: keep one zygote per slot that forks a child per run (default, ~1 fork per run); False
+            starts a fresh zygote interpreter for every run (the cost of an interpreter start per run,
+            for debugging or a machine where a long-lived helper process is unwelcome).
 
-    Thread-safe. `close()` (or a ``with`` block) stops the worker threads and frees the uid slots.
+    Thread-safe. `close()` (or a ``with`` block) stops the worker threads and zygotes and frees the uid slots.
     """
 
     def __init__(
@@ -96,6 +100,7 @@ class Sandbox:
         uid_base: int = slots.DEFAULT_UID_BASE,
         python: str | None = None,
         tmp_dir: str | None = None,
+        prefork: bool = True,
     ):
         if not sys.platform.startswith("linux"):
             raise SandboxError(
@@ -115,13 +120,15 @@ class Sandbox:
             raise SandboxError(
                 f"no Python interpreter to run the sandbox with ({self.python!r}); pass `python=`"
             )
-        self.tmp_dir = tmp_dir
+        self.tmp_dir = os.path.realpath(tmp_dir or tempfile.gettempdir())
+        self.prefork = prefork
         use_uid = "uid" in self.layers and os.geteuid() == 0
         self._seccomp = "seccomp" in self.layers and platform.machine() in ("x86_64", "AMD64")
         self._slots = slots.SlotPool(self.workers, uid_base if use_uid else None)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._isolation: Isolation | None = None
+        self._zygote_notes: tuple[str, ...] = ()
         self._warned = False
 
     # -- public ---------------------------------------------------------------------------------------
@@ -161,7 +168,10 @@ class Sandbox:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
-        self._slots.close()
+        for slot in self._slots.close():
+            if slot.zygote is not None:
+                slot.zygote.close()
+                slot.zygote = None
 
     def __enter__(self) -> Sandbox:
         return self
@@ -171,7 +181,7 @@ class Sandbox:
 
     # -- one child --------------------------------------------------------------------------------------
 
-    def _payload(self, job: Job, limits: Limits, workdir: str, uid: int | None, result_fd: int) -> bytes:
+    def _payload(self, job: Job, limits: Limits, uid: int | None) -> bytes:
         checks = []
         for i, check in enumerate(job.checks):
             if check.function is None:
@@ -198,8 +208,6 @@ class Sandbox:
                 "mode": "checks" if job.checks else "script",
                 "checks": checks,
                 "stdin": job.stdin,
-                "workdir": workdir,
-                "result_fd": result_fd,
                 "uid": uid,
                 "seccomp": self._seccomp,
                 "landlock": "landlock" in self.layers,
@@ -215,69 +223,97 @@ class Sandbox:
             4,
         )
 
+    def _zygote(self, slot: slots.Slot, limits: Limits) -> Zygote:
+        if slot.zygote is None:
+            slot.zygote = Zygote(
+                self.python, self.tmp_dir, tmpfs="tmpfs" in self.layers and os.geteuid() == 0,
+                timeout_s=limits.startup_timeout_s,
+            )  # fmt: skip
+            self._zygote_notes = slot.zygote.notes
+        return slot.zygote
+
     def _execute(self, job: Job, slot: slots.Slot, limits: Limits) -> SandboxResult:
         if not isinstance(job.code, str):
             raise TypeError(f"code must be a str, got {type(job.code).__name__}")
         started = time.monotonic()
-        workdir = tempfile.mkdtemp(prefix="sdpo-sandbox-", dir=self.tmp_dir)
+        payload = self._payload(job, limits, slot.uid)
+        zygote = self._zygote(slot, limits)
+        pipes = [os.pipe() for _ in range(4)]  # the child's stdin, stdout, stderr and result pipe
+        theirs = [pipes[0][0], pipes[1][1], pipes[2][1], pipes[3][1]]
+        ours = [pipes[0][1], pipes[1][0], pipes[2][0], pipes[3][0]]
+        to_close = list(ours)
         try:
-            if slot.uid is not None:
-                os.chown(workdir, slot.uid, slot.uid)
-            read_fd, write_fd = os.pipe()
             try:
-                payload = self._payload(job, limits, workdir, slot.uid, write_fd)
-                proc = subprocess.Popen(
-                    [self.python, "-I", "-S", HARNESS],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    pass_fds=(write_fd,),
-                    cwd=workdir,
-                    env=_environment(workdir),
-                    start_new_session=True,
+                pid = zygote.start(
+                    theirs, slot.uid, limits.max_disk_mb << 20, limits.max_files, limits.startup_timeout_s
                 )
-            except BaseException:
-                os.close(read_fd)
-                raise
+            except ZygoteLost:
+                self._drop_zygote(slot)
+                raise SandboxError("the sandbox worker stopped answering before the run started") from None
             finally:
-                os.close(write_fd)
-            try:
-                report, out, err, timed_out = self._watch(proc, payload, read_fd, job, limits, slot)
-            finally:
-                os.close(read_fd)
-            elapsed = time.monotonic() - started
+                for fd in theirs:
+                    os.close(fd)
+            to_close.remove(ours[0])  # `_watch` closes the child's stdin when the job is sent
+            report, out, err, timed_out, exited = self._watch(zygote, pid, ours, payload, job, limits, slot)
         finally:
+            for fd in to_close:
+                os.close(fd)
+            if not self.prefork:
+                self._drop_zygote(slot)
+        elapsed = time.monotonic() - started
+        return self._result(job, limits, report, out, err, exited, timed_out, elapsed)
+
+    def _drop_zygote(self, slot: slots.Slot) -> None:
+        if slot.zygote is not None:
+            slot.zygote.close()
+            slot.zygote = None
+
+    def _finish(self, zygote: Zygote, pid: int, exited: Exited | None, slot: slots.Slot) -> Exited:
+        """Kills the run's process group, then has the zygote reap it and remove the work dir; kills by
+        uid whatever the zygote could not end. A lost zygote is replaced at the next run."""
+        slots.kill_group(pid)  # the child is not reaped yet: its pid (and group) cannot be reused
+        try:
+            if exited is None:
+                exited = zygote.exited(timeout_s=10)
+            left = zygote.clean(timeout_s=10)
+        except ZygoteLost:
+            workdir = zygote.workdir
+            self._drop_zygote(slot)
             shutil.rmtree(workdir, ignore_errors=True)
-        return self._result(job, limits, report, out, err, proc.returncode, timed_out, elapsed)
+            exited, left = exited or Exited(None), True
+        if left and slot.uid is not None:
+            self._slots.sweep(slot)
+        return exited
 
     def _watch(
         self,
-        proc: subprocess.Popen[bytes],
+        zygote: Zygote,
+        pid: int,
+        fds: list[int],
         payload: bytes,
-        read_fd: int,
         job: Job,
         limits: Limits,
         slot: slots.Slot,
-    ) -> tuple[Report, _Capped, _Capped, bool]:
+    ) -> tuple[Report, _Capped, _Capped, bool, Exited]:
         """Feeds the job, follows the child until it ends or times out, then kills what is left.
 
-        Whatever happens here (even KeyboardInterrupt), the child's process group and every process of
-        the slot's uid are killed before this returns or raises.
+        Whatever happens here (even KeyboardInterrupt), the child's process group is killed and its
+        processes reaped (or killed by uid) before this returns or raises.
         """
+        stdin, stdout, stderr, results = fds
         out, err = _Capped(limits.max_output_bytes), _Capped(limits.max_output_bytes)
         report = Report(len(job.checks), limits, line_cap=2 * limits.max_output_bytes + 8192)
-        sinks = {proc.stdout.fileno(): out.add, proc.stderr.fileno(): err.add, read_fd: report.feed}
+        sinks = {stdout: out.add, stderr: err.add, results: report.feed}
         selector = selectors.DefaultSelector()
-        exit_fd = slots.exit_fd(proc.pid)
-        timed_out, grace_until, unsent = False, None, memoryview(payload)
+        timed_out, grace_until, unsent, exited = False, None, memoryview(payload), None
+        stdin_open = True
         try:
-            for fd in [*sinks, proc.stdin.fileno()]:
+            for fd in fds:
                 os.set_blocking(fd, False)
             for fd in sinks:
                 selector.register(fd, selectors.EVENT_READ)
-            selector.register(proc.stdin.fileno(), selectors.EVENT_WRITE)
-            if exit_fd is not None:
-                selector.register(exit_fd, selectors.EVENT_READ)
+            selector.register(stdin, selectors.EVENT_WRITE)
+            selector.register(zygote.exit_fd, selectors.EVENT_READ)
             while True:
                 if report.end and grace_until is None:  # let it `_exit` by itself, but not wait on threads
                     grace_until = time.monotonic() + 0.2
@@ -285,61 +321,42 @@ class Sandbox:
                 if remaining <= 0:
                     timed_out = grace_until is None
                     break
-                events = selector.select(min(remaining, 0.05) if exit_fd is None else remaining)
-                if any(key.fd == exit_fd for key, _ in events) or (
-                    exit_fd is None and not events and slots.has_exited(proc.pid)
-                ):
+                events = selector.select(remaining)
+                if any(key.fd == zygote.exit_fd for key, _ in events):
                     break
                 for key, mask in events:
                     if mask & selectors.EVENT_WRITE:
-                        unsent = self._send(selector, proc, unsent)
+                        unsent = self._send(selector, stdin, unsent)
+                        stdin_open = bool(unsent)
                     else:
                         self._read(selector, key.fd, sinks)
         finally:
-            slots.kill_group(proc.pid)  # the child is not reaped yet: its pid cannot be reused
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                raise SandboxError(
-                    f"sandbox child {proc.pid} did not die after SIGKILL (stuck in the kernel?)"
-                ) from None
-            finally:
-                if slot.uid is not None:
-                    self._slots.sweep(slot)
-                if exit_fd is not None:
-                    os.close(exit_fd)
+            if stdin_open:
+                selector.unregister(stdin)
+                os.close(stdin)
+            exited = self._finish(zygote, pid, exited, slot)
         try:  # every writer is dead now: read what is left up to EOF
-            if not proc.stdin.closed:
-                selector.unregister(proc.stdin.fileno())
-                proc.stdin.close()
-            if exit_fd is not None:
-                selector.unregister(exit_fd)
+            selector.unregister(zygote.exit_fd)
             drain_until = time.monotonic() + 1.0
             while selector.get_map() and (left := drain_until - time.monotonic()) > 0:
                 for key, _ in selector.select(left):
                     self._read(selector, key.fd, sinks)
         finally:
             selector.close()
-            proc.stdout.close()
-            proc.stderr.close()
-            if not proc.stdin.closed:
-                proc.stdin.close()
-        return report, out, err, timed_out
+        return report, out, err, timed_out, exited
 
     @staticmethod
-    def _send(
-        selector: selectors.BaseSelector, proc: subprocess.Popen[bytes], unsent: memoryview
-    ) -> memoryview:
-        """Writes the next part of the job to the child's stdin; closes it when all is sent."""
+    def _send(selector: selectors.BaseSelector, fd: int, unsent: memoryview) -> memoryview:
+        """Writes the next part of the job to the child's stdin; stops watching it when all is sent."""
         try:
-            unsent = unsent[os.write(proc.stdin.fileno(), unsent) :]
+            unsent = unsent[os.write(fd, unsent) :]
         except BlockingIOError:
             return unsent
         except BrokenPipeError:
             unsent = unsent[:0]  # died at start: its exit status tells
         if not unsent:
-            selector.unregister(proc.stdin.fileno())
-            proc.stdin.close()
+            selector.unregister(fd)
+            os.close(fd)  # end of file: the child starts
         return unsent
 
     @staticmethod
@@ -360,10 +377,11 @@ class Sandbox:
         report: Report,
         out: _Capped,
         err: _Capped,
-        rc: int | None,
+        exited: Exited,
         timed_out: bool,
         elapsed: float,
     ) -> SandboxResult:
+        rc = exited.returncode
         if report.fatal is not None or report.ready is None:
             why = report.fatal or (
                 f"no report within {limits.startup_timeout_s} s" if timed_out else f"exit status {rc}"
@@ -381,7 +399,8 @@ class Sandbox:
             uid=report.ready.get("uid"),
             seccomp=bool(report.ready.get("seccomp")),
             landlock_abi=int(report.ready.get("landlock") or 0),
-            notes=tuple(str(n) for n in report.ready.get("notes") or ()),
+            disk_quota=str(report.ready.get("disk") or ""),
+            notes=tuple(str(n) for n in report.ready.get("notes") or ()) + self._zygote_notes,
         )
         self._note_isolation(isolation)
         ended = ending(report, rc, timed_out, limits)
@@ -393,6 +412,12 @@ class Sandbox:
         else:
             checks = ()
             status, error = script_status(report, ended)
+        if exited.quota:  # the work dir hit its quota: the run fails, whatever the code reported
+            error = f"quota exceeded: {exited.quota}"
+            status, checks = (
+                Status.ERROR,
+                tuple(CheckResult(Status.ERROR, error=error, kind="quota") for _ in checks),
+            )
         return SandboxResult(
             status=status,
             checks=tuple(checks),

@@ -20,6 +20,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
 
 from .errors import SandboxError
 
@@ -31,6 +32,7 @@ UID_SEARCH = 2_000
 class Slot:
     uid: int | None  # None: run as the trainer's own uid (not root, or the uid layer is off)
     lock_fd: int | None = None
+    zygote: Any = None  # the slot's pre-started harness (`zygote.Zygote`), started on first use
 
 
 # --- processes ------------------------------------------------------------------------------------------
@@ -243,7 +245,8 @@ class SlotPool:
             return
         slot.uid, slot.lock_fd = None, None
 
-    def close(self) -> None:
+    def close(self) -> list[Slot]:
+        """Frees the uids; returns the slots (for their zygotes)."""
         with self._lock:
             held = [(s.uid, s.lock_fd) for s in self._all] + self._parked
             self._parked = []
@@ -252,3 +255,4 @@ class SlotPool:
         for _, fd in held:
             if fd is not None:
                 os.close(fd)
+        return list(self._all)
