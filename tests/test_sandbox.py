@@ -464,6 +464,149 @@ def test_a_fork_bomb_leaves_the_slot_clean_for_the_next_run(work_root: str):
         )
 
 
+# --- the zygote: fresh state per run, never runs untrusted code -------------------------------------------
+
+
+def test_every_run_is_a_fresh_fork_of_an_untouched_zygote(sandbox: Sandbox):
+    """A run that poisons its interpreter (modules, builtins, environment, cwd) leaves nothing to the next."""
+    poison = textwrap.dedent("""\
+        import builtins, os, sys
+        sys.modules['json'] = 'poisoned'
+        builtins.len = lambda x: -1
+        os.environ['POISON'] = '1'
+        sys.path.insert(0, '/nowhere')
+        print(os.getpid(), os.getppid())
+        """)
+    probe = textwrap.dedent("""\
+        import builtins, os, sys
+        print(os.getpid(), os.getppid(), type(sys.modules.get('json')).__name__, len([1, 2]),
+              os.environ.get('POISON'), '/nowhere' in sys.path)
+        import stat
+        kinds = set()
+        for fd in range(4, 1024):
+            try:
+                kinds.add('socket' if stat.S_ISSOCK(os.fstat(fd).st_mode) else 'other')
+            except OSError:
+                pass
+        print(sorted(kinds))
+        """)
+    first = sandbox.run(poison)
+    pids = set()
+    for _ in range(3):
+        result = sandbox.run(probe)
+        assert result.status is Status.OK, result
+        line, fds = result.stdout.splitlines()
+        pid, ppid, json_type, length, env, path = line.split()
+        assert (json_type, length, env, path) in {
+            ("NoneType", "2", "None", "False"),
+            ("module", "2", "None", "False"),
+        }
+        assert "socket" not in fds  # the zygote's control socket never reaches the untrusted code
+        pids.add(pid)
+    assert len(pids) == 3 and first.stdout.split()[0] not in pids
+    zygotes = {s.zygote.proc.pid for s in sandbox._slots._all if s.zygote is not None}
+    assert int(ppid) in zygotes and int(ppid) != os.getpid()  # forked by a zygote, not by the trainer
+    if sandbox.isolation.uid is not None:
+        for pid in zygotes:  # the zygotes stay root: they never dropped to run code themselves
+            with open(f"/proc/{pid}/status") as handle:
+                assert "\nUid:\t0\t0\t0\t0" in handle.read()
+
+
+def test_a_dead_zygote_is_replaced(work_root: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        box = Sandbox(workers=1, tmp_dir=work_root)
+    with box:
+        first = box.run("import os\nprint(os.getppid())")
+        box._slots._all[0].zygote.proc.kill()
+        box._slots._all[0].zygote.proc.wait()
+        second = box.run("import os\nprint(os.getppid())")
+        assert first.status is second.status is Status.OK and first.stdout != second.stdout
+        assert os.listdir(work_root) == []
+
+
+def test_prefork_off_starts_a_fresh_interpreter_per_run(work_root: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        box = Sandbox(workers=1, tmp_dir=work_root, prefork=False)
+    with box:
+        results = [box.run("import os\nprint(os.getppid())") for _ in range(2)]
+        assert [r.status for r in results] == [Status.OK, Status.OK]
+        assert results[0].stdout != results[1].stdout  # a different zygote each time
+        assert box._slots._all[0].zygote is None and os.listdir(work_root) == []
+
+
+# --- disk quota ------------------------------------------------------------------------------------------
+
+FILL_FILES = textwrap.dedent("""\
+    import os
+    written = 0
+    try:
+        for i in range({count}):
+            with open(f'f{{i}}', 'wb') as handle:
+                handle.write(b'x' * {size})
+            written += 1
+    finally:
+        print(written)
+    """)
+
+
+@pytest.fixture(params=["tmpfs", "watched"])
+def quota_box(request, work_root: str):
+    layers = {"uid", "landlock", "seccomp"} | ({"tmpfs"} if request.param == "tmpfs" else set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        box = Sandbox(workers=1, tmp_dir=work_root, layers=layers)
+    with box:
+        if box.isolation.disk_quota != request.param:
+            pytest.skip(f"no {request.param} quota here: {box.isolation.description}")
+        if _protects_files(box.isolation):
+            pytest.skip("the child could write outside its work dir here: the quota would not bound it")
+        yield box
+
+
+# (program, limits, what it hits). A tmpfs refuses the write past the quota (slack: one page, the work dir's
+# own inode); the watched tier may overshoot by what is written in its 10 ms interval.
+QUOTA_CASES = {
+    "100k_small_files": (FILL_FILES.format(count=100_000, size=1024), {"max_files": 500, "max_disk_mb": 64}, "500 files"),
+    "one_large_file": (
+        "with open('big', 'wb') as handle:\n    for _ in range(64):\n        handle.write(b'x' * (1 << 20))\n"
+        "print(64)", {"max_disk_mb": 8, "max_file_mb": 128}, "8 MB",
+    ),
+    "files_under_the_size_limit": (FILL_FILES.format(count=64, size=1 << 20), {"max_disk_mb": 8, "max_file_mb": 2}, "8 MB"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", QUOTA_CASES)
+def test_disk_quota_holds(case: str, quota_box: Sandbox, canary: str, work_root: str):
+    code, limits, hits = QUOTA_CASES[case]
+    limits = Limits(timeout_s=20.0, memory_mb=256, **limits)
+    result = _guarded_run(quota_box, canary, work_root, code, limits=limits)  # also: the work dir is gone
+    assert result.status is Status.ERROR and result.error.startswith("quota exceeded: "), result
+    assert hits in result.error
+    tmpfs = quota_box.isolation.disk_quota == "tmpfs"
+    slack_files, slack_bytes = (1, 8192) if tmpfs else (2_000, 32 << 20)  # 10 ms of writes when watched
+    assert result.disk_files <= limits.max_files + slack_files
+    assert result.disk_bytes <= (limits.max_disk_mb << 20) + slack_bytes
+
+
+def test_quota_fails_every_check_even_when_the_code_swallows_the_error(quota_box: Sandbox):
+    code = FILL_FILES.replace("finally:", "except OSError:\n    pass\nfinally:").format(count=5_000, size=16)
+    code += "def f(x):\n    return x\n"
+    result = quota_box.run(code, [Check("f", (1,), expected=1)], limits=Limits(max_files=100, timeout_s=20.0))
+    assert result.status is Status.ERROR and result.error.startswith("quota exceeded: ")
+    assert result.checks[0].status is Status.ERROR and result.checks[0].kind == "quota"
+    assert result.disk_files <= 100 + (1 if quota_box.isolation.disk_quota == "tmpfs" else 2_000)
+
+
+def test_quota_leaves_ordinary_runs_alone(quota_box: Sandbox):
+    result = quota_box.run(
+        FILL_FILES.format(count=20, size=1000), limits=Limits(max_files=100, max_disk_mb=1)
+    )
+    assert result.status is Status.OK and result.stdout == "20\n", result
+    assert 20 <= result.disk_files <= 22 and result.disk_bytes >= 20 * 1000
+
+
 # --- reporting, API and building blocks ------------------------------------------------------------------
 
 

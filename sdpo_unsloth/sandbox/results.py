@@ -207,6 +207,8 @@ class SandboxResult:
     error: str = ""  # the first failure, in words (untrusted text)
     truncated: bool = False  # stdout or stderr exceeded `Limits.max_output_bytes`
     before_tests: bool = False  # failed (compile, top-level code, exit, timeout) before any check started
+    disk_bytes: int = 0  # what the work dir held when the run ended (removed since)
+    disk_files: int = 0
 
     @property
     def passed(self) -> int:

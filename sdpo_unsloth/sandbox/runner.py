@@ -237,19 +237,13 @@ class Sandbox:
             raise TypeError(f"code must be a str, got {type(job.code).__name__}")
         started = time.monotonic()
         payload = self._payload(job, limits, slot.uid)
-        zygote = self._zygote(slot, limits)
         pipes = [os.pipe() for _ in range(4)]  # the child's stdin, stdout, stderr and result pipe
         theirs = [pipes[0][0], pipes[1][1], pipes[2][1], pipes[3][1]]
         ours = [pipes[0][1], pipes[1][0], pipes[2][0], pipes[3][0]]
         to_close = list(ours)
         try:
             try:
-                pid = zygote.start(
-                    theirs, slot.uid, limits.max_disk_mb << 20, limits.max_files, limits.startup_timeout_s
-                )
-            except ZygoteLost:
-                self._drop_zygote(slot)
-                raise SandboxError("the sandbox worker stopped answering before the run started") from None
+                zygote, pid = self._start(slot, theirs, limits)
             finally:
                 for fd in theirs:
                     os.close(fd)
@@ -262,6 +256,22 @@ class Sandbox:
                 self._drop_zygote(slot)
         elapsed = time.monotonic() - started
         return self._result(job, limits, report, out, err, exited, timed_out, elapsed)
+
+    def _start(self, slot: slots.Slot, fds: list[int], limits: Limits) -> tuple[Zygote, int]:
+        """Has the slot's zygote fork a child on `fds`; a zygote found dead is replaced once."""
+        for attempt in range(2):
+            zygote = self._zygote(slot, limits)
+            try:
+                return zygote, zygote.start(
+                    fds, slot.uid, limits.max_disk_mb << 20, limits.max_files, limits.startup_timeout_s
+                )
+            except ZygoteLost:
+                self._drop_zygote(slot)
+                if attempt:  # (nothing of the slot's uid is left: each run ends reaped or swept)
+                    raise SandboxError(
+                        "the sandbox worker stopped answering before the run started"
+                    ) from None
+        raise AssertionError("unreachable")
 
     def _drop_zygote(self, slot: slots.Slot) -> None:
         if slot.zygote is not None:
@@ -419,6 +429,8 @@ class Sandbox:
                 tuple(CheckResult(Status.ERROR, error=error, kind="quota") for _ in checks),
             )
         return SandboxResult(
+            disk_bytes=exited.disk_bytes,
+            disk_files=exited.disk_files,
             status=status,
             checks=tuple(checks),
             stdout=out.text(),
