@@ -80,6 +80,15 @@ def work_root():
     shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture
+def own_root():
+    """A work root no other sandbox of this module uses (to check it is empty once the sandbox closed)."""
+    root = tempfile.mkdtemp(prefix="sdpo-work-", dir="/tmp")
+    os.chmod(root, 0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def sandbox(work_root):
     with warnings.catch_warnings():
@@ -88,6 +97,11 @@ def sandbox(work_root):
         box.isolation  # noqa: B018 - probe once
     yield box
     box.close()
+
+
+def _files_below(root: str) -> list[str]:
+    """What is below `root` but directories (a live zygote keeps an empty base directory there)."""
+    return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files]
 
 
 def _snapshot(root: str) -> dict[str, tuple]:
@@ -142,7 +156,7 @@ def _guarded_run(
     result = box.run(code, checks, limits=limits)
     os.kill(os.getpid(), 0)  # still here
     assert watched() == before, "a file outside the work directory changed"
-    assert os.listdir(work_root) == [], "the work directory was not removed"
+    assert _files_below(work_root) == [], "the work directory was not removed"
     for slot in box._slots._all:
         if slot.uid is not None:
             assert sandbox_slots.processes_of(slot.uid) == [], f"processes of uid {slot.uid} survived"
@@ -512,28 +526,29 @@ def test_every_run_is_a_fresh_fork_of_an_untouched_zygote(sandbox: Sandbox):
                 assert "\nUid:\t0\t0\t0\t0" in handle.read()
 
 
-def test_a_dead_zygote_is_replaced(work_root: str):
+def test_a_dead_zygote_is_replaced(own_root: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        box = Sandbox(workers=1, tmp_dir=work_root)
+        box = Sandbox(workers=1, tmp_dir=own_root)
     with box:
         first = box.run("import os\nprint(os.getppid())")
         box._slots._all[0].zygote.proc.kill()
         box._slots._all[0].zygote.proc.wait()
         second = box.run("import os\nprint(os.getppid())")
         assert first.status is second.status is Status.OK and first.stdout != second.stdout
-        assert os.listdir(work_root) == []
+        assert _files_below(own_root) == []
+    assert os.listdir(own_root) == []  # the zygotes' base directories are gone, the killed one's too
 
 
-def test_prefork_off_starts_a_fresh_interpreter_per_run(work_root: str):
+def test_prefork_off_starts_a_fresh_interpreter_per_run(own_root: str):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-        box = Sandbox(workers=1, tmp_dir=work_root, prefork=False)
+        box = Sandbox(workers=1, tmp_dir=own_root, prefork=False)
     with box:
         results = [box.run("import os\nprint(os.getppid())") for _ in range(2)]
         assert [r.status for r in results] == [Status.OK, Status.OK]
         assert results[0].stdout != results[1].stdout  # a different zygote each time
-        assert box._slots._all[0].zygote is None and os.listdir(work_root) == []
+        assert box._slots._all[0].zygote is None and os.listdir(own_root) == []
 
 
 # --- disk quota ------------------------------------------------------------------------------------------

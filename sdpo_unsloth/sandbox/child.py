@@ -573,8 +573,9 @@ def _confine_and_run(workdir: str, disk: str) -> None:
 # --- the zygote ------------------------------------------------------------------------------------------
 #
 # One zygote serves one worker slot. It runs as the trainer's user (root for the uid layer), never runs
-# untrusted code, and for each run: creates the work directory (a size- and inode-limited tmpfs in its
-# own mount namespace where it may mount one, else a plain directory it measures), forks a child that
+# untrusted code. It keeps a base directory (a tmpfs in its own mount namespace where it may mount one,
+# resized to each run's quota; else a plain directory whose runs it measures) and for each run: creates
+# the work directory below it, forks a child that
 # confines itself and runs the job, reports the child's exit status and disk use, and after the parent
 # has killed the run's process group, reaps every descendant (it is their subreaper) and removes the
 # work directory. Messages on the SOCK_SEQPACKET control socket (one datagram each):
@@ -585,7 +586,7 @@ def _confine_and_run(workdir: str, disk: str) -> None:
 _RESULT_FD = 3
 _READ_DIRS: list[str] = []
 _CLONE_NEWNS, _MS_REC, _MS_PRIVATE, _MNT_DETACH = 0x00020000, 0x4000, 1 << 18, 2
-_MS_NOSUID, _MS_NODEV = 2, 4
+_MS_NOSUID, _MS_NODEV, _MS_REMOUNT = 2, 4, 32
 _POLL_S = 0.01  # disk measuring interval where no tmpfs limits it
 
 
@@ -619,7 +620,7 @@ def _over_quota(workdir: str, tmpfs: bool, quota_bytes: int, quota_files: int) -
     if tmpfs:
         info = os.statvfs(workdir)
         used = (info.f_blocks - info.f_bfree) * info.f_frsize
-        files = info.f_files - info.f_ffree - 1  # the work dir's own inode
+        files = info.f_files - info.f_ffree - 2  # the tmpfs root and the work dir
         full = info.f_bfree == 0 or info.f_ffree == 0
     else:
         used, files = _usage(workdir)
@@ -671,22 +672,20 @@ def _reap(deadline: float) -> bool:
         time.sleep(0.001)
 
 
-def _serve_run(sock, params: dict, fds: list[int], tmp_dir: str, tmpfs: bool, keep: set[int], libc) -> None:
+def _serve_run(sock, params: dict, fds: list[int], base: str, tmpfs: bool, keep: set[int], libc) -> None:
     uid, quota_bytes, quota_files = params["uid"], params["quota_bytes"], params["quota_files"]
-    workdir = os.path.join(tmp_dir, "sdpo-sandbox-" + os.urandom(8).hex())
-    mounted = False
+    workdir = os.path.join(base, "run-" + os.urandom(8).hex())
     try:
+        if tmpfs:  # this run's quota (the tmpfs is empty between runs)
+            options = f"size={quota_bytes},nr_inodes={quota_files + 2}".encode()
+            if libc.mount(None, base.encode(), None, _MS_REMOUNT | _MS_NOSUID | _MS_NODEV, options) != 0:
+                raise OSError(f"tmpfs remount of {base} failed: {os.strerror(ctypes.get_errno())}")
         os.mkdir(workdir, 0o700)
-        if tmpfs:
-            options = f"size={quota_bytes},nr_inodes={quota_files + 1},mode=0700".encode()
-            mounted = libc.mount(b"tmpfs", workdir.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, options) == 0
-            if not mounted:
-                raise OSError(f"tmpfs mount on {workdir} failed: {os.strerror(ctypes.get_errno())}")
         if uid is not None:
             os.chown(workdir, uid, uid)
         pid = _fork_child(fds, workdir, "tmpfs" if tmpfs else "watched", keep)
     except OSError as exc:
-        _remove(workdir, mounted, libc)
+        shutil.rmtree(workdir, ignore_errors=True)
         sock.send(b"E" + f"{type(exc).__name__}: {exc}".encode())
         return
     finally:
@@ -718,9 +717,9 @@ def _serve_run(sock, params: dict, fds: list[int], tmp_dir: str, tmpfs: bool, ke
     if parent_gone:
         _killpg(pid)
     left = _reap(time.monotonic() + 0.1)
-    _remove(workdir, mounted, libc)
+    shutil.rmtree(workdir, ignore_errors=True)  # fd-based: never follows the code's symlinks
     if parent_gone:
-        os._exit(0)
+        _leave(base, tmpfs, libc)
     sock.send(b"D" + bytes([left]))
 
 
@@ -731,15 +730,12 @@ def _killpg(pgid: int) -> None:
         pass
 
 
-def _remove(workdir: str, mounted: bool, libc: ctypes.CDLL) -> None:
-    if mounted:
-        libc.umount2(workdir.encode(), _MNT_DETACH)  # frees the whole tmpfs at once
-    else:
-        shutil.rmtree(workdir, ignore_errors=True)  # fd-based: never follows the code's symlinks
-    try:
-        os.rmdir(workdir)
-    except OSError:
-        pass
+def _leave(base: str, tmpfs: bool, libc: ctypes.CDLL) -> None:
+    """Removes the zygote's base directory (unmounting its tmpfs) and exits."""
+    if tmpfs:
+        libc.umount2(base.encode(), _MNT_DETACH)
+    shutil.rmtree(base, ignore_errors=True)
+    os._exit(0)
 
 
 def zygote(control: int, tmp_dir: str, want_tmpfs: bool) -> None:
@@ -768,13 +764,18 @@ def zygote(control: int, tmp_dir: str, want_tmpfs: bool) -> None:
     _seccomp_template()
     gc.collect()
     gc.freeze()  # the zygote's objects stay out of every child's collections: fewer copied pages
-    sock.send(b"Z" + to_json({"tmpfs": tmpfs, "notes": notes}).encode())
+    base = os.path.join(tmp_dir, "sdpo-sandbox-" + os.urandom(8).hex())
+    os.mkdir(base, 0o711)  # runs' work dirs go below, each owned by its run's uid
+    if tmpfs and libc.mount(b"tmpfs", base.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, b"size=1m,mode=0711"):
+        tmpfs = False
+        notes.append(f"disk quota watched, not a tmpfs: mount failed ({os.strerror(ctypes.get_errno())})")
+    sock.send(b"Z" + to_json({"tmpfs": tmpfs, "notes": notes, "base": base}).encode())
     while True:
         message, fds, _flags, _addr = socket.recv_fds(sock, 1 << 12, 4)
         if not message:
-            os._exit(0)
+            _leave(base, tmpfs, libc)
         if message[:1] == b"R" and len(fds) == 4:
-            _serve_run(sock, marshal.loads(message[1:]), fds, tmp_dir, tmpfs, keep, libc)
+            _serve_run(sock, marshal.loads(message[1:]), fds, base, tmpfs, keep, libc)
         else:
             for fd in fds:
                 os.close(fd)

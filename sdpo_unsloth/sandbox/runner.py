@@ -11,7 +11,6 @@ import math
 import os
 import platform
 import selectors
-import shutil
 import sys
 import tempfile
 import threading
@@ -287,9 +286,7 @@ class Sandbox:
                 exited = zygote.exited(timeout_s=10)
             left = zygote.clean(timeout_s=10)
         except ZygoteLost:
-            workdir = zygote.workdir
-            self._drop_zygote(slot)
-            shutil.rmtree(workdir, ignore_errors=True)
+            self._drop_zygote(slot)  # also removes what its runs left on disk
             exited, left = exited or Exited(None), True
         if left and slot.uid is not None:
             self._slots.sweep(slot)

@@ -14,6 +14,7 @@ import json
 import marshal
 import os
 import select
+import shutil
 import signal
 import socket
 import struct
@@ -70,6 +71,7 @@ class Zygote:
                 f"the sandbox worker could not start (exit status {self.proc.returncode}); its stderr: "
                 f"{err[-2000:]!r}"
             ) from None
+        self.base: str = ready["base"]  # holds the runs' work dirs; removed when the zygote ends
         self.tmpfs: bool = bool(ready["tmpfs"])
         self.notes: tuple[str, ...] = tuple(ready["notes"])
         self.workdir = ""
@@ -116,6 +118,7 @@ class Zygote:
             self.proc.wait()
         finally:
             self.proc.stderr.close()
+            shutil.rmtree(self.base, ignore_errors=True)  # left only by a zygote that was killed
 
     def _receive(self, kinds: bytes, timeout_s: float) -> bytes:
         deadline = time.monotonic() + timeout_s
