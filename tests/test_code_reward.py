@@ -358,5 +358,5 @@ def test_filling_the_work_dir_fails_with_quota_feedback(reward):
         "The program failed: quota exceeded: the work dir reached its limit of 1000 files"
     )
     assert reward.last_results[0].disk_files <= 1000 + (
-        1 if reward.isolation.disk_quota == "tmpfs" else 2_000
+        8 if reward.isolation.disk_quota == "tmpfs" else 2_000
     )

@@ -215,50 +215,54 @@ def landlock_abi(libc: ctypes.CDLL) -> int:
     return max(int(version), 0)
 
 
-def install_landlock(libc: ctypes.CDLL, abi: int, workdir: str, read_dirs: list[str]) -> None:
-    """Allows writes only below `workdir`, reads only below `read_dirs` + system libraries + `workdir`."""
-    handled = _LL_ABI1_ALL | (_LL_REFER if abi >= 2 else 0) | (_LL_TRUNCATE if abi >= 3 else 0)
+def _handled(abi: int) -> int:
+    return _LL_ABI1_ALL | (_LL_REFER if abi >= 2 else 0) | (_LL_TRUNCATE if abi >= 3 else 0)
+
+
+def prepare_landlock(abi: int, read_dirs: list[str]) -> list[tuple[int, bytes]]:
+    """The fixed rules as (O_PATH fd, packed rule): reads below `read_dirs` + system libraries, /dev/null.
+
+    Built once by the zygote; every child inherits the fds and adds its own work dir's rule.
+    """
     file_rights = _LL_EXECUTE | _LL_WRITE_FILE | _LL_READ_FILE | (_LL_TRUNCATE if abi >= 3 else 0)
-    fields = [handled]
+    rules = [(p, _LL_EXECUTE | _LL_READ_FILE | _LL_READ_DIR) for p in [*read_dirs, *_READ_ROOTS]]
+    rules += [(p, _LL_READ_FILE) for p in _READ_FILES]
+    rules.append(("/dev/null", _LL_READ_FILE | _LL_WRITE_FILE | (_LL_TRUNCATE if abi >= 3 else 0)))
+    prepared = []
+    for path, rights in rules:
+        try:
+            fd = os.open(path, os.O_PATH)
+        except OSError:
+            continue  # absent on this system
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            rights &= file_rights
+        prepared.append((fd, struct.pack("=Qi", rights, fd)))
+    return prepared
+
+
+def install_landlock(libc: ctypes.CDLL, abi: int, workdir: str, prepared: list[tuple[int, bytes]]) -> None:
+    """Allows writes only below `workdir`; reads only there and where the `prepared` rules allow."""
+    fields = [_handled(abi)]
     if abi >= 4:
         fields.append(_LL_NET_TCP)
     if abi >= 6:
         fields.append(_LL_SCOPE)
-    attr = ctypes.create_string_buffer(struct.pack(f"={len(fields)}Q", *fields))
-    ruleset = libc.syscall(ctypes.c_long(_LL_CREATE), attr, ctypes.c_size_t(len(attr.raw)), ctypes.c_uint(0))
+    attr = struct.pack(f"={len(fields)}Q", *fields)
+    ruleset = libc.syscall(ctypes.c_long(_LL_CREATE), attr, ctypes.c_size_t(len(attr)), ctypes.c_uint(0))
     _check(ruleset, "landlock_create_ruleset")
+    own = os.open(workdir, os.O_PATH | os.O_CLOEXEC)
     try:
-        rules = [(workdir, handled)]
-        rules += [(p, _LL_EXECUTE | _LL_READ_FILE | _LL_READ_DIR) for p in [*read_dirs, *_READ_ROOTS]]
-        rules += [(p, _LL_READ_FILE) for p in _READ_FILES]
-        rules.append(("/dev/null", _LL_READ_FILE | _LL_WRITE_FILE | (_LL_TRUNCATE if abi >= 3 else 0)))
-        for path, rights in rules:
-            try:
-                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-            except OSError:
-                continue  # absent on this system
-            try:
-                if not stat.S_ISDIR(os.fstat(fd).st_mode):
-                    rights &= file_rights
-                rule = ctypes.create_string_buffer(struct.pack("=Qi", rights, fd))
-                _check(
-                    libc.syscall(
-                        ctypes.c_long(_LL_ADD_RULE),
-                        ctypes.c_int(ruleset),
-                        ctypes.c_int(1),
-                        rule,
-                        ctypes.c_uint(0),
-                    ),
-                    f"landlock_add_rule({path})",
-                )
-            finally:
-                os.close(fd)
-        _check(
-            libc.syscall(ctypes.c_long(_LL_RESTRICT), ctypes.c_int(ruleset), ctypes.c_uint(0)),
-            "landlock_restrict_self",
-        )
+        for fd, rule in [(own, struct.pack("=Qi", _handled(abi), own)), *prepared]:
+            _check(
+                libc.syscall(_LL_ADD_RULE, ruleset, 1, rule, 0),
+                f"landlock_add_rule({os.readlink(f'/proc/self/fd/{fd}')})",
+            )
+        _check(libc.syscall(_LL_RESTRICT, ruleset, 0), "landlock_restrict_self")
     finally:
         os.close(ruleset)
+        os.close(own)
+        for fd, _rule in prepared:
+            os.close(fd)  # the child's copies: the code under test gets no O_PATH handles
 
 
 # --- setup ----------------------------------------------------------------------------------------------
@@ -490,9 +494,10 @@ def _run_checks(job: dict, emit: _Emitter, code: object, workdir_fd: int) -> Non
 
 
 def _run_script(job: dict, emit: _Emitter, code: object, workdir_fd: int) -> None:
-    fd = _stdin_fd(job["stdin"], ".stdin", workdir_fd)
-    os.dup2(fd, 0)
-    os.close(fd)
+    if job["stdin"]:  # else fd 0 stays /dev/null
+        fd = _stdin_fd(job["stdin"], ".stdin", workdir_fd)
+        os.dup2(fd, 0)
+        os.close(fd)
     sys.stdin = open(0, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
     try:
         exec(code, {"__name__": "__main__", "__builtins__": builtins})
@@ -530,15 +535,17 @@ def _confine_and_run(workdir: str, disk: str) -> None:
         # Landlock and seccomp are best effort (the parent reports a weaker level); the uid drop is not:
         # a child that was asked to drop root and could not must never run the code.
         if job["landlock"]:
-            abi = landlock_abi(libc)
+            abi = _LANDLOCK[0] if _LANDLOCK else 0
             try:
                 if abi:
-                    install_landlock(libc, abi, os.path.realpath(workdir), _READ_DIRS)
+                    install_landlock(libc, abi, workdir, _LANDLOCK[1])
                     ready["landlock"] = abi
                 else:
                     ready["notes"].append("Landlock is not available in this kernel")
             except OSError as exc:
                 ready["notes"].append(f"Landlock failed: {exc}")
+        for fd, _rule in _LANDLOCK[1] if _LANDLOCK and not ready["landlock"] else ():
+            os.close(fd)  # unused here: the code under test gets no O_PATH handles
         if job["uid"] is not None:
             _drop_privileges(job["uid"])
             ready["uid"] = job["uid"]
@@ -584,10 +591,12 @@ def _confine_and_run(workdir: str, disk: str) -> None:
 #   zygote -> parent: Z<json: ready>, P<pid><workdir>, X<json: exit status and disk use>, D<left: 0/1>.
 
 _RESULT_FD = 3
-_READ_DIRS: list[str] = []
+_LANDLOCK: list = []  # [abi, prepared rules], set by the zygote
 _CLONE_NEWNS, _MS_REC, _MS_PRIVATE, _MNT_DETACH = 0x00020000, 0x4000, 1 << 18, 2
 _MS_NOSUID, _MS_NODEV, _MS_REMOUNT = 2, 4, 32
 _POLL_S = 0.01  # disk measuring interval where no tmpfs limits it
+# Inodes a finished run may still pin for a moment (its Landlock domain holds its work dir until freed).
+_INODE_SLACK = 8
 
 
 def _private_mounts(libc: ctypes.CDLL) -> str | None:
@@ -617,19 +626,20 @@ def _usage(path: str) -> tuple[int, int]:
 
 
 def _over_quota(workdir: str, tmpfs: bool, quota_bytes: int, quota_files: int) -> tuple[int, int, str]:
-    if tmpfs:
+    """(bytes, files, what was exceeded or "") of the run's work dir."""
+    if tmpfs:  # full = the kernel refused a write: the quota held exactly
         info = os.statvfs(workdir)
         used = (info.f_blocks - info.f_bfree) * info.f_frsize
         files = info.f_files - info.f_ffree - 2  # the tmpfs root and the work dir
-        full = info.f_bfree == 0 or info.f_ffree == 0
+        over_files, over_bytes = info.f_ffree == 0, info.f_bfree == 0
     else:
         used, files = _usage(workdir)
-        full = used > quota_bytes or files > quota_files
-    if not full:
-        return used, files, ""
-    if files >= quota_files:
+        over_files, over_bytes = files > quota_files, used > quota_bytes
+    if over_files:
         return used, files, f"the work dir reached its limit of {quota_files} files"
-    return used, files, f"the work dir reached its limit of {quota_bytes >> 20} MB ({used} bytes written)"
+    if over_bytes:
+        return used, files, f"the work dir reached its limit of {quota_bytes >> 20} MB ({used} bytes written)"
+    return used, files, ""
 
 
 def _fork_child(fds: list[int], workdir: str, disk: str, keep: set[int]) -> int:
@@ -641,12 +651,11 @@ def _fork_child(fds: list[int], workdir: str, disk: str, keep: set[int]) -> int:
         high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in fds]
         for target, fd in enumerate(high):
             os.dup2(fd, target)
-        for name in os.listdir("/proc/self/fd"):
-            if int(name) > _RESULT_FD and int(name) not in keep:
-                try:
-                    os.close(int(name))
-                except OSError:
-                    pass
+        low = _RESULT_FD + 1
+        for fd in sorted(keep):
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, 1 << 20)
         os.environ["HOME"] = os.environ["TMPDIR"] = workdir
         _confine_and_run(workdir, disk)
     finally:
@@ -677,7 +686,7 @@ def _serve_run(sock, params: dict, fds: list[int], base: str, tmpfs: bool, keep:
     workdir = os.path.join(base, "run-" + os.urandom(8).hex())
     try:
         if tmpfs:  # this run's quota (the tmpfs is empty between runs)
-            options = f"size={quota_bytes},nr_inodes={quota_files + 2}".encode()
+            options = f"size={quota_bytes},nr_inodes={quota_files + 2 + _INODE_SLACK}".encode()
             if libc.mount(None, base.encode(), None, _MS_REMOUNT | _MS_NOSUID | _MS_NODEV, options) != 0:
                 raise OSError(f"tmpfs remount of {base} failed: {os.strerror(ctypes.get_errno())}")
         os.mkdir(workdir, 0o700)
@@ -755,11 +764,15 @@ def zygote(control: int, tmp_dir: str, want_tmpfs: bool) -> None:
             notes.append(f"disk quota watched, not a tmpfs: {why}")
     keep = set()
     if os.geteuid() == 0:
-        _READ_DIRS.extend(_keep_imports_reachable())
+        read_dirs = _keep_imports_reachable()
         keep = {int(p.rsplit("/", 1)[1]) for p in sys.path if p.startswith("/proc/self/fd/")}
     else:
-        _READ_DIRS.extend(os.path.realpath(p) for p in sys.path if os.path.isdir(p))
-    _READ_DIRS.append(os.path.dirname(os.path.realpath(os.__file__)))
+        read_dirs = [os.path.realpath(p) for p in sys.path if os.path.isdir(p)]
+    read_dirs.append(os.path.dirname(os.path.realpath(os.__file__)))
+    abi = landlock_abi(libc)
+    if abi:
+        _LANDLOCK[:] = [abi, prepare_landlock(abi, read_dirs)]
+        keep |= {fd for fd, _rule in _LANDLOCK[1]}
     _libc()
     _seccomp_template()
     gc.collect()

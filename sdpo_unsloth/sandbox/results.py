@@ -123,7 +123,7 @@ class Limits:
     max_processes: int = 8  # processes + threads of the slot uid (RLIMIT_NPROC)
     max_open_files: int = 64
     max_disk_mb: int = 64  # bytes in the work dir, all files together (tmpfs size, or watched)
-    max_files: int = 1_000  # files and directories in the work dir
+    max_files: int = 1_000  # files and directories in the work dir (a tmpfs allows up to 8 more)
     startup_timeout_s: float = 30.0  # for the interpreter to start and confine itself
 
     def __post_init__(self) -> None:
