@@ -551,6 +551,30 @@ def test_prefork_off_starts_a_fresh_interpreter_per_run(own_root: str):
         assert box._slots._all[0].zygote is None and os.listdir(own_root) == []
 
 
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # no seccomp here on purpose
+def test_a_daemon_that_left_the_process_group_is_still_ended(work_root: str):
+    """Without seccomp, setsid() works: the daemon leaves the run's process group, but as an orphan it comes
+    back to the zygote (the subreaper), which ends it before the slot runs again."""
+    with Sandbox(workers=1, tmp_dir=work_root, layers={"uid", "landlock", "tmpfs"}) as box:
+        if _needs("uid", box.isolation):
+            pytest.skip(_needs("uid", box.isolation))
+        daemon = textwrap.dedent("""\
+            import os, time
+            if os.fork() == 0:
+                os.setsid()
+                if os.fork() == 0:
+                    time.sleep(60)
+                os._exit(0)
+            time.sleep(0.2)
+            print('parent done')
+            """)
+        result = box.run(daemon, limits=Limits(timeout_s=5.0))
+        assert result.status is Status.OK and result.stdout == "parent done\n", result
+        assert result.elapsed_s < 3
+        assert sandbox_slots.processes_of(result.isolation.uid) == []
+        assert box.run("print(1)").stdout == "1\n"
+
+
 # --- disk quota ------------------------------------------------------------------------------------------
 
 FILL_FILES = textwrap.dedent("""\
