@@ -594,6 +594,7 @@ _RESULT_FD = 3
 _LANDLOCK: list = []  # [abi, prepared rules], set by the zygote
 _CLONE_NEWNS, _MS_REC, _MS_PRIVATE, _MNT_DETACH = 0x00020000, 0x4000, 1 << 18, 2
 _MS_NOSUID, _MS_NODEV, _MS_REMOUNT = 2, 4, 32
+_EXITED_NOWAIT = os.WEXITED | os.WNOWAIT
 _POLL_S = 0.01  # disk measuring interval where no tmpfs limits it
 # Inodes a finished run may still pin for a moment (its Landlock domain holds its work dir until freed).
 _INODE_SLACK = 8
@@ -701,12 +702,16 @@ def _serve_run(sock, params: dict, fds: list[int], base: str, tmpfs: bool, keep:
         for fd in fds:
             os.close(fd)
     sock.send(b"P" + struct.pack("=i", pid) + workdir.encode())
-    pidfd = os.pidfd_open(pid)
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # Linux < 5.3: poll
+        pidfd = None
+    watch = [sock] if pidfd is None else [pidfd, sock]
     exceeded, parent_gone = "", False
     try:
         while True:
-            ready = select.select([pidfd, sock], [], [], None if tmpfs else _POLL_S)[0]
-            if pidfd in ready:
+            ready = select.select(watch, [], [], None if tmpfs and pidfd is not None else _POLL_S)[0]
+            if pidfd in ready or (pidfd is None and os.waitid(os.P_PID, pid, _EXITED_NOWAIT | os.WNOHANG)):
                 break
             if sock in ready:  # the parent closed the socket (it is gone): end the run and leave
                 _killpg(pid)
@@ -714,9 +719,10 @@ def _serve_run(sock, params: dict, fds: list[int], base: str, tmpfs: bool, keep:
             elif not exceeded and (exceeded := _over_quota(workdir, tmpfs, quota_bytes, quota_files)[2]):
                 _killpg(pid)  # measured over the quota: end the run now
     finally:
-        os.close(pidfd)
+        if pidfd is not None:
+            os.close(pidfd)
     if not parent_gone:
-        info = os.waitid(os.P_PID, pid, os.WEXITED | os.WNOWAIT)  # unreaped: the pid (group) stays reserved
+        info = os.waitid(os.P_PID, pid, _EXITED_NOWAIT)  # unreaped: the pid (group) stays reserved
         used, files, over = _over_quota(workdir, tmpfs, quota_bytes, quota_files)
         rc = info.si_status if info.si_code == 1 else -info.si_status  # CLD_EXITED = 1, else a signal
         sock.send(
