@@ -649,6 +649,7 @@ def _fork_child(fds: list[int], workdir: str, disk: str, keep: set[int]) -> int:
         return pid
     try:
         os.setsid()
+        gc.enable()
         high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in fds]
         for target, fd in enumerate(high):
             os.dup2(fd, target)
@@ -783,6 +784,7 @@ def zygote(control: int, tmp_dir: str, want_tmpfs: bool) -> None:
     _seccomp_template()
     gc.collect()
     gc.freeze()  # the zygote's objects stay out of every child's collections: fewer copied pages
+    gc.disable()  # and the zygote (whose loop makes no cycles) never walks them either; children re-enable
     base = os.path.join(tmp_dir, "sdpo-sandbox-" + os.urandom(8).hex())
     os.mkdir(base, 0o711)  # runs' work dirs go below, each owned by its run's uid
     if tmpfs and libc.mount(b"tmpfs", base.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, b"size=1m,mode=0711"):
