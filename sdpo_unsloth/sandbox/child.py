@@ -628,14 +628,15 @@ def _usage(path: str) -> tuple[int, int]:
 
 def _over_quota(workdir: str, tmpfs: bool, quota_bytes: int, quota_files: int) -> tuple[int, int, str]:
     """(bytes, files, what was exceeded or "") of the run's work dir."""
-    if tmpfs:  # full = the kernel refused a write: the quota held exactly
+    if tmpfs:  # the kernel refuses the write past the quota. Reaching a quota counts as exceeding it.
         info = os.statvfs(workdir)
         used = (info.f_blocks - info.f_bfree) * info.f_frsize
         files = info.f_files - info.f_ffree - 2  # the tmpfs root and the work dir
-        over_files, over_bytes = info.f_ffree == 0, info.f_bfree == 0
+        over_files = info.f_ffree == 0 or files >= quota_files
+        over_bytes = info.f_bfree == 0 or used >= quota_bytes
     else:
         used, files = _usage(workdir)
-        over_files, over_bytes = files > quota_files, used > quota_bytes
+        over_files, over_bytes = files >= quota_files, used >= quota_bytes
     if over_files:
         return used, files, f"the work dir reached its limit of {quota_files} files"
     if over_bytes:

@@ -119,9 +119,11 @@ class Limits:
     timeout_s: float = 2.0  # wall clock per check (or for the whole program in script mode)
     memory_mb: int = 512  # address space (RLIMIT_AS)
     max_output_bytes: int = 32_768  # kept of stdout, of stderr, and of each check's value
-    max_file_mb: int = 16  # largest file the child may write (RLIMIT_FSIZE)
+    max_file_mb: int = 16  # largest file the child may write (RLIMIT_FSIZE, at most `max_disk_mb`)
     max_processes: int = 8  # processes + threads of the slot uid (RLIMIT_NPROC)
     max_open_files: int = 64
+    # The work dir's quota; a run that reaches it fails with "quota exceeded". No file grows past
+    # `max_disk_mb` either (RLIMIT_FSIZE is the smaller of the two).
     max_disk_mb: int = 64  # bytes in the work dir, all files together (tmpfs size, or watched)
     max_files: int = 1_000  # files and directories in the work dir (a tmpfs allows up to 8 more)
     startup_timeout_s: float = 30.0  # for the interpreter to start and confine itself

@@ -214,7 +214,7 @@ class Sandbox:
                 "limits": {
                     "cpu": cpu,
                     "as": limits.memory_mb << 20,
-                    "fsize": limits.max_file_mb << 20,
+                    "fsize": min(limits.max_file_mb, limits.max_disk_mb) << 20,  # no file beyond the quota
                     "nofile": limits.max_open_files,
                     "nproc": limits.max_processes,
                 },
