@@ -12,7 +12,9 @@ on every result as an `Isolation`:
 
 - **uid** (parent is root): the child drops to a dedicated unprivileged uid, one per worker slot. Each
   slot's uid is locked against other processes on the machine and reused only when no process of it
-  is left (killed by process group and by uid after every run).
+  is left: after every run its process group is killed and the zygote, the subreaper of every process
+  the run started, reaps them all (and kills any that escaped the group); if some still remain, every
+  process of the uid is killed (found by a scan of ``/proc``).
 - **Landlock** (Linux 5.13+): writes only below the work directory; reads only from the Python
   standard library, system libraries and the work directory; no TCP (6.7+); no signals or abstract
   unix sockets outside the sandbox (6.12+).

@@ -81,7 +81,9 @@ class Isolation:
         applied = ["rlimits", "clean environment", "temporary work directory", "process-group kill"]
         gaps = []
         if self.uid is not None:
-            applied.append(f"unprivileged uid {self.uid} (killed by uid afterwards)")
+            applied.append(
+                f"unprivileged uid {self.uid} (its processes reaped, or killed by uid, afterwards)"
+            )
         else:
             gaps.append(
                 "runs as the trainer's own user (the trainer is not root): it can do what that user can "
