@@ -575,6 +575,22 @@ def test_a_daemon_that_left_the_process_group_is_still_ended(work_root: str):
         assert box.run("print(1)").stdout == "1\n"
 
 
+def test_what_the_zygote_cannot_end_is_killed_by_uid(work_root: str, monkeypatch: pytest.MonkeyPatch):
+    """When the zygote reports survivors, every process of the slot's uid is killed (a scan of /proc)."""
+    from sdpo_unsloth.sandbox import zygote as zygote_module
+
+    clean, killed = zygote_module.Zygote.clean, []
+    monkeypatch.setattr(zygote_module.Zygote, "clean", lambda self, timeout_s: clean(self, timeout_s) or True)
+    monkeypatch.setattr(sandbox_slots, "kill_uid", lambda uid, timeout_s=3.0: killed.append(uid) or True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        box = Sandbox(workers=1, tmp_dir=work_root)
+    with box:
+        result = box.run("print(1)")
+        assert result.status is Status.OK
+        assert killed == ([result.isolation.uid] if result.isolation.uid is not None else [])
+
+
 # --- disk quota ------------------------------------------------------------------------------------------
 
 FILL_FILES = textwrap.dedent("""\
