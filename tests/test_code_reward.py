@@ -348,3 +348,15 @@ def test_every_reference_solution_passes_its_hidden_tests(reward):
         r["function"]: f for r, v, f in zip(rows, values, reward.last_feedback, strict=True) if v != 1.0
     }
     assert not failing
+
+
+def test_filling_the_work_dir_fails_with_quota_feedback(reward):
+    code = "for i in range(5000):\n    open(f'f{i}', 'w').write('x')\ndef total(xs):\n    return sum(xs)"
+    value, feedback = score(reward, fenced(code))
+    assert value == 0.0
+    assert feedback.startswith(
+        "The program failed: quota exceeded: the work dir reached its limit of 1000 files"
+    )
+    assert reward.last_results[0].disk_files <= 1000 + (
+        8 if reward.isolation.disk_quota == "tmpfs" else 2_000
+    )

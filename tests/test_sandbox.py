@@ -26,7 +26,7 @@ from typing import Any
 
 import pytest
 
-from sdpo_unsloth import sandbox_child, sandbox_slots
+import sdpo_unsloth
 from sdpo_unsloth.sandbox import (
     Check,
     Isolation,
@@ -40,6 +40,8 @@ from sdpo_unsloth.sandbox import (
     outputs_equal,
     values_equal,
 )
+from sdpo_unsloth.sandbox import child as sandbox_child
+from sdpo_unsloth.sandbox import slots as sandbox_slots
 
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="the sandbox is Linux only")
 
@@ -78,6 +80,15 @@ def work_root():
     shutil.rmtree(root, ignore_errors=True)
 
 
+@pytest.fixture
+def own_root():
+    """A work root no other sandbox of this module uses (to check it is empty once the sandbox closed)."""
+    root = tempfile.mkdtemp(prefix="sdpo-work-", dir="/tmp")
+    os.chmod(root, 0o755)
+    yield root
+    shutil.rmtree(root, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
 def sandbox(work_root):
     with warnings.catch_warnings():
@@ -86,6 +97,11 @@ def sandbox(work_root):
         box.isolation  # noqa: B018 - probe once
     yield box
     box.close()
+
+
+def _files_below(root: str) -> list[str]:
+    """What is below `root` but directories (a live zygote keeps an empty base directory there)."""
+    return [os.path.join(d, f) for d, _, files in os.walk(root) for f in files]
 
 
 def _snapshot(root: str) -> dict[str, tuple]:
@@ -140,7 +156,7 @@ def _guarded_run(
     result = box.run(code, checks, limits=limits)
     os.kill(os.getpid(), 0)  # still here
     assert watched() == before, "a file outside the work directory changed"
-    assert os.listdir(work_root) == [], "the work directory was not removed"
+    assert _files_below(work_root) == [], "the work directory was not removed"
     for slot in box._slots._all:
         if slot.uid is not None:
             assert sandbox_slots.processes_of(slot.uid) == [], f"processes of uid {slot.uid} survived"
@@ -462,6 +478,194 @@ def test_a_fork_bomb_leaves_the_slot_clean_for_the_next_run(work_root: str):
         )
 
 
+# --- the zygote: fresh state per run, never runs untrusted code -------------------------------------------
+
+
+def test_every_run_is_a_fresh_fork_of_an_untouched_zygote(sandbox: Sandbox):
+    """A run that poisons its interpreter (modules, builtins, environment, cwd) leaves nothing to the next."""
+    poison = textwrap.dedent("""\
+        import builtins, os, sys
+        sys.modules['json'] = 'poisoned'
+        builtins.len = lambda x: -1
+        os.environ['POISON'] = '1'
+        sys.path.insert(0, '/nowhere')
+        print(os.getpid(), os.getppid())
+        """)
+    probe = textwrap.dedent("""\
+        import builtins, os, sys
+        print(os.getpid(), os.getppid(), type(sys.modules.get('json')).__name__, len([1, 2]),
+              os.environ.get('POISON'), '/nowhere' in sys.path)
+        import stat
+        kinds = set()
+        for fd in range(4, 1024):
+            try:
+                kinds.add('socket' if stat.S_ISSOCK(os.fstat(fd).st_mode) else 'other')
+            except OSError:
+                pass
+        print(sorted(kinds))
+        """)
+    first = sandbox.run(poison)
+    pids = set()
+    for _ in range(3):
+        result = sandbox.run(probe)
+        assert result.status is Status.OK, result
+        line, fds = result.stdout.splitlines()
+        pid, ppid, json_type, length, env, path = line.split()
+        assert (json_type, length, env, path) in {
+            ("NoneType", "2", "None", "False"),
+            ("module", "2", "None", "False"),
+        }
+        assert "socket" not in fds  # the zygote's control socket never reaches the untrusted code
+        pids.add(pid)
+    assert len(pids) == 3 and first.stdout.split()[0] not in pids
+    zygotes = {s.zygote.proc.pid for s in sandbox._slots._all if s.zygote is not None}
+    assert int(ppid) in zygotes and int(ppid) != os.getpid()  # forked by a zygote, not by the trainer
+    if sandbox.isolation.uid is not None:
+        for pid in zygotes:  # the zygotes stay root: they never dropped to run code themselves
+            with open(f"/proc/{pid}/status") as handle:
+                assert "\nUid:\t0\t0\t0\t0" in handle.read()
+
+
+def test_a_dead_zygote_is_replaced(own_root: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        box = Sandbox(workers=1, tmp_dir=own_root)
+    with box:
+        first = box.run("import os\nprint(os.getppid())")
+        box._slots._all[0].zygote.proc.kill()
+        box._slots._all[0].zygote.proc.wait()
+        second = box.run("import os\nprint(os.getppid())")
+        assert first.status is second.status is Status.OK and first.stdout != second.stdout
+        assert _files_below(own_root) == []
+    assert os.listdir(own_root) == []  # the zygotes' base directories are gone, the killed one's too
+
+
+def test_prefork_off_starts_a_fresh_interpreter_per_run(own_root: str):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        box = Sandbox(workers=1, tmp_dir=own_root, prefork=False)
+    with box:
+        results = [box.run("import os\nprint(os.getppid())") for _ in range(2)]
+        assert [r.status for r in results] == [Status.OK, Status.OK]
+        assert results[0].stdout != results[1].stdout  # a different zygote each time
+        assert box._slots._all[0].zygote is None and os.listdir(own_root) == []
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # no seccomp here on purpose
+def test_a_daemon_that_left_the_process_group_is_still_ended(work_root: str):
+    """Without seccomp, setsid() works: the daemon leaves the run's process group, but as an orphan it comes
+    back to the zygote (the subreaper), which ends it before the slot runs again."""
+    with Sandbox(workers=1, tmp_dir=work_root, layers={"uid", "landlock", "tmpfs"}) as box:
+        if _needs("uid", box.isolation):
+            pytest.skip(_needs("uid", box.isolation))
+        daemon = textwrap.dedent("""\
+            import os, time
+            if os.fork() == 0:
+                os.setsid()
+                if os.fork() == 0:
+                    time.sleep(60)
+                os._exit(0)
+            time.sleep(0.2)
+            print('parent done')
+            """)
+        result = box.run(daemon, limits=Limits(timeout_s=5.0))
+        assert result.status is Status.OK and result.stdout == "parent done\n", result
+        assert result.elapsed_s < 3
+        assert sandbox_slots.processes_of(result.isolation.uid) == []
+        assert box.run("print(1)").stdout == "1\n"
+
+
+def test_what_the_zygote_cannot_end_is_killed_by_uid(work_root: str, monkeypatch: pytest.MonkeyPatch):
+    """When the zygote reports survivors, every process of the slot's uid is killed (a scan of /proc)."""
+    from sdpo_unsloth.sandbox import zygote as zygote_module
+
+    clean, killed = zygote_module.Zygote.clean, []
+    monkeypatch.setattr(zygote_module.Zygote, "clean", lambda self, timeout_s: clean(self, timeout_s) or True)
+    monkeypatch.setattr(sandbox_slots, "kill_uid", lambda uid, timeout_s=3.0: killed.append(uid) or True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        box = Sandbox(workers=1, tmp_dir=work_root)
+    with box:
+        result = box.run("print(1)")
+        assert result.status is Status.OK
+        assert killed == ([result.isolation.uid] if result.isolation.uid is not None else [])
+
+
+# --- disk quota ------------------------------------------------------------------------------------------
+
+FILL_FILES = textwrap.dedent("""\
+    import os
+    written = 0
+    try:
+        for i in range({count}):
+            with open(f'f{{i}}', 'wb') as handle:
+                handle.write(b'x' * {size})
+            written += 1
+    finally:
+        print(written)
+    """)
+
+
+@pytest.fixture(params=["tmpfs", "watched"])
+def quota_box(request, work_root: str):
+    layers = {"uid", "landlock", "seccomp"} | ({"tmpfs"} if request.param == "tmpfs" else set())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        box = Sandbox(workers=1, tmp_dir=work_root, layers=layers)
+    with box:
+        if box.isolation.disk_quota != request.param:
+            pytest.skip(f"no {request.param} quota here: {box.isolation.description}")
+        if _protects_files(box.isolation):
+            pytest.skip("the child could write outside its work dir here: the quota would not bound it")
+        yield box
+
+
+# (program, limits, what it hits). Each program tries to write far more than the quota plus the slack.
+# A tmpfs refuses the write past the quota (slack: one page, and 8 inodes that an earlier run's Landlock
+# domain may still pin). The watched tier kills the run at its next measurement, every 10 ms: it
+# overshoots by what the code writes until then (more on a loaded machine), so its slack is wide.
+QUOTA_CASES = {
+    "100k_small_files": (FILL_FILES.format(count=100_000, size=1024), {"max_files": 500}, "500 files"),
+    "one_large_file": (
+        "with open('big', 'wb') as handle:\n    for _ in range(256):\n        handle.write(b'x' * (1 << 20))\n",
+        {"max_disk_mb": 8, "max_file_mb": 512}, "8 MB",
+    ),
+    "files_under_the_size_limit": (FILL_FILES.format(count=256, size=1 << 20), {"max_disk_mb": 8, "max_file_mb": 2}, "8 MB"),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("case", QUOTA_CASES)
+def test_disk_quota_holds(case: str, quota_box: Sandbox, canary: str, work_root: str):
+    code, limits, hits = QUOTA_CASES[case]
+    limits = Limits(timeout_s=20.0, memory_mb=256, **limits)
+    result = _guarded_run(quota_box, canary, work_root, code, limits=limits)  # also: the work dir is gone
+    assert result.status is Status.ERROR and result.error.startswith("quota exceeded: "), result
+    assert hits in result.error
+    tmpfs = quota_box.isolation.disk_quota == "tmpfs"
+    slack_files, slack_bytes = (8, 8192) if tmpfs else (5_000, 64 << 20)
+    if case == "one_large_file":  # one file never outgrows the quota: RLIMIT_FSIZE is capped by it
+        slack_bytes = 8192
+    assert result.disk_files <= limits.max_files + slack_files
+    assert result.disk_bytes <= (limits.max_disk_mb << 20) + slack_bytes
+
+
+def test_quota_fails_every_check_even_when_the_code_swallows_the_error(quota_box: Sandbox):
+    code = FILL_FILES.replace("finally:", "except OSError:\n    pass\nfinally:").format(count=5_000, size=16)
+    code += "def f(x):\n    return x\n"
+    result = quota_box.run(code, [Check("f", (1,), expected=1)], limits=Limits(max_files=100, timeout_s=20.0))
+    assert result.status is Status.ERROR and result.error.startswith("quota exceeded: ")
+    assert result.checks[0].status is Status.ERROR and result.checks[0].kind == "quota"
+    assert result.disk_files <= 100 + (8 if quota_box.isolation.disk_quota == "tmpfs" else 2_000)
+
+
+def test_quota_leaves_ordinary_runs_alone(quota_box: Sandbox):
+    result = quota_box.run(
+        FILL_FILES.format(count=20, size=1000), limits=Limits(max_files=100, max_disk_mb=1)
+    )
+    assert result.status is Status.OK and result.stdout == "20\n", result
+    assert 20 <= result.disk_files <= 22 and result.disk_bytes >= 20 * 1000
+
+
 # --- reporting, API and building blocks ------------------------------------------------------------------
 
 
@@ -537,7 +741,7 @@ def test_non_root_trainer_gets_weaker_isolation_reported(tmp_path):
     python = next(
         (p for p in (sys.executable, "/usr/bin/python3") if p and _world_usable(p) and _same_minor(p)), None
     )
-    package_root = os.path.dirname(os.path.dirname(os.path.abspath(sandbox_child.__file__)))
+    package_root = os.path.dirname(os.path.dirname(os.path.abspath(sdpo_unsloth.__file__)))
     if python is None or not _world_usable(package_root):
         pytest.skip("no interpreter and package path usable by an unprivileged user here")
     script = textwrap.dedent(f"""\

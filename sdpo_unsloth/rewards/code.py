@@ -206,6 +206,12 @@ def format_feedback(
     if not failed:
         return ""
     first = failed[0][1]
+    if first.kind == "quota":  # the whole run failed: its work dir hit the disk or file quota
+        text = (
+            f"The program failed: {first.error} ({limits.max_files} files, {limits.max_disk_mb} MB); "
+            "do not write files you do not need."
+        )
+        return _cap(text, max_chars)
     if result.before_tests:
         line = f" (line {first.line})" if first.line else ""
         if first.kind == "exit":

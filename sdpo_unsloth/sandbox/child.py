@@ -1,8 +1,10 @@
-"""The in-child harness of `sdpo_unsloth.sandbox`: it confines itself, then runs the untrusted code.
+"""The harness of `sdpo_unsloth.sandbox`: a zygote that forks one child per run; the child confines
+itself, then runs the untrusted code.
 
-The parent starts it as ``python -I -S sandbox_child.py`` (a fresh, small interpreter: no fork of the
-trainer) in a new session, with a scrubbed environment, and writes one JSON job on its stdin. Before any
-untrusted byte runs, this process, in order:
+The parent starts it as ``python -I -S child.py <socket fd> <tmp dir> <tmpfs 0/1>`` (a fresh, small
+interpreter: no fork of the trainer) in a new session, with a scrubbed environment; the zygote loop at
+the end of this file serves runs. Each forked child reads one job on its stdin and, before any untrusted
+byte runs, in order:
 
 1. sets ``no_new_privs`` and restricts itself with Landlock (when the kernel has it): writes only below
    the work directory, reads only from the Python standard library, system libraries and the work
@@ -26,12 +28,18 @@ from __future__ import annotations
 
 import builtins
 import ctypes
+import fcntl
+import gc
 import marshal
 import os
 import resource
+import select
+import shutil
+import socket
 import stat
 import struct
 import sys
+import time
 
 # --- seccomp (x86_64) -------------------------------------------------------------------------------
 
@@ -144,11 +152,17 @@ class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
+_LIBC: list[ctypes.CDLL] = []  # loaded once by the zygote, inherited by every child
+
+
 def _libc() -> ctypes.CDLL:
+    if _LIBC:
+        return _LIBC[0]
     libc = ctypes.CDLL(None, use_errno=True)
     libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong]
     libc.prctl.restype = ctypes.c_int
     libc.syscall.restype = ctypes.c_long
+    _LIBC.append(libc)
     return libc
 
 
@@ -158,10 +172,24 @@ def _check(result: int, what: str) -> None:
         raise OSError(errno, f"{what}: {os.strerror(errno)}")
 
 
+_SECCOMP: list[bytes] = []
+_PID_MARK = 0x5EC0FFEE
+
+
+def _seccomp_template() -> bytes:
+    """`seccomp_program` packed, with a marker for the pid: built once (in the zygote), copied per child."""
+    if not _SECCOMP:
+        template = b"".join(struct.pack("=HBBI", *ins) for ins in seccomp_program(_PID_MARK))
+        if template.count(struct.pack("=I", _PID_MARK)) != 1:
+            raise ValueError("the seccomp pid marker is not unique in the program")
+        _SECCOMP.append(template)
+    return _SECCOMP[0]
+
+
 def install_seccomp(libc: ctypes.CDLL) -> None:
     """Installs `seccomp_program` for this process (needs ``no_new_privs`` or CAP_SYS_ADMIN)."""
-    program = seccomp_program(os.getpid())
-    raw = b"".join(struct.pack("=HBBI", *ins) for ins in program)
+    raw = _seccomp_template().replace(struct.pack("=I", _PID_MARK), struct.pack("=I", os.getpid()))
+    program = range(len(raw) // 8)
     buffer = ctypes.create_string_buffer(raw, len(raw))
     fprog = _SockFprog(len(program), ctypes.addressof(buffer))
     _check(libc.prctl(22, 2, ctypes.addressof(fprog), 0, 0), "prctl(PR_SET_SECCOMP)")  # SECCOMP_MODE_FILTER
@@ -187,50 +215,54 @@ def landlock_abi(libc: ctypes.CDLL) -> int:
     return max(int(version), 0)
 
 
-def install_landlock(libc: ctypes.CDLL, abi: int, workdir: str, read_dirs: list[str]) -> None:
-    """Allows writes only below `workdir`, reads only below `read_dirs` + system libraries + `workdir`."""
-    handled = _LL_ABI1_ALL | (_LL_REFER if abi >= 2 else 0) | (_LL_TRUNCATE if abi >= 3 else 0)
+def _handled(abi: int) -> int:
+    return _LL_ABI1_ALL | (_LL_REFER if abi >= 2 else 0) | (_LL_TRUNCATE if abi >= 3 else 0)
+
+
+def prepare_landlock(abi: int, read_dirs: list[str]) -> list[tuple[int, bytes]]:
+    """The fixed rules as (O_PATH fd, packed rule): reads below `read_dirs` + system libraries, /dev/null.
+
+    Built once by the zygote; every child inherits the fds and adds its own work dir's rule.
+    """
     file_rights = _LL_EXECUTE | _LL_WRITE_FILE | _LL_READ_FILE | (_LL_TRUNCATE if abi >= 3 else 0)
-    fields = [handled]
+    rules = [(p, _LL_EXECUTE | _LL_READ_FILE | _LL_READ_DIR) for p in [*read_dirs, *_READ_ROOTS]]
+    rules += [(p, _LL_READ_FILE) for p in _READ_FILES]
+    rules.append(("/dev/null", _LL_READ_FILE | _LL_WRITE_FILE | (_LL_TRUNCATE if abi >= 3 else 0)))
+    prepared = []
+    for path, rights in rules:
+        try:
+            fd = os.open(path, os.O_PATH)
+        except OSError:
+            continue  # absent on this system
+        if not stat.S_ISDIR(os.fstat(fd).st_mode):
+            rights &= file_rights
+        prepared.append((fd, struct.pack("=Qi", rights, fd)))
+    return prepared
+
+
+def install_landlock(libc: ctypes.CDLL, abi: int, workdir: str, prepared: list[tuple[int, bytes]]) -> None:
+    """Allows writes only below `workdir`; reads only there and where the `prepared` rules allow."""
+    fields = [_handled(abi)]
     if abi >= 4:
         fields.append(_LL_NET_TCP)
     if abi >= 6:
         fields.append(_LL_SCOPE)
-    attr = ctypes.create_string_buffer(struct.pack(f"={len(fields)}Q", *fields))
-    ruleset = libc.syscall(ctypes.c_long(_LL_CREATE), attr, ctypes.c_size_t(len(attr.raw)), ctypes.c_uint(0))
+    attr = struct.pack(f"={len(fields)}Q", *fields)
+    ruleset = libc.syscall(ctypes.c_long(_LL_CREATE), attr, ctypes.c_size_t(len(attr)), ctypes.c_uint(0))
     _check(ruleset, "landlock_create_ruleset")
+    own = os.open(workdir, os.O_PATH | os.O_CLOEXEC)
     try:
-        rules = [(workdir, handled)]
-        rules += [(p, _LL_EXECUTE | _LL_READ_FILE | _LL_READ_DIR) for p in [*read_dirs, *_READ_ROOTS]]
-        rules += [(p, _LL_READ_FILE) for p in _READ_FILES]
-        rules.append(("/dev/null", _LL_READ_FILE | _LL_WRITE_FILE | (_LL_TRUNCATE if abi >= 3 else 0)))
-        for path, rights in rules:
-            try:
-                fd = os.open(path, os.O_PATH | os.O_CLOEXEC)
-            except OSError:
-                continue  # absent on this system
-            try:
-                if not stat.S_ISDIR(os.fstat(fd).st_mode):
-                    rights &= file_rights
-                rule = ctypes.create_string_buffer(struct.pack("=Qi", rights, fd))
-                _check(
-                    libc.syscall(
-                        ctypes.c_long(_LL_ADD_RULE),
-                        ctypes.c_int(ruleset),
-                        ctypes.c_int(1),
-                        rule,
-                        ctypes.c_uint(0),
-                    ),
-                    f"landlock_add_rule({path})",
-                )
-            finally:
-                os.close(fd)
-        _check(
-            libc.syscall(ctypes.c_long(_LL_RESTRICT), ctypes.c_int(ruleset), ctypes.c_uint(0)),
-            "landlock_restrict_self",
-        )
+        for fd, rule in [(own, struct.pack("=Qi", _handled(abi), own)), *prepared]:
+            _check(
+                libc.syscall(_LL_ADD_RULE, ruleset, 1, rule, 0),
+                f"landlock_add_rule({os.readlink(f'/proc/self/fd/{fd}')})",
+            )
+        _check(libc.syscall(_LL_RESTRICT, ruleset, 0), "landlock_restrict_self")
     finally:
         os.close(ruleset)
+        os.close(own)
+        for fd, _rule in prepared:
+            os.close(fd)  # the child's copies: the code under test gets no O_PATH handles
 
 
 # --- setup ----------------------------------------------------------------------------------------------
@@ -462,9 +494,10 @@ def _run_checks(job: dict, emit: _Emitter, code: object, workdir_fd: int) -> Non
 
 
 def _run_script(job: dict, emit: _Emitter, code: object, workdir_fd: int) -> None:
-    fd = _stdin_fd(job["stdin"], ".stdin", workdir_fd)
-    os.dup2(fd, 0)
-    os.close(fd)
+    if job["stdin"]:  # else fd 0 stays /dev/null
+        fd = _stdin_fd(job["stdin"], ".stdin", workdir_fd)
+        os.dup2(fd, 0)
+        os.close(fd)
     sys.stdin = open(0, encoding="utf-8", errors="replace", closefd=False)  # noqa: SIM115
     try:
         exec(code, {"__name__": "__main__", "__builtins__": builtins})
@@ -483,15 +516,14 @@ def _flush_std() -> None:
             pass
 
 
-def main() -> None:
+def _confine_and_run(workdir: str, disk: str) -> None:
     """Reads the job from stdin, confines this process, runs the code, reports, and `os._exit`s."""
     chunks = []
     while chunk := os.read(0, 1 << 16):
         chunks.append(chunk)
     job = marshal.loads(b"".join(chunks))
-    emit = _Emitter(job["result_fd"])
-    workdir = job["workdir"]
-    ready: dict[str, object] = {"uid": None, "seccomp": False, "landlock": 0, "notes": []}
+    emit = _Emitter(_RESULT_FD)
+    ready: dict[str, object] = {"uid": None, "seccomp": False, "landlock": 0, "disk": disk, "notes": []}
     try:
         os.chdir(workdir)
         workdir_fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
@@ -500,22 +532,20 @@ def main() -> None:
         os.close(null)
         libc = _libc()
         _check(libc.prctl(38, 1, 0, 0, 0), "prctl(PR_SET_NO_NEW_PRIVS)")
-        read_dirs = (
-            _keep_imports_reachable() if job["uid"] is not None else [os.path.realpath(p) for p in sys.path]
-        )
-        read_dirs.append(os.path.dirname(os.path.realpath(os.__file__)))
         # Landlock and seccomp are best effort (the parent reports a weaker level); the uid drop is not:
         # a child that was asked to drop root and could not must never run the code.
         if job["landlock"]:
-            abi = landlock_abi(libc)
+            abi = _LANDLOCK[0] if _LANDLOCK else 0
             try:
                 if abi:
-                    install_landlock(libc, abi, os.path.realpath(workdir), read_dirs)
+                    install_landlock(libc, abi, workdir, _LANDLOCK[1])
                     ready["landlock"] = abi
                 else:
                     ready["notes"].append("Landlock is not available in this kernel")
             except OSError as exc:
                 ready["notes"].append(f"Landlock failed: {exc}")
+        for fd, _rule in _LANDLOCK[1] if _LANDLOCK and not ready["landlock"] else ():
+            os.close(fd)  # unused here: the code under test gets no O_PATH handles
         if job["uid"] is not None:
             _drop_privileges(job["uid"])
             ready["uid"] = job["uid"]
@@ -547,5 +577,231 @@ def main() -> None:
     os._exit(0)  # also ends threads the untrusted code left running
 
 
+# --- the zygote ------------------------------------------------------------------------------------------
+#
+# One zygote serves one worker slot. It runs as the trainer's user (root for the uid layer), never runs
+# untrusted code. It keeps a base directory (a tmpfs in its own mount namespace where it may mount one,
+# resized to each run's quota; else a plain directory whose runs it measures) and for each run: creates
+# the work directory below it, forks a child that
+# confines itself and runs the job, reports the child's exit status and disk use, and after the parent
+# has killed the run's process group, reaps every descendant (it is their subreaper) and removes the
+# work directory. Messages on the SOCK_SEQPACKET control socket (one datagram each):
+#   parent -> zygote: R<marshal: uid, quota_bytes, quota_files> with the child's stdin, stdout, stderr
+#                     and result fds attached; C (clean up the last run); empty (EOF): exit.
+#   zygote -> parent: Z<json: ready>, P<pid><workdir>, X<json: exit status and disk use>, D<left: 0/1>.
+
+_RESULT_FD = 3
+_LANDLOCK: list = []  # [abi, prepared rules], set by the zygote
+_CLONE_NEWNS, _MS_REC, _MS_PRIVATE, _MNT_DETACH = 0x00020000, 0x4000, 1 << 18, 2
+_MS_NOSUID, _MS_NODEV, _MS_REMOUNT = 2, 4, 32
+_EXITED_NOWAIT = os.WEXITED | os.WNOWAIT
+_POLL_S = 0.01  # disk measuring interval where no tmpfs limits it
+# Inodes a finished run may still pin for a moment (its Landlock domain holds its work dir until freed).
+_INODE_SLACK = 8
+
+
+def _private_mounts(libc: ctypes.CDLL) -> str | None:
+    """Moves this process to its own mount namespace (mounts made here stay invisible outside)."""
+    if libc.unshare(_CLONE_NEWNS) != 0:
+        return f"no private mount namespace ({os.strerror(ctypes.get_errno())})"
+    if libc.mount(b"none", b"/", None, _MS_REC | _MS_PRIVATE, None) != 0:
+        return f"mounts cannot be made private ({os.strerror(ctypes.get_errno())})"
+    return None
+
+
+def _usage(path: str) -> tuple[int, int]:
+    """(bytes on disk, entries) below `path`, never following symlinks."""
+    used, entries, stack = 0, 0, [path]
+    while stack:
+        try:
+            with os.scandir(stack.pop()) as found:
+                for entry in found:
+                    entries += 1
+                    info = entry.stat(follow_symlinks=False)
+                    used += info.st_blocks * 512
+                    if stat.S_ISDIR(info.st_mode):
+                        stack.append(entry.path)
+        except OSError:
+            continue
+    return used, entries
+
+
+def _over_quota(workdir: str, tmpfs: bool, quota_bytes: int, quota_files: int) -> tuple[int, int, str]:
+    """(bytes, files, what was exceeded or "") of the run's work dir."""
+    if tmpfs:  # the kernel refuses the write past the quota. Reaching a quota counts as exceeding it.
+        info = os.statvfs(workdir)
+        used = (info.f_blocks - info.f_bfree) * info.f_frsize
+        files = info.f_files - info.f_ffree - 2  # the tmpfs root and the work dir
+        over_files = info.f_ffree == 0 or files >= quota_files
+        over_bytes = info.f_bfree == 0 or used >= quota_bytes
+    else:
+        used, files = _usage(workdir)
+        over_files, over_bytes = files >= quota_files, used >= quota_bytes
+    if over_files:
+        return used, files, f"the work dir reached its limit of {quota_files} files"
+    if over_bytes:
+        return used, files, f"the work dir reached its limit of {quota_bytes >> 20} MB ({used} bytes written)"
+    return used, files, ""
+
+
+def _fork_child(fds: list[int], workdir: str, disk: str, keep: set[int]) -> int:
+    pid = os.fork()
+    if pid:
+        return pid
+    try:
+        os.setsid()
+        gc.enable()
+        high = [fcntl.fcntl(fd, fcntl.F_DUPFD, 10) for fd in fds]
+        for target, fd in enumerate(high):
+            os.dup2(fd, target)
+        low = _RESULT_FD + 1
+        for fd in sorted(keep):
+            os.closerange(low, fd)
+            low = fd + 1
+        os.closerange(low, 1 << 20)
+        os.environ["HOME"] = os.environ["TMPDIR"] = workdir
+        _confine_and_run(workdir, disk)
+    finally:
+        os._exit(3)
+
+
+def _reap(deadline: float) -> bool:
+    """Reaps every dead descendant; kills live ones (the run is over). True if some are left."""
+    while True:
+        try:
+            while os.waitpid(-1, os.WNOHANG)[0]:
+                pass
+        except ChildProcessError:
+            return False
+        try:
+            with open(f"/proc/self/task/{os.getpid()}/children") as handle:
+                for pid in handle.read().split():
+                    os.kill(int(pid), 9)
+        except OSError:
+            pass
+        if time.monotonic() > deadline:
+            return True
+        time.sleep(0.001)
+
+
+def _serve_run(sock, params: dict, fds: list[int], base: str, tmpfs: bool, keep: set[int], libc) -> None:
+    uid, quota_bytes, quota_files = params["uid"], params["quota_bytes"], params["quota_files"]
+    workdir = os.path.join(base, "run-" + os.urandom(8).hex())
+    try:
+        if tmpfs:  # this run's quota (the tmpfs is empty between runs)
+            options = f"size={quota_bytes},nr_inodes={quota_files + 2 + _INODE_SLACK}".encode()
+            if libc.mount(None, base.encode(), None, _MS_REMOUNT | _MS_NOSUID | _MS_NODEV, options) != 0:
+                raise OSError(f"tmpfs remount of {base} failed: {os.strerror(ctypes.get_errno())}")
+        os.mkdir(workdir, 0o700)
+        if uid is not None:
+            os.chown(workdir, uid, uid)
+        pid = _fork_child(fds, workdir, "tmpfs" if tmpfs else "watched", keep)
+    except OSError as exc:
+        shutil.rmtree(workdir, ignore_errors=True)
+        sock.send(b"E" + f"{type(exc).__name__}: {exc}".encode())
+        return
+    finally:
+        for fd in fds:
+            os.close(fd)
+    sock.send(b"P" + struct.pack("=i", pid) + workdir.encode())
+    try:
+        pidfd = os.pidfd_open(pid)
+    except OSError:  # Linux < 5.3: poll
+        pidfd = None
+    watch = [sock] if pidfd is None else [pidfd, sock]
+    exceeded, parent_gone = "", False
+    try:
+        while True:
+            ready = select.select(watch, [], [], None if tmpfs and pidfd is not None else _POLL_S)[0]
+            if pidfd in ready or (pidfd is None and os.waitid(os.P_PID, pid, _EXITED_NOWAIT | os.WNOHANG)):
+                break
+            if sock in ready:  # the parent closed the socket (it is gone): end the run and leave
+                _killpg(pid)
+                parent_gone = True
+            elif not exceeded and (exceeded := _over_quota(workdir, tmpfs, quota_bytes, quota_files)[2]):
+                _killpg(pid)  # measured over the quota: end the run now
+    finally:
+        if pidfd is not None:
+            os.close(pidfd)
+    if not parent_gone:
+        info = os.waitid(os.P_PID, pid, _EXITED_NOWAIT)  # unreaped: the pid (group) stays reserved
+        used, files, over = _over_quota(workdir, tmpfs, quota_bytes, quota_files)
+        rc = info.si_status if info.si_code == 1 else -info.si_status  # CLD_EXITED = 1, else a signal
+        sock.send(
+            b"X" + to_json({"rc": rc, "bytes": used, "files": files, "quota": exceeded or over}).encode()
+        )
+        parent_gone = sock.recv(16) != b"C"  # the parent kills the process group first
+    if parent_gone:
+        _killpg(pid)
+    left = _reap(time.monotonic() + 0.1)
+    shutil.rmtree(workdir, ignore_errors=True)  # fd-based: never follows the code's symlinks
+    if parent_gone:
+        _leave(base, tmpfs, libc)
+    sock.send(b"D" + bytes([left]))
+
+
+def _killpg(pgid: int) -> None:
+    try:
+        os.killpg(pgid, 9)
+    except OSError:
+        pass
+
+
+def _leave(base: str, tmpfs: bool, libc: ctypes.CDLL) -> None:
+    """Removes the zygote's base directory (unmounting its tmpfs) and exits."""
+    if tmpfs:
+        libc.umount2(base.encode(), _MNT_DETACH)
+    shutil.rmtree(base, ignore_errors=True)
+    os._exit(0)
+
+
+def zygote(control: int, tmp_dir: str, want_tmpfs: bool) -> None:
+    """Serves runs on the control socket until the parent closes it (or dies)."""
+    libc = _libc()
+    _check(libc.prctl(36, 1, 0, 0, 0), "prctl(PR_SET_CHILD_SUBREAPER)")  # orphans of a run come back here
+    moved = fcntl.fcntl(control, fcntl.F_DUPFD_CLOEXEC, 10)
+    os.close(control)
+    os.dup2(os.open("/dev/null", os.O_RDWR), _RESULT_FD)  # fds 0-3 stay free of what must outlive a fork
+    sock = socket.socket(fileno=moved)
+    notes = []
+    tmpfs = False
+    if want_tmpfs:
+        why = _private_mounts(libc)
+        tmpfs = why is None
+        if why:
+            notes.append(f"disk quota watched, not a tmpfs: {why}")
+    keep = set()
+    if os.geteuid() == 0:
+        read_dirs = _keep_imports_reachable()
+        keep = {int(p.rsplit("/", 1)[1]) for p in sys.path if p.startswith("/proc/self/fd/")}
+    else:
+        read_dirs = [os.path.realpath(p) for p in sys.path if os.path.isdir(p)]
+    read_dirs.append(os.path.dirname(os.path.realpath(os.__file__)))
+    abi = landlock_abi(libc)
+    if abi:
+        _LANDLOCK[:] = [abi, prepare_landlock(abi, read_dirs)]
+        keep |= {fd for fd, _rule in _LANDLOCK[1]}
+    _libc()
+    _seccomp_template()
+    gc.collect()
+    gc.freeze()  # the zygote's objects stay out of every child's collections: fewer copied pages
+    gc.disable()  # and the zygote (whose loop makes no cycles) never walks them either; children re-enable
+    base = os.path.join(tmp_dir, "sdpo-sandbox-" + os.urandom(8).hex())
+    os.mkdir(base, 0o711)  # runs' work dirs go below, each owned by its run's uid
+    if tmpfs and libc.mount(b"tmpfs", base.encode(), b"tmpfs", _MS_NOSUID | _MS_NODEV, b"size=1m,mode=0711"):
+        tmpfs = False
+        notes.append(f"disk quota watched, not a tmpfs: mount failed ({os.strerror(ctypes.get_errno())})")
+    sock.send(b"Z" + to_json({"tmpfs": tmpfs, "notes": notes, "base": base}).encode())
+    while True:
+        message, fds, _flags, _addr = socket.recv_fds(sock, 1 << 12, 4)
+        if not message:
+            _leave(base, tmpfs, libc)
+        if message[:1] == b"R" and len(fds) == 4:
+            _serve_run(sock, marshal.loads(message[1:]), fds, base, tmpfs, keep, libc)
+        else:
+            for fd in fds:
+                os.close(fd)
+
+
 if __name__ == "__main__":
-    main()
+    zygote(int(sys.argv[1]), sys.argv[2], sys.argv[3] == "1")

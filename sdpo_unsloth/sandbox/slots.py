@@ -20,19 +20,19 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass
+from typing import Any
+
+from .errors import SandboxError
 
 DEFAULT_UID_BASE = 62_400  # below 65534 (nobody) so that it also maps inside a 16-bit user namespace
 UID_SEARCH = 2_000
-
-
-class SandboxError(RuntimeError):
-    """The sandbox itself cannot work here (not the untrusted code's fault); the message says why."""
 
 
 @dataclass
 class Slot:
     uid: int | None  # None: run as the trainer's own uid (not root, or the uid layer is off)
     lock_fd: int | None = None
+    zygote: Any = None  # the slot's pre-started harness (`zygote.Zygote`), started on first use
 
 
 # --- processes ------------------------------------------------------------------------------------------
@@ -245,7 +245,8 @@ class SlotPool:
             return
         slot.uid, slot.lock_fd = None, None
 
-    def close(self) -> None:
+    def close(self) -> list[Slot]:
+        """Frees the uids; returns the slots (for their zygotes)."""
         with self._lock:
             held = [(s.uid, s.lock_fd) for s in self._all] + self._parked
             self._parked = []
@@ -254,3 +255,4 @@ class SlotPool:
         for _, fd in held:
             if fd is not None:
                 os.close(fd)
+        return list(self._all)

@@ -1,48 +1,6 @@
-"""Run untrusted, model-written Python in a confined child process. Standard library only.
-
-Every run starts a fresh ``python -I -S`` child (`sandbox_child.py`, no fork of the big trainer
-process) in a new session, a fresh temporary work directory (removed afterwards), and an environment
-holding only ``PATH``, ``LANG``, ``HOME`` and ``TMPDIR`` (no ``HF_TOKEN``, ``WANDB_API_KEY``, cloud
-keys). Before any untrusted byte runs, the child confines itself; the layers it managed to apply are
-reported on every result as an `Isolation`:
-
-- **uid** (parent is root): the child drops to a dedicated unprivileged uid, one per worker slot. Each
-  slot's uid is locked against other processes on the machine and reused only when no process of it
-  is left (killed by process group and by uid after every run).
-- **Landlock** (Linux 5.13+): writes only below the work directory; reads only from the Python
-  standard library, system libraries and the work directory; no TCP (6.7+); no signals or abstract
-  unix sockets outside the sandbox (6.12+).
-- **seccomp** (x86_64): refuses ``socket``, ``execve``, ``ptrace``, ``process_vm_*``, namespace and
-  mount calls, ``io_uring``, ``bpf``, ``setsid``/``setpgid`` and signals to any other process.
-- **rlimits** (always): address space, CPU seconds, file size, open files, processes, no core dumps;
-  plus a wall-clock timeout per check enforced by the parent.
-
-With all three layers the level is ``strong``. It protects the trainer against: infinite loops and CPU
-burn, memory bombs, fork bombs, huge files, output floods (captured with a cap, decoded with
-replacement), reading the trainer's environment or memory (``/proc/<ppid>/environ``, ``/mem``),
-reading other files (``~/.cache/huggingface/token``, a world-readable ``.env``), deleting or changing
-files outside the work directory, killing or tracing the trainer, network access, running programs
-(``os.system``), daemons that outlive the run, and results faked by the code under test: expected
-values never enter the child, outputs are compared in the parent as plain JSON values (an object whose
-``__eq__`` is always true is not a JSON value), and exiting before the tests run fails them.
-
-It does **not** protect against: kernel exploits (seccomp here is a deny-list, the rest of the kernel
-is reachable); contention, since children share the machine's CPUs and page cache with the trainer
-(limits are per child, so ``workers * memory_mb`` can be in use); filling the disk (or RAM, when
-``/tmp`` is a tmpfs) with many files each under the size limit within the time limit; reading the
-Python standard library and system libraries (allowed by design); timing side channels. Without root
-the uid layer is missing; without Landlock, world-readable files (and world-usable devices such as
-``/dev/nvidia*``) can be opened and world-writable directories (``/tmp``, ``/dev/shm``) written; without seccomp (non-x86_64), sockets, ``execve`` and
-signals are not filtered. `Isolation.description` lists what is missing; a weaker level warns once.
-
-The child has only the standard library (``-S``: no site-packages). Linux only.
-
->>> result = run("print(sum(range(4)))")
->>> str(result.status), result.stdout
-('ok', '6\\n')
->>> result = run("def add(a, b): return a - b", [Check("add", (2, 3), expected=5)])
->>> str(result.status), result.checks[0].got
-('wrong', -1)
+"""The parent side of `sdpo_unsloth.sandbox`: `Sandbox` starts confined children, feeds them a job,
+follows them to the end (with time and output caps), kills what is left, and turns the child's report
+into a `SandboxResult`. What the sandbox covers and what it does not is in the package docstring.
 """
 
 from __future__ import annotations
@@ -53,8 +11,6 @@ import math
 import os
 import platform
 import selectors
-import shutil
-import subprocess
 import sys
 import tempfile
 import threading
@@ -63,8 +19,9 @@ import warnings
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 
-from . import sandbox_slots
-from .sandbox_results import (
+from . import slots
+from .errors import SandboxError
+from .results import (
     UNSET,
     Check,
     CheckResult,
@@ -77,33 +34,11 @@ from .sandbox_results import (
     Status,
     check_results,
     ending,
-    outputs_equal,
     script_status,
-    values_equal,
 )
-from .sandbox_slots import SandboxError
+from .zygote import Exited, Zygote, ZygoteLost
 
-__all__ = [
-    "LAYERS",
-    "UNSET",
-    "Check",
-    "CheckResult",
-    "Isolation",
-    "IsolationLevel",
-    "Job",
-    "Limits",
-    "Sandbox",
-    "SandboxError",
-    "SandboxResult",
-    "Status",
-    "outputs_equal",
-    "run",
-    "run_many",
-    "values_equal",
-]
-
-HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "sandbox_child.py")
-LAYERS = frozenset({"uid", "landlock", "seccomp"})
+LAYERS = frozenset({"uid", "landlock", "seccomp", "tmpfs"})
 
 
 # --- one run --------------------------------------------------------------------------------------------
@@ -141,14 +76,18 @@ class Sandbox:
     Args:
         workers: parallel children (one uid slot each); default: the CPUs this process may use.
         limits: default `Limits` for every run.
-        layers: confinement layers to apply where possible, a subset of `LAYERS`. Leave all on; drop
-            one only to debug code that a layer refuses.
+        layers: confinement layers to apply where possible, a subset of `LAYERS` (``uid``, ``landlock``,
+            ``seccomp``, and ``tmpfs`` for the work dir's quota; without it the quota is watched). Leave
+            all on; drop one only to debug code that a layer refuses.
         uid_base: first uid to try for the slots (uids listed in /etc/passwd or /etc/group, or with
             running processes, or locked by another sandbox on this machine are skipped).
         python: interpreter for the children (default: this one).
         tmp_dir: where work directories are created (default: the system temp dir).
+        prefork: keep one zygote per slot that forks a child per run (default, ~1 fork per run); False
+            starts a fresh zygote interpreter for every run (the cost of an interpreter start per run,
+            for debugging or a machine where a long-lived helper process is unwelcome).
 
-    Thread-safe. `close()` (or a ``with`` block) stops the worker threads and frees the uid slots.
+    Thread-safe. `close()` (or a ``with`` block) stops the worker threads and zygotes and frees the uid slots.
     """
 
     def __init__(
@@ -157,9 +96,10 @@ class Sandbox:
         workers: int | None = None,
         limits: Limits | None = None,
         layers: Iterable[str] = LAYERS,
-        uid_base: int = sandbox_slots.DEFAULT_UID_BASE,
+        uid_base: int = slots.DEFAULT_UID_BASE,
         python: str | None = None,
         tmp_dir: str | None = None,
+        prefork: bool = True,
     ):
         if not sys.platform.startswith("linux"):
             raise SandboxError(
@@ -168,10 +108,8 @@ class Sandbox:
         self.layers = frozenset(layers)
         if not self.layers <= LAYERS:
             raise ValueError(f"`layers` must be a subset of {sorted(LAYERS)}, got {sorted(self.layers)}")
-        if not 1 <= uid_base <= 2**31 - sandbox_slots.UID_SEARCH:
-            raise ValueError(
-                f"`uid_base` must be a uid in [1, 2**31 - {sandbox_slots.UID_SEARCH}], got {uid_base}"
-            )
+        if not 1 <= uid_base <= 2**31 - slots.UID_SEARCH:
+            raise ValueError(f"`uid_base` must be a uid in [1, 2**31 - {slots.UID_SEARCH}], got {uid_base}")
         if workers is not None and workers < 1:
             raise ValueError(f"`workers` must be >= 1 (or None for one per CPU), got {workers}")
         self.workers = workers or max(1, min(len(os.sched_getaffinity(0)), 32))
@@ -181,13 +119,15 @@ class Sandbox:
             raise SandboxError(
                 f"no Python interpreter to run the sandbox with ({self.python!r}); pass `python=`"
             )
-        self.tmp_dir = tmp_dir
+        self.tmp_dir = os.path.realpath(tmp_dir or tempfile.gettempdir())
+        self.prefork = prefork
         use_uid = "uid" in self.layers and os.geteuid() == 0
         self._seccomp = "seccomp" in self.layers and platform.machine() in ("x86_64", "AMD64")
-        self._slots = sandbox_slots.SlotPool(self.workers, uid_base if use_uid else None)
+        self._slots = slots.SlotPool(self.workers, uid_base if use_uid else None)
         self._pool: ThreadPoolExecutor | None = None
         self._lock = threading.Lock()
         self._isolation: Isolation | None = None
+        self._zygote_notes: tuple[str, ...] = ()
         self._warned = False
 
     # -- public ---------------------------------------------------------------------------------------
@@ -227,7 +167,10 @@ class Sandbox:
             if self._pool is not None:
                 self._pool.shutdown(wait=True)
                 self._pool = None
-        self._slots.close()
+        for slot in self._slots.close():
+            if slot.zygote is not None:
+                slot.zygote.close()
+                slot.zygote = None
 
     def __enter__(self) -> Sandbox:
         return self
@@ -237,7 +180,7 @@ class Sandbox:
 
     # -- one child --------------------------------------------------------------------------------------
 
-    def _payload(self, job: Job, limits: Limits, workdir: str, uid: int | None, result_fd: int) -> bytes:
+    def _payload(self, job: Job, limits: Limits, uid: int | None) -> bytes:
         checks = []
         for i, check in enumerate(job.checks):
             if check.function is None:
@@ -264,8 +207,6 @@ class Sandbox:
                 "mode": "checks" if job.checks else "script",
                 "checks": checks,
                 "stdin": job.stdin,
-                "workdir": workdir,
-                "result_fd": result_fd,
                 "uid": uid,
                 "seccomp": self._seccomp,
                 "landlock": "landlock" in self.layers,
@@ -273,7 +214,7 @@ class Sandbox:
                 "limits": {
                     "cpu": cpu,
                     "as": limits.memory_mb << 20,
-                    "fsize": limits.max_file_mb << 20,
+                    "fsize": min(limits.max_file_mb, limits.max_disk_mb) << 20,  # no file beyond the quota
                     "nofile": limits.max_open_files,
                     "nproc": limits.max_processes,
                 },
@@ -281,69 +222,105 @@ class Sandbox:
             4,
         )
 
-    def _execute(self, job: Job, slot: sandbox_slots.Slot, limits: Limits) -> SandboxResult:
+    def _zygote(self, slot: slots.Slot, limits: Limits) -> Zygote:
+        if slot.zygote is None:
+            slot.zygote = Zygote(
+                self.python, self.tmp_dir, tmpfs="tmpfs" in self.layers and os.geteuid() == 0,
+                timeout_s=limits.startup_timeout_s,
+            )  # fmt: skip
+            self._zygote_notes = slot.zygote.notes
+        return slot.zygote
+
+    def _execute(self, job: Job, slot: slots.Slot, limits: Limits) -> SandboxResult:
         if not isinstance(job.code, str):
             raise TypeError(f"code must be a str, got {type(job.code).__name__}")
         started = time.monotonic()
-        workdir = tempfile.mkdtemp(prefix="sdpo-sandbox-", dir=self.tmp_dir)
+        payload = self._payload(job, limits, slot.uid)
+        pipes = [os.pipe() for _ in range(4)]  # the child's stdin, stdout, stderr and result pipe
+        theirs = [pipes[0][0], pipes[1][1], pipes[2][1], pipes[3][1]]
+        ours = [pipes[0][1], pipes[1][0], pipes[2][0], pipes[3][0]]
+        to_close = list(ours)
         try:
-            if slot.uid is not None:
-                os.chown(workdir, slot.uid, slot.uid)
-            read_fd, write_fd = os.pipe()
             try:
-                payload = self._payload(job, limits, workdir, slot.uid, write_fd)
-                proc = subprocess.Popen(
-                    [self.python, "-I", "-S", HARNESS],
-                    stdin=subprocess.PIPE,
-                    stdout=subprocess.PIPE,
-                    stderr=subprocess.PIPE,
-                    pass_fds=(write_fd,),
-                    cwd=workdir,
-                    env=_environment(workdir),
-                    start_new_session=True,
-                )
-            except BaseException:
-                os.close(read_fd)
-                raise
+                zygote, pid = self._start(slot, theirs, limits)
             finally:
-                os.close(write_fd)
-            try:
-                report, out, err, timed_out = self._watch(proc, payload, read_fd, job, limits, slot)
-            finally:
-                os.close(read_fd)
-            elapsed = time.monotonic() - started
+                for fd in theirs:
+                    os.close(fd)
+            to_close.remove(ours[0])  # `_watch` closes the child's stdin when the job is sent
+            report, out, err, timed_out, exited = self._watch(zygote, pid, ours, payload, job, limits, slot)
         finally:
-            shutil.rmtree(workdir, ignore_errors=True)
-        return self._result(job, limits, report, out, err, proc.returncode, timed_out, elapsed)
+            for fd in to_close:
+                os.close(fd)
+            if not self.prefork:
+                self._drop_zygote(slot)
+        elapsed = time.monotonic() - started
+        return self._result(job, limits, report, out, err, exited, timed_out, elapsed)
+
+    def _start(self, slot: slots.Slot, fds: list[int], limits: Limits) -> tuple[Zygote, int]:
+        """Has the slot's zygote fork a child on `fds`; a zygote found dead is replaced once."""
+        for attempt in range(2):
+            zygote = self._zygote(slot, limits)
+            try:
+                return zygote, zygote.start(
+                    fds, slot.uid, limits.max_disk_mb << 20, limits.max_files, limits.startup_timeout_s
+                )
+            except ZygoteLost:
+                self._drop_zygote(slot)
+                if attempt:  # (nothing of the slot's uid is left: each run ends reaped or swept)
+                    raise SandboxError(
+                        "the sandbox worker stopped answering before the run started"
+                    ) from None
+        raise AssertionError("unreachable")
+
+    def _drop_zygote(self, slot: slots.Slot) -> None:
+        if slot.zygote is not None:
+            slot.zygote.close()
+            slot.zygote = None
+
+    def _finish(self, zygote: Zygote, pid: int, exited: Exited | None, slot: slots.Slot) -> Exited:
+        """Kills the run's process group, then has the zygote reap it and remove the work dir; kills by
+        uid whatever the zygote could not end. A lost zygote is replaced at the next run."""
+        slots.kill_group(pid)  # the child is not reaped yet: its pid (and group) cannot be reused
+        try:
+            if exited is None:
+                exited = zygote.exited(timeout_s=10)
+            left = zygote.clean(timeout_s=10)
+        except ZygoteLost:
+            self._drop_zygote(slot)  # also removes what its runs left on disk
+            exited, left = exited or Exited(None), True
+        if left and slot.uid is not None:
+            self._slots.sweep(slot)
+        return exited
 
     def _watch(
         self,
-        proc: subprocess.Popen[bytes],
+        zygote: Zygote,
+        pid: int,
+        fds: list[int],
         payload: bytes,
-        read_fd: int,
         job: Job,
         limits: Limits,
-        slot: sandbox_slots.Slot,
-    ) -> tuple[Report, _Capped, _Capped, bool]:
+        slot: slots.Slot,
+    ) -> tuple[Report, _Capped, _Capped, bool, Exited]:
         """Feeds the job, follows the child until it ends or times out, then kills what is left.
 
-        Whatever happens here (even KeyboardInterrupt), the child's process group and every process of
-        the slot's uid are killed before this returns or raises.
+        Whatever happens here (even KeyboardInterrupt), the child's process group is killed and its
+        processes reaped (or killed by uid) before this returns or raises.
         """
+        stdin, stdout, stderr, results = fds
         out, err = _Capped(limits.max_output_bytes), _Capped(limits.max_output_bytes)
         report = Report(len(job.checks), limits, line_cap=2 * limits.max_output_bytes + 8192)
-        sinks = {proc.stdout.fileno(): out.add, proc.stderr.fileno(): err.add, read_fd: report.feed}
+        sinks = {stdout: out.add, stderr: err.add, results: report.feed}
         selector = selectors.DefaultSelector()
-        exit_fd = sandbox_slots.exit_fd(proc.pid)
-        timed_out, grace_until, unsent = False, None, memoryview(payload)
+        timed_out, grace_until, unsent, exited = False, None, memoryview(payload), None
+        stdin_open = True
         try:
-            for fd in [*sinks, proc.stdin.fileno()]:
+            for fd in fds:
                 os.set_blocking(fd, False)
             for fd in sinks:
                 selector.register(fd, selectors.EVENT_READ)
-            selector.register(proc.stdin.fileno(), selectors.EVENT_WRITE)
-            if exit_fd is not None:
-                selector.register(exit_fd, selectors.EVENT_READ)
+            selector.register(stdin, selectors.EVENT_WRITE)
+            selector.register(zygote.exit_fd, selectors.EVENT_READ)
             while True:
                 if report.end and grace_until is None:  # let it `_exit` by itself, but not wait on threads
                     grace_until = time.monotonic() + 0.2
@@ -351,61 +328,42 @@ class Sandbox:
                 if remaining <= 0:
                     timed_out = grace_until is None
                     break
-                events = selector.select(min(remaining, 0.05) if exit_fd is None else remaining)
-                if any(key.fd == exit_fd for key, _ in events) or (
-                    exit_fd is None and not events and sandbox_slots.has_exited(proc.pid)
-                ):
+                events = selector.select(remaining)
+                if any(key.fd == zygote.exit_fd for key, _ in events):
                     break
                 for key, mask in events:
                     if mask & selectors.EVENT_WRITE:
-                        unsent = self._send(selector, proc, unsent)
+                        unsent = self._send(selector, stdin, unsent)
+                        stdin_open = bool(unsent)
                     else:
                         self._read(selector, key.fd, sinks)
         finally:
-            sandbox_slots.kill_group(proc.pid)  # the child is not reaped yet: its pid cannot be reused
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                raise SandboxError(
-                    f"sandbox child {proc.pid} did not die after SIGKILL (stuck in the kernel?)"
-                ) from None
-            finally:
-                if slot.uid is not None:
-                    self._slots.sweep(slot)
-                if exit_fd is not None:
-                    os.close(exit_fd)
+            if stdin_open:
+                selector.unregister(stdin)
+                os.close(stdin)
+            exited = self._finish(zygote, pid, exited, slot)
         try:  # every writer is dead now: read what is left up to EOF
-            if not proc.stdin.closed:
-                selector.unregister(proc.stdin.fileno())
-                proc.stdin.close()
-            if exit_fd is not None:
-                selector.unregister(exit_fd)
+            selector.unregister(zygote.exit_fd)
             drain_until = time.monotonic() + 1.0
             while selector.get_map() and (left := drain_until - time.monotonic()) > 0:
                 for key, _ in selector.select(left):
                     self._read(selector, key.fd, sinks)
         finally:
             selector.close()
-            proc.stdout.close()
-            proc.stderr.close()
-            if not proc.stdin.closed:
-                proc.stdin.close()
-        return report, out, err, timed_out
+        return report, out, err, timed_out, exited
 
     @staticmethod
-    def _send(
-        selector: selectors.BaseSelector, proc: subprocess.Popen[bytes], unsent: memoryview
-    ) -> memoryview:
-        """Writes the next part of the job to the child's stdin; closes it when all is sent."""
+    def _send(selector: selectors.BaseSelector, fd: int, unsent: memoryview) -> memoryview:
+        """Writes the next part of the job to the child's stdin; stops watching it when all is sent."""
         try:
-            unsent = unsent[os.write(proc.stdin.fileno(), unsent) :]
+            unsent = unsent[os.write(fd, unsent) :]
         except BlockingIOError:
             return unsent
         except BrokenPipeError:
             unsent = unsent[:0]  # died at start: its exit status tells
         if not unsent:
-            selector.unregister(proc.stdin.fileno())
-            proc.stdin.close()
+            selector.unregister(fd)
+            os.close(fd)  # end of file: the child starts
         return unsent
 
     @staticmethod
@@ -426,10 +384,11 @@ class Sandbox:
         report: Report,
         out: _Capped,
         err: _Capped,
-        rc: int | None,
+        exited: Exited,
         timed_out: bool,
         elapsed: float,
     ) -> SandboxResult:
+        rc = exited.returncode
         if report.fatal is not None or report.ready is None:
             why = report.fatal or (
                 f"no report within {limits.startup_timeout_s} s" if timed_out else f"exit status {rc}"
@@ -447,7 +406,8 @@ class Sandbox:
             uid=report.ready.get("uid"),
             seccomp=bool(report.ready.get("seccomp")),
             landlock_abi=int(report.ready.get("landlock") or 0),
-            notes=tuple(str(n) for n in report.ready.get("notes") or ()),
+            disk_quota=str(report.ready.get("disk") or ""),
+            notes=tuple(str(n) for n in report.ready.get("notes") or ()) + self._zygote_notes,
         )
         self._note_isolation(isolation)
         ended = ending(report, rc, timed_out, limits)
@@ -459,7 +419,15 @@ class Sandbox:
         else:
             checks = ()
             status, error = script_status(report, ended)
+        if exited.quota:  # the work dir hit its quota: the run fails, whatever the code reported
+            error = f"quota exceeded: {exited.quota}"
+            status, checks = (
+                Status.ERROR,
+                tuple(CheckResult(Status.ERROR, error=error, kind="quota") for _ in checks),
+            )
         return SandboxResult(
+            disk_bytes=exited.disk_bytes,
+            disk_files=exited.disk_files,
             status=status,
             checks=tuple(checks),
             stdout=out.text(),

@@ -59,6 +59,9 @@ class Isolation:
     uid: int | None  # the unprivileged uid it ran as, None when it kept the trainer's uid
     seccomp: bool
     landlock_abi: int  # 0 = no Landlock
+    # how the work dir's byte and file quota holds: "tmpfs" (a size- and inode-limited tmpfs, exact) or
+    # "watched" (measured every 10 ms and after the run: can overshoot by what is written in 10 ms)
+    disk_quota: str = ""
     notes: tuple[str, ...] = ()
 
     @property
@@ -78,7 +81,9 @@ class Isolation:
         applied = ["rlimits", "clean environment", "temporary work directory", "process-group kill"]
         gaps = []
         if self.uid is not None:
-            applied.append(f"unprivileged uid {self.uid} (killed by uid afterwards)")
+            applied.append(
+                f"unprivileged uid {self.uid} (its processes reaped, or killed by uid, afterwards)"
+            )
         else:
             gaps.append(
                 "runs as the trainer's own user (the trainer is not root): it can do what that user can "
@@ -96,6 +101,13 @@ class Isolation:
             gaps.append(
                 "no seccomp (x86_64 only): network sockets, execve (os.system) and ptrace are not refused"
             )
+        if self.disk_quota == "tmpfs":
+            applied.append("disk quota (work dir on a size- and file-limited tmpfs)")
+        elif self.disk_quota:
+            gaps.append(
+                "no tmpfs for the work dir (needs root and a private mount namespace): its disk quota is "
+                "measured every 10 ms and may overshoot by what the code writes in that time"
+            )
         text = f"{self.level.value} isolation: " + ", ".join(applied)
         if gaps:
             text += ". Missing: " + "; ".join(gaps)
@@ -109,16 +121,21 @@ class Limits:
     timeout_s: float = 2.0  # wall clock per check (or for the whole program in script mode)
     memory_mb: int = 512  # address space (RLIMIT_AS)
     max_output_bytes: int = 32_768  # kept of stdout, of stderr, and of each check's value
-    max_file_mb: int = 16  # largest file the child may write (RLIMIT_FSIZE)
+    max_file_mb: int = 16  # largest file the child may write (RLIMIT_FSIZE, at most `max_disk_mb`)
     max_processes: int = 8  # processes + threads of the slot uid (RLIMIT_NPROC)
     max_open_files: int = 64
+    # The work dir's quota; a run that reaches it fails with "quota exceeded". No file grows past
+    # `max_disk_mb` either (RLIMIT_FSIZE is the smaller of the two).
+    max_disk_mb: int = 64  # bytes in the work dir, all files together (tmpfs size, or watched)
+    max_files: int = 1_000  # files and directories in the work dir (a tmpfs allows up to 8 more)
     startup_timeout_s: float = 30.0  # for the interpreter to start and confine itself
 
     def __post_init__(self) -> None:
         if not (self.timeout_s > 0 and math.isfinite(self.timeout_s)):
             raise ValueError(f"`timeout_s` must be a positive number of seconds, got {self.timeout_s}")
         for name, low in (("memory_mb", 64), ("max_output_bytes", 256), ("max_file_mb", 1),
-                          ("max_processes", 1), ("max_open_files", 16)):  # fmt: skip
+                          ("max_processes", 1), ("max_open_files", 16), ("max_disk_mb", 1),
+                          ("max_files", 16)):  # fmt: skip
             value = getattr(self, name)
             if not isinstance(value, int) or value < low:
                 raise ValueError(f"`{name}` must be an integer >= {low}, got {value!r}")
@@ -194,6 +211,8 @@ class SandboxResult:
     error: str = ""  # the first failure, in words (untrusted text)
     truncated: bool = False  # stdout or stderr exceeded `Limits.max_output_bytes`
     before_tests: bool = False  # failed (compile, top-level code, exit, timeout) before any check started
+    disk_bytes: int = 0  # what the work dir held when the run ended (removed since)
+    disk_files: int = 0
 
     @property
     def passed(self) -> int:
