@@ -47,7 +47,7 @@ RewardSpec = Callable[..., Any] | str
 # fine-tune rate because LoRA needs a higher one; weight decay and clipping are the paper's.
 DEFAULTS: dict[str, Any] = {
     "max_steps": 100,
-    "learning_rate": 5e-5,
+    "learning_rate": 2e-4,
     "num_generations": 4,
     "max_completion_length": 128,
     "per_device_train_batch_size": 4,
