@@ -128,9 +128,10 @@ def test_constant_rewards_warn(tmp_path):
 
 
 def test_truncated_completions_warn(tmp_path):
-    fired, messages, _ = run(tmp_path, max_completion_length=2, generation_kwargs=None)
+    # <|im_end|> never sampled: every completion runs into the 4-token budget
+    fired, messages, _ = run(tmp_path, max_completion_length=4, generation_kwargs={"suppress_tokens": [EOS]})
     assert "truncated" in fired
-    assert any("max_completion_length=2" in m for m in messages)
+    assert any("100% of completions" in m and "max_completion_length=4" in m for m in messages)
 
 
 def test_warnings_can_be_switched_off(tmp_path):
