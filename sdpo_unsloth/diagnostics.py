@@ -286,6 +286,6 @@ def diagnostic_callbacks(trainer: Any) -> list[TrainerCallback]:
     callbacks: list[TrainerCallback] = []
     if cfg.enabled and cfg.diagnostics_samples > 0:
         callbacks.append(TokenDiagnostics(trainer))
-    if cfg.warn_noop:
+    if cfg.enabled and cfg.warn_noop:  # enabled=False is plain GRPO: no sdpo/ metrics, no SDPO advice
         callbacks.append(NoOpWatchdog(trainer))
     return callbacks
