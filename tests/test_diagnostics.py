@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import importlib.machinery
 import json
+import sys
+import types
+from types import SimpleNamespace
 
 import torch
 from conftest import make_tiny_model, make_tiny_tokenizer
@@ -11,7 +15,7 @@ from transformers import TrainerCallback
 from trl import GRPOConfig
 
 from sdpo_unsloth import SDPOConfig, SDPOTrainer
-from sdpo_unsloth.diagnostics import markdown_table, render_page, table_columns
+from sdpo_unsloth.diagnostics import TokenDiagnostics, markdown_table, render_page, table_columns
 from sdpo_unsloth.teacher import adapter_scope
 
 TEACHER = "sdpo_teacher"
@@ -174,3 +178,36 @@ def test_page_escapes_model_text_and_has_one_section_per_step():
     assert columns["token_gaps"][1] == "'a|b':+1.00"
     table = markdown_table(records)
     assert table.count("\n") == 3 and "a&#124;b" in table and "<script" not in table
+
+
+def test_table_goes_to_wandb_and_trackio_as_trl_logs_completions(monkeypatch):
+    """Stand-in modules (neither tracker is installed here): `log({"sdpo/diagnostics": Table(dataframe=...)})`."""
+    logged = []
+
+    class Table:
+        def __init__(self, dataframe):
+            self.dataframe = dataframe
+
+    for name in ("wandb", "trackio"):
+        fake = types.ModuleType(name)
+        fake.__spec__ = importlib.machinery.ModuleSpec(name, None)
+        fake.run, fake.Table = object(), Table
+        fake.log = lambda data, _name=name: logged.append((_name, data))
+        monkeypatch.setitem(sys.modules, name, fake)
+    trainer = SimpleNamespace(
+        args=SimpleNamespace(report_to=["wandb", "trackio"]),
+        callback_handler=SimpleNamespace(callbacks=[]),
+        sdpo_config=SDPOConfig(),
+    )
+    records = [_record(1, "a", None), _record(1, "b", "fix it")]
+    TokenDiagnostics(trainer)._report(records, 1)
+    assert [name for name, _ in logged] == ["wandb", "trackio"]
+    frame = logged[0][1]["sdpo/diagnostics"].dataframe
+    assert list(frame.columns) == list(table_columns(records)) and list(frame["teacher_saw"]) == [
+        "",
+        "feedback: fix it",
+    ]
+    sys.modules["wandb"].run = None  # no active wandb run: nothing to log to
+    logged.clear()
+    TokenDiagnostics(trainer)._report(records, 1)
+    assert [name for name, _ in logged] == ["trackio"]
