@@ -25,6 +25,7 @@ from pathlib import Path
 
 # Import sdpo_unsloth before trl/transformers: it picks the backend (unsloth on a GPU when installed).
 from sdpo_unsloth import SDPOConfig, SDPOTrainer, export, load_model
+from sdpo_unsloth.api import DEFAULTS
 from sdpo_unsloth.rewards.code import CodeExecutionReward
 from sdpo_unsloth.tasks.code import TASK_TYPES, code_tasks
 
@@ -49,7 +50,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--output-dir", default="outputs/sdpo_rich_feedback", help="checkpoints and the adapter/"
     )
     parser.add_argument(
-        "--learning-rate", type=float, default=1e-5, help="the seed's value; LoRA often wants 5e-5 to 1e-4"
+        "--learning-rate",
+        type=float,
+        default=DEFAULTS["learning_rate"],
+        help="LoRA learning rate, sdpo_unsloth.train's default. Not the seed's 1e-5: that full fine-tuning rate "
+        "moves a LoRA adapter ~20x less per step (docs/configuration.md, Learning rate)",
     )
     parser.add_argument(
         "--max-completion-length",

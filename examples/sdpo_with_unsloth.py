@@ -34,6 +34,7 @@ else:  # unsloth needs a CUDA GPU (on CPU it imports without PatchFastRL), so it
     print("note: no CUDA GPU or unsloth not installed: using the transformers + peft backend instead.")
 
 from sdpo_unsloth import SDPOConfig, SDPOTrainer, export, load_model  # Import SECOND
+from sdpo_unsloth.api import DEFAULTS
 from sdpo_unsloth.tasks.addition import AdditionReward, addition_dataset
 
 # isort: split
@@ -88,7 +89,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--output-dir", default="outputs/sdpo_with_unsloth", help="checkpoints and the adapter/"
     )
     parser.add_argument(
-        "--learning-rate", type=float, default=1e-5, help="the seed's value; LoRA often wants 5e-5 to 1e-3"
+        "--learning-rate",
+        type=float,
+        default=DEFAULTS["learning_rate"],
+        help="LoRA learning rate, sdpo_unsloth.train's default. Not the seed's 1e-5: that full fine-tuning rate "
+        "moves a LoRA adapter ~20x less per step (docs/configuration.md, Learning rate)",
     )
     parser.add_argument(
         "--max-completion-length",

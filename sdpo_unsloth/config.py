@@ -181,6 +181,22 @@ class SDPOConfig:
             "None = no limit (the reward then runs in the trainer's thread)."
         ),
     )
+    diagnostics_samples: int = field(
+        default=4,
+        metadata=_help(
+            "Samples per logged step written to output_dir/diagnostics/ (diagnostics.html, diagnostics.jsonl): "
+            "each completion token coloured by teacher-minus-student log-prob, next to the prompt, reward and "
+            "what the teacher saw; also logged as a table to report_to. 0 = off."
+        ),
+    )
+    warn_noop: bool = field(
+        default=True,
+        metadata=_help(
+            "Warn once per cause when training cannot learn (teacher-student gap near zero, every sample "
+            "masked, student adapter not moving, constant rewards, truncated completions); see "
+            "sdpo_unsloth.watchdog."
+        ),
+    )
 
     def __post_init__(self) -> None:
         def fail(name: str, rule: str, value: Any, hint: str = "") -> None:
@@ -225,6 +241,9 @@ class SDPOConfig:
                 self.alpha,
                 "the sampled-token surrogate is reverse KL",
             )
+        samples = self.diagnostics_samples
+        if isinstance(samples, bool) or not isinstance(samples, int) or samples < 0:
+            fail("diagnostics_samples", "an integer >= 0", samples, "0 turns the per-token diagnostics off")
         for name in ("max_reprompt_length", "max_feedback_chars", "logit_chunk_size"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

@@ -34,6 +34,7 @@ from . import loss as sdpo_loss  # noqa: E402
 from .budget import TimeBudget  # noqa: E402
 from .checkpoints import AtomicCheckpoints  # noqa: E402
 from .config import SDPOConfig  # noqa: E402
+from .diagnostics import diagnostic_callbacks  # noqa: E402
 from .faults import fault_point  # noqa: E402
 from .heads import OutputHead, check_output_head, output_head  # noqa: E402
 from .model import STUDENT_ADAPTER, add_teacher_adapter, attach_lora  # noqa: E402
@@ -209,6 +210,8 @@ class _SDPOMixin:
         self.time_budget = TimeBudget(budget) if budget is not None else None  # stops with a checkpoint
         if self.time_budget is not None:
             self.add_callback(self.time_budget)
+        for callback in diagnostic_callbacks(self):  # per-token page and table, no-op warnings
+            self.add_callback(callback)
 
     # ------------------------------------------------------------------ helpers
 
@@ -475,6 +478,8 @@ class _SDPOMixin:
         output["sdpo_grpo_weight"] = torch.tensor(
             weights[start : start + n], dtype=torch.float32, device=device
         )
+        # For the per-token diagnostics: TRL shuffles the batch before splitting it, so rows carry their index.
+        self.sdpo_last_plans, output["sdpo_sample_index"] = (plans, rewards), torch.arange(n, device=device)
         active = [plan.active and length > 0 for plan, length in zip(plans, lengths, strict=True)]
         pad_id = self._tokenizer.pad_token_id
         rows = []
