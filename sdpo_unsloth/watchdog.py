@@ -8,6 +8,9 @@ relative change per optimizer step, logged as `sdpo/student_relative_change`:
 
 It costs one copy of the student's trainable (LoRA) tensors, the size of the teacher adapter.
 
+One more warning is about regression rather than a no-op: successes present, a teacher-student gap, and a
+train reward that stopped rising under pure SDPO (`STALL_SPREAD_MIN`); it names the per-group hybrid.
+
 Each warning is a `NoOpWarning` (a `UserWarning`), raised at most once per run on the main process;
 silence all of them with `SDPOConfig(warn_noop=False)` or
 `warnings.filterwarnings("ignore", category=NoOpWarning)`. A condition must hold over `PATIENCE_STEPS`
@@ -40,6 +43,11 @@ CLIPPED_MAX = 0.9
 MOVE_MIN = 1e-3
 # Steps after warmup over which the mean relative change is compared with MOVE_MIN (once per run).
 MOVE_WINDOW = 3
+# Stalled with successes (the case where pure SDPO lost to GRPO on a small model): over the last
+# 2 x PATIENCE_STEPS logs, at least this share of prompt groups had rewards that differ (GRPO has a signal),
+# the teacher disagreed with the student, and the mean train reward of the last PATIENCE_STEPS logs was not
+# above that of the PATIENCE_STEPS before.
+STALL_SPREAD_MIN = 0.25
 
 
 class NoOpWarning(UserWarning):
@@ -61,6 +69,7 @@ class NoOpWatchdog(TrainerCallback):
         self._moves: list[float] = []
         self._streaks: dict[str, int] = {}  # cause -> global step before the streak began
         self._last_log_step = 0
+        self._history: list[tuple[float, float, float]] = []  # per log: (reward, groups with spread, gap)
 
     # ------------------------------------------------------------------ student movement
 
@@ -71,6 +80,7 @@ class NoOpWatchdog(TrainerCallback):
         self.fired.clear()
         self._moves = []
         self._streaks = {}
+        self._history = []
         self._last_log_step = state.global_step
         self._previous = self._snapshot()
 
@@ -150,6 +160,7 @@ class NoOpWatchdog(TrainerCallback):
                 "or ask for a shorter answer in the prompt.",
             ),
         }
+        self._check_stall(logs, gap)
         for cause, (holds, message) in checks.items():
             if not holds:
                 self._streaks.pop(cause, None)
@@ -163,6 +174,34 @@ class NoOpWatchdog(TrainerCallback):
                     ),
                 )
         self._last_log_step = step
+
+    def _check_stall(self, logs: dict[str, Any], gap: float | None) -> None:
+        """Successes and a teacher gap are there, yet the train reward stopped rising: under pure SDPO, say
+        that GRPO's signal (the groups whose rewards differ) is not used, and name the hybrid that uses it."""
+        reward, zero_std = logs.get("reward"), logs.get("frac_reward_zero_std")
+        if reward is None or zero_std is None or gap is None:
+            return
+        self._history.append((float(reward), 1.0 - float(zero_std), float(gap)))
+        window = PATIENCE_STEPS
+        if len(self._history) < 2 * window or self.trainer.sdpo_config.grpo_weight > 0:
+            return
+        earlier, recent = self._history[-2 * window : -window], self._history[-window:]
+
+        def mean(rows: list[tuple[float, float, float]], column: int) -> float:
+            return sum(row[column] for row in rows) / len(rows)
+
+        spread = mean(earlier + recent, 1)
+        if spread >= STALL_SPREAD_MIN and mean(recent, 2) >= GAP_MIN and mean(recent, 0) <= mean(earlier, 0):
+            self._warn(
+                "stalled_with_successes",
+                f"the train reward has not risen over the last {2 * window} logged steps ({mean(earlier, 0):.3f} "
+                f"then {mean(recent, 0):.3f}) although {spread:.0%} of prompt groups had rewards that differ and "
+                "the teacher disagrees with the student. Cause: pure SDPO distils the teacher's preferences and "
+                "ignores which siblings scored better; on small models, with feedback that names the answer, "
+                "it can teach the feedback's wording instead of the task. Fix: add GRPO's signal where a group "
+                "has one: SDPOConfig(grpo_weight=0.9, hybrid_mode='per_group') (pure distillation stays on "
+                "groups that all failed); compare held-out accuracy with SDPOConfig(enabled=False).",
+            )
 
     def _warn(self, cause: str, message: str) -> None:
         if cause in self.fired:

@@ -147,3 +147,26 @@ def test_warnings_can_be_switched_off(tmp_path):
         train_dataset=Dataset.from_list([{"prompt": "1+1="}] * 8),
     )
     assert not any(isinstance(c, NoOpWatchdog) for c in trainer.callback_handler.callbacks)
+
+
+class FirstOfEachGroup:
+    """1.0 for the first sample of each group of 4, 0 with feedback for the others: a reward spread in every
+    group and a flat train reward (0.25 at every step), the shape of a run that stalls with successes."""
+
+    __name__ = "first_of_each_group"
+
+    def __call__(self, prompts, completions, **kwargs):
+        scores = [float(i % 4 == 0) for i in range(len(completions))]
+        self.last_feedback = ["" if s else "Wrong. The answer is 7." for s in scores]
+        return scores
+
+
+def test_stalled_reward_with_successes_names_the_per_group_hybrid(tmp_path):
+    steps = 2 * PATIENCE_STEPS
+    fired, messages, _ = run(tmp_path / "sdpo", reward=FirstOfEachGroup(), max_steps=steps)
+    assert "stalled_with_successes" in fired
+    (message,) = [m for m in messages if "has not risen" in m]
+    assert "hybrid_mode='per_group'" in message
+    hybrid = SDPOConfig(diagnostics_samples=0, grpo_weight=0.9, hybrid_mode="per_group")
+    fired, _, _ = run(tmp_path / "hybrid", reward=FirstOfEachGroup(), sdpo=hybrid, max_steps=steps)
+    assert "stalled_with_successes" not in fired
