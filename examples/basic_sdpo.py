@@ -124,8 +124,15 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     budget = grpo_config.max_completion_length
-    before = evaluate(model, tokenizer, eval_rows, max_new_tokens=min(budget, MAX_NEW_TOKENS))
+    main_process = trainer.accelerator.is_main_process  # under `accelerate launch`: evaluate and export once
+    before = (
+        evaluate(model, tokenizer, eval_rows, max_new_tokens=min(budget, MAX_NEW_TOKENS))
+        if main_process
+        else 0
+    )
     trainer.train()
+    if not main_process:
+        return
     after = evaluate(model, tokenizer, eval_rows, max_new_tokens=min(budget, MAX_NEW_TOKENS))
 
     adapter = export(trainer, Path(args.output_dir) / "adapter", format="lora")

@@ -136,7 +136,9 @@ def main(argv: list[str] | None = None) -> None:
     # TRL's evaluation: sampled completions for the held-out tasks, run against their tests.
     before = trainer.evaluate()["eval_reward"]
     trainer.train()
-    after = trainer.evaluate()["eval_reward"]
+    after = trainer.evaluate()["eval_reward"]  # every process evaluates its share
+    if not trainer.accelerator.is_main_process:  # under `accelerate launch`: export and report once
+        return
     print(f"sandbox isolation level: {reward.isolation.level}")
 
     adapter = export(trainer, Path(args.output_dir) / "adapter", format="lora")

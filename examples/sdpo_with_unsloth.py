@@ -156,7 +156,9 @@ def main(argv: list[str] | None = None) -> None:
     # TRL's evaluation: sampled completions on the held-out problems, scored by the same reward.
     before = trainer.evaluate()["eval_reward"]
     trainer.train()
-    after = trainer.evaluate()["eval_reward"]
+    after = trainer.evaluate()["eval_reward"]  # every process evaluates its share
+    if not trainer.accelerator.is_main_process:  # under `accelerate launch`: export and report once
+        return
 
     adapter = export(trainer, Path(args.output_dir) / "adapter", format="lora")
     backend = "unsloth" if USE_UNSLOTH else "transformers + peft"
