@@ -343,7 +343,7 @@ def run_one(
     from trl import GRPOConfig
 
     from sdpo_unsloth import SDPOConfig, SDPOTrainer, load_model
-    from sdpo_unsloth.teacher import adapter_parameter_count
+    from sdpo_unsloth.adapters import adapter_parameter_count
 
     cuda = torch.cuda.is_available()
     sdpo_cfg = SDPOConfig() if kind == "sdpo" else SDPOConfig(enabled=False)

@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from importlib import metadata as importlib_metadata
 from typing import Any
 
+from .bootstrap import bf16_supported
+
 # The training stack, with the versions `tests/gpu` and the GPU benchmark passed with (H200 in fp16,
 # docs/benchmarks.md); `package_versions` reports these packages in this order.
 TESTED_GPU_STACK = {
@@ -54,7 +56,7 @@ def gpu_info() -> dict[str, Any] | None:
         "name": props.name,
         "memory_gib": props.total_memory / _GIB,
         "capability": f"{props.major}.{props.minor}",
-        "bf16": bool(torch.cuda.is_bf16_supported()),
+        "bf16": bf16_supported(),
         "count": torch.cuda.device_count(),
     }
 

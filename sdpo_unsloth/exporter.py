@@ -42,7 +42,8 @@ from typing import Any, Literal
 
 import torch
 
-from .bootstrap import bootstrap, current_backend
+from .adapters import STUDENT_ADAPTER, TEACHER_ADAPTER
+from .bootstrap import bootstrap, current_backend, pick_dtype
 
 __all__ = [
     "FORMATS",
@@ -58,7 +59,6 @@ __all__ = [
 ExportFormat = Literal["lora", "merged_16bit", "gguf"]
 FORMATS: tuple[str, ...] = ("lora", "merged_16bit", "gguf")
 METADATA_FILE = "sdpo_export.json"
-STUDENT_ADAPTER = "default"
 ADAPTER_FILE = "adapter_model.safetensors"
 _TOKENIZER_FILES = (
     "tokenizer.json",
@@ -404,7 +404,7 @@ def _check_merged_weights(
 
 
 def _model_logits_of_caller(model: Any, inputs: list[torch.Tensor]) -> list[torch.Tensor]:
-    from .teacher import adapter_scope
+    from .adapters import adapter_scope
 
     device = next(model.parameters()).device
     with adapter_scope(model, STUDENT_ADAPTER):
@@ -412,8 +412,6 @@ def _model_logits_of_caller(model: Any, inputs: list[torch.Tensor]) -> list[torc
 
 
 def _merge_dtype(source: _Source, dtype: torch.dtype | str | None, device: str) -> torch.dtype:
-    from .model import pick_dtype
-
     if dtype is not None:
         return pick_dtype(device, dtype) if isinstance(dtype, str) else dtype
     if source.model is not None:
@@ -711,7 +709,7 @@ def export(
     dtype: torch.dtype | str | None = None,
     device: str | None = None,
     sdpo_config: Any = None,
-    teacher_adapter: str = "sdpo_teacher",
+    teacher_adapter: str = TEACHER_ADAPTER,
     gguf_quantization: str = "q8_0",
 ) -> ExportResult:
     """Export the student model in one of `FORMATS`; the caller's model is left untouched.
@@ -748,7 +746,7 @@ def export(
     output = Path(output_dir).expanduser().resolve()
     check_output_dir(output)
     source = _resolve_source(model_or_dir, tokenizer, base_model, sdpo_config)
-    teacher_names = tuple(dict.fromkeys((teacher_adapter, "sdpo_teacher")))
+    teacher_names = tuple(dict.fromkeys((teacher_adapter, TEACHER_ADAPTER)))
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))
     staging.chmod(0o755)  # mkdtemp makes it private; the export is an ordinary folder

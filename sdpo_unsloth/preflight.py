@@ -292,7 +292,7 @@ def preflight(
     if isinstance(model, str):
         from .model import load_model
 
-        needs_teacher = sdpo.enabled and sdpo.teacher_mode == "ema"
+        needs_teacher = sdpo.ema_teacher
         model, tokenizer = load_model(
             model,
             load_in_4bit=chosen.device == "cuda" if load_in_4bit is None else load_in_4bit,

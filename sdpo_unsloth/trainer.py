@@ -31,24 +31,24 @@ from torch import nn  # noqa: E402
 from transformers import TrainerCallback  # noqa: E402
 
 from . import loss as sdpo_loss  # noqa: E402
+from .adapters import (  # noqa: E402
+    STUDENT_ADAPTER,
+    adapter_is_initial,
+    adapter_scope,
+    add_teacher_adapter,
+    copy_adapter,
+    dropout_off,
+    ema_update,
+)
 from .budget import TimeBudget  # noqa: E402
 from .checkpoints import AtomicCheckpoints  # noqa: E402
 from .config import SDPOConfig  # noqa: E402
 from .faults import fault_point  # noqa: E402
 from .heads import OutputHead, check_output_head, output_head  # noqa: E402
-from .model import STUDENT_ADAPTER, add_teacher_adapter, attach_lora  # noqa: E402
+from .model import attach_lora  # noqa: E402
 from .preconditions import check_trainer_inputs  # noqa: E402
 from .rewards.protocol import CheckedReward, checked_reward, combine_feedback  # noqa: E402
-from .teacher import (  # noqa: E402
-    Reprompt,
-    adapter_is_initial,
-    adapter_scope,
-    build_reprompt,
-    copy_adapter,
-    dropout_off,
-    ema_update,
-    plan_reprompts,
-)
+from .teacher import Reprompt, build_reprompt, plan_reprompts  # noqa: E402
 
 # Inside each checkpoint, as a file: a sub-folder holding adapter_model.safetensors would make the
 # Trainer load only sub-folder adapters on resume and skip the student at the checkpoint's root.

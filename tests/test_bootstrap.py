@@ -77,7 +77,7 @@ def test_auto_picks_transformers_on_cpu_and_the_trainer_subclasses_trl(tmp_path)
         import sdpo_unsloth, trl
         backend = sdpo_unsloth.bootstrap()
         print(backend.name, backend.device)
-        print(sdpo_unsloth.SDPOTrainer.__mro__[2] is trl.GRPOTrainer)
+        print(trl.GRPOTrainer in sdpo_unsloth.SDPOTrainer.__mro__)
         """,
         tmp_path,
     )

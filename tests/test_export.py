@@ -10,8 +10,9 @@ import torch
 from conftest import make_tiny_model, make_tiny_tokenizer
 from safetensors.torch import load_file
 
+from sdpo_unsloth.adapters import add_teacher_adapter
 from sdpo_unsloth.exporter import LOGITS_ATOL, LOGITS_RTOL, METADATA_FILE, ExportError, export
-from sdpo_unsloth.model import add_teacher_adapter, attach_lora, default_lora_config
+from sdpo_unsloth.model import attach_lora, default_lora_config
 
 TEACHER = "sdpo_teacher"
 FP32_ATOL, FP32_RTOL = 1e-4, 1e-4  # merged vs adapter logits in fp32: summation order only
