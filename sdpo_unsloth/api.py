@@ -26,9 +26,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .bootstrap import bootstrap
+from .bootstrap import bf16_supported, bootstrap
 from .checkpoints import last_complete_checkpoint
 from .config import SDPOConfig, TeacherMode
+from .evaluate import evaluate_model
 from .preconditions import check_prompt_lengths, check_tokenizer, check_writable, group_size_error
 
 if TYPE_CHECKING:
@@ -291,9 +292,7 @@ def _prompts_per_step(args: GRPOConfig) -> int:
 def _device_settings(device: str) -> dict[str, Any]:
     """Precision, optimizer and checkpointing that suit the device (fp16 on a T4, fp32 on CPU)."""
     if device == "cuda":
-        import torch
-
-        bf16 = torch.cuda.is_bf16_supported()
+        bf16 = bf16_supported()
         return {"bf16": bf16, "fp16": not bf16, "optim": "adamw_8bit", "gradient_checkpointing": True}
     return {
         "bf16": False,
@@ -382,82 +381,6 @@ def _resume_target(resume: bool | str, checkpoint_dir: Path) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------ evaluation
-
-
-def _render_prompt(tokenizer: Any, prompt: Any) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-
-
-def _evaluate_with_reward(
-    model: Any,
-    tokenizer: Any,
-    rows: list[dict[str, Any]],
-    reward: Any,
-    *,
-    max_new_tokens: int,
-    batch_size: int,
-) -> float | None:
-    """Greedy completions for `rows`, scored by `reward`: the mean score (None-scored rows skipped)."""
-    import torch
-
-    from .rewards.protocol import CheckedReward
-
-    checked = CheckedReward(reward)
-    was_training, padding_side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"
-    scores: list[float] = []
-    try:
-        device = next(model.parameters()).device
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start : start + batch_size]
-            texts = [_render_prompt(tokenizer, row["prompt"]) for row in batch]
-            chat = not isinstance(batch[0]["prompt"], str)
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
-            with torch.no_grad():
-                out = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-                )
-            completion_ids = out[:, enc["input_ids"].shape[1] :]
-            decoded = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-            completions = [[{"role": "assistant", "content": t}] for t in decoded] if chat else decoded
-            columns = {k: [row[k] for row in batch] for k in batch[0] if k != "prompt"}
-            values = checked(
-                prompts=[row["prompt"] for row in batch],
-                completions=completions,
-                completion_ids=completion_ids.tolist(),
-                **columns,
-            )
-            scores.extend(v for v in values if v is not None)
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
-    return sum(scores) / len(scores) if scores else None
-
-
-def _evaluate(
-    model: Any, tokenizer: Any, rows: list[dict[str, Any]], reward: Any, **kwargs: Any
-) -> float | None:
-    if not rows:
-        return None
-    from .bootstrap import current_backend
-
-    unsloth = (current_backend() or bootstrap()).name == "unsloth"
-    if unsloth:
-        from unsloth import FastLanguageModel
-
-        FastLanguageModel.for_inference(model)
-    try:
-        from .tasks.addition import AdditionReward, evaluate
-
-        if isinstance(reward, AdditionReward):  # the task's own greedy-accuracy helper
-            return evaluate(model, tokenizer, rows, **kwargs)
-        return _evaluate_with_reward(model, tokenizer, rows, reward, **kwargs)
-    finally:
-        if unsloth:
-            FastLanguageModel.for_training(model)
 
 
 # ------------------------------------------------------------------------------------------ outputs
@@ -791,7 +714,7 @@ def train(
     eval_started = time.monotonic()
     # A resumed run's starting point is the checkpoint, loaded by train(): its "before" is not measured.
     before = (
-        _evaluate(peft_model, tokenizer, eval_rows, reward_funcs[0], **eval_kwargs)
+        evaluate_model(peft_model, tokenizer, eval_rows, reward_funcs[0], **eval_kwargs)
         if main and not resume_from
         else None
     )
@@ -829,7 +752,7 @@ def train(
             stacklevel=2,
         )
     trained = trainer.accelerator.unwrap_model(trainer.model)
-    after = _evaluate(trained, tokenizer, eval_rows, reward_funcs[0], **eval_kwargs) if main else None
+    after = evaluate_model(trained, tokenizer, eval_rows, reward_funcs[0], **eval_kwargs) if main else None
 
     from .exporter import export
 
