@@ -13,18 +13,11 @@ from conftest import make_tiny_model, make_tiny_tokenizer
 from safetensors.torch import load_file
 
 from sdpo_unsloth import SDPOConfig, train
-from sdpo_unsloth.api import (
-    TrainResult,
-    UsageError,
-    _build_grpo_config,
-    _build_sdpo_config,
-    _device_settings,
-    _plot_rewards,
-    _resolve_dataset,
-    _resolve_rewards,
-    last_complete_checkpoint,
-)
+from sdpo_unsloth.api import TrainResult, UsageError, last_complete_checkpoint
+from sdpo_unsloth.data import _resolve_dataset, _resolve_rewards
 from sdpo_unsloth.evaluate import evaluate_with_reward
+from sdpo_unsloth.report import _plot_rewards
+from sdpo_unsloth.train_config import _build_grpo_config, _build_sdpo_config, _device_settings
 
 TINY = {  # 2 optimizer steps of 4 completions (1 prompt x 4 generations), 6 new tokens, no progress bar
     "max_steps": 2,
