@@ -80,6 +80,8 @@ class DemoSettings:
     distillation_topk: int | None = 100
     teacher_mode: str = "ema"
     teacher_update_rate: float = 0.05
+    tail: bool = True  # SDPOConfig.distillation_add_tail
+    seed: int = 0  # the training seed the settings were tuned with (benchmarks/demo_tuning.py --seeds 0)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
