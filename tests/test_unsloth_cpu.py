@@ -40,7 +40,7 @@ def test_seed_import_order_on_cpu_falls_back_to_transformers():
         import sdpo_unsloth, trl
         backend = sdpo_unsloth.bootstrap()
         print(backend.name, backend.device)
-        print(sdpo_unsloth.SDPOTrainer.__mro__[2] is trl.GRPOTrainer)
+        print(trl.GRPOTrainer in sdpo_unsloth.SDPOTrainer.__mro__)
         """
     )
     assert out.returncode == 0, out.stderr[-2000:]
