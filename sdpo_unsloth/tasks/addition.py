@@ -54,7 +54,7 @@ _INT = re.compile(r"-?\d+")
 class DemoSettings:
     """Defaults of the ``sdpo-unsloth demo`` run: CPU, embedded SmolLM2-135M-Instruct, one-digit addition.
 
-    Verified with the real ``SDPOTrainer`` (``benchmarks/demo_tuning.py``); the runs, seeds and wall
+    Verified with the real ``SDPOTrainer`` (``benchmarks/learning/demo_tuning.py``); the runs, seeds and wall
     times are in docs/demo-design.md, section "Verified with SDPOTrainer". Split:
     ``held = addition_dataset(held_size, seed=held_seed)``,
     ``train = addition_dataset(train_size, seed=train_seed, exclude=held)``.
@@ -81,7 +81,7 @@ class DemoSettings:
     teacher_mode: str = "ema"
     teacher_update_rate: float = 0.05
     tail: bool = True  # SDPOConfig.distillation_add_tail
-    seed: int = 0  # the training seed the settings were tuned with (benchmarks/demo_tuning.py --seeds 0)
+    seed: int = 0  # the training seed the settings were tuned with (demo_tuning.py --seeds 0)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)

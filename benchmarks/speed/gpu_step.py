@@ -7,8 +7,8 @@ Every run's result is appended to `<out>/gpu_step.jsonl` as soon as it is measur
 gathered in `<out>/gpu_step.json` at the end. One failing run or stage prints its traceback and the
 benchmark goes on; a wall-clock budget skips what no longer fits.
 
-    python benchmarks/gpu_step.py --out $OUT                      # the GPU benchmark (see gpu_run.sh)
-    python benchmarks/gpu_step.py --tiny --out /tmp/bench         # CPU smoke test: 2 layers, hidden 64
+    python benchmarks/speed/gpu_step.py --out $OUT                      # the GPU benchmark (see gpu_run.sh)
+    python benchmarks/speed/gpu_step.py --tiny --out /tmp/bench         # CPU smoke test: 2 layers, hidden 64
 
 No hub access: the model is built from Qwen2.5's config with random weights and saved (fp16) with a
 word-level tokenizer that decodes every id, then loaded back through `sdpo_unsloth.load_model`.
