@@ -1,6 +1,8 @@
 """`train(...)`: load a 4-bit LoRA student, measure it, train it with SDPO, measure again, export.
 
-One flat, typed function (the CLI's `train` subcommand is derived from its signature). Knobs that also
+One flat, typed function (the CLI's `train` subcommand is derived from its signature), read in stages:
+resolve the inputs (`data.py`), build the configs (`train_config.py`), check the output folders, load the
+student, evaluate, run the trainer, evaluate again, export (`exporter/`) and write the summary (`report.py`). Knobs that also
 live in `SDPOConfig` / TRL's `GRPOConfig` default to None, meaning "the config object's value if you
 passed one, else the kit default" (`DEFAULTS` below); a flat knob you set always wins.
 
@@ -12,12 +14,8 @@ passed one, else the kit default" (`DEFAULTS` below); a flat knob you set always
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import importlib.util
-import inspect
 import json
-import math
-import os
 import random
 import time
 import warnings
@@ -26,10 +24,21 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
-from .bootstrap import bootstrap
+from .bootstrap import Backend, bootstrap
 from .checkpoints import last_complete_checkpoint
 from .config import SDPOConfig, TeacherMode
-from .preconditions import check_prompt_lengths, check_tokenizer, check_writable, group_size_error
+from .data import BUILTIN_TASKS, TrainInputs, _is_task, resolve_inputs, task_completion_length
+from .evaluate import evaluate_model
+from .preconditions import UsageError, check_prompt_lengths, check_tokenizer, check_writable
+from .report import _jsonable, _plot_rewards, _use_compact_progress
+from .train_config import (
+    CHECKPOINT_SUBDIR,
+    DEFAULTS,
+    _build_grpo_config,
+    _build_sdpo_config,
+    _prompts_per_step,
+    _resume_target,
+)
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -37,37 +46,8 @@ if TYPE_CHECKING:
 
 __all__ = ["BUILTIN_TASKS", "DEFAULTS", "TrainResult", "UsageError", "last_complete_checkpoint", "train"]
 
-BUILTIN_TASKS: tuple[str, ...] = ("addition", "code", "humaneval")
-GYM_PREFIX = "gym:"  # dataset="gym:<task>?key=value&...": a reasoning-gym task (sdpo_unsloth.tasks.gym)
 ExportName = Literal["lora", "merged_16bit", "gguf"]
 RewardSpec = Callable[..., Any] | str
-
-# Kit defaults for the knobs shared with GRPOConfig (used when neither a flat knob nor `grpo_config` sets
-# them). Group size and batch follow the seed's example; weight decay and clipping are the paper's. The
-# learning rate is not the seed's 1e-5 (the paper's full fine-tuning rate): with AdamW the first step moves a
-# LoRA r16 adapter by ~lr x a width factor of its norm, measured 9.5e-5 (tiny test model) and 4.7e-4 (embedded
-# SmolLM2-135M) at 1e-5, 1.9e-3 and 9.4e-3 at 2e-4 (benchmarks/lora_movement.py). 2e-4 clears the no-op
-# watchdog's MOVE_MIN (1e-3) on both; 1e-5 fails it on both (docs/configuration.md, "Learning rate").
-DEFAULTS: dict[str, Any] = {
-    "max_steps": 100,
-    "learning_rate": 2e-4,
-    "num_generations": 4,
-    "max_completion_length": 128,
-    "per_device_train_batch_size": 4,
-    "gradient_accumulation_steps": 2,
-    "temperature": 1.0,
-    "seed": 3407,
-    "logging_steps": 1,
-    "weight_decay": 0.01,
-    "max_grad_norm": 1.0,
-}
-# Completion budgets of the built-in tasks (an addition answer is a few tokens; code needs room).
-_TASK_COMPLETION_LENGTH = {"addition": 8, "code": 256, "humaneval": 384, "gym": 32}
-CHECKPOINT_SUBDIR = "checkpoints"
-
-
-class UsageError(ValueError):
-    """A bad argument to `train`; the message names the problem and the fix."""
 
 
 @dataclass(frozen=True)
@@ -105,432 +85,60 @@ class TrainResult:
     last_checkpoint: str | None = None
 
 
-# ------------------------------------------------------------------------------------------ inputs
+# ------------------------------------------------------------------------------------------ stages
+
+_EXPORT_FOLDERS = {"lora": "adapter", "merged_16bit": "merged", "gguf": "gguf"}
 
 
-def _is_task(name: Any) -> bool:
-    return isinstance(name, str) and (name in BUILTIN_TASKS or name.startswith(GYM_PREFIX))
+def _check_export_formats(export_formats: Sequence[str]) -> None:
+    from .exporter import FORMATS
+
+    unknown = [f for f in export_formats if f not in FORMATS]
+    if unknown:
+        raise UsageError(f"`export_formats` may hold {', '.join(FORMATS)}; got {unknown}.")
+    if "gguf" in export_formats and importlib.util.find_spec("gguf") is None:
+        raise UsageError("export_formats has 'gguf', which needs the `gguf` package: pip install gguf")
 
 
-def _task_key(name: str) -> str:
-    """The task's kind: its name, or "gym" for every reasoning-gym task."""
-    return "gym" if name.startswith(GYM_PREFIX) else name
+def _check_folders(output: Path, checkpoint_dir: Path, export_formats: Sequence[str]) -> None:
+    """Writable run folders, and no export folder in the way: fail before training, not after it."""
+    from .exporter import ExportError, check_output_dir
 
-
-def _task_rows(name: str, n: int, seed: int) -> list[dict[str, Any]]:
-    if name.startswith(GYM_PREFIX):
-        from .tasks.gym import gym_dataset, parse_gym_name
-
+    for folder, what in ((output, "output_dir"), (checkpoint_dir, "checkpoint_dir")):
         try:
-            gym_task, config = parse_gym_name(name)
-            return gym_dataset(gym_task, n, seed=seed, config=config)
+            check_writable(folder, what)
         except ValueError as exc:
             raise UsageError(str(exc)) from None
-    if name == "humaneval":
-        from .tasks.humaneval import humaneval_tasks
-
-        return humaneval_tasks()
-    if name == "addition":
-        from .tasks.addition import addition_dataset
-
-        digits = inspect.signature(addition_dataset).parameters["digits"].default
-        return addition_dataset(min(n, 100**digits), seed=seed)  # the trainer cycles over a small pool
-    from .tasks.code import code_tasks
-
-    return code_tasks(seed=seed)
+    for fmt in export_formats:
+        try:
+            check_output_dir(output / _EXPORT_FOLDERS[fmt])
+        except ExportError as exc:
+            raise UsageError(str(exc)) from None
 
 
-def _load_dataset_file(path: Path) -> Dataset:
-    from datasets import Dataset, load_from_disk
+def _load_student(
+    model: str, chosen: Backend, args: GRPOConfig, sdpo: SDPOConfig, inputs: TrainInputs, **options: Any
+) -> tuple[Any, Any]:
+    """`load_model` with the run's precision, teacher adapter and seed; then the tokenizer's checks."""
+    from .model import load_model
 
-    if path.is_dir():
-        loaded = load_from_disk(str(path))
-        if not isinstance(loaded, Dataset):
-            raise UsageError(f"{path} holds several splits ({list(loaded)}); pass one split's directory.")
-        return loaded
-    suffix = path.suffix.lower()
-    if suffix == ".jsonl":
-        return Dataset.from_list([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
-    if suffix == ".json":
-        data = json.loads(path.read_text())
-        if not isinstance(data, list):
-            raise UsageError(f"{path} must hold a JSON list of rows (objects with a 'prompt' field).")
-        return Dataset.from_list(data)
-    if suffix in (".csv", ".parquet"):
-        return getattr(Dataset, f"from_{suffix[1:]}")(str(path))
-    raise UsageError(
-        f"cannot read a dataset from {path}: use .json, .jsonl, .csv, .parquet or a save_to_disk folder."
+    load_in_4bit, max_seq_length = options.pop("load_in_4bit"), options["max_seq_length"]
+    peft_model, tokenizer = load_model(
+        model,
+        load_in_4bit=chosen.device == "cuda" if load_in_4bit is None else load_in_4bit,
+        dtype="bf16" if args.bf16 else "fp16" if args.fp16 else None,
+        teacher_adapter=sdpo.teacher_adapter_name if sdpo.ema_teacher else None,
+        gradient_checkpointing=args.gradient_checkpointing,
+        backend=chosen.name,
+        seed=args.seed,
+        **options,
     )
-
-
-def _resolve_dataset(
-    dataset: Any, rows_needed: int, seed: int, name: str = "dataset"
-) -> tuple[Dataset, str | None]:
-    """(dataset, built-in task name or None)."""
-    from datasets import Dataset, DatasetDict
-
-    task = None
-    if isinstance(dataset, str | os.PathLike):
-        if _is_task(dataset):
-            task = str(dataset)
-            dataset = Dataset.from_list(_task_rows(task, rows_needed, seed))
-        elif Path(dataset).exists():
-            dataset = _load_dataset_file(Path(dataset))
-        else:
-            raise UsageError(
-                f"unknown {name} {str(dataset)!r}: use a built-in task ({', '.join(BUILTIN_TASKS)}, "
-                f"{GYM_PREFIX}<reasoning-gym task>), a "
-                ".json/.jsonl/.csv/.parquet file, a datasets save_to_disk folder, or pass a datasets.Dataset."
-            )
-    elif isinstance(dataset, DatasetDict):
-        raise UsageError(
-            f"`{name}` is a DatasetDict with splits {list(dataset)}; pass one, e.g. dataset['train']."
-        )
-    elif isinstance(dataset, Sequence) and not isinstance(dataset, Dataset):
-        if not all(isinstance(row, Mapping) for row in dataset):
-            raise UsageError(f"`{name}` as a list must hold dicts (rows with a 'prompt' key).")
-        dataset = Dataset.from_list([dict(row) for row in dataset])
-    elif not isinstance(dataset, Dataset):
-        raise UsageError(
-            f"`{name}` must be a datasets.Dataset, a list of dicts or a task name, got {type(dataset).__name__}."
-        )
-    if len(dataset) == 0:
-        raise UsageError(f"`{name}` is empty: give it at least a few rows with a 'prompt'.")
-    if "prompt" not in dataset.column_names:
-        raise UsageError(
-            f"`{name}` has no 'prompt' column (columns: {dataset.column_names}); rename your question column to "
-            "'prompt' (a string, or chat messages [{'role': 'user', 'content': ...}])."
-        )
-    return dataset, task
-
-
-def _split(data: Dataset, n_eval: int, seed: int) -> tuple[list[dict[str, Any]], Dataset]:
-    """`n_eval` seeded-random rows for evaluation, the rest (in order) for training."""
-    if n_eval >= len(data):
-        raise UsageError(
-            f"`eval_size` ({n_eval}) must be smaller than the dataset ({len(data)} rows); lower eval_size or use 0 "
-            "to skip evaluation."
-        )
-    if not n_eval:
-        return [], data
-    order = list(range(len(data)))
-    random.Random(seed).shuffle(order)
-    return [data[i] for i in order[:n_eval]], data.select(sorted(order[n_eval:]))
-
-
-def _import_reward(spec: str) -> Any:
-    """'package.module:attr' or 'path/to/file.py:attr'; a class is instantiated without arguments."""
-    target, _, attr = spec.rpartition(":")
     try:
-        if target.endswith(".py"):
-            module_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
-            if module_spec is None or module_spec.loader is None:
-                raise ImportError(target)
-            module = importlib.util.module_from_spec(module_spec)
-            module_spec.loader.exec_module(module)
-        else:
-            module = importlib.import_module(target)
-        value = getattr(module, attr)
-    except (ImportError, AttributeError, FileNotFoundError) as exc:
-        raise UsageError(
-            f"cannot import reward {spec!r} ({type(exc).__name__}: {exc}); check the module and name."
-        ) from None
-    return value() if isinstance(value, type) else value
-
-
-def _builtin_reward(name: str) -> Any:
-    if name == "addition":
-        from .tasks.addition import AdditionReward
-
-        return AdditionReward()
-    if name == "code":
-        from .rewards.code import CodeExecutionReward
-
-        return CodeExecutionReward()
-    if name == "humaneval":
-        from .tasks.humaneval import HumanEvalReward
-
-        return HumanEvalReward()
-    if name.startswith(GYM_PREFIX):
-        from .tasks.gym import GymReward
-
-        return GymReward()
-    if ":" in name:
-        return _import_reward(name)
-    raise UsageError(
-        f"unknown reward {name!r}: use a built-in reward ({', '.join(BUILTIN_TASKS)}), 'module:function', "
-        "or pass a function returning list[float]."
-    )
-
-
-def _resolve_rewards(rewards: Any, task: str | None) -> list[Any]:
-    if rewards is None:
-        if task is None:
-            raise UsageError(
-                "`rewards` is missing: pass a function f(prompts, completions, **columns) -> list[float] (or a "
-                f"built-in name: {', '.join(BUILTIN_TASKS)}); only built-in tasks have default rewards."
-            )
-        rewards = [task]
-    items = [rewards] if isinstance(rewards, str) or callable(rewards) else list(rewards)
-    if not items:
-        raise UsageError("`rewards` is empty: pass at least one reward function.")
-    resolved = []
-    for item in items:
-        if isinstance(item, str):
-            item = _builtin_reward(item)
-        if not callable(item):
-            raise UsageError(f"reward {item!r} is not callable; pass functions, callables or built-in names.")
-        resolved.append(item)
-    return resolved
-
-
-def _prompts_per_step(args: GRPOConfig) -> int:
-    return max(1, args.generation_batch_size // args.num_generations)
-
-
-# ------------------------------------------------------------------------------------------ configs
-
-
-def _device_settings(device: str) -> dict[str, Any]:
-    """Precision, optimizer and checkpointing that suit the device (fp16 on a T4, fp32 on CPU)."""
-    if device == "cuda":
-        import torch
-
-        bf16 = torch.cuda.is_bf16_supported()
-        return {"bf16": bf16, "fp16": not bf16, "optim": "adamw_8bit", "gradient_checkpointing": True}
-    return {
-        "bf16": False,
-        "fp16": False,
-        "optim": "adamw_torch",
-        "gradient_checkpointing": False,
-        "use_cpu": device == "cpu",
-    }
-
-
-def _build_sdpo_config(base: SDPOConfig | None, **flat: Any) -> SDPOConfig:
-    if base is not None and not isinstance(base, SDPOConfig):
-        raise UsageError(f"`sdpo_config` must be an SDPOConfig, got {type(base).__name__}.")
-    values = base.to_dict() if base is not None else {}
-    for name, value in flat.items():
-        if value is None:
-            continue
-        if name == "distillation_topk" and value == "full":
-            value = None
-        values[name] = value
-    return SDPOConfig(**values)
-
-
-def _build_grpo_config(base: GRPOConfig | None, device: str, checkpoint_dir: Path, **flat: Any) -> GRPOConfig:
-    from trl import GRPOConfig
-
-    if base is not None and not isinstance(base, GRPOConfig):
-        raise UsageError(f"`grpo_config` must be a trl.GRPOConfig, got {type(base).__name__}.")
-    device_settings = _device_settings(device)
-    if base is None:
-        values: dict[str, Any] = {**DEFAULTS, **device_settings, "report_to": "none", "save_strategy": "no"}
-    else:
-        values = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init}
-        # derived in __post_init__: recomputed from the (possibly overridden) batch settings
-        if values.get("steps_per_generation") == base.gradient_accumulation_steps:
-            values["steps_per_generation"] = None
-        values["generation_batch_size"] = None
-        for name in ("bf16", "fp16"):
-            if values.get(name) and not device_settings[name]:
-                warnings.warn(
-                    f"grpo_config.{name}=True does not suit this device ({device}); using "
-                    f"bf16={device_settings['bf16']}, fp16={device_settings['fp16']} instead.",
-                    stacklevel=3,
-                )
-                values.update(bf16=device_settings["bf16"], fp16=device_settings["fp16"])
-    for name, value in flat.items():
-        if value is not None:
-            values[name] = value
-    values["output_dir"] = str(checkpoint_dir)
-    values["remove_unused_columns"] = False  # rewards read dataset columns (answer, tests, ...)
-    mismatch = group_size_error(
-        values["per_device_train_batch_size"],
-        values.get("steps_per_generation") or values["gradient_accumulation_steps"],
-        values["num_generations"],
-        processes=int(os.environ.get("WORLD_SIZE", "1")),  # accelerate launch / torchrun
-    )
-    if mismatch:
-        raise UsageError(mismatch)
-    try:
-        return GRPOConfig(**values)
+        check_tokenizer(tokenizer, inputs.train_data)
+        check_prompt_lengths(tokenizer, inputs.train_data, max_seq_length, args.max_completion_length)
     except ValueError as exc:
-        raise UsageError(f"invalid training settings: {exc}") from None
-
-
-def _resume_target(resume: bool | str, checkpoint_dir: Path) -> str | None:
-    if resume is False or resume is None:
-        return None
-    if resume is True:
-        found = last_complete_checkpoint(checkpoint_dir)
-        if found is None:
-            warnings.warn(
-                f"resume=True but {checkpoint_dir} has no complete checkpoint; starting from scratch.",
-                stacklevel=3,
-            )
-        return found
-    path = Path(resume)
-    if (path / "trainer_state.json").is_file():
-        return str(path)
-    found = last_complete_checkpoint(path)
-    if found is None:
-        raise UsageError(
-            f"resume={str(resume)!r} is neither a complete checkpoint (no trainer_state.json) nor a folder with one; "
-            "pass resume=True to pick the last complete checkpoint of this run."
-        )
-    return found
-
-
-# ------------------------------------------------------------------------------------------ evaluation
-
-
-def _render_prompt(tokenizer: Any, prompt: Any) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
-
-
-def _evaluate_with_reward(
-    model: Any,
-    tokenizer: Any,
-    rows: list[dict[str, Any]],
-    reward: Any,
-    *,
-    max_new_tokens: int,
-    batch_size: int,
-) -> float | None:
-    """Greedy completions for `rows`, scored by `reward`: the mean score (None-scored rows skipped)."""
-    import torch
-
-    from .rewards.protocol import CheckedReward
-
-    checked = CheckedReward(reward)
-    was_training, padding_side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"
-    scores: list[float] = []
-    try:
-        device = next(model.parameters()).device
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start : start + batch_size]
-            texts = [_render_prompt(tokenizer, row["prompt"]) for row in batch]
-            chat = not isinstance(batch[0]["prompt"], str)
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
-            with torch.no_grad():
-                out = model.generate(
-                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
-                )
-            completion_ids = out[:, enc["input_ids"].shape[1] :]
-            decoded = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
-            completions = [[{"role": "assistant", "content": t}] for t in decoded] if chat else decoded
-            columns = {k: [row[k] for row in batch] for k in batch[0] if k != "prompt"}
-            values = checked(
-                prompts=[row["prompt"] for row in batch],
-                completions=completions,
-                completion_ids=completion_ids.tolist(),
-                **columns,
-            )
-            scores.extend(v for v in values if v is not None)
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
-    return sum(scores) / len(scores) if scores else None
-
-
-def _evaluate(
-    model: Any, tokenizer: Any, rows: list[dict[str, Any]], reward: Any, **kwargs: Any
-) -> float | None:
-    if not rows:
-        return None
-    from .bootstrap import current_backend
-
-    unsloth = (current_backend() or bootstrap()).name == "unsloth"
-    if unsloth:
-        from unsloth import FastLanguageModel
-
-        FastLanguageModel.for_inference(model)
-    try:
-        from .tasks.addition import AdditionReward, evaluate
-
-        if isinstance(reward, AdditionReward):  # the task's own greedy-accuracy helper
-            return evaluate(model, tokenizer, rows, **kwargs)
-        return _evaluate_with_reward(model, tokenizer, rows, reward, **kwargs)
-    finally:
-        if unsloth:
-            FastLanguageModel.for_training(model)
-
-
-# ------------------------------------------------------------------------------------------ outputs
-
-
-def _plot_rewards(
-    history: Sequence[dict[str, Any]], path: Path, before: float | None, after: float | None
-) -> str | None:
-    """Reward (and SDPO distillation loss) per step as a PNG; None with a warning without matplotlib."""
-    if importlib.util.find_spec("matplotlib") is None:
-        warnings.warn(
-            "matplotlib is not installed, so no reward curve was drawn: pip install matplotlib", stacklevel=3
-        )
-        return None
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    def series(key: str) -> tuple[list[int], list[float]]:
-        points = [
-            (e["step"], e[key])
-            for e in history
-            if key in e and "step" in e and isinstance(e[key], int | float)
-        ]
-        return [p[0] for p in points], [float(p[1]) for p in points]
-
-    steps, reward = series("reward")
-    loss_steps, loss = series("sdpo/distill_loss")
-    figure = Figure(figsize=(8, 3.2 if not loss else 5.6), dpi=100)
-    FigureCanvasAgg(figure)
-    axes = figure.subplots(2 if loss else 1, 1, sharex=True, squeeze=False)[:, 0]
-    axes[0].plot(steps, reward, marker="o", markersize=3, label="train reward (sampled completions)")
-    for value, label, style in (
-        (before, "held-out before (greedy)", ":"),
-        (after, "held-out after (greedy)", "--"),
-    ):
-        if value is not None:
-            axes[0].axhline(
-                value,
-                linestyle=style,
-                color="gray" if style == ":" else "black",
-                label=f"{label}: {value:.3f}",
-            )
-    axes[0].set_ylabel("reward")
-    axes[0].legend(loc="best", fontsize=8)
-    axes[0].set_title("SDPO training")
-    if loss:
-        axes[1].plot(loss_steps, loss, color="tab:red", marker="o", markersize=3)
-        axes[1].set_ylabel("sdpo/distill_loss")
-    axes[-1].set_xlabel("optimizer step")
-    figure.tight_layout()
-    figure.savefig(str(path))
-    return str(path)
-
-
-def _jsonable(value: Any) -> Any:
-    if isinstance(value, float) and not math.isfinite(value):
-        return str(value)
-    if isinstance(value, dict):
-        return {str(k): _jsonable(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_jsonable(v) for v in value]
-    if isinstance(value, str | int | float | bool) or value is None:
-        return value
-    return str(value)
-
-
-# ------------------------------------------------------------------------------------------ train
-
-
-_PROGRESS_KEYS = ("reward", "sdpo/distill_loss", "sdpo/frac_with_demo", "sdpo/frac_with_feedback", "loss")
+        raise UsageError(str(exc)) from None
+    return peft_model, tokenizer
 
 
 def _run_preflight(trainer: Any, data: Dataset, seed: int) -> Any:
@@ -545,31 +153,34 @@ def _run_preflight(trainer: Any, data: Dataset, seed: int) -> Any:
     return report
 
 
-def _use_compact_progress(trainer: Any) -> None:
-    """The progress bar, plus one short line about ten times per run instead of a log dict every step."""
-    from transformers import ProgressCallback
+def _export_all(
+    trainer: Any, tokenizer: Any, sdpo: SDPOConfig, output: Path, export_formats: Sequence[str], device: str
+) -> tuple[dict[str, str], str | None]:
+    """Every asked export of the trained student: {format: folder} and the GGUF file, if one was written."""
+    from .exporter import export
 
-    class CompactProgress(ProgressCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            every = max(1, state.max_steps // 10)
-            if self.training_bar is None or not logs or "reward" not in logs or state.global_step % every:
-                return
-            parts = [f"{k.removeprefix('sdpo/')} {logs[k]:.3g}" for k in _PROGRESS_KEYS if k in logs]
-            self.training_bar.write(f"step {state.global_step}: " + ", ".join(parts))
+    output.mkdir(parents=True, exist_ok=True)
+    if device == "cuda":  # room for the 16-bit copy that a merged export loads
+        import gc
 
-    from .rewards.protocol import CheckedReward
+        import torch
 
-    progress = CompactProgress()
+        gc.collect()
+        torch.cuda.empty_cache()
+    exports: dict[str, str] = {}
+    gguf_file = None
+    for fmt in dict.fromkeys(export_formats):
+        written = export(
+            trainer, output / _EXPORT_FOLDERS[fmt], format=fmt, tokenizer=tokenizer, sdpo_config=sdpo
+        )
+        exports[fmt] = written.output_dir
+        gguf_file = gguf_file or next(
+            (str(Path(written.output_dir) / f) for f in written.files if f.endswith(".gguf")), None
+        )
+    return exports, gguf_file
 
-    def slow_reward(name: str, seconds: float) -> None:  # a long reward call shows on the bar
-        if progress.training_bar is not None:
-            progress.training_bar.set_postfix_str("" if seconds < 0 else f"reward {name}: {seconds:.0f} s")
 
-    for reward in trainer._checked_rewards:
-        if isinstance(reward, CheckedReward):
-            reward.on_slow = slow_reward
-    trainer.remove_callback(ProgressCallback)
-    trainer.add_callback(progress)
+# ------------------------------------------------------------------------------------------ train
 
 
 def train(
@@ -686,19 +297,14 @@ def train(
     checkpoint_dir = (
         Path(checkpoint_dir).expanduser().resolve() if checkpoint_dir else output / CHECKPOINT_SUBDIR
     )
-    from .exporter import FORMATS
-
-    unknown = [f for f in export_formats if f not in FORMATS]
-    if unknown:
-        raise UsageError(f"`export_formats` may hold {', '.join(FORMATS)}; got {unknown}.")
-    if "gguf" in export_formats and importlib.util.find_spec("gguf") is None:
-        raise UsageError("export_formats has 'gguf', which needs the `gguf` package: pip install gguf")
+    _check_export_formats(export_formats)
     if eval_size is not None and eval_size < 0:
         raise UsageError(f"`eval_size` must be >= 0, got {eval_size}.")
     task_name = str(dataset) if _is_task(dataset) else None
     if max_completion_length is None and task_name and (grpo_config is None):
-        max_completion_length = _TASK_COMPLETION_LENGTH[_task_key(task_name)]
+        max_completion_length = task_completion_length(task_name)
 
+    # configs
     sdpo = _build_sdpo_config(
         sdpo_config,
         alpha=alpha,
@@ -732,60 +338,32 @@ def train(
         disable_tqdm=not progress,
     )
 
-    requested_eval = eval_size if eval_size is not None else 32
-    rows_needed = max(64, args.max_steps * _prompts_per_step(args)) + requested_eval
-    data, task = _resolve_dataset(dataset, rows_needed, args.seed)
-    reward_funcs = _resolve_rewards(rewards, task)
-    if eval_dataset is not None:
-        if eval_size is not None:
-            raise UsageError("pass `eval_size` (rows split off dataset) or `eval_dataset`, not both.")
-        if _is_task(eval_dataset):
-            raise UsageError(
-                f"`eval_dataset` must be held-out rows or a file, not the task name {eval_dataset!r}; leave it out "
-                "to split eval_size rows off the task."
-            )
-        held, _ = _resolve_dataset(eval_dataset, 0, args.seed, name="eval_dataset")
-        eval_rows, train_data = [held[i] for i in range(len(held))], data
-    else:
-        eval_rows, train_data = _split(
-            data, eval_size if eval_size is not None else min(32, len(data) // 4), args.seed
-        )
+    # inputs and folders
+    inputs = resolve_inputs(
+        dataset,
+        rewards,
+        eval_dataset,
+        eval_size,
+        rows_needed=max(64, args.max_steps * _prompts_per_step(args)),
+        seed=args.seed,
+    )
     resume_from = _resume_target(resume, checkpoint_dir)
-    for folder, what in ((output, "output_dir"), (checkpoint_dir, "checkpoint_dir")):
-        try:
-            check_writable(folder, what)
-        except ValueError as exc:
-            raise UsageError(str(exc)) from None
-    from .exporter import ExportError, check_output_dir
+    _check_folders(output, checkpoint_dir, export_formats)
 
-    folders = {"lora": "adapter", "merged_16bit": "merged", "gguf": "gguf"}
-    for fmt in export_formats:  # fail before training, not after it
-        try:
-            check_output_dir(output / folders[fmt])
-        except ExportError as exc:
-            raise UsageError(str(exc)) from None
-
-    from .model import load_model
-
-    use_4bit = chosen.device == "cuda" if load_in_4bit is None else load_in_4bit
-    peft_model, tokenizer = load_model(
+    # model and the "before" score
+    peft_model, tokenizer = _load_student(
         model,
-        load_in_4bit=use_4bit,
+        chosen,
+        args,
+        sdpo,
+        inputs,
+        load_in_4bit=load_in_4bit,
         max_seq_length=max_seq_length,
         lora_r=lora_r,
         lora_alpha=lora_alpha,
-        dtype="bf16" if args.bf16 else "fp16" if args.fp16 else None,
-        teacher_adapter=sdpo.teacher_adapter_name if sdpo.ema_teacher else None,
-        gradient_checkpointing=args.gradient_checkpointing,
-        backend=chosen.name,
-        seed=args.seed,
     )
-    try:
-        check_tokenizer(tokenizer, train_data)
-        check_prompt_lengths(tokenizer, train_data, max_seq_length, args.max_completion_length)
-    except ValueError as exc:
-        raise UsageError(str(exc)) from None
     eval_kwargs = {"max_new_tokens": args.max_completion_length, "batch_size": eval_batch_size}
+    reward = inputs.reward_funcs[0]
     # Under `accelerate launch` / torchrun every process trains; evaluation, export, the plot and the
     # summary happen once, on the main process.
     from accelerate import PartialState
@@ -795,24 +373,23 @@ def train(
     eval_started = time.monotonic()
     # A resumed run's starting point is the checkpoint, loaded by train(): its "before" is not measured.
     before = (
-        _evaluate(peft_model, tokenizer, eval_rows, reward_funcs[0], **eval_kwargs)
+        evaluate_model(peft_model, tokenizer, inputs.eval_rows, reward, **eval_kwargs)
         if main and not resume_from
         else None
     )
 
+    # run
     from .trainer import SDPOTrainer
 
     trainer = SDPOTrainer(
         model=peft_model,
-        reward_funcs=reward_funcs,
+        reward_funcs=inputs.reward_funcs,
         args=args,
         sdpo_config=sdpo,
         processing_class=tokenizer,
-        train_dataset=train_data,
+        train_dataset=inputs.train_data,
     )
-    if (
-        trainer.time_budget is not None
-    ):  # the budget counts from this call; keep time for the "after" evaluation
+    if trainer.time_budget is not None:  # the budget counts from this call; keep time for "after"
         trainer.time_budget.start = started
         trainer.time_budget.reserve_s = time.monotonic() - eval_started if before is not None else 0.0
         trainer.time_budget.after_stop_saves = len(export_formats)
@@ -822,7 +399,7 @@ def train(
         trainer.remove_callback(PrinterCallback)
     else:
         _use_compact_progress(trainer)
-    report = _run_preflight(trainer, train_data, args.seed) if preflight else None
+    report = _run_preflight(trainer, inputs.train_data, args.seed) if preflight else None
     outcome = trainer.train(resume_from_checkpoint=resume_from)
     budget = trainer.time_budget
     stopped = budget.summary(args.max_steps) if budget is not None and budget.stopped_at is not None else None
@@ -832,28 +409,15 @@ def train(
             "add --resume to the command to continue.",
             stacklevel=2,
         )
+
+    # evaluate and export (main process)
     trained = trainer.accelerator.unwrap_model(trainer.model)
-    after = _evaluate(trained, tokenizer, eval_rows, reward_funcs[0], **eval_kwargs) if main else None
+    after = evaluate_model(trained, tokenizer, inputs.eval_rows, reward, **eval_kwargs) if main else None
+    exports, gguf_file = _export_all(
+        trainer, tokenizer, sdpo, output, export_formats if main else (), chosen.device
+    )
 
-    from .exporter import export
-
-    output.mkdir(parents=True, exist_ok=True)
-    if chosen.device == "cuda":  # room for the 16-bit copy that a merged export loads
-        import gc
-
-        import torch
-
-        gc.collect()
-        torch.cuda.empty_cache()
-    exports: dict[str, str] = {}
-    gguf_file = None
-    for fmt in dict.fromkeys(export_formats) if main else ():
-        written = export(trainer, output / folders[fmt], format=fmt, tokenizer=tokenizer, sdpo_config=sdpo)
-        exports[fmt] = written.output_dir
-        gguf_file = gguf_file or next(
-            (str(Path(written.output_dir) / f) for f in written.files if f.endswith(".gguf")), None
-        )
-
+    # summary
     history = tuple(dict(entry) for entry in trainer.state.log_history)
     steps = [e for e in history if "reward" in e or "loss" in e]
     metrics = {**(steps[-1] if steps else {}), **outcome.metrics}
@@ -874,7 +438,10 @@ def train(
     )
     summary = {k: v for k, v in dataclasses.asdict(result).items() if k != "log_history"}
     summary.update(
-        model=model, dataset=task or type(dataset).__name__, eval_size=len(eval_rows), exports=exports
+        model=model,
+        dataset=inputs.task or type(dataset).__name__,
+        eval_size=len(inputs.eval_rows),
+        exports=exports,
     )
     summary["sdpo_config"] = sdpo.to_dict()
     summary["preflight"] = report.as_dict() if report is not None else None

@@ -1,4 +1,4 @@
-"""Import order and backend choice, decided in one place.
+"""Import order, backend, device and compute precision, decided in one place.
 
 Unsloth must be imported before trl, transformers and peft: it rewrites TRL's `GRPOTrainer` into a
 generated `UnslothGRPOTrainer` and rebinds `trl.GRPOTrainer`. A subclass created before that keeps
@@ -20,6 +20,10 @@ import os
 import sys
 import warnings
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 BACKENDS = ("auto", "unsloth", "transformers")
 _LATE_MODULES = ("trl", "transformers", "peft")
@@ -152,3 +156,47 @@ def bootstrap(backend: str | None = None) -> Backend:
 def current_backend() -> Backend | None:
     """The backend chosen so far in this process, or None before `bootstrap()`."""
     return _resolved
+
+
+# ------------------------------------------------------------------------------------------ precision
+
+
+def bf16_supported() -> bool:
+    """Whether the current CUDA device computes in bf16 (a T4 does not). Ask only when a GPU is present."""
+    import torch
+
+    return bool(torch.cuda.is_bf16_supported())
+
+
+def pick_dtype(device: str, requested: torch.dtype | str | None = None) -> torch.dtype:
+    """Compute dtype: bf16 on GPUs that have it, fp16 otherwise (T4), fp32 on CPU.
+
+    Asking for bf16 on a GPU without it (T4) warns and gives fp16.
+    """
+    import torch
+
+    if isinstance(requested, str):
+        names = {
+            "bf16": torch.bfloat16,
+            "bfloat16": torch.bfloat16,
+            "fp16": torch.float16,
+            "float16": torch.float16,
+            "fp32": torch.float32,
+            "float32": torch.float32,
+        }
+        if requested not in names:
+            raise ValueError(
+                f"`dtype` must be one of {', '.join(names)} or None (automatic), got {requested!r}."
+            )
+        requested = names[requested]
+    if device != "cuda":
+        return requested or torch.float32
+    bf16_ok = bf16_supported()
+    if requested == torch.bfloat16 and not bf16_ok:
+        warnings.warn(
+            f"bf16 was requested but {torch.cuda.get_device_name()} has no bf16 support (e.g. a T4); using fp16. "
+            "Set bf16=False, fp16=True in GRPOConfig.",
+            stacklevel=3,
+        )
+        return torch.float16
+    return requested or (torch.bfloat16 if bf16_ok else torch.float16)

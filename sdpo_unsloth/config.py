@@ -12,6 +12,8 @@ import re
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Literal
 
+from .adapters import TEACHER_ADAPTER
+
 TeacherMode = Literal["ema", "frozen", "live", "trust_region"]
 HybridMode = Literal["fixed", "per_group"]
 HYBRID_MODES: tuple[str, ...] = ("fixed", "per_group")
@@ -165,7 +167,7 @@ class SDPOConfig:
         metadata=_help("Tokens per chunk of [chunk x V] logits; lower it if the loss runs out of memory."),
     )
     teacher_adapter_name: str = field(
-        default="sdpo_teacher", metadata=_help("Name of the teacher LoRA adapter.")
+        default=TEACHER_ADAPTER, metadata=_help("Name of the teacher LoRA adapter.")
     )
     time_budget: float | str | None = field(
         default=None,

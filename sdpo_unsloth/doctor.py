@@ -11,6 +11,8 @@ from collections.abc import Sequence
 from importlib import metadata as importlib_metadata
 from typing import Any
 
+from .bootstrap import bf16_supported
+
 # The training stack, with the versions `tests/gpu` and the GPU benchmark passed with (H200 in fp16,
 # docs/benchmarks.md); `package_versions` reports these packages in this order.
 TESTED_GPU_STACK = {
@@ -54,7 +56,7 @@ def gpu_info() -> dict[str, Any] | None:
         "name": props.name,
         "memory_gib": props.total_memory / _GIB,
         "capability": f"{props.major}.{props.minor}",
-        "bf16": bool(torch.cuda.is_bf16_supported()),
+        "bf16": bf16_supported(),
         "count": torch.cuda.device_count(),
     }
 
@@ -203,20 +205,27 @@ def _load_config(model: str) -> Any:
         ) from None
 
 
-def doctor(
-    model: str | None = None,
-    *,
-    dtype: str = "auto",
-    per_device_train_batch_size: int = 4,
-    gradient_accumulation_steps: int = 2,
-    num_generations: int = 4,
-    prompt_length: int = 256,
-    max_completion_length: int = 128,
-    lora_r: int = 16,
-    load_in_4bit: bool = True,
-    gradient_checkpointing: bool = True,
-) -> str:
-    """The environment report of `sdpo-unsloth doctor`; call it in a notebook to check that process."""
+def doctor(model: str | None = None, *, dtype: str = "auto", **shape: Any) -> str:
+    """The environment report of `sdpo-unsloth doctor`; call it in a notebook to check that process.
+
+    Args:
+        model: a model folder, hub name or "embedded": adds a peak-VRAM estimate for it.
+        dtype: "auto", "bf16", "fp16" or "fp32".
+        **shape: the run's shape for that estimate, any of `estimate_vram`'s keyword arguments
+            (per_device_train_batch_size, prompt_length, max_completion_length, lora_r, load_in_4bit, ...);
+            its defaults where left out.
+    """
+    import inspect
+
+    defaults = {
+        name: p.default
+        for name, p in inspect.signature(estimate_vram).parameters.items()
+        if p.kind is p.KEYWORD_ONLY
+    }
+    unknown = sorted(set(shape) - set(defaults))
+    if unknown:
+        raise TypeError(f"doctor() got unknown settings {unknown}; it takes {', '.join(defaults)}.")
+    shape = {**defaults, **shape}
     from . import __version__
     from .bootstrap import current_backend, imported_too_early
 
@@ -262,22 +271,12 @@ def doctor(
     problems = known_problems(versions, gpu, dtype, early)
     lines += [f"WARNING: {p}" for p in problems] or ["no known problems"]
     if model:
-        estimate = estimate_vram(
-            _load_config(model),
-            per_device_train_batch_size=per_device_train_batch_size,
-            gradient_accumulation_steps=gradient_accumulation_steps,
-            num_generations=num_generations,
-            prompt_length=prompt_length,
-            max_completion_length=max_completion_length,
-            lora_r=lora_r,
-            load_in_4bit=load_in_4bit,
-            gradient_checkpointing=gradient_checkpointing,
-            dtype_bytes=4 if chosen in ("fp32", "float32") else 2,
-        )
+        shape["dtype_bytes"] = 4 if chosen in ("fp32", "float32") else 2
+        estimate = estimate_vram(_load_config(model), **shape)
         lines.append(
             f"peak VRAM estimate for {model} ({estimate['parameters'] / 1e6:.0f}M parameters, "
-            f"{'4-bit' if load_in_4bit else '16-bit'} base, batch {per_device_train_batch_size}, "
-            f"{prompt_length}+{max_completion_length} tokens): ~{estimate['peak'] / _GIB:.2f} GiB"
+            f"{'4-bit' if shape['load_in_4bit'] else '16-bit'} base, batch {shape['per_device_train_batch_size']}, "
+            f"{shape['prompt_length']}+{shape['max_completion_length']} tokens): ~{estimate['peak'] / _GIB:.2f} GiB"
         )
         for key in (
             "base_weights",

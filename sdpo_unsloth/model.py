@@ -7,49 +7,14 @@ the student). The teacher costs one adapter's worth of memory, never a copy of t
 
 from __future__ import annotations
 
-import copy
-import warnings
 from typing import Any
 
 import torch
 
-from .bootstrap import bootstrap
-from .teacher import adapter_parameter_count, copy_adapter
+from .adapters import TEACHER_ADAPTER, add_teacher_adapter
+from .bootstrap import bootstrap, pick_dtype
 
-STUDENT_ADAPTER = "default"
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-
-
-def pick_dtype(device: str, requested: torch.dtype | str | None = None) -> torch.dtype:
-    """Compute dtype: bf16 on GPUs that have it, fp16 otherwise (T4), fp32 on CPU.
-
-    Asking for bf16 on a GPU without it (T4) warns and gives fp16.
-    """
-    if isinstance(requested, str):
-        names = {
-            "bf16": torch.bfloat16,
-            "bfloat16": torch.bfloat16,
-            "fp16": torch.float16,
-            "float16": torch.float16,
-            "fp32": torch.float32,
-            "float32": torch.float32,
-        }
-        if requested not in names:
-            raise ValueError(
-                f"`dtype` must be one of {', '.join(names)} or None (automatic), got {requested!r}."
-            )
-        requested = names[requested]
-    if device != "cuda":
-        return requested or torch.float32
-    bf16_ok = torch.cuda.is_bf16_supported()
-    if requested == torch.bfloat16 and not bf16_ok:
-        warnings.warn(
-            f"bf16 was requested but {torch.cuda.get_device_name()} has no bf16 support (e.g. a T4); using fp16. "
-            "Set bf16=False, fp16=True in GRPOConfig.",
-            stacklevel=3,
-        )
-        return torch.float16
-    return requested or (torch.bfloat16 if bf16_ok else torch.float16)
 
 
 def default_lora_config(
@@ -68,36 +33,7 @@ def default_lora_config(
     )
 
 
-def add_teacher_adapter(model: Any, name: str = "sdpo_teacher") -> None:
-    """Add a frozen teacher adapter equal to the student adapter. Idempotent."""
-    from peft import PeftModel
-
-    if not isinstance(model, PeftModel):
-        raise TypeError(
-            f"the teacher adapter needs a PEFT model with a student adapter, got {type(model).__name__}. "
-            "Use sdpo_unsloth.load_model(...) or pass a LoRA `peft_config` to SDPOTrainer."
-        )
-    if STUDENT_ADAPTER not in model.peft_config:
-        raise ValueError(
-            f"the student adapter must be named '{STUDENT_ADAPTER}' (unsloth's vLLM sync assumes it); this model "
-            f"has adapters {list(model.peft_config)}."
-        )
-    if name not in model.peft_config:
-        config = copy.deepcopy(model.peft_config[STUDENT_ADAPTER])
-        config.inference_mode = True
-        config.lora_dropout = 0.0  # the teacher's targets are deterministic
-        model.add_adapter(name, config)
-        copy_adapter(model, STUDENT_ADAPTER, name)
-    model.set_adapter(STUDENT_ADAPTER)  # marks the student trainable; the teacher is frozen after it
-    marker = f".{name}."
-    for param_name, param in model.named_parameters():
-        if marker in param_name:
-            param.requires_grad_(False)
-    if adapter_parameter_count(model, name) != adapter_parameter_count(model, STUDENT_ADAPTER):
-        raise RuntimeError(f"teacher adapter '{name}' does not mirror the student adapter's tensors")
-
-
-def attach_lora(model: Any, peft_config: Any = None, *, teacher_adapter: str | None = "sdpo_teacher") -> Any:
+def attach_lora(model: Any, peft_config: Any = None, *, teacher_adapter: str | None = TEACHER_ADAPTER) -> Any:
     """Wrap a plain causal LM with the student LoRA (and the teacher adapter); pass PEFT models through."""
     from peft import PeftModel, get_peft_model
 
@@ -133,7 +69,7 @@ def load_model(
     lora_dropout: float = 0.0,
     target_modules: Any = None,
     dtype: torch.dtype | str | None = None,
-    teacher_adapter: str | None = "sdpo_teacher",
+    teacher_adapter: str | None = TEACHER_ADAPTER,
     gradient_checkpointing: bool = True,
     fast_inference: bool = False,
     gpu_memory_utilization: float = 0.5,

@@ -18,6 +18,10 @@ from collections.abc import Sequence
 from typing import Any
 
 
+class UsageError(ValueError):
+    """A bad argument to `train`; the message names the problem and the fix."""
+
+
 class InputError(ValueError):
     """A bad training input; the message names it and the fix."""
 

@@ -28,10 +28,12 @@ import tempfile
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
+from pathlib import Path
 from typing import Any
 
 from .bootstrap import bootstrap
 from .config import SDPOConfig
+from .preconditions import UsageError
 
 __all__ = ["NOTHING_TO_LEARN", "PreflightError", "PreflightReport", "preflight", "run_preflight"]
 
@@ -277,22 +279,23 @@ def preflight(
     Returns:
         A `PreflightReport`; `.summary()` is the text `sdpo-unsloth preflight` prints.
     """
-    from . import api
+    from .data import _resolve_dataset, _resolve_rewards, task_completion_length
+    from .train_config import _build_grpo_config
 
     if num_prompts < 1 or num_generations < 2:
-        raise api.UsageError(
+        raise UsageError(
             f"preflight needs num_prompts >= 1 and num_generations >= 2, got {num_prompts} and {num_generations}."
         )
     chosen = bootstrap(None if backend == "auto" else backend)
-    data, task = api._resolve_dataset(dataset, num_prompts, seed)
-    reward_funcs = api._resolve_rewards(rewards, task)
+    data, task = _resolve_dataset(dataset, num_prompts, seed)
+    reward_funcs = _resolve_rewards(rewards, task)
     if max_completion_length is None:
-        max_completion_length = api._TASK_COMPLETION_LENGTH.get(api._task_key(task), 128) if task else 128
+        max_completion_length = task_completion_length(task) or 128
     sdpo = sdpo_config if sdpo_config is not None else SDPOConfig()
     if isinstance(model, str):
         from .model import load_model
 
-        needs_teacher = sdpo.enabled and sdpo.teacher_mode == "ema"
+        needs_teacher = sdpo.ema_teacher
         model, tokenizer = load_model(
             model,
             load_in_4bit=chosen.device == "cuda" if load_in_4bit is None else load_in_4bit,
@@ -304,17 +307,17 @@ def preflight(
             seed=seed,
         )
     elif tokenizer is None:
-        raise api.UsageError("preflight got a loaded model without its tokenizer: pass tokenizer=...")
+        raise UsageError("preflight got a loaded model without its tokenizer: pass tokenizer=...")
     order = list(range(len(data)))
     random.Random(seed).shuffle(order)
     rows = [data[i] for i in sorted(order[:num_prompts])]
     from .trainer import SDPOTrainer
 
     with tempfile.TemporaryDirectory(prefix="sdpo-preflight-") as scratch:
-        args = api._build_grpo_config(
+        args = _build_grpo_config(
             None,
             chosen.device,
-            api.Path(scratch),
+            Path(scratch),
             max_steps=1,
             num_generations=num_generations,
             per_device_train_batch_size=num_generations,

@@ -1,42 +1,20 @@
-"""The teacher: its prompt (the "reprompt"), its demonstrations, and its LoRA adapter.
+"""The teacher's prompt (the "reprompt") and its demonstrations: pure text planning.
 
 SDPO's teacher is the same model shown more context: a successful sibling answer from the same
 prompt group, or the reward's feedback on the failed attempt (paper arXiv 2601.20802, SPEC §1).
 It scores the student's own completion tokens y unchanged; only the prompt differs.
 
-Teacher weights never copy the base model: `ema` keeps a second LoRA adapter on the same frozen
-base, `frozen` disables adapters (LoRA B starts at zero, so that is the initial policy), `live`
-uses the student adapter under no_grad, `trust_region` mixes frozen and live.
+Which weights score the reprompt (the teacher adapter, its switching and EMA update) is `adapters.py`.
 """
 
 from __future__ import annotations
 
 import re
-from collections.abc import Iterator, Sequence
-from contextlib import contextmanager
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
-import torch
-
 _THINK_BLOCK = re.compile(r"<think>.*?</think>\s*", flags=re.DOTALL)
-
-
-def completion_text(completion: Any) -> str:
-    """Text of one completion as TRL passes it: a string, or chat messages ending with the assistant turn.
-
-    >>> completion_text([{"role": "assistant", "content": "42"}])
-    '42'
-    >>> completion_text("42")
-    '42'
-    """
-    if isinstance(completion, str):
-        return completion
-    if isinstance(completion, list) and completion and isinstance(completion[-1], dict):
-        return str(completion[-1].get("content", ""))
-    raise TypeError(
-        f"expected a completion string or a list of chat messages, got {type(completion).__name__}"
-    )
 
 
 def strip_thinking(text: str) -> str:
@@ -197,109 +175,3 @@ def plan_reprompts(
             )
         )
     return plans
-
-
-# ----------------------------------------------------------------------------------------------
-# Adapter switching and the EMA update. These act on a PEFT model holding the student adapter
-# ("default") and the teacher adapter on one shared, frozen base.
-
-
-def _adapter_parameters(model: torch.nn.Module, adapter: str) -> dict[str, torch.nn.Parameter]:
-    marker = f".{adapter}."
-    return {
-        name: param
-        for name, param in model.named_parameters()
-        if marker in name and ("lora_" in name or "modules_to_save" in name)
-    }
-
-
-def adapter_parameter_count(model: torch.nn.Module, adapter: str) -> int:
-    return sum(p.numel() for p in _adapter_parameters(model, adapter).values())
-
-
-def _active_adapter(model: Any) -> str:
-    active = model.active_adapter
-    return active if isinstance(active, str) else active[0]
-
-
-@contextmanager
-def adapter_scope(model: Any, adapter: str | None) -> Iterator[None]:
-    """Run a block with `adapter` active (None = adapters disabled), then restore the student exactly.
-
-    PEFT's `set_adapter` also marks the adapter trainable; this restores the active adapter *and*
-    every parameter's `requires_grad`, also when the block raises. Use it under `torch.no_grad()`.
-    """
-    previous = _active_adapter(model)
-    flags = {name: p.requires_grad for name, p in model.named_parameters()}
-    try:
-        if adapter is None:
-            with model.disable_adapter():
-                yield
-        else:
-            model.set_adapter(adapter)
-            yield
-    finally:
-        if _active_adapter(model) != previous:
-            model.set_adapter(previous)
-        for name, param in model.named_parameters():
-            if param.requires_grad != flags[name]:
-                param.requires_grad_(flags[name])
-
-
-@contextmanager
-def dropout_off(model: torch.nn.Module) -> Iterator[None]:
-    """Run a block with every dropout module in eval mode (identity), then restore each module's mode.
-
-    The teacher's log-probs are targets: a user's `lora_dropout > 0` must not add noise to them. Only
-    dropout modules change mode, so the rest of the model (and unsloth's training-mode paths) stays as is.
-    """
-    modules = [
-        m for m in model.modules() if isinstance(m, torch.nn.modules.dropout._DropoutNd) and m.training
-    ]
-    try:
-        for module in modules:
-            module.train(False)
-        yield
-    finally:
-        for module in modules:
-            module.train(True)
-
-
-def adapter_is_initial(model: torch.nn.Module, adapter: str) -> bool:
-    """True when every LoRA B of `adapter` is zero: the adapter adds nothing, so disabling it is exact."""
-    params = _adapter_parameters(model, adapter)
-    if any("modules_to_save" in name for name in params):
-        return False  # trained copies of whole modules: disabling the adapter is not the initial policy
-    tensors = [p for name, p in params.items() if "lora_B" in name]
-    return bool(tensors) and all(not bool(p.detach().any()) for p in tensors)
-
-
-def copy_adapter(model: torch.nn.Module, source: str, target: str) -> None:
-    """Set every tensor of adapter `target` equal to the matching tensor of `source`."""
-    src = _adapter_parameters(model, source)
-    dst = _adapter_parameters(model, target)
-    with torch.no_grad():
-        for name, param in src.items():
-            dst[name.replace(f".{source}.", f".{target}.")].copy_(param)
-
-
-@torch.no_grad()
-def ema_update(model: torch.nn.Module, *, teacher: str, student: str, rate: float) -> float:
-    """teacher <- (1 - rate) * teacher + rate * student, over adapter tensors only.
-
-    Returns the update's size, ||Δteacher||_2 over all adapter tensors (a logged metric).
-    """
-    src = _adapter_parameters(model, student)
-    dst = _adapter_parameters(model, teacher)
-    if not src or len(src) != len(dst):
-        raise RuntimeError(
-            f"EMA needs matching LoRA tensors for adapters '{student}' and '{teacher}'; found {len(src)} and "
-            f"{len(dst)}. Load the model with sdpo_unsloth.load_model or let SDPOTrainer attach the adapters."
-        )
-    squared = 0.0
-    for name, param in src.items():
-        target = dst[name.replace(f".{student}.", f".{teacher}.")]
-        delta = (param.detach().to(target.dtype) - target) * rate
-        target.add_(delta)
-        squared += float(delta.float().pow(2).sum())
-    return squared**0.5

@@ -6,18 +6,14 @@ Importing this module runs `bootstrap()` first, so the class below subclasses wh
     _generate_and_score_completions  + teacher prompts, demonstrations, feedback, sample mask
     compute_loss / _compute_loss     SDPO distillation (chunked top-K), optional GRPO blend; both,
                                      since unsloth's compute_loss never calls _compute_loss
-    _save / _save_checkpoint / _load_from_checkpoint
-                                     the teacher adapter lives in checkpoints, never in exports;
-                                     checkpoints are staged and renamed (`checkpoints.AtomicCheckpoints`)
-A callback refuses optimizer steps on non-finite gradients and applies the EMA teacher update
-after every real optimizer step.
+    get_batch_samples / training_step  the step's window; its bookkeeping is the `steps.StepStats` mixin
+Checkpoint hooks (the teacher adapter in checkpoints, never in exports) and the EMA/non-finite-step
+callback are `teacher_state`; atomic checkpoints are `checkpoints.AtomicCheckpoints`.
 """
 
 from __future__ import annotations
 
 import math
-import os
-import warnings
 from typing import Any
 
 from .bootstrap import bootstrap
@@ -28,129 +24,22 @@ import torch  # noqa: E402
 import trl  # noqa: E402
 from accelerate.utils import gather_object  # noqa: E402
 from torch import nn  # noqa: E402
-from transformers import TrainerCallback  # noqa: E402
 
 from . import loss as sdpo_loss  # noqa: E402
+from .adapters import adapter_scope, dropout_off  # noqa: E402
 from .budget import TimeBudget  # noqa: E402
 from .checkpoints import AtomicCheckpoints  # noqa: E402
 from .config import SDPOConfig  # noqa: E402
 from .diagnostics import diagnostic_callbacks  # noqa: E402
-from .faults import fault_point  # noqa: E402
 from .heads import OutputHead, check_output_head, output_head  # noqa: E402
-from .model import STUDENT_ADAPTER, add_teacher_adapter, attach_lora  # noqa: E402
 from .preconditions import check_trainer_inputs  # noqa: E402
 from .rewards.protocol import CheckedReward, checked_reward, combine_feedback  # noqa: E402
-from .teacher import (  # noqa: E402
-    Reprompt,
-    adapter_is_initial,
-    adapter_scope,
-    build_reprompt,
-    copy_adapter,
-    dropout_off,
-    ema_update,
-    plan_reprompts,
-)
-
-# Inside each checkpoint, as a file: a sub-folder holding adapter_model.safetensors would make the
-# Trainer load only sub-folder adapters on resume and skip the student at the checkpoint's root.
-TEACHER_FILE = "sdpo_teacher.safetensors"
+from .steps import StepStats, align_old_logps  # noqa: E402
+from .teacher import Reprompt, build_reprompt, plan_reprompts  # noqa: E402
+from .teacher_state import TeacherState, _prepare_model, _TeacherCallback  # noqa: E402
 
 
-class _TeacherCallback(TrainerCallback):
-    """Refuses non-finite optimizer steps; moves the EMA teacher after each real one."""
-
-    def __init__(self, trainer: Any):
-        self.trainer = trainer
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        trainer = self.trainer
-        if trainer.sdpo_config.enabled and trainer._sdpo_loss_calls == 0:
-            mro = type(trainer).__mro__
-            base = mro[mro.index(_SDPOMixin) + 1].__name__
-            raise RuntimeError(
-                f"the SDPO loss did not run before the first optimizer step: the base trainer ({base}) computed "
-                "its own loss without calling SDPOTrainer.compute_loss, "
-                "so this would be plain GRPO. Nothing was updated. This unsloth/TRL version changed how the loss is "
-                "called; `sdpo-unsloth doctor` prints the versions: pin the tested ones or report it."
-            )
-        if trainer.accelerator.scaler is not None:
-            return  # fp16: the grad scaler skips overflowing steps itself
-        grads = [p.grad for p in trainer.model.parameters() if p.grad is not None]
-        if grads and not torch.isfinite(torch.stack([g.detach().float().norm() for g in grads])).all():
-            raise FloatingPointError(
-                f"non-finite gradient at step {state.global_step + 1}: the optimizer step was refused and nothing was "
-                "saved. Usual causes: a learning rate too high, fp16 overflow without a grad scaler, or a reward "
-                "that returned inf/NaN. Lower learning_rate or resume from the last checkpoint."
-            )
-
-    def on_optimizer_step(self, args, state, control, **kwargs):
-        trainer = self.trainer
-        cfg = trainer.sdpo_config
-        if not cfg.ema_teacher:
-            return
-        if trainer.accelerator.optimizer_step_was_skipped:
-            trainer._metrics["train"]["sdpo/teacher_update_skipped"].append(1.0)
-            return
-        size = ema_update(
-            trainer._peft_model(),
-            teacher=cfg.teacher_adapter_name,
-            student=STUDENT_ADAPTER,
-            rate=cfg.teacher_update_rate,
-        )
-        trainer._metrics["train"]["sdpo/teacher_update_norm"].append(size)
-
-
-def _prepare_model(model: Any, cfg: SDPOConfig, peft_config: Any) -> tuple[Any, str | None]:
-    """Student LoRA `default` on one shared base, plus the teacher adapter when the mode needs one.
-
-    Returns the PEFT model and the teacher adapter's name (None when the teacher needs no adapter):
-    `ema` always keeps one; `frozen` and `trust_region` keep a frozen copy of the student adapter as
-    loaded when it is already trained (else disabling the adapter is the initial policy, for free).
-    """
-    if isinstance(model, str):
-        raise TypeError(
-            "SDPOTrainer needs a loaded model; got the string "
-            f"{model!r}. Load it with `model, tokenizer = sdpo_unsloth.load_model({model!r})`, or use "
-            "sdpo_unsloth.train(model=...) which loads it for you."
-        )
-    model = attach_lora(model, peft_config, teacher_adapter=None)
-    name = cfg.teacher_adapter_name
-    if not cfg.enabled or cfg.teacher_mode == "live":
-        return model, None
-    if cfg.teacher_mode == "ema" or not adapter_is_initial(model, STUDENT_ADAPTER):
-        add_teacher_adapter(model, name)
-        return model, name
-    return model, None
-
-
-def _token_count(batch: dict[str, Any]) -> tuple[float, float]:
-    """(sequences with a teacher, sequences with at least one completion token) of one micro-batch."""
-    has_tokens = batch["completion_mask"].sum(dim=1) > 0
-    return float(((batch["sdpo_sample_mask"] > 0) & has_tokens).sum()), float(has_tokens.sum())
-
-
-def align_old_logps(old: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
-    """`old_per_token_logps` as [B, L], one value per completion token.
-
-    TRL stores them as [B, L]. Unsloth's GRPO computes them on left-packed rows (prompt padding moved to
-    the right) over the last L + max_left_pad positions, and returns `max_left_pad`: completion token j of
-    a row with p prompt pads sits at column max_left_pad - p + j there.
-    """
-    length = inputs["completion_ids"].size(1)
-    if old.shape[1] == length:
-        return old
-    if "max_left_pad" in inputs and old.shape[1] > length:
-        max_left_pad = int(inputs["max_left_pad"].reshape(-1)[0])
-        prompt_pads = (inputs["prompt_mask"] == 0).sum(dim=1)  # [B]
-        columns = (max_left_pad - prompt_pads)[:, None] + torch.arange(length, device=old.device)  # [B, L]
-        return old.gather(1, columns.clamp(0, old.shape[1] - 1))
-    raise RuntimeError(
-        f"old_per_token_logps has shape {tuple(old.shape)} for completions of length {length}: this layout is "
-        "not known to SDPOTrainer. `sdpo-unsloth doctor` prints the versions: pin the tested ones or report it."
-    )
-
-
-class _SDPOMixin:
+class _SDPOMixin(StepStats, TeacherState):
     sdpo_config: SDPOConfig
 
     def __init__(
@@ -319,76 +208,6 @@ class _SDPOMixin:
         self._sdpo_window = (self._step, num_batches)
         return super().get_batch_samples(epoch_iterator, num_batches, device)
 
-    def _window_counts(self, inputs: dict[str, Any]) -> tuple[float, float]:
-        """The (teacher, non-empty) sequence counts this micro-batch's loss is divided by.
-
-        In training, the counts of the optimizer step's micro-batches that come from the same generation
-        batch as this one (TRL buffers them all), times the number of generation batches the step spans:
-        the step's loss is then the mean over its sequences whatever the split into micro-batches. The
-        Trainer does not divide by the accumulation steps (GRPOTrainer sets `compute_loss_func`).
-        """
-        buffered = getattr(self, "_buffered_inputs", None) or []
-        if not self.model.training or not any(batch is inputs for batch in buffered):
-            return self._across_processes(*_token_count(inputs))  # evaluation, or a direct call
-        per_generation = self.args.steps_per_generation
-        every = per_generation * self.num_iterations
-        accumulation = getattr(
-            self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
-        )
-        start, size = self._sdpo_window or (self._step - self._step % accumulation, accumulation)
-        window = range(start, start + size)
-        same = [m for m in window if m // every == self._step // every]
-        generations = len({m // every for m in window})
-        counts = [_token_count(buffered[m % per_generation]) for m in same]
-        return self._across_processes(
-            sum(c[0] for c in counts) * generations, sum(c[1] for c in counts) * generations
-        )
-
-    def _across_processes(self, teacher: float, sequences: float) -> tuple[float, float]:
-        """Counts of all processes, divided by their number: the gradient is averaged over processes."""
-        processes = self.accelerator.num_processes
-        if processes == 1:
-            return teacher, sequences
-        total = self.accelerator.reduce(
-            torch.tensor([teacher, sequences], device=self.accelerator.device), reduction="sum"
-        )
-        return float(total[0]) / processes, float(total[1]) / processes
-
-    def _stat_names(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
-        """(token-mean metrics, step-sum metrics) of this configuration, the same on every process."""
-        cfg = self.sdpo_config
-        means = ["sdpo/distill_loss"]
-        if cfg.is_clip is not None:
-            means.append("sdpo/is_clip_frac")
-        if not cfg.sampled_token:
-            means.append("sdpo/teacher_student_kl")
-        return tuple(means), ("sdpo/grpo_loss",) if cfg.grpo_weight > 0 else ()
-
-    def _add_stat(self, name: str, total: float, count: float = 0.0) -> None:
-        """Accumulate a metric over the optimizer step: a token mean (sum and count) or a step sum."""
-        entry = self._sdpo_stats.setdefault(name, [0.0, 0.0])
-        entry[0] += total
-        entry[1] += count
-
-    def _end_micro_batch(self, mode: str) -> None:
-        """After the step's last micro-batch, log each metric once: per optimizer step, split-independent,
-        over all processes (summed there, so every process logs the same value)."""
-        window = self._sdpo_window
-        if mode == "train" and window is not None and self._step < window[0] + window[1] - 1:
-            return
-        means, sums = self._stat_names()
-        names = means + sums
-        values = torch.tensor([v for name in names for v in self._sdpo_stats.get(name, (0.0, 0.0))])
-        if self.accelerator.num_processes > 1:
-            values = self.accelerator.reduce(values.to(self.accelerator.device), reduction="sum").cpu()
-        for i, name in enumerate(names):
-            total, count = float(values[2 * i]), float(values[2 * i + 1])
-            if name in sums:  # a sum of per-process shares of one loss: their mean over processes
-                self._metrics[mode][name].append(total / self.accelerator.num_processes)
-            elif count > 0:
-                self._metrics[mode][name].append(total / count)
-        self._sdpo_stats = {}
-
     def training_step(
         self, model: Any, inputs: dict[str, Any], num_items_in_batch: Any = None
     ) -> torch.Tensor:
@@ -402,24 +221,6 @@ class _SDPOMixin:
         ):
             self._average_gradients()
         return loss
-
-    @torch.no_grad()
-    def _average_gradients(self) -> None:
-        """Mean of the trainable gradients over processes, before clipping and the optimizer step.
-
-        The SDPO loss runs the decoder of the unwrapped model (it needs hidden states, not [B, T, V]
-        logits), so DDP's own gradient hooks never arm; the LoRA gradients are averaged here instead.
-        """
-        params = [p for p in self._peft_model().parameters() if p.requires_grad]
-        flat = torch.cat(
-            [(p.grad if p.grad is not None else torch.zeros_like(p)).reshape(-1) for p in params]
-        )
-        flat = self.accelerator.reduce(flat, reduction="mean")
-        offset = 0
-        for param in params:
-            size = param.numel()
-            param.grad = flat[offset : offset + size].view_as(param).to(param.dtype).clone()
-            offset += size
 
     # ------------------------------------------------------------------ hooks
 
@@ -685,65 +486,6 @@ class _SDPOMixin:
             }
         self._end_micro_batch(mode)
         return loss
-
-    # ------------------------------------------------------------------ checkpoints
-
-    def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
-        """Save the student adapter only: the teacher is training state, not the model."""
-        from peft import PeftModel
-
-        model = self._peft_model()
-        if not isinstance(model, PeftModel):
-            return super()._save(output_dir, state_dict)
-        output_dir = output_dir or self.args.output_dir
-        os.makedirs(output_dir, exist_ok=True)
-        model.save_pretrained(output_dir, selected_adapters=[STUDENT_ADAPTER])
-        if self.processing_class is not None:
-            self.processing_class.save_pretrained(output_dir)
-        torch.save(self.args, os.path.join(output_dir, "training_args.bin"))
-
-    def _save_checkpoint(self, model: Any, trial: Any) -> None:
-        if self._teacher_adapter is not None and self.args.should_save:
-            # Written before the Trainer's files: trainer_state.json stays the last file of a complete checkpoint.
-            from peft.utils import get_peft_model_state_dict
-            from safetensors.torch import save_file
-
-            folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
-            os.makedirs(folder, exist_ok=True)
-            state = get_peft_model_state_dict(self._peft_model(), adapter_name=self._teacher_adapter)
-            save_file(
-                {k: v.detach().contiguous().cpu() for k, v in state.items()},
-                os.path.join(folder, TEACHER_FILE),
-            )
-            fault_point("save", self.state.global_step)  # test hook: a kill mid-save
-        super()._save_checkpoint(model, trial)
-
-    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
-        super()._load_from_checkpoint(resume_from_checkpoint, model)
-        teacher = self._teacher_adapter
-        if teacher is None:
-            return
-        path = os.path.join(resume_from_checkpoint, TEACHER_FILE)
-        peft_model = self._peft_model()
-        if os.path.exists(path):
-            from peft.utils import set_peft_model_state_dict
-            from safetensors.torch import load_file
-
-            result = set_peft_model_state_dict(peft_model, load_file(path), adapter_name=teacher)
-            unexpected = getattr(result, "unexpected_keys", [])
-            if unexpected:
-                raise RuntimeError(
-                    f"teacher adapter in {path} does not match this model: unexpected keys {unexpected[:3]}"
-                )
-        else:
-            warnings.warn(
-                f"{resume_from_checkpoint} has no teacher adapter ({TEACHER_FILE}); the "
-                f"{'EMA' if self.sdpo_config.ema_teacher else 'initial-policy'} teacher restarts from the resumed "
-                "student.",
-                stacklevel=2,
-            )
-            copy_adapter(peft_model, STUDENT_ADAPTER, teacher)
-        add_teacher_adapter(peft_model, teacher)  # re-freeze, keep the student active
 
 
 SDPOTrainer = type(

@@ -14,8 +14,8 @@ from test_trainer import adapter_tensors, make_trainer
 from transformers import TrainerCallback
 
 from sdpo_unsloth import SDPOConfig
+from sdpo_unsloth.adapters import adapter_scope
 from sdpo_unsloth.model import attach_lora
-from sdpo_unsloth.teacher import adapter_scope
 
 TEACHER = "sdpo_teacher"
 

@@ -13,18 +13,11 @@ from conftest import make_tiny_model, make_tiny_tokenizer
 from safetensors.torch import load_file
 
 from sdpo_unsloth import SDPOConfig, train
-from sdpo_unsloth.api import (
-    TrainResult,
-    UsageError,
-    _build_grpo_config,
-    _build_sdpo_config,
-    _device_settings,
-    _evaluate_with_reward,
-    _plot_rewards,
-    _resolve_dataset,
-    _resolve_rewards,
-    last_complete_checkpoint,
-)
+from sdpo_unsloth.api import TrainResult, UsageError, last_complete_checkpoint
+from sdpo_unsloth.data import _resolve_dataset, _resolve_rewards
+from sdpo_unsloth.evaluate import evaluate_with_reward
+from sdpo_unsloth.report import _plot_rewards
+from sdpo_unsloth.train_config import _build_grpo_config, _build_sdpo_config, _device_settings
 
 TINY = {  # 2 optimizer steps of 4 completions (1 prompt x 4 generations), 6 new tokens, no progress bar
     "max_steps": 2,
@@ -261,7 +254,7 @@ def test_generic_evaluation_scores_greedy_completions_with_the_first_reward():
         return [float(len(c) <= t) for c, t in zip(completions, target, strict=True)]
 
     data = [{"prompt": f"{i}+{i}=", "target": 100 if i % 2 else -1} for i in range(5)]  # plain-text prompts
-    score = _evaluate_with_reward(model, tokenizer, data, length_reward, max_new_tokens=3, batch_size=2)
+    score = evaluate_with_reward(model, tokenizer, data, length_reward, max_new_tokens=3, batch_size=2)
     assert score == pytest.approx(2 / 5)  # odd rows pass, even rows cannot
     assert len(seen) == 5 and all(isinstance(c, str) for c in seen)
     assert tokenizer.padding_side == "right" and model.training  # restored

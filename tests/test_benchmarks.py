@@ -31,7 +31,7 @@ def test_gpu_step_tiny_records_grpo_and_sdpo(tmp_path):
     """`gpu_step.py --tiny` runs both trainers through a stage child and writes one result per run, with
     per-step times, compile counts and (SDPO only) the distillation loss that proves the SDPO loss ran."""
     out = tmp_path / "out"
-    _run("gpu_step.py", "--tiny", "--out", str(out), "--budget", "300", cwd=tmp_path)
+    _run("speed/gpu_step.py", "--tiny", "--out", str(out), "--budget", "300", cwd=tmp_path)
     results = json.loads((out / "gpu_step.json").read_text())["results"]
     by_run = {r["run"]: r for r in results}
     assert set(by_run) == {"grpo", "sdpo"}, [r.get("status") for r in results]
@@ -49,7 +49,7 @@ def test_gpu_step_tiny_records_grpo_and_sdpo(tmp_path):
 def test_compile_count_emulation_separates_the_teacher_grad_mode(tmp_path):
     """The emulated regional compile: new graphs only in the first steps, and only SDPO (whose teacher
     forward runs under no_grad) recompiles on the grad mode."""
-    proc = _run("compile_count.py", "--steps", "3", cwd=tmp_path)
+    proc = _run("investigations/compile_count.py", "--steps", "3", cwd=tmp_path)
     lines = {
         line.split(":", 1)[0]: line
         for line in proc.stdout.splitlines()

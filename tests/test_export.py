@@ -10,8 +10,9 @@ import torch
 from conftest import make_tiny_model, make_tiny_tokenizer
 from safetensors.torch import load_file
 
+from sdpo_unsloth.adapters import add_teacher_adapter
 from sdpo_unsloth.exporter import LOGITS_ATOL, LOGITS_RTOL, METADATA_FILE, ExportError, export
-from sdpo_unsloth.model import add_teacher_adapter, attach_lora, default_lora_config
+from sdpo_unsloth.model import attach_lora, default_lora_config
 
 TEACHER = "sdpo_teacher"
 FP32_ATOL, FP32_RTOL = 1e-4, 1e-4  # merged vs adapter logits in fp32: summation order only
@@ -201,7 +202,7 @@ def _tiny_llama_dir(tmp_path):
 def test_gguf_llama_layout_and_a_wrong_conversion_is_refused(tmp_path, monkeypatch):
     """`llama` GGUFs store q/k rows in pairwise rotary order: with the reordering, f32 logits match exactly;
     without it (a broken writer) the check refuses the file and writes nothing."""
-    from sdpo_unsloth import gguf_writer
+    from sdpo_unsloth.exporter import gguf_writer
 
     model = trained_like_model(_tiny_llama_dir(tmp_path))
     result = export(
@@ -241,7 +242,7 @@ def test_k_quants_without_unsloth_say_how(tmp_path, tiny_model_dir):
 def test_gguf_writer_refuses_what_it_cannot_convert(tmp_path):
     from types import SimpleNamespace
 
-    from sdpo_unsloth.gguf_writer import GGUFExportError, write_gguf
+    from sdpo_unsloth.exporter.gguf_writer import GGUFExportError, write_gguf
 
     config = SimpleNamespace(model_type="gpt2")
     with pytest.raises(GGUFExportError, match=r"'gpt2'.*merged_16bit.*convert_hf_to_gguf"):
@@ -251,7 +252,7 @@ def test_gguf_writer_refuses_what_it_cannot_convert(tmp_path):
 
 
 def test_gguf_pre_tokenizer_names_and_the_unknown_case(tmp_path):
-    from sdpo_unsloth.gguf_writer import pre_tokenizer_name
+    from sdpo_unsloth.exporter.gguf_writer import pre_tokenizer_name
 
     assert pre_tokenizer_name("qwen2", 151936) == "qwen2"
     assert pre_tokenizer_name("llama", 49152) == "smollm"
@@ -315,7 +316,7 @@ def test_quantization_settings_with_torch_dtypes_rebuild_a_bnb_config():
 
     from transformers import BitsAndBytesConfig
 
-    from sdpo_unsloth.exporter import _quantization_of
+    from sdpo_unsloth.exporter.source import _quantization_of
 
     config = SimpleNamespace(
         quantization_config={

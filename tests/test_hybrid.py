@@ -11,8 +11,8 @@ from test_alignment import row_logps
 from test_trainer import adapter_tensors, first_inputs, make_trainer
 
 from sdpo_unsloth import SDPOConfig
+from sdpo_unsloth.adapters import adapter_scope
 from sdpo_unsloth.loss import divergence
-from sdpo_unsloth.teacher import adapter_scope
 
 
 class PartialCredit:

@@ -8,7 +8,6 @@ import math
 import pytest
 import torch
 
-from sdpo_unsloth import loss as loss_module
 from sdpo_unsloth.loss import (
     DistillTerms,
     append_tail,
@@ -20,6 +19,7 @@ from sdpo_unsloth.loss import (
     sampled_token_surrogate,
     sequence_mean_loss,
 )
+from sdpo_unsloth.loss import chunked as loss_module
 
 ALPHAS = [0.0, 0.3, 0.5, 1.0]
 

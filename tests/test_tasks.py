@@ -6,7 +6,8 @@ import json
 
 import pytest
 
-from sdpo_unsloth.api import UsageError, _resolve_dataset, _resolve_rewards
+from sdpo_unsloth.api import UsageError
+from sdpo_unsloth.data import _resolve_dataset, _resolve_rewards
 from sdpo_unsloth.tasks.gym import GymReward, gym_dataset, parse_gym_name
 from sdpo_unsloth.tasks.humaneval import HumanEvalReward, convert_check, humaneval_tasks
 

@@ -11,9 +11,9 @@ from datasets import Dataset
 from trl import GRPOConfig, GRPOTrainer
 
 from sdpo_unsloth import SDPOConfig, SDPOTrainer
+from sdpo_unsloth.adapters import adapter_parameter_count, adapter_scope
 from sdpo_unsloth.model import default_lora_config
 from sdpo_unsloth.rewards import RewardError
-from sdpo_unsloth.teacher import adapter_parameter_count, adapter_scope
 
 TEACHER = "sdpo_teacher"
 

@@ -27,6 +27,7 @@ from functools import lru_cache
 from typing import Any, Literal
 
 from ..sandbox import Check, CheckResult, Isolation, Job, Limits, Sandbox, SandboxResult, Status
+from .protocol import completion_text
 
 __all__ = [
     "NO_CODE_FEEDBACK",
@@ -44,25 +45,6 @@ _FENCE = re.compile(r"```[ \t]*([\w+.-]*)[^\n]*\n(.*?)(?:```|\Z)", re.S)
 _THINK = re.compile(r"<think>.*?(?:</think>|\Z)", re.S)
 _LOOKS_LIKE_CODE = re.compile(r"^[ \t]*(def |class |import |from \S+ import |print\(|for |while |if )", re.M)
 _PYTHON_TAGS = {"python", "py", "python3"}
-
-
-def completion_text(completion: str | Sequence[Mapping[str, Any]]) -> str:
-    """The text of a completion: a string, or the assistant contents of a chat message list.
-
-    >>> completion_text([{"role": "assistant", "content": "hi"}])
-    'hi'
-    """
-    if isinstance(completion, str):
-        return completion
-    parts = []
-    for message in completion:
-        if message.get("role", "assistant") != "assistant":
-            continue
-        content = message.get("content") or ""
-        if isinstance(content, list):  # multimodal parts: keep the text ones
-            content = "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
-        parts.append(str(content))
-    return "\n".join(parts)
 
 
 def extract_code(text: str, function: str | None = None) -> str | None:

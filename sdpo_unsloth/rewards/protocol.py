@@ -25,7 +25,7 @@ import inspect
 import math
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 DEFAULT_REWARD_TIMEOUT = (
@@ -51,6 +51,25 @@ class RewardError(ValueError):
 
 class RewardTimeout(RewardError):
     """A reward call ran past its timeout; training stopped without saving."""
+
+
+def completion_text(completion: str | Sequence[Mapping[str, Any]]) -> str:
+    """The text of a completion: a string, or the assistant contents of a chat message list.
+
+    >>> completion_text([{"role": "assistant", "content": "hi"}])
+    'hi'
+    """
+    if isinstance(completion, str):
+        return completion
+    parts = []
+    for message in completion:
+        if message.get("role", "assistant") != "assistant":
+            continue
+        content = message.get("content") or ""
+        if isinstance(content, list):  # multimodal parts: keep the text ones
+            content = "".join(p.get("text", "") for p in content if isinstance(p, Mapping))
+        parts.append(str(content))
+    return "\n".join(parts)
 
 
 def reward_name(func: Any) -> str:

@@ -60,38 +60,15 @@ The child has only the standard library (``-S``: no site-packages). Linux only.
 
 from __future__ import annotations
 
-from .errors import SandboxError
-from .results import (
-    UNSET,
-    Check,
-    CheckResult,
-    Isolation,
-    IsolationLevel,
-    Job,
-    Limits,
-    SandboxResult,
-    Status,
-    outputs_equal,
-    values_equal,
-)
-from .runner import LAYERS, Sandbox, default_sandbox, run, run_many
+from . import results
+from .errors import SandboxError as SandboxError
+from .results import *  # noqa: F403 (the result types, re-exported as listed in results.__all__)
+from .runner import LAYERS as LAYERS
+from .runner import Sandbox as Sandbox
+from .runner import default_sandbox as default_sandbox
+from .runner import run as run
+from .runner import run_many as run_many
 
-__all__ = [
-    "LAYERS",
-    "UNSET",
-    "Check",
-    "CheckResult",
-    "Isolation",
-    "IsolationLevel",
-    "Job",
-    "Limits",
-    "Sandbox",
-    "SandboxError",
-    "SandboxResult",
-    "Status",
-    "default_sandbox",
-    "outputs_equal",
-    "run",
-    "run_many",
-    "values_equal",
-]
+__all__ = sorted(
+    [*results.__all__, "LAYERS", "Sandbox", "SandboxError", "default_sandbox", "run", "run_many"]
+)

@@ -24,6 +24,8 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
+from ..rewards.protocol import completion_text
+
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
@@ -52,7 +54,7 @@ _INT = re.compile(r"-?\d+")
 class DemoSettings:
     """Defaults of the ``sdpo-unsloth demo`` run: CPU, embedded SmolLM2-135M-Instruct, one-digit addition.
 
-    Verified with the real ``SDPOTrainer`` (``benchmarks/demo_tuning.py``); the runs, seeds and wall
+    Verified with the real ``SDPOTrainer`` (``benchmarks/learning/demo_tuning.py``); the runs, seeds and wall
     times are in docs/demo-design.md, section "Verified with SDPOTrainer". Split:
     ``held = addition_dataset(held_size, seed=held_seed)``,
     ``train = addition_dataset(train_size, seed=train_seed, exclude=held)``.
@@ -78,6 +80,8 @@ class DemoSettings:
     distillation_topk: int | None = 100
     teacher_mode: str = "ema"
     teacher_update_rate: float = 0.05
+    tail: bool = True  # SDPOConfig.distillation_add_tail
+    seed: int = 0  # the training seed the settings were tuned with (demo_tuning.py --seeds 0)
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -172,20 +176,6 @@ def _user_text(prompt: Sequence[dict[str, str]] | str) -> str:
     return users[-1] if users else ""
 
 
-def completion_text(completion: str | Sequence[dict[str, str]]) -> str:
-    """Text of a completion given as a string or as chat messages (the last assistant message).
-
-    >>> completion_text([{"role": "assistant", "content": "12"}])
-    '12'
-    """
-    if isinstance(completion, str):
-        return completion
-    for message in reversed(completion):
-        if message.get("role") == "assistant":
-            return str(message.get("content") or "")
-    return ""
-
-
 def parse_answer(completion: str | Sequence[dict[str, str]]) -> int | None:
     """The first integer in the completion, or ``None`` when it has none.
 
@@ -274,41 +264,14 @@ def evaluate(
     the tokenizer's padding side is restored afterwards. Runs under ``torch.no_grad`` in eval mode
     and restores the model's training mode.
     """
-    import torch
+    from ..evaluate import greedy_completions
 
     if not rows:
         raise ValueError("`rows` is empty: nothing to evaluate")
-    if batch_size < 1:
-        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
-    if tokenizer.pad_token_id is None:
-        raise ValueError("the tokenizer has no pad token; set `tokenizer.pad_token` before evaluating")
-    was_training, padding_side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"
-    correct = 0
-    try:
-        device = next(model.parameters()).device
-        for start in range(0, len(rows), batch_size):
-            batch = rows[start : start + batch_size]
-            texts = [
-                tokenizer.apply_chat_template(row["prompt"], tokenize=False, add_generation_prompt=True)
-                for row in batch
-            ]
-            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-            with torch.no_grad():
-                out = model.generate(
-                    **enc,
-                    max_new_tokens=max_new_tokens,
-                    do_sample=False,
-                    pad_token_id=tokenizer.pad_token_id,
-                )
-            completions = tokenizer.batch_decode(
-                out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True
-            )
-            correct += sum(
-                parse_answer(text) == int(row["answer"]) for text, row in zip(completions, batch, strict=True)
-            )
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
+    batches = greedy_completions(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
+    correct = sum(
+        parse_answer(text) == int(row["answer"])
+        for batch, texts, _ in batches
+        for text, row in zip(texts, batch, strict=True)
+    )
     return correct / len(rows)

@@ -162,7 +162,7 @@ def test_sdpo_trains_the_student_moves_the_teacher_and_keeps_the_base(trained):
 
 def test_adapter_switching_under_unsloths_kernels(trained):
     """After EMA steps the teacher adapter gives other logits than the student; `default` comes back active."""
-    from sdpo_unsloth.teacher import adapter_scope
+    from sdpo_unsloth.adapters import adapter_scope
 
     model, tokenizer = trained["model"], trained["tokenizer"]
     ids = torch.tensor([tokenizer("1+2=")["input_ids"]], device=model.device)
@@ -235,7 +235,7 @@ def test_loss_logps_match_an_unpadded_forward_in_training_mode(small_model_dir, 
     from trl import GRPOConfig
 
     from sdpo_unsloth import SDPOConfig, SDPOTrainer, load_model
-    from sdpo_unsloth.teacher import adapter_scope
+    from sdpo_unsloth.adapters import adapter_scope
 
     class Mixed:
         __name__ = "mixed"

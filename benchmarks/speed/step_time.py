@@ -1,6 +1,6 @@
 """SDPO step time / GRPO step time on the same model, data and settings (CPU by default).
 
-    OMP_NUM_THREADS=1 python benchmarks/step_time.py --steps 12 [--model tiny|embedded] [--write]
+    OMP_NUM_THREADS=1 python benchmarks/speed/step_time.py --steps 12 [--model tiny|embedded] [--write]
 
 Median wall time per optimizer step (generation + rewards + teacher + loss + backward), after two
 warm-up steps. Both runs use our trainer: GRPO is `SDPOConfig(enabled=False)`. Every SDPO sample
@@ -24,20 +24,9 @@ os.environ.setdefault("SDPO_UNSLOTH_BACKEND", "transformers")
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-
-
-class AlwaysWrong:
-    """Reward 0 with feedback for every completion: every SDPO sample gets a teacher."""
-
-    __name__ = "always_wrong"
-
-    def __init__(self):
-        self.last_feedback: list[str] = []
-
-    def __call__(self, prompts, completions, **kwargs):
-        self.last_feedback = ["Wrong. The answer is 7, not 5."] * len(completions)
-        return [0.0] * len(completions)
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared `common` module
+from common import ADDITION_PROMPTS, CPU_RUN, AlwaysWrong
 
 
 class StepTimer:
@@ -79,9 +68,7 @@ def run(model_name: str, enabled: bool, steps: int, completion: int) -> list[flo
 
     torch.manual_seed(0)
     model, tokenizer = build(model_name)
-    rows = [
-        {"prompt": [{"role": "user", "content": f"What is {a}+{b}?"}]} for a in range(10) for b in range(10)
-    ]
+    rows = ADDITION_PROMPTS
     args = GRPOConfig(
         output_dir="/tmp/sdpo-step-time",
         num_generations=4,
@@ -90,11 +77,7 @@ def run(model_name: str, enabled: bool, steps: int, completion: int) -> list[flo
         max_completion_length=completion,
         max_steps=steps + 2,
         learning_rate=1e-4,
-        gradient_checkpointing=False,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        bf16=False,
+        **CPU_RUN,
         temperature=1.0,
         seed=0,
         disable_tqdm=True,
@@ -127,9 +110,9 @@ def main() -> None:
     row = f"| {args.model} | {args.completion} | {len(grpo)} | {g:.3f} s | {s:.3f} s | **{s / g:.2f}x** |"
     print(row)
     if args.write:
-        from bench_doc import write_section
+        from common import write_section
 
-        command = f"OMP_NUM_THREADS=1 python benchmarks/step_time.py --model {args.model} --steps {args.steps} --write"
+        command = f"OMP_NUM_THREADS=1 python benchmarks/speed/step_time.py --model {args.model} --steps {args.steps} --write"
         write_section(
             "step-time",
             "## SDPO vs GRPO step time (CPU)\n\n"

@@ -7,8 +7,8 @@ Every run's result is appended to `<out>/gpu_step.jsonl` as soon as it is measur
 gathered in `<out>/gpu_step.json` at the end. One failing run or stage prints its traceback and the
 benchmark goes on; a wall-clock budget skips what no longer fits.
 
-    python benchmarks/gpu_step.py --out $OUT                      # the GPU benchmark (see gpu_run.sh)
-    python benchmarks/gpu_step.py --tiny --out /tmp/bench         # CPU smoke test: 2 layers, hidden 64
+    python benchmarks/speed/gpu_step.py --out $OUT                      # the GPU benchmark (see gpu_run.sh)
+    python benchmarks/speed/gpu_step.py --tiny --out /tmp/bench         # CPU smoke test: 2 layers, hidden 64
 
 No hub access: the model is built from Qwen2.5's config with random weights and saved (fp16) with a
 word-level tokenizer that decodes every id, then loaded back through `sdpo_unsloth.load_model`.
@@ -343,7 +343,7 @@ def run_one(
     from trl import GRPOConfig
 
     from sdpo_unsloth import SDPOConfig, SDPOTrainer, load_model
-    from sdpo_unsloth.teacher import adapter_parameter_count
+    from sdpo_unsloth.adapters import adapter_parameter_count
 
     cuda = torch.cuda.is_available()
     sdpo_cfg = SDPOConfig() if kind == "sdpo" else SDPOConfig(enabled=False)

@@ -15,8 +15,8 @@ sandbox started (zygotes, children), divided by the runs: unlike wall time it ha
 the machine runs, and ``CPUs / CPU per exec`` bounds the rate an idle machine could reach. It writes its
 table, with the command and the date, into the ``sandbox`` section of ``docs/benchmarks.md``.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_sandbox.py            # ~3 min on 2 shared cores
-    OMP_NUM_THREADS=1 python benchmarks/bench_sandbox.py --runs 50 --no-write
+    OMP_NUM_THREADS=1 python benchmarks/sandbox/throughput.py            # ~3 min on 2 shared cores
+    OMP_NUM_THREADS=1 python benchmarks/sandbox/throughput.py --runs 50 --no-write
 """
 
 from __future__ import annotations
@@ -37,12 +37,12 @@ import time
 import warnings
 from collections.abc import Callable, Iterator
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 from sdpo_unsloth.rewards.code import CodeExecutionReward
 from sdpo_unsloth.sandbox import Check, Job, Limits, Sandbox, Status
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 TRIVIAL = "x = 1"
 FIVE = "def total(xs):\n    return sum(xs)"
 FIVE_CHECKS = tuple(Check("total", ([i, i + 1],), expected=2 * i + 1) for i in range(5))
@@ -259,7 +259,7 @@ def main() -> None:
         "confinement steps done by a small C helper), not a different design."
     )
 
-    command = "OMP_NUM_THREADS=1 python benchmarks/bench_sandbox.py" + (
+    command = "OMP_NUM_THREADS=1 python benchmarks/sandbox/throughput.py" + (
         f" --runs {args.runs}" if args.runs != 200 else ""
     )
     text = "\n".join([
@@ -286,8 +286,8 @@ def main() -> None:
     ])  # fmt: skip
     print(text)
     if not args.no_write:
-        sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-        from bench_doc import write_section
+        sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        from common import write_section
 
         write_section("sandbox", text)
 

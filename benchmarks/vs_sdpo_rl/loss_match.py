@@ -1,6 +1,6 @@
 """Loss correctness side by side: sdpo_unsloth.loss vs the sdpo-rl package's exported loss functions.
 
-    OMP_NUM_THREADS=1 python benchmarks/vs_sdpo_rl_loss.py [--write]
+    OMP_NUM_THREADS=1 python benchmarks/vs_sdpo_rl/loss_match.py [--write]
 
 Fixed fp64 tensors (student logits, teacher logits, sampled ids, mask; small V) are saved to a .pt
 file; sdpo-rl's functions run on them in their own venv (/tmp/sdpo-rl-venv, see vs_sdpo_rl.py
@@ -253,7 +253,7 @@ def main() -> None:
     inp, out = os.path.join(tmp, "in.pt"), os.path.join(tmp, "out.pt")
     data = make_inputs(inp)
     if not THEIRS_PY.exists():
-        sys.exit("missing /tmp/sdpo-rl-venv: run `python benchmarks/vs_sdpo_rl.py --setup` first")
+        sys.exit("missing /tmp/sdpo-rl-venv: run `python benchmarks/vs_sdpo_rl/throughput.py --setup` first")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
     subprocess.run([str(THEIRS_PY), str(Path(__file__).resolve()), "--theirs", inp, out], env=env, check=True,
                    cwd=tmp)  # fmt: skip
@@ -263,13 +263,13 @@ def main() -> None:
     )
     print(table)
     if a.write:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
-        from bench_doc import write_section
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from common import write_section
 
         write_section(
             "vs-sdpo-rl-loss",
-            "## Loss side by side: sdpo_unsloth.loss vs sdpo-rl 0.0.3\n\n"
-            f"`OMP_NUM_THREADS=1 python benchmarks/vs_sdpo_rl_loss.py --write` on {date.today()}: fixed fp64 "
+            "### Loss side by side: sdpo_unsloth.loss vs sdpo-rl 0.0.3\n\n"
+            f"`OMP_NUM_THREADS=1 python benchmarks/vs_sdpo_rl/loss_match.py --write` on {date.today()}: fixed fp64 "
             f"tensors (B={B}, T={T}, V={V}, K={K}, ragged mask), theirs run in their own venv. "
             f"'agree' means max abs diff <= {TOL:g}.\n\n" + table + "\n\n" + FINDINGS + "\n",
         )

@@ -2,9 +2,9 @@
 # The GPU benchmark, as one command on the device machine (H100/H200, python3 = /opt/torch/.venv, torch 2.11+cu130,
 # transformers 5.17.0, accelerate 1.15.0 already there). Run from the repo root with `.whl` carried:
 #
-#     bash benchmarks/gpu_run.sh                # default stages, results in $OUT (gpu_step.json, .jsonl, gpu_run.log)
-#     bash benchmarks/gpu_run.sh --budget 300   # extra arguments go to benchmarks/gpu_step.py
-#     bash benchmarks/gpu_run.sh --tests --stages unsloth:1.5b   # first tests/gpu (log: $OUT/gpu_tests.log)
+#     bash benchmarks/speed/gpu_run.sh                # default stages, results in $OUT (gpu_step.json, .jsonl, gpu_run.log)
+#     bash benchmarks/speed/gpu_run.sh --budget 300   # extra arguments go to benchmarks/speed/gpu_step.py
+#     bash benchmarks/speed/gpu_run.sh --tests --stages unsloth:1.5b   # first tests/gpu (log: $OUT/gpu_tests.log)
 #
 # .whl/ (ignored by git through .git/info/exclude) holds only what the machine lacks, for cp312 manylinux x86_64:
 #   trl 1.14.2, datasets 4.8.5 (+ dill 0.4.1, multiprocess 0.70.19), peft 0.21.2 (the tested version),
@@ -22,7 +22,7 @@ run_tests=0
 if [ "${1:-}" = "--tests" ]; then run_tests=1; shift; fi
 OUT=${OUT:-/tmp/gpu_out}
 mkdir -p "$OUT"
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 # Two folders: /tmp/site for every stage, /tmp/site_unsloth (unsloth and what only it needs) on the path of the
 # unsloth stages alone, so the transformers stages never import torchao, diffusers, pydantic, ...
@@ -69,4 +69,4 @@ if [ "$run_tests" = 1 ]; then  # the GPU tests, bounded so that the benchmark st
     echo "gpu_run: tests/gpu exit ${PIPESTATUS[0]} in $(( $(date +%s) - t0 ))s" | tee -a "$OUT/gpu_tests.log"
 fi
 
-python3 benchmarks/gpu_step.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_run.log"
+python3 benchmarks/speed/gpu_step.py --out "$OUT" "$@" 2>&1 | tee "$OUT/gpu_run.log"

@@ -1,7 +1,7 @@
 """Do the GGUF files from `export(format="gguf")` run in llama.cpp as the trained model does in transformers?
 
     pip install llama-cpp-python      # builds llama.cpp (~10 min on 2 cores)
-    OMP_NUM_THREADS=1 python benchmarks/gguf_llamacpp.py [--write]
+    OMP_NUM_THREADS=1 python benchmarks/export/gguf_llamacpp.py [--write]
 
 For SmolLM2-135M-Instruct (the embedded model, `llama` architecture, real BPE tokenizer) and a tiny
 random `qwen2` model (q/k/v biases, tied output), each with a random LoRA as after training: export GGUF
@@ -28,7 +28,8 @@ os.environ.setdefault("SDPO_UNSLOTH_BACKEND", "transformers")
 import numpy as np
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared `common` module
 
 TEXTS = (
     "The capital of France is",
@@ -146,7 +147,7 @@ def main() -> None:
             print(label, method, row, flush=True)
 
     if args.write:
-        from bench_doc import write_section
+        from common import write_section
 
         lines = [
             f"## GGUF export in llama.cpp (measured {date.today()})",
@@ -164,7 +165,7 @@ def main() -> None:
                 for label, method, row in rows
             ),
             "",
-            "Reproduce: `pip install llama-cpp-python && OMP_NUM_THREADS=1 python benchmarks/gguf_llamacpp.py --write`",
+            "Reproduce: `pip install llama-cpp-python && OMP_NUM_THREADS=1 python benchmarks/export/gguf_llamacpp.py --write`",
         ]
         write_section("gguf-llamacpp", "\n".join(lines))
 

@@ -1,6 +1,6 @@
 """How often torch.compile recompiles the decoder blocks during GRPO and SDPO steps (CPU, tiny model).
 
-    OMP_NUM_THREADS=1 python benchmarks/compile_count.py --steps 8 [--write]
+    OMP_NUM_THREADS=1 python benchmarks/investigations/compile_count.py --steps 8 [--write]
 
 unsloth compiles each decoder block as one region, only in training mode (eval and generation with a KV
 cache stay eager), and marks the sequence and batch dimensions of the block's inputs dynamic before each
@@ -20,13 +20,17 @@ import argparse
 import itertools
 import os
 import re
+import sys
 import tempfile
 from collections import Counter
 from datetime import date
+from pathlib import Path
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SDPO_UNSLOTH_BACKEND", "transformers")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared `common` module
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "speed"))  # gpu_step: the data it emulates
 
 import torch
 
@@ -176,7 +180,7 @@ def main() -> None:
         rows.append(f"| {name} | {', '.join(map(str, new))} | {last_new_graph(counts)} | {where} |")
         print(f"{name}: new graphs per step {new}; last new graph at step {last_new_graph(counts)}; {where}")
     if args.write:
-        from bench_doc import write_section
+        from common import write_section
 
         grpo, sdpo = (results[name][0] for name in ("GRPO", "SDPO"))
         late = last_new_graph(sdpo)
@@ -207,7 +211,7 @@ def main() -> None:
             "unpadded one when the first such micro-batch comes, or never. A counting backend says which graphs",
             "are compiled, not how long each takes.",
             "",
-            f"Reproduce: `OMP_NUM_THREADS=1 python benchmarks/compile_count.py --steps {args.steps} --write`",
+            f"Reproduce: `OMP_NUM_THREADS=1 python benchmarks/investigations/compile_count.py --steps {args.steps} --write`",
         ]
         write_section("compile-count", "\n".join(lines))
 

@@ -4,7 +4,7 @@ The embedded SmolLM2-135M-Instruct, one-digit additions with the demo's feedback
 (2 prompts x 4 generations) of up to 16 tokens per optimizer step, GA 1, one thread per process. The
 median step time over the measured steps (after one warm-up step) gives samples/s = 8 / median.
 
-    python benchmarks/multiprocess_throughput.py --steps 5 --write
+    python benchmarks/speed/multiprocess_throughput.py --steps 5 --write
 """
 
 from __future__ import annotations
@@ -19,8 +19,11 @@ import tempfile
 import time
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared `common` module
+from common import CPU_RUN
+
 GLOBAL_BATCH = 8
-COMMAND = "python benchmarks/multiprocess_throughput.py --steps 5 --write"
+COMMAND = "python benchmarks/speed/multiprocess_throughput.py --steps 5 --write"
 
 
 def worker(out: Path, steps: int) -> None:
@@ -56,11 +59,7 @@ def worker(out: Path, steps: int) -> None:
             max_completion_length=16,
             max_steps=steps + 1,
             learning_rate=1e-4,
-            gradient_checkpointing=False,
-            use_cpu=True,
-            bf16=False,
-            report_to=[],
-            save_strategy="no",
+            **CPU_RUN,
             seed=0,
             disable_tqdm=True,
         ),
@@ -109,8 +108,8 @@ def main() -> None:
     table = "\n".join(rows)
     print(table)
     if args.write:
-        sys.path.insert(0, str(Path(__file__).parent))
-        from bench_doc import write_section
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+        from common import write_section
 
         write_section(
             "multiprocess",

@@ -1,7 +1,7 @@
 """Step time, peak RSS and teacher bytes: sdpo_unsloth vs the sdpo-rl package, side by side (CPU).
 
-    OMP_NUM_THREADS=1 python benchmarks/vs_sdpo_rl.py --setup            # create /tmp/sdpo-rl-venv once
-    OMP_NUM_THREADS=1 python benchmarks/vs_sdpo_rl.py --steps 10 [--write]
+    OMP_NUM_THREADS=1 python benchmarks/vs_sdpo_rl/throughput.py --setup            # create /tmp/sdpo-rl-venv once
+    OMP_NUM_THREADS=1 python benchmarks/vs_sdpo_rl/throughput.py --steps 10 [--write]
 
 Each implementation trains in its own subprocess and its own venv (ours: this project's venv;
 sdpo-rl 0.0.3: a separate venv, since it pins nothing and must not touch ours) on the same saved tiny
@@ -33,12 +33,15 @@ import time
 from datetime import date
 from pathlib import Path
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared `common` module
+from common import ADDITION_PROMPTS, CPU_RUN, AlwaysWrong
+
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SDPO_UNSLOTH_BACKEND", "transformers")
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 OURS_PY = ROOT / ".venv" / "bin" / "python"
 THEIRS_VENV = Path("/tmp/sdpo-rl-venv")
 THEIRS_PY = THEIRS_VENV / "bin" / "python"
@@ -110,19 +113,6 @@ def save_tiny_model(path: str) -> None:
 # --------------------------------------------------------------------------------------------------
 
 
-class AlwaysWrong:
-    """Reward 0 with feedback for every completion: every sample gets a teacher (both protocols)."""
-
-    __name__ = "always_wrong"
-
-    def __init__(self):
-        self.last_feedback: list[str] = []
-
-    def __call__(self, prompts, completions, **kwargs):
-        self.last_feedback = ["Wrong. The answer is 7, not 5."] * len(completions)
-        return [0.0] * len(completions)
-
-
 def _tensor_bytes(tensors) -> int:
     seen: set[int] = set()
     total = 0
@@ -157,9 +147,7 @@ def worker(impl: str, mode: str, model_dir: str, steps: int, completion: int, to
     lora = LoraConfig(
         r=16, lora_alpha=16, lora_dropout=0.0, target_modules=LORA_TARGETS, bias="none", task_type="CAUSAL_LM"
     )
-    rows = [
-        {"prompt": [{"role": "user", "content": f"What is {a}+{b}?"}]} for a in range(10) for b in range(10)
-    ]
+    rows = ADDITION_PROMPTS
     args = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix=f"vs-sdpo-rl-{impl}-"),
         num_generations=4,
@@ -168,11 +156,7 @@ def worker(impl: str, mode: str, model_dir: str, steps: int, completion: int, to
         max_completion_length=completion,
         max_steps=steps + 2,
         learning_rate=1e-4,
-        gradient_checkpointing=False,
-        report_to=[],
-        use_cpu=True,
-        save_strategy="no",
-        bf16=False,
+        **CPU_RUN,
         fp16=False,
         temperature=1.0,
         beta=0.0,
@@ -444,17 +428,17 @@ def main() -> None:
     print(scale_table)
     print(json.dumps(runs, indent=1), file=sys.stderr)
     if a.write:
-        sys.path.insert(0, str(Path(__file__).resolve().parent))
+        sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
         import torch
-        from bench_doc import write_section
+        from common import write_section
 
         command = (
-            f"OMP_NUM_THREADS=1 python benchmarks/vs_sdpo_rl.py --model {a.model} --steps {a.steps} "
+            f"OMP_NUM_THREADS=1 python benchmarks/vs_sdpo_rl/throughput.py --model {a.model} --steps {a.steps} "
             f"--completion {a.completion} --repeats {a.repeats} --write"
         )
         described = {"tiny": "tiny model", "embedded": "SmolLM2-135M-Instruct"}[a.model]
         text = (
-            f"## sdpo_unsloth vs sdpo-rl (CPU, {described})\n\n"
+            f"### Step time and teacher memory (CPU, {described})\n\n"
             f"`{command}` on {date.today()}, {platform.machine()}, torch {torch.__version__}, 1 thread, "
             "each implementation in its own subprocess and venv "
             f"(ours: {venv_versions(OURS_PY)}; sdpo-rl {SDPO_RL_VERSION}: {venv_versions(THEIRS_PY)}). "
@@ -480,12 +464,16 @@ def main() -> None:
             )
             + " s.\n\n"
             "Targets: our step time <= 0.8x sdpo-rl's; our teacher memory <= 5% of sdpo-rl's in `ema` mode.\n\n"
-            f"{table}\n\n{ratios}\n\n"
-            "The teacher-bytes ratio is r(in+out) LoRA tensors against a full copy of the model, so it "
-            "depends on the model's width, not on the implementation's code: at hidden 128 a r16 adapter "
-            "is 17% of the model. The same count on meta-device models with the public Qwen2.5 shapes "
-            "(LoRA r16 on all 7 projections, fp32 adapters; no weights loaded):\n\n"
-            f"{scale_table}\n\n{NOTES}\n"
+            f"{table}\n\n{ratios}\n"
+            + (
+                ""
+                if a.model != "tiny"  # the notes below are about the tiny model; written once, with it
+                else "\nThe teacher-bytes ratio is r(in+out) LoRA tensors against a full copy of the model, so it "
+                "depends on the model's width, not on the implementation's code: at hidden 128 a r16 adapter "
+                "is 17% of the model. The same count on meta-device models with the public Qwen2.5 shapes "
+                "(LoRA r16 on all 7 projections, fp32 adapters; no weights loaded):\n\n"
+                f"{scale_table}\n\n{NOTES}\n"
+            )
         )
         write_section("vs-sdpo-rl" if a.model == "tiny" else "vs-sdpo-rl-smollm2", text)
 

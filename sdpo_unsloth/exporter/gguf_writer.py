@@ -7,7 +7,7 @@ biases) stay f32 and matrices are stored in the requested type: f32, f16, bf16 o
 byte-level BPE tokenizer goes in as llama.cpp's "gpt2" tokenizer model with its merges, special
 tokens and chat template. K-quants (q4_k_m, ...) need llama.cpp's `llama-quantize` and are not made here.
 
-The file is checked by loading it back with transformers' GGUF reader (see `exporter._write_gguf`).
+The file is checked by loading it back with transformers' GGUF reader (see `exporter.gguf`).
 """
 
 from __future__ import annotations

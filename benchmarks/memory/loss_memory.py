@@ -12,9 +12,9 @@ Each variant runs in a fresh subprocess (``OMP_NUM_THREADS=1``). On CPU the peak
 small warm-up ran; on CUDA it is ``torch.cuda.max_memory_allocated()`` minus the memory allocated by then.
 The first forward + backward sets the peak; time is the median over ``--repeats`` runs.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_loss_memory.py --write-docs docs/benchmarks.md
-    python benchmarks/bench_loss_memory.py --device cuda --json /tmp/cuda.json   # then:
-    python benchmarks/bench_loss_memory.py --from-json /tmp/cuda.json --write-docs docs/benchmarks.md
+    OMP_NUM_THREADS=1 python benchmarks/memory/loss_memory.py --write-docs docs/benchmarks.md
+    python benchmarks/memory/loss_memory.py --device cuda --json /tmp/cuda.json   # then:
+    python benchmarks/memory/loss_memory.py --from-json /tmp/cuda.json --write-docs docs/benchmarks.md
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 from sdpo_unsloth.config import SDPOConfig
 
 BEGIN, END = "<!-- loss-memory:begin -->", "<!-- loss-memory:end -->"
-COMMAND = "OMP_NUM_THREADS=1 python benchmarks/bench_loss_memory.py --write-docs docs/benchmarks.md"
+COMMAND = "OMP_NUM_THREADS=1 python benchmarks/memory/loss_memory.py --write-docs docs/benchmarks.md"
 
 
 def _parse() -> argparse.Namespace:
@@ -148,7 +148,7 @@ def _run(args: argparse.Namespace) -> dict:
     rows = []
     passthrough = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in ("device", "vocab", "hidden")]
     passthrough += [f"--{k}={getattr(args, k)}" for k in ("sequences", "length", "topk", "alpha", "repeats")]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     for variant in ["naive", *(f"chunked:{c}" for c in args.chunk_sizes)]:
         cmd = [sys.executable, __file__, f"--worker={variant}", *passthrough]
         out = subprocess.run(cmd, env=env, capture_output=True, text=True, check=False)
@@ -230,9 +230,9 @@ two columns check that both variants compute the same loss and gradient.
 
 ```
 {COMMAND}
-python benchmarks/bench_loss_memory.py --device cuda --chunk-sizes 1024 256 128 --repeats 5 \\
+python benchmarks/memory/loss_memory.py --device cuda --chunk-sizes 1024 256 128 --repeats 5 \\
     --write-docs docs/benchmarks.md
-python benchmarks/bench_loss_memory.py --device cuda --length 1024 --chunk-sizes 1024 256 --repeats 3 \\
+python benchmarks/memory/loss_memory.py --device cuda --length 1024 --chunk-sizes 1024 256 --repeats 3 \\
     --write-docs docs/benchmarks.md
 ```
 

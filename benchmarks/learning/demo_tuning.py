@@ -3,9 +3,9 @@
 One line per run: settings, seed, held-out greedy accuracy before and after, steps and wall times.
 Results are recorded in docs/demo-design.md ("Verified with SDPOTrainer").
 
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/demo_tuning.py --seeds 0,1
-    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/demo_tuning.py --grpo --seeds 0
-    python benchmarks/demo_tuning.py --recommended --seeds 0   # the DEMO_SETTINGS of tasks/addition.py
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/learning/demo_tuning.py --seeds 0,1
+    OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 python benchmarks/learning/demo_tuning.py --grpo --seeds 0
+    python benchmarks/learning/demo_tuning.py --recommended --seeds 0   # the DEMO_SETTINGS of tasks/addition.py
 """
 
 from __future__ import annotations
@@ -15,6 +15,10 @@ import os
 import sys
 import tempfile
 import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared `common` module
+from common import CPU_RUN
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -165,11 +169,7 @@ def run(s: dict, seed: int, eval_every: int, verbose: bool) -> dict:
         gradient_accumulation_steps=1,
         temperature=s["temperature"],
         max_completion_length=s["max_completion_length"],
-        gradient_checkpointing=False,
-        use_cpu=True,
-        bf16=False,
-        report_to=[],
-        save_strategy="no",
+        **CPU_RUN,
         logging_steps=1,
         disable_tqdm=True,
         seed=seed,

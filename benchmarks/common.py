@@ -1,0 +1,62 @@
+"""What the benchmark scripts share: the CPU run settings, the prompts and reward of the step-time runs, and
+`write_section`, which writes one benchmark's section of docs/benchmarks.md between its markers.
+
+Scripts in the folders below import it after `sys.path.insert(0, <benchmarks/>)`; it imports nothing heavy,
+so sdpo-rl's venv (vs_sdpo_rl/) can import it too.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+DOC = Path(__file__).resolve().parents[1] / "docs" / "benchmarks.md"
+
+# GRPOConfig settings of every CPU benchmark run: fp32, no checkpointing, no checkpoints, no reports.
+CPU_RUN = {
+    "use_cpu": True,
+    "bf16": False,
+    "gradient_checkpointing": False,
+    "report_to": [],
+    "save_strategy": "no",
+}
+
+# The step-time prompts: 100 one-digit additions as chat messages.
+ADDITION_PROMPTS = [
+    {"prompt": [{"role": "user", "content": f"What is {a}+{b}?"}]} for a in range(10) for b in range(10)
+]
+
+
+class AlwaysWrong:
+    """Reward 0 with feedback for every completion: every SDPO sample gets a teacher (both protocols)."""
+
+    __name__ = "always_wrong"
+
+    def __init__(self):
+        self.last_feedback: list[str] = []
+
+    def __call__(self, prompts, completions, **kwargs):
+        self.last_feedback = ["Wrong. The answer is 7, not 5."] * len(completions)
+        return [0.0] * len(completions)
+
+
+def write_section(name: str, text: str, append_row: str | None = None) -> None:
+    """Replace the text between `<!-- name:begin -->` and `<!-- name:end -->` (appended if absent).
+
+    With `append_row`, an existing section keeps its table and gains the row (one row per model).
+    """
+    begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
+    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
+    match = re.search(re.escape(begin) + r"\n(.*?)\n" + re.escape(end), doc, flags=re.DOTALL)
+    if match and append_row:
+        key = append_row.split("|")[1]
+        lines = [
+            line
+            for line in match.group(1).splitlines()
+            if not (line.startswith("|") and line.split("|")[1] == key)
+        ]
+        text = "\n".join([*lines, append_row])
+    block = f"{begin}\n{text}\n{end}"
+    doc = doc.replace(match.group(0), block) if match else doc.rstrip() + f"\n\n{block}\n"
+    DOC.parent.mkdir(exist_ok=True)
+    DOC.write_text(doc)

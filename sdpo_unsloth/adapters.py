@@ -1,0 +1,154 @@
+"""The student and teacher LoRA adapters on one frozen base: names, adding, switching, copying, EMA.
+
+Teacher weights never copy the base model: `ema` keeps a second LoRA adapter (`TEACHER_ADAPTER`) on the
+same frozen base, `frozen` disables adapters (LoRA B starts at zero, so that is the initial policy),
+`live` uses the student adapter (`STUDENT_ADAPTER`) under no_grad, `trust_region` mixes frozen and live.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import torch
+
+# torch is imported inside the functions: `config.py` reads the names below and must stay cheap to import.
+STUDENT_ADAPTER = "default"  # unsloth's vLLM weight sync assumes this name
+TEACHER_ADAPTER = "sdpo_teacher"
+
+
+def _adapter_parameters(model: torch.nn.Module, adapter: str) -> dict[str, torch.nn.Parameter]:
+    marker = f".{adapter}."
+    return {
+        name: param
+        for name, param in model.named_parameters()
+        if marker in name and ("lora_" in name or "modules_to_save" in name)
+    }
+
+
+def adapter_parameter_count(model: torch.nn.Module, adapter: str) -> int:
+    return sum(p.numel() for p in _adapter_parameters(model, adapter).values())
+
+
+def _active_adapter(model: Any) -> str:
+    active = model.active_adapter
+    return active if isinstance(active, str) else active[0]
+
+
+@contextmanager
+def adapter_scope(model: Any, adapter: str | None) -> Iterator[None]:
+    """Run a block with `adapter` active (None = adapters disabled), then restore the student exactly.
+
+    PEFT's `set_adapter` also marks the adapter trainable; this restores the active adapter *and*
+    every parameter's `requires_grad`, also when the block raises. Use it under `torch.no_grad()`.
+    """
+    previous = _active_adapter(model)
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    try:
+        if adapter is None:
+            with model.disable_adapter():
+                yield
+        else:
+            model.set_adapter(adapter)
+            yield
+    finally:
+        if _active_adapter(model) != previous:
+            model.set_adapter(previous)
+        for name, param in model.named_parameters():
+            if param.requires_grad != flags[name]:
+                param.requires_grad_(flags[name])
+
+
+@contextmanager
+def dropout_off(model: torch.nn.Module) -> Iterator[None]:
+    """Run a block with every dropout module in eval mode (identity), then restore each module's mode.
+
+    The teacher's log-probs are targets: a user's `lora_dropout > 0` must not add noise to them. Only
+    dropout modules change mode, so the rest of the model (and unsloth's training-mode paths) stays as is.
+    """
+    from torch.nn.modules.dropout import _DropoutNd
+
+    modules = [m for m in model.modules() if isinstance(m, _DropoutNd) and m.training]
+    try:
+        for module in modules:
+            module.train(False)
+        yield
+    finally:
+        for module in modules:
+            module.train(True)
+
+
+def adapter_is_initial(model: torch.nn.Module, adapter: str) -> bool:
+    """True when every LoRA B of `adapter` is zero: the adapter adds nothing, so disabling it is exact."""
+    params = _adapter_parameters(model, adapter)
+    if any("modules_to_save" in name for name in params):
+        return False  # trained copies of whole modules: disabling the adapter is not the initial policy
+    tensors = [p for name, p in params.items() if "lora_B" in name]
+    return bool(tensors) and all(not bool(p.detach().any()) for p in tensors)
+
+
+def copy_adapter(model: torch.nn.Module, source: str, target: str) -> None:
+    """Set every tensor of adapter `target` equal to the matching tensor of `source`."""
+    import torch
+
+    src = _adapter_parameters(model, source)
+    dst = _adapter_parameters(model, target)
+    with torch.no_grad():
+        for name, param in src.items():
+            dst[name.replace(f".{source}.", f".{target}.")].copy_(param)
+
+
+def ema_update(model: torch.nn.Module, *, teacher: str, student: str, rate: float) -> float:
+    """teacher <- (1 - rate) * teacher + rate * student, over adapter tensors only.
+
+    Returns the update's size, ||Δteacher||_2 over all adapter tensors (a logged metric).
+    """
+    src = _adapter_parameters(model, student)
+    dst = _adapter_parameters(model, teacher)
+    if not src or len(src) != len(dst):
+        raise RuntimeError(
+            f"EMA needs matching LoRA tensors for adapters '{student}' and '{teacher}'; found {len(src)} and "
+            f"{len(dst)}. Load the model with sdpo_unsloth.load_model or let SDPOTrainer attach the adapters."
+        )
+    import torch
+
+    squared = 0.0
+    with torch.no_grad():
+        for name, param in src.items():
+            target = dst[name.replace(f".{student}.", f".{teacher}.")]
+            delta = (param.detach().to(target.dtype) - target) * rate
+            target.add_(delta)
+            squared += float(delta.float().pow(2).sum())
+    return squared**0.5
+
+
+def add_teacher_adapter(model: Any, name: str = TEACHER_ADAPTER) -> None:
+    """Add a frozen teacher adapter equal to the student adapter. Idempotent."""
+    from peft import PeftModel
+
+    if not isinstance(model, PeftModel):
+        raise TypeError(
+            f"the teacher adapter needs a PEFT model with a student adapter, got {type(model).__name__}. "
+            "Use sdpo_unsloth.load_model(...) or pass a LoRA `peft_config` to SDPOTrainer."
+        )
+    if STUDENT_ADAPTER not in model.peft_config:
+        raise ValueError(
+            f"the student adapter must be named '{STUDENT_ADAPTER}' (unsloth's vLLM sync assumes it); this model "
+            f"has adapters {list(model.peft_config)}."
+        )
+    if name not in model.peft_config:
+        config = copy.deepcopy(model.peft_config[STUDENT_ADAPTER])
+        config.inference_mode = True
+        config.lora_dropout = 0.0  # the teacher's targets are deterministic
+        model.add_adapter(name, config)
+        copy_adapter(model, STUDENT_ADAPTER, name)
+    model.set_adapter(STUDENT_ADAPTER)  # marks the student trainable; the teacher is frozen after it
+    marker = f".{name}."
+    for param_name, param in model.named_parameters():
+        if marker in param_name:
+            param.requires_grad_(False)
+    if adapter_parameter_count(model, name) != adapter_parameter_count(model, STUDENT_ADAPTER):
+        raise RuntimeError(f"teacher adapter '{name}' does not mirror the student adapter's tensors")

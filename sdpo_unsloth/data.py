@@ -1,0 +1,247 @@
+"""What `train()` and `preflight()` train on: built-in tasks, dataset files and objects, the evaluation split,
+and the reward functions (built-in names, 'module:function', callables).
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import inspect
+import json
+import os
+import random
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .preconditions import UsageError
+
+if TYPE_CHECKING:
+    from datasets import Dataset
+
+__all__ = ["BUILTIN_TASKS", "GYM_PREFIX", "TrainInputs", "resolve_inputs", "task_completion_length"]
+
+BUILTIN_TASKS: tuple[str, ...] = ("addition", "code", "humaneval")
+
+
+GYM_PREFIX = "gym:"  # dataset="gym:<task>?key=value&...": a reasoning-gym task (sdpo_unsloth.tasks.gym)
+
+
+# Completion budgets of the built-in tasks (an addition answer is a few tokens; code needs room).
+_TASK_COMPLETION_LENGTH = {"addition": 8, "code": 256, "humaneval": 384, "gym": 32}
+
+
+def _is_task(name: Any) -> bool:
+    return isinstance(name, str) and (name in BUILTIN_TASKS or name.startswith(GYM_PREFIX))
+
+
+def _task_key(name: str) -> str:
+    """The task's kind: its name, or "gym" for every reasoning-gym task."""
+    return "gym" if name.startswith(GYM_PREFIX) else name
+
+
+def _task_rows(name: str, n: int, seed: int) -> list[dict[str, Any]]:
+    if name.startswith(GYM_PREFIX):
+        from .tasks.gym import gym_dataset, parse_gym_name
+
+        try:
+            gym_task, config = parse_gym_name(name)
+            return gym_dataset(gym_task, n, seed=seed, config=config)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    if name == "humaneval":
+        from .tasks.humaneval import humaneval_tasks
+
+        return humaneval_tasks()
+    if name == "addition":
+        from .tasks.addition import addition_dataset
+
+        digits = inspect.signature(addition_dataset).parameters["digits"].default
+        return addition_dataset(min(n, 100**digits), seed=seed)  # the trainer cycles over a small pool
+    from .tasks.code import code_tasks
+
+    return code_tasks(seed=seed)
+
+
+def _load_dataset_file(path: Path) -> Dataset:
+    from datasets import Dataset, load_from_disk
+
+    if path.is_dir():
+        loaded = load_from_disk(str(path))
+        if not isinstance(loaded, Dataset):
+            raise UsageError(f"{path} holds several splits ({list(loaded)}); pass one split's directory.")
+        return loaded
+    suffix = path.suffix.lower()
+    if suffix == ".jsonl":
+        return Dataset.from_list([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+    if suffix == ".json":
+        data = json.loads(path.read_text())
+        if not isinstance(data, list):
+            raise UsageError(f"{path} must hold a JSON list of rows (objects with a 'prompt' field).")
+        return Dataset.from_list(data)
+    if suffix in (".csv", ".parquet"):
+        return getattr(Dataset, f"from_{suffix[1:]}")(str(path))
+    raise UsageError(
+        f"cannot read a dataset from {path}: use .json, .jsonl, .csv, .parquet or a save_to_disk folder."
+    )
+
+
+def _resolve_dataset(
+    dataset: Any, rows_needed: int, seed: int, name: str = "dataset"
+) -> tuple[Dataset, str | None]:
+    """(dataset, built-in task name or None)."""
+    from datasets import Dataset, DatasetDict
+
+    task = None
+    if isinstance(dataset, str | os.PathLike):
+        if _is_task(dataset):
+            task = str(dataset)
+            dataset = Dataset.from_list(_task_rows(task, rows_needed, seed))
+        elif Path(dataset).exists():
+            dataset = _load_dataset_file(Path(dataset))
+        else:
+            raise UsageError(
+                f"unknown {name} {str(dataset)!r}: use a built-in task ({', '.join(BUILTIN_TASKS)}, "
+                f"{GYM_PREFIX}<reasoning-gym task>), a "
+                ".json/.jsonl/.csv/.parquet file, a datasets save_to_disk folder, or pass a datasets.Dataset."
+            )
+    elif isinstance(dataset, DatasetDict):
+        raise UsageError(
+            f"`{name}` is a DatasetDict with splits {list(dataset)}; pass one, e.g. dataset['train']."
+        )
+    elif isinstance(dataset, Sequence) and not isinstance(dataset, Dataset):
+        if not all(isinstance(row, Mapping) for row in dataset):
+            raise UsageError(f"`{name}` as a list must hold dicts (rows with a 'prompt' key).")
+        dataset = Dataset.from_list([dict(row) for row in dataset])
+    elif not isinstance(dataset, Dataset):
+        raise UsageError(
+            f"`{name}` must be a datasets.Dataset, a list of dicts or a task name, got {type(dataset).__name__}."
+        )
+    if len(dataset) == 0:
+        raise UsageError(f"`{name}` is empty: give it at least a few rows with a 'prompt'.")
+    if "prompt" not in dataset.column_names:
+        raise UsageError(
+            f"`{name}` has no 'prompt' column (columns: {dataset.column_names}); rename your question column to "
+            "'prompt' (a string, or chat messages [{'role': 'user', 'content': ...}])."
+        )
+    return dataset, task
+
+
+def _split(data: Dataset, n_eval: int, seed: int) -> tuple[list[dict[str, Any]], Dataset]:
+    """`n_eval` seeded-random rows for evaluation, the rest (in order) for training."""
+    if n_eval >= len(data):
+        raise UsageError(
+            f"`eval_size` ({n_eval}) must be smaller than the dataset ({len(data)} rows); lower eval_size or use 0 "
+            "to skip evaluation."
+        )
+    if not n_eval:
+        return [], data
+    order = list(range(len(data)))
+    random.Random(seed).shuffle(order)
+    return [data[i] for i in order[:n_eval]], data.select(sorted(order[n_eval:]))
+
+
+def _import_reward(spec: str) -> Any:
+    """'package.module:attr' or 'path/to/file.py:attr'; a class is instantiated without arguments."""
+    target, _, attr = spec.rpartition(":")
+    try:
+        if target.endswith(".py"):
+            module_spec = importlib.util.spec_from_file_location(Path(target).stem, target)
+            if module_spec is None or module_spec.loader is None:
+                raise ImportError(target)
+            module = importlib.util.module_from_spec(module_spec)
+            module_spec.loader.exec_module(module)
+        else:
+            module = importlib.import_module(target)
+        value = getattr(module, attr)
+    except (ImportError, AttributeError, FileNotFoundError) as exc:
+        raise UsageError(
+            f"cannot import reward {spec!r} ({type(exc).__name__}: {exc}); check the module and name."
+        ) from None
+    return value() if isinstance(value, type) else value
+
+
+def _builtin_reward(name: str) -> Any:
+    if name == "addition":
+        from .tasks.addition import AdditionReward
+
+        return AdditionReward()
+    if name == "code":
+        from .rewards.code import CodeExecutionReward
+
+        return CodeExecutionReward()
+    if name == "humaneval":
+        from .tasks.humaneval import HumanEvalReward
+
+        return HumanEvalReward()
+    if name.startswith(GYM_PREFIX):
+        from .tasks.gym import GymReward
+
+        return GymReward()
+    if ":" in name:
+        return _import_reward(name)
+    raise UsageError(
+        f"unknown reward {name!r}: use a built-in reward ({', '.join(BUILTIN_TASKS)}), 'module:function', "
+        "or pass a function returning list[float]."
+    )
+
+
+def _resolve_rewards(rewards: Any, task: str | None) -> list[Any]:
+    if rewards is None:
+        if task is None:
+            raise UsageError(
+                "`rewards` is missing: pass a function f(prompts, completions, **columns) -> list[float] (or a "
+                f"built-in name: {', '.join(BUILTIN_TASKS)}); only built-in tasks have default rewards."
+            )
+        rewards = [task]
+    items = [rewards] if isinstance(rewards, str) or callable(rewards) else list(rewards)
+    if not items:
+        raise UsageError("`rewards` is empty: pass at least one reward function.")
+    resolved = []
+    for item in items:
+        if isinstance(item, str):
+            item = _builtin_reward(item)
+        if not callable(item):
+            raise UsageError(f"reward {item!r} is not callable; pass functions, callables or built-in names.")
+        resolved.append(item)
+    return resolved
+
+
+def task_completion_length(task: str | None) -> int | None:
+    """The completion budget of a built-in task (an addition answer is a few tokens; code needs room)."""
+    return _TASK_COMPLETION_LENGTH[_task_key(task)] if task and _is_task(task) else None
+
+
+@dataclass(frozen=True)
+class TrainInputs:
+    """The resolved inputs of a run: the training rows, the held-out rows and the reward functions."""
+
+    task: str | None  # the built-in task's name, or None for the caller's own data
+    train_data: Dataset
+    eval_rows: list[dict[str, Any]]
+    reward_funcs: list[Any]
+
+
+def resolve_inputs(
+    dataset: Any, rewards: Any, eval_dataset: Any, eval_size: int | None, *, rows_needed: int, seed: int
+) -> TrainInputs:
+    """The dataset, rewards and evaluation rows of `train()` (see its `Args:` for the accepted forms)."""
+    requested_eval = eval_size if eval_size is not None else 32
+    data, task = _resolve_dataset(dataset, rows_needed + requested_eval, seed)
+    reward_funcs = _resolve_rewards(rewards, task)
+    if eval_dataset is not None:
+        if eval_size is not None:
+            raise UsageError("pass `eval_size` (rows split off dataset) or `eval_dataset`, not both.")
+        if _is_task(eval_dataset):
+            raise UsageError(
+                f"`eval_dataset` must be held-out rows or a file, not the task name {eval_dataset!r}; leave it out "
+                "to split eval_size rows off the task."
+            )
+        held, _ = _resolve_dataset(eval_dataset, 0, seed, name="eval_dataset")
+        eval_rows, train_data = [held[i] for i in range(len(held))], data
+    else:
+        eval_rows, train_data = _split(
+            data, eval_size if eval_size is not None else min(32, len(data) // 4), seed
+        )
+    return TrainInputs(task=task, train_data=train_data, eval_rows=eval_rows, reward_funcs=reward_funcs)

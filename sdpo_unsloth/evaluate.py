@@ -1,0 +1,112 @@
+"""One greedy scorer: generate greedy completions for dataset rows and score them.
+
+`train()` measures the model before and after training with it, and `tasks.addition.evaluate` (first-integer
+accuracy) is built on it. Prompts are rendered with the chat template (`add_generation_prompt=True`; plain
+string prompts as they are) and left-padded. Generation runs under `torch.no_grad` in eval mode; the model's
+training mode and the tokenizer's padding side are restored afterwards, also on error.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from .bootstrap import bootstrap, current_backend
+
+__all__ = ["evaluate_model", "evaluate_with_reward", "greedy_completions"]
+
+
+def _render_prompt(tokenizer: Any, prompt: Any) -> str:
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+
+
+def greedy_completions(
+    model: Any, tokenizer: Any, rows: Sequence[dict[str, Any]], *, max_new_tokens: int, batch_size: int
+) -> list[tuple[Sequence[dict[str, Any]], list[str], Any]]:
+    """Greedy completions of `rows` in batches: a list of (rows of the batch, decoded texts, completion ids)."""
+    import torch
+
+    if batch_size < 1:
+        raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
+    if tokenizer.pad_token_id is None:
+        raise ValueError("the tokenizer has no pad token; set `tokenizer.pad_token` before evaluating")
+    was_training, padding_side = model.training, tokenizer.padding_side
+    model.eval()
+    tokenizer.padding_side = "left"
+    batches = []
+    try:
+        device = next(model.parameters()).device
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            texts = [_render_prompt(tokenizer, row["prompt"]) for row in batch]
+            chat = not isinstance(batch[0]["prompt"], str)
+            enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat).to(device)
+            with torch.no_grad():
+                out = model.generate(
+                    **enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+                )
+            completion_ids = out[:, enc["input_ids"].shape[1] :]
+            decoded = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
+            batches.append((batch, decoded, completion_ids))
+    finally:
+        tokenizer.padding_side = padding_side
+        model.train(was_training)
+    return batches
+
+
+def evaluate_with_reward(
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    reward: Any,
+    *,
+    max_new_tokens: int,
+    batch_size: int,
+) -> float | None:
+    """Greedy completions for `rows`, scored by `reward`: the mean score (None-scored rows skipped)."""
+    from .rewards.protocol import CheckedReward
+
+    checked = CheckedReward(reward)
+    scores: list[float] = []
+    for batch, decoded, completion_ids in greedy_completions(
+        model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size
+    ):
+        chat = not isinstance(batch[0]["prompt"], str)
+        completions = [[{"role": "assistant", "content": t}] for t in decoded] if chat else decoded
+        columns = {k: [row[k] for row in batch] for k in batch[0] if k != "prompt"}
+        values = checked(
+            prompts=[row["prompt"] for row in batch],
+            completions=completions,
+            completion_ids=completion_ids.tolist(),
+            **columns,
+        )
+        scores.extend(v for v in values if v is not None)
+    return sum(scores) / len(scores) if scores else None
+
+
+def evaluate_model(
+    model: Any, tokenizer: Any, rows: list[dict[str, Any]], reward: Any, **kwargs: Any
+) -> float | None:
+    """The score `train()` reports before and after training (None without evaluation rows).
+
+    The addition task is scored by its own first-integer accuracy; any other reward by its mean score.
+    Under unsloth the model is switched to inference mode for the generation and back afterwards.
+    """
+    if not rows:
+        return None
+    unsloth = (current_backend() or bootstrap()).name == "unsloth"
+    if unsloth:
+        from unsloth import FastLanguageModel
+
+        FastLanguageModel.for_inference(model)
+    try:
+        from .tasks.addition import AdditionReward, evaluate
+
+        if isinstance(reward, AdditionReward):  # the task's own greedy-accuracy helper
+            return evaluate(model, tokenizer, rows, **kwargs)
+        return evaluate_with_reward(model, tokenizer, rows, reward, **kwargs)
+    finally:
+        if unsloth:
+            FastLanguageModel.for_training(model)

@@ -1,0 +1,142 @@
+"""The configs a `train()` run trains with: `SDPOConfig` and TRL's `GRPOConfig` built from the flat knobs, a
+config object the caller passed and the kit defaults, with the precision and optimizer that suit the device;
+and which checkpoint a resumed run starts from.
+
+Precedence: a flat knob you set > the config object you passed > `DEFAULTS` (+ the device's settings).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import warnings
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from .bootstrap import bf16_supported
+from .checkpoints import last_complete_checkpoint
+from .config import SDPOConfig
+from .preconditions import UsageError, group_size_error
+
+if TYPE_CHECKING:
+    from trl import GRPOConfig
+
+__all__ = ["CHECKPOINT_SUBDIR", "DEFAULTS"]
+
+# Kit defaults for the knobs shared with GRPOConfig (used when neither a flat knob nor `grpo_config` sets
+# them). Group size and batch follow the seed's example; weight decay and clipping are the paper's. The
+# learning rate is not the seed's 1e-5 (the paper's full fine-tuning rate): with AdamW the first step moves a
+# LoRA r16 adapter by ~lr x a width factor of its norm, measured 9.5e-5 (tiny test model) and 4.7e-4 (embedded
+# SmolLM2-135M) at 1e-5, 1.9e-3 and 9.4e-3 at 2e-4 (benchmarks/lora_movement.py). 2e-4 clears the no-op
+# watchdog's MOVE_MIN (1e-3) on both; 1e-5 fails it on both (docs/configuration.md, "Learning rate").
+DEFAULTS: dict[str, Any] = {
+    "max_steps": 100,
+    "learning_rate": 2e-4,
+    "num_generations": 4,
+    "max_completion_length": 128,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 2,
+    "temperature": 1.0,
+    "seed": 3407,
+    "logging_steps": 1,
+    "weight_decay": 0.01,
+    "max_grad_norm": 1.0,
+}
+
+
+CHECKPOINT_SUBDIR = "checkpoints"
+
+
+def _prompts_per_step(args: GRPOConfig) -> int:
+    return max(1, args.generation_batch_size // args.num_generations)
+
+
+def _device_settings(device: str) -> dict[str, Any]:
+    """Precision, optimizer and checkpointing that suit the device (fp16 on a T4, fp32 on CPU)."""
+    if device == "cuda":
+        bf16 = bf16_supported()
+        return {"bf16": bf16, "fp16": not bf16, "optim": "adamw_8bit", "gradient_checkpointing": True}
+    return {
+        "bf16": False,
+        "fp16": False,
+        "optim": "adamw_torch",
+        "gradient_checkpointing": False,
+        "use_cpu": device == "cpu",
+    }
+
+
+def _build_sdpo_config(base: SDPOConfig | None, **flat: Any) -> SDPOConfig:
+    if base is not None and not isinstance(base, SDPOConfig):
+        raise UsageError(f"`sdpo_config` must be an SDPOConfig, got {type(base).__name__}.")
+    values = base.to_dict() if base is not None else {}
+    for name, value in flat.items():
+        if value is None:
+            continue
+        if name == "distillation_topk" and value == "full":
+            value = None
+        values[name] = value
+    return SDPOConfig(**values)
+
+
+def _build_grpo_config(base: GRPOConfig | None, device: str, checkpoint_dir: Path, **flat: Any) -> GRPOConfig:
+    from trl import GRPOConfig
+
+    if base is not None and not isinstance(base, GRPOConfig):
+        raise UsageError(f"`grpo_config` must be a trl.GRPOConfig, got {type(base).__name__}.")
+    device_settings = _device_settings(device)
+    if base is None:
+        values: dict[str, Any] = {**DEFAULTS, **device_settings, "report_to": "none", "save_strategy": "no"}
+    else:
+        values = {f.name: getattr(base, f.name) for f in dataclasses.fields(base) if f.init}
+        # derived in __post_init__: recomputed from the (possibly overridden) batch settings
+        if values.get("steps_per_generation") == base.gradient_accumulation_steps:
+            values["steps_per_generation"] = None
+        values["generation_batch_size"] = None
+        for name in ("bf16", "fp16"):
+            if values.get(name) and not device_settings[name]:
+                warnings.warn(
+                    f"grpo_config.{name}=True does not suit this device ({device}); using "
+                    f"bf16={device_settings['bf16']}, fp16={device_settings['fp16']} instead.",
+                    stacklevel=3,
+                )
+                values.update(bf16=device_settings["bf16"], fp16=device_settings["fp16"])
+    for name, value in flat.items():
+        if value is not None:
+            values[name] = value
+    values["output_dir"] = str(checkpoint_dir)
+    values["remove_unused_columns"] = False  # rewards read dataset columns (answer, tests, ...)
+    mismatch = group_size_error(
+        values["per_device_train_batch_size"],
+        values.get("steps_per_generation") or values["gradient_accumulation_steps"],
+        values["num_generations"],
+        processes=int(os.environ.get("WORLD_SIZE", "1")),  # accelerate launch / torchrun
+    )
+    if mismatch:
+        raise UsageError(mismatch)
+    try:
+        return GRPOConfig(**values)
+    except ValueError as exc:
+        raise UsageError(f"invalid training settings: {exc}") from None
+
+
+def _resume_target(resume: bool | str, checkpoint_dir: Path) -> str | None:
+    if resume is False or resume is None:
+        return None
+    if resume is True:
+        found = last_complete_checkpoint(checkpoint_dir)
+        if found is None:
+            warnings.warn(
+                f"resume=True but {checkpoint_dir} has no complete checkpoint; starting from scratch.",
+                stacklevel=3,
+            )
+        return found
+    path = Path(resume)
+    if (path / "trainer_state.json").is_file():
+        return str(path)
+    found = last_complete_checkpoint(path)
+    if found is None:
+        raise UsageError(
+            f"resume={str(resume)!r} is neither a complete checkpoint (no trainer_state.json) nor a folder with one; "
+            "pass resume=True to pick the last complete checkpoint of this run."
+        )
+    return found
