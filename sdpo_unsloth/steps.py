@@ -9,9 +9,29 @@ layout of `old_per_token_logps` under TRL and unsloth.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import torch
+
+
+def hybrid_weights(rewards: list[float], group_size: int, *, weight: float, mode: str) -> list[float]:
+    """Per-sample GRPO weight of the hybrid: `weight` everywhere (`fixed`), or only in prompt groups whose
+    rewards differ (`per_group`; equal rewards give GRPO no signal, so those get pure SDPO).
+
+    >>> hybrid_weights([1.0, 0.0, 0.0, 0.0], 2, weight=0.9, mode="per_group")
+    [0.9, 0.9, 0.0, 0.0]
+    >>> hybrid_weights([1.0, 0.0], 2, weight=0.5, mode="fixed")
+    [0.5, 0.5]
+    """
+    if mode == "fixed":
+        return [weight] * len(rewards)
+    weights: list[float] = []
+    for start in range(0, len(rewards), group_size):
+        scores = [r for r in rewards[start : start + group_size] if math.isfinite(r)]
+        differ = len(scores) > 1 and max(scores) > min(scores)
+        weights += [weight if differ else 0.0] * group_size
+    return weights
 
 
 def align_old_logps(old: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:

@@ -27,7 +27,7 @@ __all__ = ["CHECKPOINT_SUBDIR", "DEFAULTS"]
 # them). Group size and batch follow the seed's example; weight decay and clipping are the paper's. The
 # learning rate is not the seed's 1e-5 (the paper's full fine-tuning rate): with AdamW the first step moves a
 # LoRA r16 adapter by ~lr x a width factor of its norm, measured 9.5e-5 (tiny test model) and 4.7e-4 (embedded
-# SmolLM2-135M) at 1e-5, 1.9e-3 and 9.4e-3 at 2e-4 (benchmarks/lora_movement.py). 2e-4 clears the no-op
+# SmolLM2-135M) at 1e-5, 1.9e-3 and 9.4e-3 at 2e-4 (benchmarks/learning/lora_movement.py). 2e-4 clears the no-op
 # watchdog's MOVE_MIN (1e-3) on both; 1e-5 fails it on both (docs/configuration.md, "Learning rate").
 DEFAULTS: dict[str, Any] = {
     "max_steps": 100,

@@ -13,7 +13,6 @@ callback are `teacher_state`; atomic checkpoints are `checkpoints.AtomicCheckpoi
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 from .bootstrap import bootstrap
@@ -34,7 +33,7 @@ from .diagnostics import diagnostic_callbacks  # noqa: E402
 from .heads import OutputHead, check_output_head, output_head  # noqa: E402
 from .preconditions import check_trainer_inputs  # noqa: E402
 from .rewards.protocol import CheckedReward, checked_reward, combine_feedback  # noqa: E402
-from .steps import StepStats, align_old_logps  # noqa: E402
+from .steps import StepStats, align_old_logps, hybrid_weights  # noqa: E402
 from .teacher import Reprompt, build_reprompt, plan_reprompts  # noqa: E402
 from .teacher_state import TeacherState, _prepare_model, _TeacherCallback  # noqa: E402
 
@@ -188,19 +187,6 @@ class _SDPOMixin(StepStats, TeacherState):
                     totals[i] = (totals[i] or 0.0) + weight * score
         return [float("nan") if total is None else total for total in totals]
 
-    def _hybrid_weights(self, rewards: list[float], group_size: int) -> list[float]:
-        """Per-sample GRPO weight of the hybrid: `grpo_weight` everywhere (`fixed`), or only in prompt groups
-        whose rewards differ (`per_group`; equal rewards give GRPO no signal, so those get pure SDPO)."""
-        cfg = self.sdpo_config
-        if cfg.hybrid_mode == "fixed":
-            return [cfg.grpo_weight] * len(rewards)
-        weights: list[float] = []
-        for start in range(0, len(rewards), group_size):
-            scores = [r for r in rewards[start : start + group_size] if math.isfinite(r)]
-            differ = len(scores) > 1 and max(scores) > min(scores)
-            weights += [cfg.grpo_weight if differ else 0.0] * group_size
-        return weights
-
     # ------------------------------------------------------------------ per-step bookkeeping
 
     def get_batch_samples(self, epoch_iterator: Any, num_batches: int, device: Any) -> Any:
@@ -275,7 +261,7 @@ class _SDPOMixin(StepStats, TeacherState):
         )
         start = self.accelerator.process_index * n if self.accelerator.num_processes > 1 else 0
         plans = all_plans[start : start + n]
-        weights = self._hybrid_weights(group[2], group_size)
+        weights = hybrid_weights(group[2], group_size, weight=cfg.grpo_weight, mode=cfg.hybrid_mode)
         output["sdpo_grpo_weight"] = torch.tensor(
             weights[start : start + n], dtype=torch.float32, device=device
         )

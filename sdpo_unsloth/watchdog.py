@@ -29,15 +29,15 @@ from transformers import TrainerCallback
 # Optimizer steps in a row a condition must hold before it warns.
 PATIENCE_STEPS = 5
 # `sdpo/teacher_student_kl` (nats per token, on the top-K support) under which the teacher teaches nothing.
-# Measured (benchmarks/lora_movement.py): the tests' tiny random model, whose near-uniform predictions barely
+# Measured (benchmarks/learning/lora_movement.py): the tests' tiny random model, whose near-uniform predictions barely
 # depend on the prompt, shows ~1e-4; a model whose predictions ignore the prompt shows 0 (tests/test_watchdog.py).
 GAP_MIN = 1e-6
 # `completions/clipped_ratio` at or above which completions count as cut at the token budget: nearly all of
 # them. A task scored on its first tokens can learn with many cut (the embedded addition demo, 8 tokens:
-# 0.875 and 0.75 in its first steps, benchmarks/lora_movement.py --model embedded, then learns).
+# 0.875 and 0.75 in its first steps, benchmarks/learning/lora_movement.py --model embedded, then learns).
 CLIPPED_MAX = 0.9
 # Student adapter relative change per step under which it counts as not moving. First AdamW step, LoRA r16
-# (benchmarks/lora_movement.py, docs/configuration.md "Learning rate"): lr 1e-5 moves the tiny test model's
+# (benchmarks/learning/lora_movement.py, docs/configuration.md "Learning rate"): lr 1e-5 moves the tiny test model's
 # adapter 9.5e-5 and the embedded SmolLM2-135M's 4.7e-4; lr 2e-4 (the kit's default) 1.9e-3 and 9.4e-3. It grows
 # with the layer width (LoRA A starts at ~1/sqrt(fan_in)), so wide models pass at lower rates.
 MOVE_MIN = 1e-3

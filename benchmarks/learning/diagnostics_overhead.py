@@ -1,8 +1,8 @@
 """Time spent in the per-token diagnostics and the no-op watchdog callbacks, against the step time.
 
-    OMP_NUM_THREADS=1 python benchmarks/diagnostics_overhead.py --model embedded --steps 4
+    OMP_NUM_THREADS=1 python benchmarks/learning/diagnostics_overhead.py --model embedded --steps 4
 
-Runs the real `SDPOTrainer` (setup of benchmarks/lora_movement.py: LoRA r16, 8 completions per step,
+Runs the real `SDPOTrainer` (setup of benchmarks/learning/lora_movement.py: LoRA r16, 8 completions per step,
 logging every step, `diagnostics_samples=4`) and times every call of the two callbacks' hooks.
 """
 

@@ -4,8 +4,8 @@ Runs the real `SDPOTrainer` for a few steps per learning rate and prints the per
 `sdpo/student_relative_change` (||theta_t - theta_{t-1}|| / ||theta_{t-1}|| over the student's trainable
 tensors, measured by `sdpo_unsloth.watchdog.NoOpWatchdog`) and the distillation loss.
 
-    OMP_NUM_THREADS=1 python benchmarks/lora_movement.py --model tiny --lrs 1e-5,5e-5,2e-4,5e-4
-    OMP_NUM_THREADS=1 python benchmarks/lora_movement.py --model embedded --lrs 1e-5,5e-5,2e-4 --steps 4
+    OMP_NUM_THREADS=1 python benchmarks/learning/lora_movement.py --model tiny --lrs 1e-5,5e-5,2e-4,5e-4
+    OMP_NUM_THREADS=1 python benchmarks/learning/lora_movement.py --model embedded --lrs 1e-5,5e-5,2e-4 --steps 4
 
 `tiny`: the tests' random 2-layer Qwen2 (hidden 32, LoRA r16), reward "has a digit". `embedded`:
 SmolLM2-135M-Instruct (LoRA r16, fp32 on CPU), one-digit addition with `AdditionReward`. Both: AdamW,
@@ -26,7 +26,7 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("SDPO_UNSLOTH_BACKEND", "transformers")
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))  # this checkout, not an installed copy
 
 
