@@ -16,7 +16,7 @@ from trl import GRPOConfig
 
 from sdpo_unsloth import SDPOConfig, SDPOTrainer
 from sdpo_unsloth.diagnostics import TokenDiagnostics, markdown_table, render_page, table_columns
-from sdpo_unsloth.teacher import adapter_scope
+from sdpo_unsloth.adapters import adapter_scope
 
 TEACHER = "sdpo_teacher"
 
