@@ -15,8 +15,8 @@ from transformers import TrainerCallback
 from trl import GRPOConfig
 
 from sdpo_unsloth import SDPOConfig, SDPOTrainer
-from sdpo_unsloth.diagnostics import TokenDiagnostics, markdown_table, render_page, table_columns
 from sdpo_unsloth.adapters import adapter_scope
+from sdpo_unsloth.diagnostics import TokenDiagnostics, markdown_table, render_page, table_columns
 
 TEACHER = "sdpo_teacher"
 

@@ -12,7 +12,14 @@ from trl import GRPOConfig
 
 from sdpo_unsloth import SDPOConfig, SDPOTrainer
 from sdpo_unsloth.api import DEFAULTS
-from sdpo_unsloth.watchdog import CLIPPED_MAX, MOVE_MIN, PATIENCE_STEPS, NoOpWarning, NoOpWatchdog
+from sdpo_unsloth.watchdog import (
+    CLIPPED_MAX,
+    MOVE_MIN,
+    PATIENCE_STEPS,
+    STALL_WINDOW,
+    NoOpWarning,
+    NoOpWatchdog,
+)
 
 STEPS = PATIENCE_STEPS + 1
 EOS = 3  # the tiny tokenizer's <|im_end|>
@@ -129,9 +136,12 @@ def test_constant_rewards_warn(tmp_path):
 
 def test_truncated_completions_warn(tmp_path):
     # <|im_end|> never sampled: every completion runs into the 4-token budget
-    fired, messages, _ = run(tmp_path, max_completion_length=4, generation_kwargs={"suppress_tokens": [EOS]})
+    options = dict(max_completion_length=4, generation_kwargs={"suppress_tokens": [EOS]})
+    fired, messages, _ = run(tmp_path / "zero", reward=EvenFirstChar(constant=0.0), **options)
     assert "truncated" in fired
     assert any("100% of completions" in m and "max_completion_length=4" in m for m in messages)
+    fired, _, _ = run(tmp_path / "scored", **options)  # cut, yet about half succeed: it can learn
+    assert "truncated" not in fired
 
 
 def test_warnings_can_be_switched_off(tmp_path):
@@ -162,7 +172,7 @@ class FirstOfEachGroup:
 
 
 def test_stalled_reward_with_successes_names_the_per_group_hybrid(tmp_path):
-    steps = 2 * PATIENCE_STEPS
+    steps = 2 * STALL_WINDOW
     fired, messages, _ = run(tmp_path / "sdpo", reward=FirstOfEachGroup(), max_steps=steps)
     assert "stalled_with_successes" in fired
     (message,) = [m for m in messages if "has not risen" in m]
