@@ -8,9 +8,6 @@ relative change per optimizer step, logged as `sdpo/student_relative_change`:
 
 It costs one copy of the student's trainable (LoRA) tensors, the size of the teacher adapter.
 
-One more warning is about regression rather than a no-op: successes present, a teacher-student gap, and a
-train reward falling under pure SDPO (`STALL_*` constants); it names the per-group hybrid.
-
 Each warning is a `NoOpWarning` (a `UserWarning`), raised at most once per run on the main process;
 silence all of them with `SDPOConfig(warn_noop=False)` or
 `warnings.filterwarnings("ignore", category=NoOpWarning)`. A condition must hold over `PATIENCE_STEPS`
@@ -43,16 +40,6 @@ CLIPPED_MAX = 0.9
 MOVE_MIN = 1e-3
 # Steps after warmup over which the mean relative change is compared with MOVE_MIN (once per run).
 MOVE_WINDOW = 3
-# Falling with successes (the case where pure SDPO lost to GRPO on a small model: its train reward ended
-# below its start): over the last 2 x STALL_WINDOW logs, at least STALL_SPREAD_MIN of prompt groups had
-# rewards that differ (GRPO has a signal), the teacher disagreed with the student, and the mean train reward
-# of the last STALL_WINDOW logs fell below that of the STALL_WINDOW before by STALL_DROP_MIN (absolute) and
-# STALL_DROP_SHARE (relative). A flat train reward is no sign: the embedded addition demo, which learns
-# (25% -> 97% held-out greedy in 30 steps), keeps a sampled train reward around 0.25 throughout.
-STALL_WINDOW = 10
-STALL_SPREAD_MIN = 0.25
-STALL_DROP_MIN = 0.1
-STALL_DROP_SHARE = 0.25
 
 
 class NoOpWarning(UserWarning):
@@ -74,7 +61,6 @@ class NoOpWatchdog(TrainerCallback):
         self._moves: list[float] = []
         self._streaks: dict[str, int] = {}  # cause -> global step before the streak began
         self._last_log_step = 0
-        self._history: list[tuple[float, float, float]] = []  # per log: (reward, groups with spread, gap)
 
     # ------------------------------------------------------------------ student movement
 
@@ -85,7 +71,6 @@ class NoOpWatchdog(TrainerCallback):
         self.fired.clear()
         self._moves = []
         self._streaks = {}
-        self._history = []
         self._last_log_step = state.global_step
         self._previous = self._snapshot()
 
@@ -166,7 +151,6 @@ class NoOpWatchdog(TrainerCallback):
                 "tokens can learn with most completions cut: this warns only when the rewards are 0.)",
             ),
         }
-        self._check_stall(logs, gap)
         for cause, (holds, message) in checks.items():
             if not holds:
                 self._streaks.pop(cause, None)
@@ -180,37 +164,6 @@ class NoOpWatchdog(TrainerCallback):
                     ),
                 )
         self._last_log_step = step
-
-    def _check_stall(self, logs: dict[str, Any], gap: float | None) -> None:
-        """Successes and a teacher gap are there, yet the train reward falls: under pure SDPO, say
-        that GRPO's signal (the groups whose rewards differ) is not used, and name the hybrid that uses it."""
-        reward, zero_std = logs.get("reward"), logs.get("frac_reward_zero_std")
-        if reward is None or zero_std is None or gap is None:
-            return
-        self._history.append((float(reward), 1.0 - float(zero_std), float(gap)))
-        window = STALL_WINDOW
-        if len(self._history) < 2 * window or self.trainer.sdpo_config.grpo_weight > 0:
-            return
-        earlier, recent = self._history[-2 * window : -window], self._history[-window:]
-
-        def mean(rows: list[tuple[float, float, float]], column: int) -> float:
-            return sum(row[column] for row in rows) / len(rows)
-
-        spread = mean(earlier + recent, 1)
-        before, after = mean(earlier, 0), mean(recent, 0)
-        drop = before - after
-        falling = drop >= STALL_DROP_MIN and drop >= STALL_DROP_SHARE * abs(before)
-        if spread >= STALL_SPREAD_MIN and mean(recent, 2) >= GAP_MIN and falling:
-            self._warn(
-                "falling_with_successes",
-                f"the train reward fell over the last {2 * window} logged steps ({before:.3f} then {after:.3f}) "
-                "although {spread:.0%} of prompt groups had rewards that differ and "
-                "the teacher disagrees with the student. Cause: pure SDPO distils the teacher's preferences and "
-                "ignores which siblings scored better; on small models, with feedback that names the answer, "
-                "it can teach the feedback's wording instead of the task. Fix: add GRPO's signal where a group "
-                "has one: SDPOConfig(grpo_weight=0.9, hybrid_mode='per_group') (pure distillation stays on "
-                "groups that all failed); compare held-out accuracy with SDPOConfig(enabled=False).",
-            )
 
     def _warn(self, cause: str, message: str) -> None:
         if cause in self.fired:

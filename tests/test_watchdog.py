@@ -16,7 +16,6 @@ from sdpo_unsloth.watchdog import (
     CLIPPED_MAX,
     MOVE_MIN,
     PATIENCE_STEPS,
-    STALL_WINDOW,
     NoOpWarning,
     NoOpWatchdog,
 )
@@ -157,34 +156,3 @@ def test_warnings_can_be_switched_off(tmp_path):
         train_dataset=Dataset.from_list([{"prompt": "1+1="}] * 8),
     )
     assert not any(isinstance(c, NoOpWatchdog) for c in trainer.callback_handler.callbacks)
-
-
-class FallingSuccesses:
-    """Each group of 4: the first two samples succeed for the first STALL_WINDOW calls, then only the first
-    (train reward 0.5, then 0.25), the rest fail with feedback: a reward spread in every group and a falling
-    train reward, the shape of the runs where pure SDPO lost to GRPO."""
-
-    __name__ = "falling_successes"
-
-    def __init__(self, fall: bool = True):
-        self.calls, self.fall = 0, fall
-
-    def __call__(self, prompts, completions, **kwargs):
-        self.calls += 1
-        winners = 1 if self.fall and self.calls > STALL_WINDOW else 2
-        scores = [float(i % 4 < winners) for i in range(len(completions))]
-        self.last_feedback = ["" if s else "Wrong. The answer is 7." for s in scores]
-        return scores
-
-
-def test_falling_reward_with_successes_names_the_per_group_hybrid(tmp_path):
-    steps = 2 * STALL_WINDOW
-    fired, messages, _ = run(tmp_path / "sdpo", reward=FallingSuccesses(), max_steps=steps)
-    assert "falling_with_successes" in fired
-    (message,) = [m for m in messages if "train reward fell" in m]
-    assert "0.500 then 0.250" in message and "hybrid_mode='per_group'" in message
-    fired, _, _ = run(tmp_path / "flat", reward=FallingSuccesses(fall=False), max_steps=steps)
-    assert "falling_with_successes" not in fired  # a flat train reward is no sign (the demo learns so)
-    hybrid = SDPOConfig(diagnostics_samples=0, grpo_weight=0.9, hybrid_mode="per_group")
-    fired, _, _ = run(tmp_path / "hybrid", reward=FallingSuccesses(), sdpo=hybrid, max_steps=steps)
-    assert "falling_with_successes" not in fired
