@@ -37,6 +37,8 @@ from .steps import StepStats, align_old_logps, hybrid_weights  # noqa: E402
 from .teacher import Reprompt, build_reprompt, plan_reprompts  # noqa: E402
 from .teacher_state import TeacherState, _prepare_model, _TeacherCallback  # noqa: E402
 
+_UNSET = object()
+
 
 class _SDPOMixin(StepStats, TeacherState):
     sdpo_config: SDPOConfig
@@ -296,11 +298,15 @@ class _SDPOMixin(StepStats, TeacherState):
         decoder = model.get_base_model().get_decoder()
         # Unsloth's fast decoder drops the attention mask in training mode unless told to keep it (exact
         # only for right padding; our rows are left-padded). Its own distillation trainers do the same.
+        previous = decoder.__dict__.get("_unsloth_keep_padding_mask", _UNSET)  # unsloth may have set it
         decoder._unsloth_keep_padding_mask = True
         try:
             hidden = decoder(input_ids=ids, attention_mask=mask, use_cache=False).last_hidden_state
         finally:
-            del decoder._unsloth_keep_padding_mask
+            if previous is _UNSET:
+                del decoder._unsloth_keep_padding_mask
+            else:
+                decoder._unsloth_keep_padding_mask = previous
         return hidden[:, -length - 1 : -1, :]
 
     @torch.no_grad()

@@ -186,3 +186,17 @@ def test_teacher_forward_has_no_dropout(tmp_path):
     length = inputs["completion_ids"].size(1)
     noisy = [trainer._completion_hidden(model, ids, attention, length).detach() for _ in range(2)]
     assert not torch.equal(*noisy)  # the student keeps its dropout
+
+
+def test_decoder_padding_flag_set_by_unsloth_is_restored(tmp_path):
+    """The loss sets unsloth's `_unsloth_keep_padding_mask` around its decoder calls and puts back any value
+    unsloth itself had set on the module (its distillation paths set and clear it too)."""
+    trainer = make_trainer(tmp_path, SDPOConfig(), reward=MixedTeachers(), max_steps=1)
+    decoder = trainer.model.get_base_model().get_decoder()
+    decoder._unsloth_keep_padding_mask = False
+    ids = torch.tensor([[5, 6, 7, 8]])
+    trainer._completion_hidden(trainer.model, ids, torch.ones_like(ids), 2)
+    assert decoder._unsloth_keep_padding_mask is False
+    del decoder._unsloth_keep_padding_mask
+    trainer._completion_hidden(trainer.model, ids, torch.ones_like(ids), 2)
+    assert "_unsloth_keep_padding_mask" not in decoder.__dict__
