@@ -91,7 +91,7 @@ class TimeBudget(TrainerCallback):
             return control
         saves = (1 + self.after_stop_saves) * self.save_estimate()
         needed = self.elapsed() + self.next_step_estimate() + saves + self.reserve_s
-        if needed > self.budget:
+        if _any_process(needed > self.budget):  # under several processes all stop at the same step
             self.stopped_at = state.global_step
             control.should_save = True
             control.should_training_stop = True
@@ -114,3 +114,18 @@ class TimeBudget(TrainerCallback):
             f"{self.elapsed():.1f} s (last step {last:.1f} s, next estimated {self.next_step_estimate():.1f} s); "
             f"complete checkpoint: {self.checkpoint}"
         )
+
+
+def _any_process(flag: bool) -> bool:
+    """`flag` of this process, or'ed over all processes when several train (a collective: every process
+    calls it at every step end)."""
+    import torch
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    from accelerate import PartialState
+
+    value = torch.tensor([float(flag)], device=PartialState().device)
+    dist.all_reduce(value, op=dist.ReduceOp.MAX)
+    return bool(value.item())

@@ -48,6 +48,7 @@ def main() -> None:
     parser.add_argument("--max-steps", type=int, default=2)
     parser.add_argument("--save-steps", type=int, default=0)
     parser.add_argument("--resume")
+    parser.add_argument("--time-budget", type=float)
     args = parser.parse_args()
     out = Path(args.out)
     tokenizer = make_tiny_tokenizer()
@@ -75,7 +76,7 @@ def main() -> None:
             data_seed=7,
             disable_tqdm=True,
         ),
-        sdpo_config=sdpo_unsloth.SDPOConfig(teacher_update_rate=0.5),
+        sdpo_config=sdpo_unsloth.SDPOConfig(teacher_update_rate=0.5, time_budget=args.time_budget),
         processing_class=tokenizer,
         reward_funcs=[FirstOfGroup()],
         train_dataset=Dataset.from_list(rows),
@@ -91,6 +92,7 @@ def main() -> None:
             "sample_mask": torch.cat([b["sdpo_sample_mask"] for b in buffered]),
             "lengths": torch.cat([b["completion_mask"].sum(1) for b in buffered]),
             "logs": trainer.state.log_history,
+            "global_step": trainer.state.global_step,
         },
         out / f"rank{rank}.pt",
     )
