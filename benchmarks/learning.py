@@ -67,6 +67,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
+def split_tasks(text: str) -> list[str]:
+    """Comma-separated task names; commas inside [...] (a gym config's list value) do not split.
+
+    >>> split_tasks('addition,gym:basic_arithmetic?operators=["+","-"]&max_terms=2,code')
+    ['addition', 'gym:basic_arithmetic?operators=["+","-"]&max_terms=2', 'code']
+    """
+    names, depth, current = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            names.append(current)
+            current = ""
+        else:
+            current += ch
+    return [n for n in [*names, current] if n]
+
+
 def settings(args: argparse.Namespace) -> dict:
     from sdpo_unsloth.tasks.addition import DEMO_SETTINGS
 
@@ -169,7 +186,11 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
     t0 = time.perf_counter()
     model, tokenizer = _load(s, seed, teacher=not grpo)
     budget = s["max_completion_length"]
-    emit(out, {**key, "kind": "eval", "step": 0, "acc": score(model, tokenizer, task, budget), "t": 0.0})
+    before = report.untrained_score(out, key)  # LoRA B starts at 0: step 0 is the same model for every run
+    if before is None:
+        emit(out, {**key, "kind": "eval", "step": 0, "acc": score(model, tokenizer, task, budget), "t": 0.0})
+    else:
+        emit(out, {**key, "kind": "eval", "step": 0, "acc": before, "t": 0.0, "reused": True})
     sdpo = (
         SDPOConfig(enabled=False)
         if grpo
@@ -286,7 +307,7 @@ Reproduce (CPU; raw JSON lines: `docs/panel/`; reruns skip finished runs):
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    tasks = args.tasks.split(",")
+    tasks = split_tasks(args.tasks)
     if args.start_only:
         start_only(settings(args), tasks, args.out)
         return 0

@@ -41,6 +41,22 @@ def load(out: str | Path) -> tuple[dict, dict]:
     return {k: v for k, v in curves.items() if k in meta}, meta
 
 
+def untrained_score(out: str | Path, key: dict) -> float | None:
+    """A step-0 score measured earlier in `out` for the same task, model, budget and held-out size.
+
+    Greedy decoding of the untrained model (LoRA B = 0, so the seed and the method do not change it) is
+    deterministic: one measurement per task serves every run.
+    """
+    same = ("task", "model", "max_completion_length", "held")
+    if Path(out).exists():
+        for line in Path(out).read_text().splitlines():
+            r = json.loads(line)
+            measured = r["kind"] == "eval" and r["step"] == 0 and not r.get("reused")
+            if measured and all(r.get(k) == key[k] for k in same):
+                return r["acc"]
+    return None
+
+
 def label(method: str) -> str:
     name, _, lr = method.partition("@")
     name = f"hybrid (grpo_weight={name[6:]})" if name.startswith("hybrid") else name.upper()
