@@ -275,15 +275,17 @@ def section(summary: dict, meta: dict, starts: list[dict], notes: str, command: 
 **Measured** on CPU (2 cores shared with other jobs, `OMP_NUM_THREADS=1`, fp32), embedded SmolLM2-135M-Instruct,
 tasks {tasks}. One setting for every task and method: {m["max_steps"]} optimizer steps,
 {d["per_device_train_batch_size"] // d["num_generations"]} prompts x {d["num_generations"]} generations per step,
-temperature {d["temperature"]:g}, **completion budget {m["max_completion_length"]} tokens for every task** (the
-addition demo's 8 tokens cannot hold a code answer, so all tasks get the code task's budget), lr {d["learning_rate"]:g},
+temperature {d["temperature"]:g}, **completion budget {m["max_completion_length"]} tokens for every task** (a code answer, a
+```` ```python ```` block with a `def`, does not fit in the addition demo's 8 tokens, so every task gets the code
+task's budget), lr {d["learning_rate"]:g},
 LoRA r={d["lora_r"]}, AdamW wd 0.01, grad clip 1.0; SDPO = `DEMO_SETTINGS` (alpha {d["alpha"]:g}, top-K
 {d["distillation_topk"]} + tail, {d["teacher_mode"]} teacher {d["teacher_update_rate"]:g}); GRPO =
 `SDPOConfig(enabled=False)` on the same `SDPOTrainer`. No per-task tuning. Rows per task: the library's own
 `train(dataset=...)` resolution (100 rows, 40 for code), {m["held"]} held out (at most half the rows: 20 for
 code) with a split that does not depend on the training seed. Score = mean held-out reward of greedy
-completions under the task's own reward (accuracy for addition and reasoning-gym; for code the mean
-fraction of hidden tests passed), at step 0 and every few steps. Spread = sample sd over seeds.
+completions under the task's own reward (addition: accuracy; reasoning-gym: the task's verifier, 1 for a
+correct answer and for some tasks a small partial credit such as 0.01 for a wrong one; code: the fraction of
+hidden tests passed), at step 0 and every few steps. Spread = sample sd over seeds.
 
 Starting scores of the candidate tasks (untrained model, `--start-only`):
 
@@ -309,6 +311,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tasks = split_tasks(args.tasks)
     if args.start_only:
+        emit(args.out, {"kind": "command", "argv": sys.argv[1:] if argv is None else list(argv)})
         start_only(settings(args), tasks, args.out)
         return 0
     if not args.report_only:
@@ -345,7 +348,8 @@ def main(argv: list[str] | None = None) -> int:
 
         notes = Path(args.notes).read_text() if args.notes else ""
         starts = report.starts(args.start) if args.start else []
-        runs = [*report.commands(args.out), sys.argv[1:] if argv is None else list(argv)]
+        screens = report.commands(args.start) if args.start else []
+        runs = [*screens, *report.commands(args.out), sys.argv[1:] if argv is None else list(argv)]
         command = "\n".join(
             "OMP_NUM_THREADS=1 python benchmarks/learning.py " + " ".join(shlex.quote(a) for a in run)
             for run in runs
