@@ -170,7 +170,7 @@ def plot(curves: dict, summary: dict[str, list[dict]], path: Path, title: str) -
                 color=color,
                 ls=ls,
                 lw=2.5,
-                label=f"{label(r['method'])} ({len(r['seeds'])} seeds)",
+                label=f"{label(r['method'])} ({len(r['seeds'])} seed{'s' * (len(r['seeds']) > 1)})",
             )
         ax.set_title(short_name(task), fontsize=10)
         ax.set_xlabel("optimizer step")
