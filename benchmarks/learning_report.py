@@ -1,0 +1,219 @@
+"""Summaries of `learning.py`'s JSON lines: per task and method, every seed before/after, mean and spread.
+
+Records without a ``task`` field (files written before the panel) count as ``addition``. A run counts
+once it has its ``done`` record; a restarted run (a new step-0 record) replaces a partial one.
+"""
+
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+from learning_tasks import short_name
+
+COLORS = {"grpo": "tab:blue", "sdpo": "tab:red", "hybrid": "tab:purple"}
+ORDER = {"grpo": 0, "sdpo": 1}
+
+
+def run_key(r: dict) -> tuple[str, str, int]:
+    return (r.get("task", "addition"), r["method"], r["seed"])
+
+
+def load(out: str | Path) -> tuple[dict, dict]:
+    """curves[(task, method, seed)] = {step: score} for finished runs; meta[...] = the done record."""
+    curves: dict = {}
+    meta: dict = {}
+    if not Path(out).exists():
+        return curves, meta
+    for line in Path(out).read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] not in ("eval", "done"):
+            continue
+        k = run_key(r)
+        if r["kind"] == "eval":
+            if r["step"] == 0:
+                curves[k] = {}  # a restarted run replaces a partial one
+                meta.pop(k, None)
+            curves.setdefault(k, {})[r["step"]] = r["acc"]
+        else:
+            meta[k] = r
+    return {k: v for k, v in curves.items() if k in meta}, meta
+
+
+def untrained_score(out: str | Path, key: dict) -> float | None:
+    """A step-0 score measured earlier in `out` for the same task, model, budget and held-out size.
+
+    Greedy decoding of the untrained model (LoRA B = 0, so the seed and the method do not change it) is
+    deterministic: one measurement per task serves every run.
+    """
+    same = ("task", "model", "max_completion_length", "held")
+    if Path(out).exists():
+        for line in Path(out).read_text().splitlines():
+            r = json.loads(line)
+            measured = r["kind"] == "eval" and r["step"] == 0 and not r.get("reused")
+            if measured and all(r.get(k) == key[k] for k in same):
+                return r["acc"]
+    return None
+
+
+def label(method: str) -> str:
+    name, _, lr = method.partition("@")
+    name = f"hybrid (grpo_weight={name[6:]})" if name.startswith("hybrid") else name.upper()
+    return name + (f" lr {lr}" if lr else "")
+
+
+def summarise(curves: dict, meta: dict) -> dict[str, list[dict]]:
+    """rows[task] = one dict per method: per-seed before/after, final mean, sd, min, max, mean curve."""
+    tasks = list(dict.fromkeys(t for t, _, _ in curves))
+    out: dict[str, list[dict]] = {}
+    for task in tasks:
+        methods = sorted(
+            dict.fromkeys(m for t, m, _ in curves if t == task),
+            key=lambda m: (ORDER.get(m.partition("@")[0], 2), m),
+        )
+        rows = []
+        for m in methods:
+            runs = {seed: c for (t, mm, seed), c in sorted(curves.items()) if t == task and mm == m}
+            finals = [c[max(c)] for c in runs.values()]
+            steps = sorted(set.intersection(*(set(c) for c in runs.values())))
+            rows.append(
+                {
+                    "task": task,
+                    "method": m,
+                    "lr": meta[(task, m, next(iter(runs)))]["lr"],
+                    "seeds": list(runs),
+                    "per_seed": {seed: (c[0], c[max(c)]) for seed, c in runs.items()},
+                    "before": statistics.mean(c[0] for c in runs.values()),
+                    "final_mean": statistics.mean(finals),
+                    "final_sd": statistics.stdev(finals) if len(finals) > 1 else 0.0,
+                    "final_min": min(finals),
+                    "final_max": max(finals),
+                    "mean_curve": {st: statistics.mean(c[st] for c in runs.values()) for st in steps},
+                    "max_steps": max(max(c) for c in runs.values()),
+                    "s_per_step": statistics.mean(meta[(task, m, seed)]["s_per_step"] for seed in runs),
+                }
+            )
+        out[task] = rows
+    return out
+
+
+def pct(x: float) -> str:
+    return f"{100 * x:.1f}"
+
+
+def table(summary: dict[str, list[dict]]) -> str:
+    lines = [
+        "| task | method | seeds | before -> after, per seed | before (mean) | after mean ± sd | min-max "
+        "| after - before | s/step |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for task, rows in summary.items():
+        for r in rows:
+            per = "; ".join(f"s{seed}: {pct(b)} -> {pct(a)}" for seed, (b, a) in r["per_seed"].items())
+            lines.append(
+                f"| {short_name(task)} | {label(r['method'])} | {len(r['seeds'])} | {per} | {pct(r['before'])} "
+                f"| **{pct(r['final_mean'])}** ± {pct(r['final_sd'])} | {pct(r['final_min'])}-{pct(r['final_max'])} "
+                f"| {100 * (r['final_mean'] - r['before']):+.1f} | {r['s_per_step']:.1f} |"
+            )
+    return "\n".join(lines)
+
+
+def verdicts(summary: dict[str, list[dict]]) -> list[str]:
+    """One line per task: SDPO's mean after training against GRPO's (on the seeds both finished)."""
+    lines = []
+    for task, rows in summary.items():
+        by = {r["method"]: r for r in rows}
+        if "grpo" not in by or "sdpo" not in by:
+            lines.append(f"- {short_name(task)}: not compared yet (needs finished grpo and sdpo runs).")
+            continue
+        g, s = by["grpo"], by["sdpo"]
+        common = sorted(set(g["seeds"]) & set(s["seeds"]))
+        gm = statistics.mean(g["per_seed"][k][1] for k in common)
+        sm = statistics.mean(s["per_seed"][k][1] for k in common)
+        word = "**below**" if sm < gm - 1e-9 else "equal to" if abs(sm - gm) <= 1e-9 else "above"
+        lines.append(
+            f"- {short_name(task)} (seeds {','.join(map(str, common))}): SDPO {pct(sm)} vs GRPO {pct(gm)} "
+            f"after training: SDPO's mean is {word} GRPO's ({100 * (sm - gm):+.1f} points)."
+        )
+    return lines
+
+
+def _color(method: str) -> tuple[str, str]:
+    name, _, lr = method.partition("@")
+    return COLORS["hybrid" if name.startswith("hybrid") else name], (":" if lr else "-")
+
+
+def plot(curves: dict, summary: dict[str, list[dict]], path: Path, title: str) -> None:
+    """One panel per task: thin lines per seed, thick the mean over seeds."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    n = len(summary)
+    cols = min(n, 4)
+    nrows = (n + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(4.6 * cols, 3.9 * nrows), dpi=100, squeeze=False)
+    for ax, (task, rows) in zip(axes.flat, summary.items(), strict=False):
+        for (t, m, _seed), c in sorted(curves.items()):
+            if t == task:
+                xs = sorted(c)
+                color, ls = _color(m)
+                ax.plot(xs, [100 * c[x] for x in xs], color=color, ls=ls, alpha=0.3, lw=1, marker=".")
+        for r in rows:
+            xs = sorted(r["mean_curve"])
+            color, ls = _color(r["method"])
+            ax.plot(
+                xs,
+                [100 * r["mean_curve"][x] for x in xs],
+                color=color,
+                ls=ls,
+                lw=2.5,
+                label=f"{label(r['method'])} ({len(r['seeds'])} seed{'s' * (len(r['seeds']) > 1)})",
+            )
+        ax.set_title(short_name(task), fontsize=10)
+        ax.set_xlabel("optimizer step")
+        ax.set_ylabel("held-out greedy score (%)")
+        ax.set_ylim(-3, 103)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="upper left")
+    for ax in list(axes.flat)[n:]:
+        ax.set_visible(False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    path.parent.mkdir(exist_ok=True)
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def commands(path: str | Path) -> list[list[str]]:
+    """The distinct command lines that trained runs into `path`, in first-seen order."""
+    found: dict = {}
+    if Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            r = json.loads(line)
+            if r["kind"] == "command":
+                found.setdefault(json.dumps(r["argv"]), r["argv"])
+    return list(found.values())
+
+
+def starts(path: str | Path) -> list[dict]:
+    """The `--start-only` screen: one record per (task, budget), the last one measured."""
+    found: dict = {}
+    if Path(path).exists():
+        for line in Path(path).read_text().splitlines():
+            r = json.loads(line)
+            if r["kind"] == "start":
+                found[(r["task"], r["max_completion_length"])] = r
+    return list(found.values())
+
+
+def start_table(records: list[dict]) -> str:
+    lines = [
+        "| task | held-out rows | completion budget (tokens) | greedy score before training |",
+        "|---|---|---|---|",
+    ]
+    for r in records:
+        lines.append(f"| `{r['task']}` | {r['held']} | {r['max_completion_length']} | {pct(r['acc'])}% |")
+    return "\n".join(lines)

@@ -1,0 +1,56 @@
+"""The tasks of the learning panel: one fixed held-out split, the task's own reward, greedy scoring.
+
+Every task goes through the library's own resolution (`sdpo_unsloth.api._resolve_dataset`,
+`_resolve_rewards`, `_split`, `_evaluate`), the same path as `sdpo_unsloth.train(dataset=...)`:
+
+- ``addition``: the demo's one-digit additions (100 distinct problems), `AdditionReward`;
+- ``code``: the 40 sandboxed Python tasks of `sdpo_unsloth.tasks.code`, `CodeExecutionReward`
+  (reward = fraction of hidden tests passed, feedback names the failing inputs);
+- ``gym:<task>?key=value&...``: a reasoning-gym task, `GymReward` (the task's verifier + feedback).
+
+Held-out score = mean reward of greedy completions on the held-out rows (for addition and the
+gym tasks that is the accuracy; for code the mean fraction of tests passed). The split does not depend
+on the training seed: every run of a task is scored on the same rows.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+SPLIT_SEED = 0  # the task rows and the held-out split; training seeds vary separately
+POOL = 100  # rows drawn per task (one-digit addition has exactly 100 distinct problems)
+
+
+@dataclass
+class PanelTask:
+    name: str
+    held: list[dict[str, Any]]
+    train: list[dict[str, Any]]
+    reward: Any  # a fresh instance of the task's reward (it carries `last_feedback`)
+
+
+def load_task(name: str, held_size: int) -> PanelTask:
+    """`held_size` rows held out (at most half the rows: the code task has 40), the rest for training."""
+    from sdpo_unsloth.api import _resolve_dataset, _resolve_rewards, _split
+
+    data, task = _resolve_dataset(name, POOL, SPLIT_SEED)
+    if task is None:
+        raise SystemExit(f"{name!r} is not a built-in task: use addition, code or gym:<task>?key=value&...")
+    held, train = _split(data, min(held_size, len(data) // 2), SPLIT_SEED)
+    return PanelTask(name, held, [train[i] for i in range(len(train))], _resolve_rewards(None, task)[0])
+
+
+def score(model: Any, tokenizer: Any, task: PanelTask, max_new_tokens: int) -> float:
+    """Mean reward of greedy completions on the held-out rows (eval mode; training mode restored)."""
+    from sdpo_unsloth.api import _evaluate
+
+    value = _evaluate(model, tokenizer, task.held, task.reward, max_new_tokens=max_new_tokens, batch_size=16)
+    if value is None:
+        raise RuntimeError(f"{task.name}: every held-out row was skipped by the reward; nothing to score")
+    return value
+
+
+def short_name(name: str) -> str:
+    """'gym:chain_sum?max_terms=2' -> 'chain_sum'; plot titles and table headers use it."""
+    return name.removeprefix("gym:").partition("?")[0]
