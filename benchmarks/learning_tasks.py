@@ -32,7 +32,7 @@ class PanelTask:
 
 def load_task(name: str, held_size: int) -> PanelTask:
     """`held_size` rows held out (at most half the rows: the code task has 40), the rest for training."""
-    from sdpo_unsloth.api import _resolve_dataset, _resolve_rewards, _split
+    from sdpo_unsloth.data import _resolve_dataset, _resolve_rewards, _split
 
     data, task = _resolve_dataset(name, POOL, SPLIT_SEED)
     if task is None:
@@ -43,9 +43,11 @@ def load_task(name: str, held_size: int) -> PanelTask:
 
 def score(model: Any, tokenizer: Any, task: PanelTask, max_new_tokens: int) -> float:
     """Mean reward of greedy completions on the held-out rows (eval mode; training mode restored)."""
-    from sdpo_unsloth.api import _evaluate
+    from sdpo_unsloth.evaluate import evaluate_model
 
-    value = _evaluate(model, tokenizer, task.held, task.reward, max_new_tokens=max_new_tokens, batch_size=16)
+    value = evaluate_model(
+        model, tokenizer, task.held, task.reward, max_new_tokens=max_new_tokens, batch_size=16
+    )
     if value is None:
         raise RuntimeError(f"{task.name}: every held-out row was skipped by the reward; nothing to score")
     return value
