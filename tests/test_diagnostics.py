@@ -11,8 +11,8 @@ from types import SimpleNamespace
 import torch
 from conftest import make_tiny_model, make_tiny_tokenizer
 from datasets import Dataset
+from test_trainer import grpo_args
 from transformers import TrainerCallback
-from trl import GRPOConfig
 
 from sdpo_unsloth import SDPOConfig, SDPOTrainer
 from sdpo_unsloth.adapters import adapter_scope
@@ -45,30 +45,10 @@ def tiny_trainer(tmp_path, sdpo_config: SDPOConfig, **overrides) -> SDPOTrainer:
         for a in range(4)
         for b in range(4)
     ]
-    options = dict(
-        output_dir=str(tmp_path / "run"),
-        num_generations=4,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
-        max_completion_length=6,
-        max_steps=1,
-        learning_rate=2e-2,
-        gradient_checkpointing=False,
-        report_to=[],
-        logging_steps=1,
-        use_cpu=True,
-        save_strategy="no",
-        bf16=False,
-        temperature=1.0,
-        seed=7,
-        data_seed=7,
-        disable_tqdm=True,
-    )
-    options.update(overrides)
     torch.manual_seed(0)
     return SDPOTrainer(
         model=make_tiny_model(len(tokenizer)),
-        args=GRPOConfig(**options),
+        args=grpo_args(tmp_path, **{"max_steps": 1, **overrides}),
         sdpo_config=sdpo_config,
         processing_class=tokenizer,
         reward_funcs=[Digits()],

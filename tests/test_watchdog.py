@@ -8,6 +8,7 @@ import pytest
 import torch
 from conftest import make_tiny_model, make_tiny_tokenizer
 from datasets import Dataset
+from test_trainer import grpo_args
 from trl import GRPOConfig
 
 from sdpo_unsloth import SDPOConfig, SDPOTrainer
@@ -48,23 +49,10 @@ def run(tmp_path, reward=None, model=None, sdpo=None, **overrides) -> tuple[set[
     tokenizer = make_tiny_tokenizer()
     rows = [{"prompt": [{"role": "user", "content": f"{a}+{b}="}]} for a in range(4) for b in range(4)]
     options = dict(
-        output_dir=str(tmp_path / "run"),
-        num_generations=4,
         per_device_train_batch_size=8,
         gradient_accumulation_steps=1,
-        max_completion_length=6,
         max_steps=STEPS,
         learning_rate=DEFAULTS["learning_rate"],
-        gradient_checkpointing=False,
-        report_to=[],
-        logging_steps=1,
-        use_cpu=True,
-        save_strategy="no",
-        bf16=False,
-        temperature=1.0,
-        seed=7,
-        data_seed=7,
-        disable_tqdm=True,
         # A random tiny model rarely ends a completion: favour <|im_end|> so completions end early.
         generation_kwargs={"sequence_bias": {(EOS,): 4.5}},
     )
@@ -72,7 +60,7 @@ def run(tmp_path, reward=None, model=None, sdpo=None, **overrides) -> tuple[set[
     torch.manual_seed(0)
     trainer = SDPOTrainer(
         model=model if model is not None else make_tiny_model(len(tokenizer)),
-        args=GRPOConfig(**options),
+        args=grpo_args(tmp_path, **options),
         sdpo_config=sdpo or SDPOConfig(diagnostics_samples=0),
         processing_class=tokenizer,
         reward_funcs=[reward or EvenFirstChar()],
