@@ -12,7 +12,7 @@ import argparse
 import time
 import warnings
 
-from lora_movement import _embedded, _tiny  # same folder: the model/task setup
+from lora_movement import _embedded, _tiny, grpo_args  # same folder: the model/task setup
 
 
 def main() -> None:
@@ -21,10 +21,6 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
 
-    import tempfile
-
-    from trl import GRPOConfig
-
     from sdpo_unsloth import SDPOConfig, SDPOTrainer
     from sdpo_unsloth.diagnostics import TokenDiagnostics
     from sdpo_unsloth.watchdog import NoOpWatchdog
@@ -32,23 +28,7 @@ def main() -> None:
     model, tokenizer, data, reward, length = _tiny() if args.model == "tiny" else _embedded()
     trainer = SDPOTrainer(
         model=model,
-        args=GRPOConfig(
-            output_dir=tempfile.mkdtemp(),
-            num_generations=4,
-            per_device_train_batch_size=8,
-            max_completion_length=length,
-            max_steps=args.steps,
-            learning_rate=2e-4,
-            gradient_checkpointing=False,
-            report_to=[],
-            logging_steps=1,
-            use_cpu=True,
-            save_strategy="no",
-            bf16=False,
-            temperature=0.7,
-            seed=0,
-            disable_tqdm=True,
-        ),
+        args=grpo_args(length, args.steps, 2e-4),
         sdpo_config=SDPOConfig(diagnostics_samples=4),
         processing_class=tokenizer,
         reward_funcs=[reward],

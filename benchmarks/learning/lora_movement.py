@@ -21,6 +21,7 @@ import tempfile
 import time
 import warnings
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -58,13 +59,11 @@ def _embedded():
     return model, tokenizer, Dataset.from_list(addition_dataset(64, seed=0)), AdditionReward(), MAX_NEW_TOKENS
 
 
-def run(model_name: str, lr: float, steps: int) -> list[tuple[float, float | None]]:
+def grpo_args(length: int, steps: int, lr: float) -> Any:
+    """The GRPOConfig of these measurements (also used by diagnostics_overhead.py): 8 completions per step."""
     from trl import GRPOConfig
 
-    from sdpo_unsloth import SDPOConfig, SDPOTrainer
-
-    model, tokenizer, data, reward, length = _tiny() if model_name == "tiny" else _embedded()
-    args = GRPOConfig(
+    return GRPOConfig(
         output_dir=tempfile.mkdtemp(),
         num_generations=4,
         per_device_train_batch_size=8,
@@ -82,6 +81,14 @@ def run(model_name: str, lr: float, steps: int) -> list[tuple[float, float | Non
         seed=0,
         disable_tqdm=True,
     )
+
+
+def run(model_name: str, lr: float, steps: int) -> list[tuple[float, float | None]]:
+
+    from sdpo_unsloth import SDPOConfig, SDPOTrainer
+
+    model, tokenizer, data, reward, length = _tiny() if model_name == "tiny" else _embedded()
+    args = grpo_args(length, steps, lr)
     trainer = SDPOTrainer(
         model=model,
         args=args,
