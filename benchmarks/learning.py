@@ -17,7 +17,8 @@ CPU (embedded SmolLM2-135M-Instruct; DEMO_SETTINGS unless a flag overrides it, f
         --seeds 0,1,2 --max-steps 20 --eval-every 10 --max-completion-length 64 --out /tmp/panel.jsonl
     python benchmarks/learning.py --report-only --out /tmp/panel.jsonl --start /tmp/start.jsonl --write
 
-Methods: `grpo`, `sdpo`, `hybridW` (SDPOConfig(grpo_weight=W)); `grpo@LR` / `sdpo@LR` override lr.
+Methods: `grpo`, `sdpo`, `hybridW` (SDPOConfig(grpo_weight=W)), `pgW` (the same with hybrid_mode="per_group",
+W defaults to 1: GRPO in groups whose rewards differ, SDPO in the others); `grpo@LR` / `sdpo@LR` override lr.
 """
 
 from __future__ import annotations
@@ -103,17 +104,19 @@ def settings(args: argparse.Namespace) -> dict:
     return s
 
 
-def method_spec(method: str, s: dict) -> tuple[float, float | None]:
-    """(learning rate, grpo_weight); grpo_weight None = plain GRPO."""
+def method_spec(method: str, s: dict) -> tuple[float, float | None, str]:
+    """(learning rate, grpo_weight, hybrid_mode); grpo_weight None = plain GRPO."""
     name, _, lr = method.partition("@")
     lr_value = float(lr) if lr else s["learning_rate"]
     if name == "grpo":
-        return lr_value, None
+        return lr_value, None, "fixed"
     if name == "sdpo":
-        return lr_value, 0.0
+        return lr_value, 0.0, "fixed"
     if name.startswith("hybrid"):
-        return lr_value, float(name[len("hybrid") :] or 0.9)
-    raise SystemExit(f"unknown method {method!r}: use grpo, sdpo, hybridW, optionally @lr")
+        return lr_value, float(name[len("hybrid") :] or 0.9), "fixed"
+    if name.startswith("pg"):
+        return lr_value, float(name[len("pg") :] or 1.0), "per_group"
+    raise SystemExit(f"unknown method {method!r}: use grpo, sdpo, hybridW, pgW, optionally @lr")
 
 
 def emit(path: str, record: dict) -> None:
@@ -167,7 +170,7 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
 
     if not s["gpu"]:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    lr, grpo_weight = method_spec(method, s)
+    lr, grpo_weight, hybrid_mode = method_spec(method, s)
     grpo = grpo_weight is None
     key = {
         "task": task.name,
@@ -200,6 +203,7 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
             teacher_mode=s["teacher_mode"],
             teacher_update_rate=s["teacher_update_rate"],
             grpo_weight=grpo_weight,
+            hybrid_mode=hybrid_mode,
         )
     )
     args = GRPOConfig(

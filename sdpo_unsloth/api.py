@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, Literal
 
 from .bootstrap import Backend, bootstrap
 from .checkpoints import last_complete_checkpoint
-from .config import SDPOConfig, TeacherMode
+from .config import HybridMode, SDPOConfig, TeacherMode
 from .data import BUILTIN_TASKS, TrainInputs, _is_task, resolve_inputs, task_completion_length
 from .evaluate import evaluate_model
 from .preconditions import UsageError, check_prompt_lengths, check_tokenizer, check_writable
@@ -202,6 +202,7 @@ def train(
     teacher_mode: TeacherMode | None = None,
     teacher_update_rate: float | None = None,
     grpo_weight: float | None = None,
+    hybrid_mode: HybridMode | None = None,
     lora_r: int = 16,
     lora_alpha: int | None = None,
     load_in_4bit: bool | None = None,
@@ -211,6 +212,7 @@ def train(
     eval_size: int | None = None,
     eval_dataset: Dataset | Sequence[Mapping[str, Any]] | str | None = None,
     eval_batch_size: int = 16,
+    eval_steps: int | None = None,
     save_steps: int | None = None,
     resume: bool | str = False,
     checkpoint_dir: str | None = None,
@@ -252,6 +254,8 @@ def train(
         teacher_mode: "ema" (default), "frozen", "live" or "trust_region".
         teacher_update_rate: EMA rate / trust-region mix (default 0.05).
         grpo_weight: opt-in hybrid loss weight of GRPO (paper Eq. 3); default 0 (pure SDPO).
+        hybrid_mode: "fixed" (grpo_weight on every sample) or "per_group" (grpo_weight only in prompt groups
+            whose rewards differ, pure distillation elsewhere); default "fixed".
         lora_r: LoRA rank of the student.
         lora_alpha: LoRA alpha (default: lora_r).
         load_in_4bit: nf4 base weights; default True on a CUDA GPU, False on CPU (bitsandbytes' CPU
@@ -264,6 +268,9 @@ def train(
         eval_dataset: held-out rows to score instead (a Dataset, list of dicts or file, with the columns
             the first reward reads); then all of `dataset` trains.
         eval_batch_size: prompts per generation batch in evaluation.
+        eval_steps: also score the held-out rows every N optimizer steps, logged as `eval/heldout_score`; a score
+            below the starting one by more than evaluation noise raises a `RegressionWarning` naming the setting
+            that helps (the same check runs on the final score). Default: once, halfway; 0: only before/after.
         save_steps: write a checkpoint every N steps (keeps the last 2); None: no checkpoints.
         resume: True resumes from the last complete checkpoint in the checkpoint folder (if any); a path
             resumes from that checkpoint.
@@ -300,6 +307,8 @@ def train(
     _check_export_formats(export_formats)
     if eval_size is not None and eval_size < 0:
         raise UsageError(f"`eval_size` must be >= 0, got {eval_size}.")
+    if eval_steps is not None and eval_steps < 0:
+        raise UsageError(f"`eval_steps` must be >= 0 (0: score only before and after), got {eval_steps}.")
     task_name = str(dataset) if _is_task(dataset) else None
     if max_completion_length is None and task_name and (grpo_config is None):
         max_completion_length = task_completion_length(task_name)
@@ -312,6 +321,7 @@ def train(
         teacher_mode=teacher_mode,
         teacher_update_rate=teacher_update_rate,
         grpo_weight=grpo_weight,
+        hybrid_mode=hybrid_mode,
         time_budget=time_budget,
         reward_timeout=reward_timeout,
     )
@@ -393,6 +403,25 @@ def train(
         trainer.time_budget.start = started
         trainer.time_budget.reserve_s = time.monotonic() - eval_started if before is not None else 0.0
         trainer.time_budget.after_stop_saves = len(export_formats)
+    from .heldout import HeldOutMonitor
+
+    monitor = None
+    if main and inputs.eval_rows and eval_steps != 0 and args.max_steps > 1:
+        every = eval_steps if eval_steps is not None else max(1, args.max_steps // 2)
+        monitor = HeldOutMonitor(
+            trainer,
+            lambda: evaluate_model(
+                trainer.accelerator.unwrap_model(trainer.model),
+                tokenizer,
+                inputs.eval_rows,
+                reward,
+                **eval_kwargs,
+            ),
+            before,
+            len(inputs.eval_rows),
+            every,
+        )
+        trainer.add_callback(monitor)
     if not progress:  # with the bar off, the Trainer would print each log dict instead
         from transformers import PrinterCallback
 
@@ -413,6 +442,8 @@ def train(
     # evaluate and export (main process)
     trained = trainer.accelerator.unwrap_model(trainer.model)
     after = evaluate_model(trained, tokenizer, inputs.eval_rows, reward, **eval_kwargs) if main else None
+    if monitor is not None and after is not None:
+        monitor.check(trainer.state.global_step, after)
     exports, gguf_file = _export_all(
         trainer, tokenizer, sdpo, output, export_formats if main else (), chosen.device
     )
@@ -445,6 +476,9 @@ def train(
     )
     summary["sdpo_config"] = sdpo.to_dict()
     summary["preflight"] = report.as_dict() if report is not None else None
+    summary["heldout_scores"] = [
+        {"step": step, "score": score} for step, score in (monitor.scores if monitor else [])
+    ]
     if main:
         (output / "train_result.json").write_text(json.dumps(_jsonable(summary), indent=2) + "\n")
     processes.wait_for_everyone()

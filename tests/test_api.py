@@ -80,6 +80,9 @@ def test_train_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir):
     assert lora_b and any(t.abs().max() > 0 for t in lora_b)  # B starts at 0: the student trained
     summary = json.loads((run / "train_result.json").read_text())
     assert summary["before"] == result.before and summary["eval_size"] == 4
+    mid = [e for e in result.log_history if "eval/heldout_score" in e]  # the default: once, halfway
+    assert [e["step"] for e in mid] == [1] and 0.0 <= mid[0]["eval/heldout_score"] <= 1.0
+    assert summary["heldout_scores"] == [{"step": 1, "score": mid[0]["eval/heldout_score"]}]
     merged = json.loads((Path(result.merged_dir) / "sdpo_export.json").read_text())
     assert merged["verification"]["merged_vs_trained_model"]["passed"]
     assert merged["sdpo_config"]["alpha"] == 0.5

@@ -1,0 +1,93 @@
+"""The held-out monitor of `train()`: scored inside the real loop, logged, and a warning on a regression only."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from conftest import make_tiny_model, make_tiny_tokenizer
+from datasets import Dataset
+from test_trainer import grpo_args
+from test_watchdog import EOS, EvenFirstChar
+
+from sdpo_unsloth import SDPOConfig, SDPOTrainer
+from sdpo_unsloth.heldout import HeldOutMonitor, RegressionWarning, significant_drop
+
+STEPS = 4
+
+
+def monitored_run(tmp_path, scores, sdpo=None, before=0.5, rows=32):
+    """Train STEPS tiny steps with a monitor every step whose evaluation returns `scores` in turn."""
+    tokenizer = make_tiny_tokenizer()
+    data = [{"prompt": [{"role": "user", "content": f"{a}+{b}="}]} for a in range(4) for b in range(4)]
+    torch.manual_seed(0)
+    trainer = SDPOTrainer(
+        model=make_tiny_model(len(tokenizer)),
+        args=grpo_args(
+            tmp_path,
+            per_device_train_batch_size=8,
+            gradient_accumulation_steps=1,
+            max_steps=STEPS,
+            generation_kwargs={"sequence_bias": {(EOS,): 4.5}},
+        ),
+        sdpo_config=sdpo or SDPOConfig(diagnostics_samples=0, warn_noop=False),
+        processing_class=tokenizer,
+        reward_funcs=[EvenFirstChar()],
+        train_dataset=Dataset.from_list(data),
+    )
+    queue = list(scores)
+    calls = []
+
+    def evaluate():
+        calls.append(trainer.state.global_step)
+        return queue.pop(0)
+
+    monitor = HeldOutMonitor(trainer, evaluate, before, rows, every=1)
+    trainer.add_callback(monitor)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        trainer.train()
+    messages = [str(w.message) for w in caught if issubclass(w.category, RegressionWarning)]
+    return trainer, monitor, calls, messages
+
+
+def test_a_falling_score_warns_once_and_names_the_per_group_hybrid(tmp_path):
+    trainer, monitor, calls, messages = monitored_run(tmp_path, [0.45, 0.2, 0.1])
+    assert monitor.scores == [(1, 0.45), (2, 0.2), (3, 0.1)]
+    assert calls == [1, 2, 3]  # every step but the last, which train() scores itself
+    logged = [
+        (e["step"], e["eval/heldout_score"]) for e in trainer.state.log_history if "eval/heldout_score" in e
+    ]
+    assert logged == [(1, 0.45), (2, 0.2), (3, 0.1)]
+    assert len(messages) == 1  # at step 2 (0.5 -> 0.2 on 32 rows), not again at step 3
+    assert "0.500 before, 0.200 after 2 steps" in messages[0]
+    assert "hybrid_mode='per_group'" in messages[0] and "prompt groups had rewards that differ" in messages[0]
+
+
+def test_a_score_within_noise_does_not_warn(tmp_path):
+    _, monitor, _, messages = monitored_run(tmp_path, [0.45, 0.40, 0.38])
+    assert messages == [] and not monitor.warned
+    with pytest.warns(RegressionWarning, match="0.500 before, 0.100 after 4 steps"):
+        monitor.check(STEPS, 0.1)  # the final score, as train() passes it
+    assert monitor.warned
+
+
+def test_the_advice_follows_the_configuration(tmp_path):
+    sdpo = SDPOConfig(diagnostics_samples=0, warn_noop=False, grpo_weight=1.0, hybrid_mode="per_group")
+    _, _, _, messages = monitored_run(tmp_path, [0.1, 0.1, 0.1], sdpo=sdpo)
+    assert len(messages) == 1 and "lower learning_rate" in messages[0] and "enabled=False" in messages[0]
+
+
+@pytest.mark.parametrize(
+    ("before", "score", "rows", "expected"),
+    [
+        (0.438, 0.220, 32, True),  # the panel's pure-SDPO run on basic_arithmetic, seed 0
+        (0.600, 0.550, 20, False),  # the code task: within the noise of 20 problems
+        (0.0, 0.0, 32, False),
+        (1.0, 0.8, 1000, True),  # near 1 the floor keeps the threshold from vanishing, but 0.2 is past it
+        (0.5, 0.46, 10_000, False),  # many rows: MIN_DROP still applies
+    ],
+)
+def test_significant_drop(before, score, rows, expected):
+    assert significant_drop(before, score, rows) is expected
