@@ -41,7 +41,7 @@ PLOT = ROOT / "docs" / "learning_curves.png"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import learning_report as report  # noqa: E402
-from learning_tasks import PanelTask, load_task, score  # noqa: E402
+from learning_tasks import PanelTask, load_task, score, split_tasks  # noqa: E402
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -66,23 +66,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--write", action="store_true", help="write docs/benchmarks.md section + the plot")
     p.add_argument("--notes", help="a markdown file of findings to put into the section (with --write)")
     return p.parse_args(argv)
-
-
-def split_tasks(text: str) -> list[str]:
-    """Comma-separated task names; commas inside [...] (a gym config's list value) do not split.
-
-    >>> split_tasks('addition,gym:basic_arithmetic?operators=["+","-"]&max_terms=2,code')
-    ['addition', 'gym:basic_arithmetic?operators=["+","-"]&max_terms=2', 'code']
-    """
-    names, depth, current = [], 0, ""
-    for ch in text:
-        depth += (ch == "[") - (ch == "]")
-        if ch == "," and depth == 0:
-            names.append(current)
-            current = ""
-        else:
-            current += ch
-    return [n for n in [*names, current] if n]
 
 
 def settings(args: argparse.Namespace) -> dict:

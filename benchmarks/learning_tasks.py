@@ -56,3 +56,20 @@ def score(model: Any, tokenizer: Any, task: PanelTask, max_new_tokens: int) -> f
 def short_name(name: str) -> str:
     """'gym:chain_sum?max_terms=2' -> 'chain_sum'; plot titles and table headers use it."""
     return name.removeprefix("gym:").partition("?")[0]
+
+
+def split_tasks(text: str) -> list[str]:
+    """Comma-separated task names; commas inside [...] (a gym config's list value) do not split.
+
+    >>> split_tasks('addition,gym:basic_arithmetic?operators=["+","-"]&max_terms=2,code')
+    ['addition', 'gym:basic_arithmetic?operators=["+","-"]&max_terms=2', 'code']
+    """
+    names, depth, current = [], 0, ""
+    for ch in text:
+        depth += (ch == "[") - (ch == "]")
+        if ch == "," and depth == 0:
+            names.append(current)
+            current = ""
+        else:
+            current += ch
+    return [n for n in [*names, current] if n]

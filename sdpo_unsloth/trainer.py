@@ -38,6 +38,8 @@ from .teacher import Reprompt, build_reprompt, plan_reprompts  # noqa: E402
 from .teacher_state import TeacherState, _prepare_model, _TeacherCallback  # noqa: E402
 
 _UNSET = object()
+# loss types whose normalisation the hybrid's GRPO term reproduces (`SDPOTrainer._grpo_term`)
+HYBRID_LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
 
 
 class _SDPOMixin(StepStats, TeacherState):
@@ -63,6 +65,21 @@ class _SDPOMixin(StepStats, TeacherState):
                 "KL term, so beta would only load a reference model and be ignored. Set beta=0.0, or "
                 "SDPOConfig(enabled=False) for plain GRPO with a KL term."
             )
+        if sdpo_config.enabled and sdpo_config.grpo_weight > 0 and args is not None:
+            unsupported = {
+                "loss_type": (getattr(args, "loss_type", "dapo"), HYBRID_LOSS_TYPES),
+                "importance_sampling_level": (getattr(args, "importance_sampling_level", "token"), ("token",)),
+                "top_entropy_quantile": (getattr(args, "top_entropy_quantile", 1.0), (1.0,)),
+                "delta": (getattr(args, "delta", None), (None,)),
+            }
+            for name, (value, allowed) in unsupported.items():
+                if value not in allowed:
+                    raise ValueError(
+                        f"GRPOConfig.{name}={value!r} is not supported by the SDPO hybrid (grpo_weight="
+                        f"{sdpo_config.grpo_weight}), whose GRPO term is TRL's clipped surrogate normalised as "
+                        f"loss_type {', '.join(HYBRID_LOSS_TYPES)}. Use {name}={allowed[0]!r}, or plain GRPO "
+                        "(SDPOConfig(enabled=False)) for that option."
+                    )
         self.sdpo_config = sdpo_config
         self._sdpo_loss_calls = 0  # checked before the first optimizer step (a parent could bypass the loss)
         self._sdpo_window: tuple[int, int] | None = None  # (first micro-batch, micro-batches) of this step
@@ -334,6 +351,34 @@ class _SDPOMixin(StepStats, TeacherState):
             live = self._completion_hidden(model, ids, mask, length)
             return torch.lerp(initial, live, cfg.teacher_update_rate)
 
+    def _grpo_term(
+        self, per_token: torch.Tensor, mask: torch.Tensor, inputs: dict[str, Any], n_sequences: float
+    ) -> torch.Tensor:
+        """The hybrid's GRPO term, normalised as TRL's GRPO loss of the configured `loss_type` (so that
+        grpo_weight 1 gives TRL's update): "dapo" (TRL's default) divides the token sum by the tokens of the
+        accumulation window, "bnpo" by the micro-batch's tokens, "dr_grpo" by rows x max_completion_length
+        (both per accumulation step), "grpo" averages the sequences' token means over the window's sequences.
+        `per_token` and `mask` are [B_r, L] over this micro-batch's non-empty rows.
+        """
+        accumulation = (
+            getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
+            if self.model.training
+            else 1
+        )
+        masked = (per_token * mask).sum()
+        if self.loss_type == "grpo":
+            return sdpo_loss.sequence_mean_loss(per_token, mask, normalizer=max(n_sequences, 1.0))
+        if self.loss_type == "bnpo":
+            return masked / mask.sum().clamp(min=1.0) / accumulation
+        if self.loss_type == "dr_grpo":
+            return masked / (inputs["completion_ids"].size(0) * self.max_completion_length) / accumulation
+        if "num_items_in_batch" not in inputs:  # a patched trainer without TRL's window token count
+            return masked / mask.sum().clamp(min=1.0) / accumulation
+        normalizer = inputs["num_items_in_batch"].clamp(min=1.0) / self.accelerator.num_processes  # "dapo"
+        if self.model.training:
+            normalizer = normalizer * accumulation / self.args.steps_per_generation
+        return masked / normalizer
+
     def _zero_loss(self, model: Any) -> torch.Tensor:
         """A zero loss connected to every trainable parameter (their gradients are 0, not missing)."""
         return sum((p.sum() * 0.0 for p in model.parameters() if p.requires_grad), torch.zeros(()))
@@ -360,7 +405,9 @@ class _SDPOMixin(StepStats, TeacherState):
         """One micro-batch's share of the optimizer step's loss.
 
             L_SDPO = sum over sequences i with a teacher of [(1 - m_i) token mean of w_t D(p_t, q_t)] / n_teacher
-            L_GRPO = sum over non-empty sequences i of [m_i token mean of TRL's clipped surrogate] / n_sequences
+            L_GRPO = TRL's clipped surrogate weighted by m_i per sequence, normalised as TRL's `loss_type`
+                     ("grpo": sum over non-empty sequences of token means / n_sequences; "dapo", TRL's
+                     default: token sum / the window's tokens; see `_grpo_term`)
             loss   = L_GRPO + L_SDPO     (a loss-level mix; m_i = 0 without the hybrid)
 
         m_i is `grpo_weight` for every sequence (`hybrid_mode="fixed"`: loss = w L_GRPO + (1 - w) L_SDPO over
@@ -377,6 +424,8 @@ class _SDPOMixin(StepStats, TeacherState):
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         has_teacher = inputs["sdpo_sample_mask"] > 0  # [B]
         hybrid = cfg.grpo_weight > 0
+        if hybrid:  # a sequence weighted 1 on GRPO distils nothing: no teacher forward for it
+            has_teacher = has_teacher & (inputs["sdpo_grpo_weight"] < 1)
         rows = (mask.sum(dim=1) > 0) & (True if hybrid else has_teacher)  # [B]
         n_teacher, n_sequences = self._window_counts(inputs)
         if not rows.any():
@@ -448,13 +497,8 @@ class _SDPOMixin(StepStats, TeacherState):
             advantages = inputs["advantages"][rows][:, None].expand_as(row_mask)[selected]
             clipped = torch.clamp(ratio, 1 - self.epsilon_low, 1 + self.epsilon_high)
             grpo_grid = scatter(-torch.minimum(ratio * advantages, clipped * advantages) * rollout)
-            loss = loss + sdpo_loss.sequence_mean_loss(
-                grpo_grid * mix, row_mask, normalizer=max(n_sequences, 1.0)
-            )
-            grpo = sdpo_loss.sequence_mean_loss(
-                grpo_grid.detach(), row_mask, normalizer=max(n_sequences, 1.0)
-            )
-            self._add_stat("sdpo/grpo_loss", float(grpo))
+            loss = loss + self._grpo_term(grpo_grid * mix, row_mask, inputs, n_sequences)
+            self._add_stat("sdpo/grpo_loss", float(self._grpo_term(grpo_grid.detach(), row_mask, inputs, n_sequences)))
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"the SDPO loss is {float(loss)} at step {self.state.global_step}; the step was refused and nothing "

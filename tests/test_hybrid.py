@@ -1,11 +1,14 @@
 """The opt-in hybrid, a loss-level mix: loss = w * L_GRPO + (1 - w) * L_SDPO.
 
-L_SDPO is the mean over sequences with a teacher of their token-mean divergence; L_GRPO the mean over
-non-empty sequences of their token-mean clipped surrogate -min(r A, clip(r) A) (TRL's epsilons).
+L_SDPO is the mean over sequences with a teacher of their token-mean divergence; L_GRPO is TRL's GRPO loss
+(the clipped surrogate -min(r A, clip(r) A), TRL's epsilons) normalised as TRL's `loss_type`. The hand
+computations use loss_type "grpo" (the mean over non-empty sequences of their token means); the equivalence
+with TRL's own GRPO update is checked for "dapo" (TRL's default) and "grpo".
 """
 
 from __future__ import annotations
 
+import pytest
 import torch
 from test_alignment import row_logps
 from test_trainer import adapter_tensors, first_inputs, make_trainer
@@ -46,6 +49,7 @@ def test_hybrid_equals_a_hand_computation(tmp_path):
         reward=DigitWithFeedback(),
         per_device_train_batch_size=8,
         gradient_accumulation_steps=1,
+        loss_type="grpo",
     )
     inputs = first_inputs(trainer)
     model = trainer.model
@@ -132,6 +136,7 @@ def test_per_group_hybrid_update_equals_a_hand_computation(tmp_path):
         optim="sgd",
         learning_rate=lr,
         max_grad_norm=0.0,  # no clipping: the update is exactly -lr * grad
+        loss_type="grpo",
     )
     model = trainer.model
     student0 = {n: p.detach().clone() for n, p in model.named_parameters() if ".default." in n}
@@ -180,3 +185,63 @@ def test_per_group_hybrid_update_equals_a_hand_computation(tmp_path):
             torch.testing.assert_close(update[n], -lr * p.grad, rtol=1e-3, atol=1e-7)
             moved = max(moved, float(update[n].abs().max()))
     assert moved > 1e-5
+
+
+class OneWinnerPerGroup:
+    """The first sample of every prompt group succeeds: every group has a reward spread."""
+
+    __name__ = "one_winner"
+
+    def __init__(self):
+        self.seen: list[str] = []
+
+    def __call__(self, prompts, completions, answer, **kwargs):
+        self.seen += [c[-1]["content"] for c in completions]
+        scores = [1.0 if i % 4 == 0 else 0.0 for i in range(len(completions))]
+        self.last_feedback = [
+            "" if s else f"Wrong. The answer is {a}." for s, a in zip(scores, answer, strict=True)
+        ]
+        return scores
+
+
+@pytest.mark.parametrize(
+    ("loss_type", "batch", "accumulation"), [("dapo", 8, 1), ("dapo", 4, 2), ("grpo", 4, 2), ("bnpo", 8, 1)]
+)
+def test_per_group_weight_one_is_trls_grpo_where_every_group_has_a_spread(
+    tmp_path, loss_type, batch, accumulation
+):
+    """grpo_weight=1, per_group, every group with a reward spread: the same update as TRL's GRPO, through train()."""
+    runs = {}
+    for name, sdpo in (
+        ("grpo", SDPOConfig(enabled=False)),
+        ("hybrid", SDPOConfig(grpo_weight=1.0, hybrid_mode="per_group")),
+    ):
+        reward = OneWinnerPerGroup()
+        trainer = make_trainer(
+            tmp_path / name,
+            sdpo,
+            reward=reward,
+            per_device_train_batch_size=batch,
+            gradient_accumulation_steps=accumulation,
+            max_steps=2,
+            optim="sgd",
+            learning_rate=2.0,
+            loss_type=loss_type,
+        )
+        student0 = adapter_tensors(trainer.model, "default")
+        trainer.train()
+        update = {k: v - student0[k] for k, v in adapter_tensors(trainer.model, "default").items()}
+        runs[name] = (update, reward.seen, [e["loss"] for e in trainer.state.log_history if "loss" in e])
+    (grpo, seen_grpo, loss_grpo), (hybrid, seen_hybrid, loss_hybrid) = runs["grpo"], runs["hybrid"]
+    assert seen_grpo == seen_hybrid  # the same rollouts at both steps
+    scale = max(float(v.abs().max()) for v in grpo.values())
+    assert scale > 1e-4
+    for key in grpo:
+        torch.testing.assert_close(hybrid[key], grpo[key], rtol=1e-4, atol=1e-4 * scale)
+    assert loss_hybrid == pytest.approx(loss_grpo, rel=1e-3, abs=1e-7)
+
+
+def test_the_hybrid_refuses_grpo_options_its_term_does_not_reproduce(tmp_path):
+    with pytest.raises(ValueError, match="loss_type='cispo' is not supported by the SDPO hybrid"):
+        make_trainer(tmp_path, SDPOConfig(grpo_weight=0.5), loss_type="cispo")
+    make_trainer(tmp_path, SDPOConfig(), loss_type="cispo")  # pure SDPO does not use it

@@ -7,7 +7,7 @@ For each task: sample `--generations` completions of `--prompts` training prompt
 prompt with the kit's own rules (`plan_reprompts`, default `SDPOConfig`) and read, with one unpadded forward
 per sample, the student's and the teacher's next-token distributions on the completion (at step 0 the EMA
 teacher is the student, so the teacher is the same weights under the teacher prompt). Reported per kind of
-teacher (demonstration / feedback only):
+teacher (demonstration / feedback only) and the sample's outcome (success / failure):
 
 - `gap`: mean teacher-minus-student log-probability of the sampled tokens (what the sampled-token surrogate
   pushes), and the share of tokens where the teacher ranks a different token first;
@@ -34,6 +34,9 @@ os.environ.setdefault("SDPO_UNSLOTH_BACKEND", "transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: learning_tasks, bench_doc
 
 import torch
+
+
+KINDS = ("demonstration, success", "demonstration, failure", "feedback only, failure")
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -130,7 +133,8 @@ def analyse_task(model, tokenizer, name: str, args: argparse.Namespace) -> dict:
     for i, plan in enumerate(plans):
         if not plan.active or not completions[i]:
             continue
-        kind = "demonstration" if plan.has_demo else "feedback only"
+        outcome = "success" if rewards[i] >= cfg.success_reward_threshold else "failure"
+        kind = ("demonstration" if plan.has_demo else "feedback only") + ", " + outcome
         k = kinds.setdefault(
             kind,
             {
@@ -184,7 +188,7 @@ def analyse_task(model, tokenizer, name: str, args: argparse.Namespace) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    from learning_tasks import short_name
+    from learning_tasks import short_name, split_tasks
 
     from sdpo_unsloth.model import load_model
 
@@ -192,7 +196,7 @@ def main(argv: list[str] | None = None) -> int:
         "embedded", load_in_4bit=False, teacher_adapter=None, gradient_checkpointing=False, seed=args.seed
     )
     reports = []
-    for name in [t for t in args.tasks.split(",") if t]:
+    for name in split_tasks(args.tasks):
         r = analyse_task(model, tokenizer, name, args)
         reports.append(r)
         print(json.dumps(r), flush=True)
@@ -214,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
             "|---|---|---|---|---|---|---|---|---|---|",
         ]
         for r in reports:
-            for kind in ("demonstration", "feedback only"):
+            for kind in KINDS:
                 if kind in r:
                     k = r[kind]
                     top = ", ".join(f"`{t!r}`" for t, _ in k["top"][:6])
