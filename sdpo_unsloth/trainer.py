@@ -68,7 +68,10 @@ class _SDPOMixin(StepStats, TeacherState):
         if sdpo_config.enabled and sdpo_config.grpo_weight > 0 and args is not None:
             unsupported = {
                 "loss_type": (getattr(args, "loss_type", "dapo"), HYBRID_LOSS_TYPES),
-                "importance_sampling_level": (getattr(args, "importance_sampling_level", "token"), ("token",)),
+                "importance_sampling_level": (
+                    getattr(args, "importance_sampling_level", "token"),
+                    ("token",),
+                ),
                 "top_entropy_quantile": (getattr(args, "top_entropy_quantile", 1.0), (1.0,)),
                 "delta": (getattr(args, "delta", None), (None,)),
             }
@@ -498,7 +501,9 @@ class _SDPOMixin(StepStats, TeacherState):
             clipped = torch.clamp(ratio, 1 - self.epsilon_low, 1 + self.epsilon_high)
             grpo_grid = scatter(-torch.minimum(ratio * advantages, clipped * advantages) * rollout)
             loss = loss + self._grpo_term(grpo_grid * mix, row_mask, inputs, n_sequences)
-            self._add_stat("sdpo/grpo_loss", float(self._grpo_term(grpo_grid.detach(), row_mask, inputs, n_sequences)))
+            self._add_stat(
+                "sdpo/grpo_loss", float(self._grpo_term(grpo_grid.detach(), row_mask, inputs, n_sequences))
+            )
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"the SDPO loss is {float(loss)} at step {self.state.global_step}; the step was refused and nothing "

@@ -35,7 +35,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: lea
 
 import torch
 
-
 KINDS = ("demonstration, success", "demonstration, failure", "feedback only, failure")
 
 
