@@ -44,6 +44,8 @@ HYBRID_LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
 
 class _SDPOMixin(StepStats, TeacherState):
     sdpo_config: SDPOConfig
+    # One input kind for the compiled decoder blocks from the first step on (see `_completion_hidden`).
+    stable_shapes: bool = True
 
     def __init__(
         self,
@@ -314,7 +316,23 @@ class _SDPOMixin(StepStats, TeacherState):
     def _completion_hidden(
         self, model: Any, ids: torch.Tensor, mask: torch.Tensor, length: int
     ) -> torch.Tensor:
-        """Final hidden states at the positions that predict the last `length` tokens: [B, L, H]."""
+        """Final hidden states at the positions that predict the last `length` tokens: [B, L, H].
+
+        With `stable_shapes` (the default) the compiled decoder blocks of unsloth see one kind of input from the
+        first step on: a micro-batch without padding gets one padded column on the left (so an attention mask is
+        always passed, never dropped), and a single row is run as two (torch.compile specialises a batch of 1).
+        Both are exact: the pad is masked and RoPE scores depend on relative positions only; the copy's output
+        is dropped. Without them, the first padded micro-batch or single teacher row compiled new graphs
+        mid-run (benchmarks/investigations/compile_count.py).
+        """
+        rows = ids.size(0)
+        if self.stable_shapes:
+            if bool(mask.all()):
+                pad = self._tokenizer.pad_token_id if self._tokenizer.pad_token_id is not None else 0
+                ids = torch.cat([ids.new_full((rows, 1), pad), ids], dim=1)
+                mask = torch.cat([mask.new_zeros((rows, 1)), mask], dim=1)
+            if rows == 1:
+                ids, mask = ids.expand(2, -1), mask.expand(2, -1)
         decoder = model.get_base_model().get_decoder()
         # Unsloth's fast decoder drops the attention mask in training mode unless told to keep it (exact
         # only for right padding; our rows are left-padded). Its own distillation trainers do the same.
@@ -327,7 +345,7 @@ class _SDPOMixin(StepStats, TeacherState):
                 del decoder._unsloth_keep_padding_mask
             else:
                 decoder._unsloth_keep_padding_mask = previous
-        return hidden[:, -length - 1 : -1, :]
+        return hidden[:rows, -length - 1 : -1, :]
 
     @torch.no_grad()
     def _teacher_hidden(self, model: Any, inputs: dict[str, Any], rows: torch.Tensor) -> torch.Tensor:

@@ -200,3 +200,24 @@ def test_decoder_padding_flag_set_by_unsloth_is_restored(tmp_path):
     del decoder._unsloth_keep_padding_mask
     trainer._completion_hidden(trainer.model, ids, torch.ones_like(ids), 2)
     assert "_unsloth_keep_padding_mask" not in decoder.__dict__
+
+
+def test_stable_shapes_leave_the_hidden_states_unchanged(tmp_path):
+    """A micro-batch without padding gets a masked pad column, a single row is run as two: the hidden states
+    at the completion positions are those of the plain forward (same weights, same tokens)."""
+    trainer = make_trainer(tmp_path, SDPOConfig())
+    model = trainer.model
+    model.eval()
+    torch.manual_seed(0)
+    ids = torch.randint(5, 40, (3, 9))
+    full = torch.ones_like(ids)
+    padded = full.clone()
+    padded[1, :2] = 0  # one left-padded row
+    with torch.no_grad():
+        for batch, mask in ((ids, full), (ids[:1], full[:1]), (ids, padded), (ids[1:2], padded[1:2])):
+            trainer.stable_shapes = True
+            stable = trainer._completion_hidden(model, batch, mask, 4)
+            trainer.stable_shapes = False
+            plain = trainer._completion_hidden(model, batch, mask, 4)
+            assert stable.shape == plain.shape == (batch.size(0), 4, plain.size(-1))
+            torch.testing.assert_close(stable, plain, rtol=1e-5, atol=1e-5)

@@ -55,7 +55,37 @@ def _mark_dynamic(hidden_states: torch.Tensor, args: tuple, kwargs: dict) -> Non
                 torch._dynamo.maybe_mark_dynamic(obj, 0)
 
 
-def compile_counts(enabled: bool, steps: int) -> tuple[list[int], list[tuple[int, list[str]]]]:
+class SomeFeedback:
+    """Scores every completion 0.0; feedback for completions of even length only, so the number of teacher rows
+    per micro-batch varies (1 to 4) as in a real run."""
+
+    __name__ = "some_feedback"
+
+    def __init__(self) -> None:
+        self.last_feedback: list[str] = []
+
+    def __call__(self, prompts, completions, **kwargs) -> list[float]:
+        texts = [c[-1]["content"] if isinstance(c, list) else c for c in completions]
+        self.last_feedback = [
+            "" if len(t) % 2 else "Wrong: the result must be a single integer." for t in texts
+        ]
+        return [0.0] * len(completions)
+
+
+RUNS = {  # name -> (SDPO on, SDPOTrainer.stable_shapes)
+    "GRPO": (False, True),
+    "SDPO, stable_shapes off (before)": (True, False),
+    "SDPO": (True, True),
+}
+DATA = {
+    "full": "every completion full length (12 tokens), every sample a teacher (gpu_step.py's worst case)",
+    "varied": "completions of natural length (up to 12 tokens), a teacher for about half the samples",
+}
+
+
+def compile_counts(
+    enabled: bool, steps: int, stable: bool = True, data: str = "full"
+) -> tuple[list[int], list[tuple[int, list[str]]]]:
     """Cumulative compiled graphs after each optimizer step, and each recompile as (step, failed guards)."""
     import torch._dynamo
     from gpu_step import FeedbackReward, ensure_model_dir, listen_to_recompiles, make_dataset
@@ -97,9 +127,8 @@ def compile_counts(enabled: bool, steps: int) -> tuple[list[int], list[tuple[int
             per_device_train_batch_size=4,
             gradient_accumulation_steps=2,
             max_completion_length=completion_tokens,
-            generation_kwargs={
-                "min_new_tokens": completion_tokens
-            },  # as gpu_step: every completion full length
+            # "full", as gpu_step: every completion full length
+            generation_kwargs={"min_new_tokens": completion_tokens} if data == "full" else None,
             max_steps=steps,
             learning_rate=5e-6,
             report_to=[],
@@ -112,9 +141,10 @@ def compile_counts(enabled: bool, steps: int) -> tuple[list[int], list[tuple[int
         ),
         sdpo_config=sdpo_config,
         processing_class=tokenizer,
-        reward_funcs=[FeedbackReward()],
+        reward_funcs=[FeedbackReward() if data == "full" else SomeFeedback()],
         train_dataset=make_dataset(),
     )
+    trainer.stable_shapes = stable
     for layer in trainer.model.get_base_model().model.layers:
         eager = layer.forward
         compiled = torch.compile(eager, backend=counting_backend)
@@ -172,44 +202,47 @@ def main() -> None:
     parser.add_argument("--write", action="store_true", help="write the section of docs/benchmarks.md")
     args = parser.parse_args()
     torch.set_num_threads(1)
-    results = {name: compile_counts(name == "SDPO", args.steps) for name in ("GRPO", "SDPO")}
-    rows = []
-    for name, (counts, recompiles) in results.items():
-        new = [counts[0]] + [b - a for a, b in itertools.pairwise(counts)]
-        where = guards_by_step(recompiles)
-        rows.append(f"| {name} | {', '.join(map(str, new))} | {last_new_graph(counts)} | {where} |")
-        print(f"{name}: new graphs per step {new}; last new graph at step {last_new_graph(counts)}; {where}")
+    rows, late = [], {}
+    for data in DATA:
+        for name, (enabled, stable) in RUNS.items():
+            counts, recompiles = compile_counts(enabled, args.steps, stable, data)
+            new = [counts[0]] + [b - a for a, b in itertools.pairwise(counts)]
+            where = guards_by_step(recompiles)
+            late[(data, name)] = last_new_graph(counts)
+            rows.append(f"| {data} | {name} | {', '.join(map(str, new))} | {late[(data, name)]} | {where} |")
+            print(
+                f"{data} / {name}: new graphs per step {new}; last new graph at step {late[(data, name)]}; {where}"
+            )
     if args.write:
         from common import write_section
 
-        grpo, sdpo = (results[name][0] for name in ("GRPO", "SDPO"))
-        late = last_new_graph(sdpo)
+        after = max(late[(data, "SDPO")] for data in DATA)
+        before = max(late[(data, "SDPO, stable_shapes off (before)")] for data in DATA)
         lines = [
             f"## Recompiles of the decoder blocks: GRPO vs SDPO (CPU emulation, measured {date.today()})",
             "",
             "Each decoder layer compiled as one region in training mode, its inputs' sequence and batch dimensions",
             "marked dynamic before each call, as unsloth does, with a counting backend; generation stays eager.",
-            "`gpu_step.py`'s tiny model (Qwen2, random weights, LoRA r16), prompts, reward (always wrong, one",
-            f"feedback string) and forced full-length completions: 4 generations x 12 tokens, batch 4, GA 2, {args.steps}",
-            "steps.",
+            "`gpu_step.py`'s tiny model (Qwen2, random weights, LoRA r16) and prompts; 4 generations x 12 tokens,",
+            f"batch 4, GA 2, {args.steps} steps. Data: "
+            + "; ".join(f"**{k}**: {v}" for k, v in DATA.items())
+            + ".",
             "",
-            "| run | new compiled graphs at step 1, 2, ... | last new graph at step | kinds of failed guard at each recompile |",
-            "|---|---|---|---|",
+            "| data | run | new compiled graphs at step 1, 2, ... | last new graph at step | kinds of failed guard at each recompile |",
+            "|---|---|---|---|---|",
             *rows,
             "",
-            f"In {args.steps} steps GRPO compiled {grpo[-1]} graphs and SDPO {sdpo[-1]}, nothing after step {late} and",
-            "nothing at every step. The blocks keep a graph per guard combination: a hidden state that does or does",
-            "not require grad (the first layer's input comes from the frozen embeddings), and for SDPO the grad mode",
-            "(the teacher forward runs under no_grad). A later batch with a new combination is compiled once per",
-            f"variant: at step {late} comes the first micro-batch with padding (two prompts of different lengths;",
-            "every completion has full length), the first for which transformers passes an attention mask: steps",
-            "before it had one prompt length per micro-batch and no mask. That is the step and the kind of",
-            'recompile measured on the H200 with unsloth (section "GPU": SDPO\'s third step took 40-57 s and logged',
-            "grad-mode and active-adapter guards). There GRPO's third step was not slow (its slowest measured step",
-            "by ~1 s): unsloth's own GRPO loss does not run the blocks as this emulation does. With completions of",
-            "varied length nearly every micro-batch has padding, so the masked variant is compiled at step 1 and an",
-            "unpadded one when the first such micro-batch comes, or never. A counting backend says which graphs",
-            "are compiled, not how long each takes.",
+            "The blocks keep a graph per guard combination: a hidden state that does or does not require grad (the",
+            "first layer's input comes from the frozen embeddings), for SDPO the grad mode (the teacher forward runs",
+            "under no_grad), whether an attention mask is passed (transformers drops the mask of a batch without",
+            "padding), and a batch of one row (torch.compile specialises size 1 even on a dynamic dimension). Before",
+            f"`SDPOTrainer.stable_shapes` (on by default) SDPO compiled new graphs up to step {before}: the first",
+            "micro-batch with padding, or the first with a single teacher row - the step and kind of recompile",
+            "measured on the H200 with unsloth (section \"GPU\": SDPO's third step took 40-57 s). With it, SDPO's own",
+            "forwards always pass a mask (a micro-batch without padding gets one masked pad column) and never a",
+            f"single row (it is run as two), and its last new graph came at step {after}. GRPO's rows show the",
+            "emulated TRL loss, not unsloth's own GRPO loss (which does not run the blocks this way). A counting",
+            "backend says which graphs are compiled, not how long each takes; the GPU check is still to be run.",
             "",
             f"Reproduce: `OMP_NUM_THREADS=1 python benchmarks/investigations/compile_count.py --steps {args.steps} --write`",
         ]
