@@ -18,7 +18,8 @@ CPU (embedded SmolLM2-135M-Instruct; DEMO_SETTINGS unless a flag overrides it, f
     python benchmarks/learning.py --report-only --out /tmp/panel.jsonl --start /tmp/start.jsonl --write
 
 Methods: `grpo`, `sdpo`, `hybridW` (SDPOConfig(grpo_weight=W)), `pgW` (the same with hybrid_mode="per_group",
-W defaults to 1: GRPO in groups whose rewards differ, SDPO in the others); `grpo@LR` / `sdpo@LR` override lr.
+W defaults to 1: GRPO in groups whose rewards differ, SDPO in the others), `failW` (hybrid_mode="failures", W
+defaults to 1: W x GRPO on every sample + SDPO on the failed ones); `grpo@LR` / `sdpo@LR` override lr.
 """
 
 from __future__ import annotations
@@ -99,7 +100,9 @@ def method_spec(method: str, s: dict) -> tuple[float, float | None, str]:
         return lr_value, float(name[len("hybrid") :] or 0.9), "fixed"
     if name.startswith("pg"):
         return lr_value, float(name[len("pg") :] or 1.0), "per_group"
-    raise SystemExit(f"unknown method {method!r}: use grpo, sdpo, hybridW, pgW, optionally @lr")
+    if name.startswith("fail"):
+        return lr_value, float(name[len("fail") :] or 1.0), "failures"
+    raise SystemExit(f"unknown method {method!r}: use grpo, sdpo, hybridW, pgW, failW, optionally @lr")
 
 
 def emit(path: str, record: dict) -> None:

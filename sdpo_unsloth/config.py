@@ -15,8 +15,8 @@ from typing import Any, Literal
 from .adapters import TEACHER_ADAPTER
 
 TeacherMode = Literal["ema", "frozen", "live", "trust_region"]
-HybridMode = Literal["fixed", "per_group"]
-HYBRID_MODES: tuple[str, ...] = ("fixed", "per_group")
+HybridMode = Literal["fixed", "per_group", "failures"]
+HYBRID_MODES: tuple[str, ...] = ("fixed", "per_group", "failures")
 TEACHER_MODES: tuple[str, ...] = ("ema", "frozen", "live", "trust_region")
 
 DEFAULT_REPROMPT_TEMPLATE = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
@@ -143,9 +143,9 @@ class SDPOConfig:
     grpo_weight: float = field(
         default=0.0,
         metadata=_help(
-            "Opt-in hybrid, a loss-level mix: loss = w * L_GRPO + (1-w) * L_SDPO, L_GRPO the token-mean clipped "
-            "surrogate averaged over non-empty sequences, L_SDPO over sequences with a teacher (the paper's "
-            "Eq. 3 mixes advantages instead; it used w = 0.9 for a 0.6B model). 0 = pure SDPO."
+            "Opt-in hybrid, a loss-level mix: loss = w * L_GRPO + (1-w) * L_SDPO, L_GRPO TRL's GRPO loss (its "
+            "clipped surrogate, normalised as its loss_type), L_SDPO the mean over sequences with a teacher (the "
+            "paper's Eq. 3 mixes advantages instead; it used w = 0.9 for a 0.6B model). 0 = pure SDPO."
         ),
     )
     hybrid_mode: HybridMode = field(
@@ -153,7 +153,9 @@ class SDPOConfig:
         metadata=_help(
             "How the hybrid's weight w applies. fixed: every sequence mixes w * GRPO + (1-w) * SDPO. "
             "per_group: w only in prompt groups whose rewards differ (GRPO has a signal there); groups with "
-            "equal rewards (e.g. all failed, with feedback) get pure distillation. Needs grpo_weight > 0."
+            "equal rewards (e.g. all failed, with feedback) get pure distillation. failures: loss = w * L_GRPO "
+            "on every sequence + L_SDPO on the failed ones only (reward below success_reward_threshold): a "
+            "success is reinforced by GRPO and not distilled, a failure gets both. Needs grpo_weight > 0."
         ),
     )
     sampled_token: bool = field(
@@ -229,12 +231,12 @@ class SDPOConfig:
             fail("grpo_weight", "in [0, 1]", self.grpo_weight, "the paper's hybrid used 0.9 for a 0.6B model")
         if self.hybrid_mode not in HYBRID_MODES:
             fail("hybrid_mode", f"one of {', '.join(HYBRID_MODES)}", self.hybrid_mode)
-        if self.hybrid_mode == "per_group" and self.grpo_weight == 0:
+        if self.hybrid_mode != "fixed" and self.grpo_weight == 0:
             fail(
                 "grpo_weight",
-                "> 0 with hybrid_mode='per_group'",
+                f"> 0 with hybrid_mode={self.hybrid_mode!r}",
                 self.grpo_weight,
-                "it is the GRPO weight of groups whose rewards differ, e.g. 0.9",
+                "it is the weight of the GRPO term, e.g. 1.0",
             )
         if self.sampled_token and self.alpha != 1.0:
             fail(

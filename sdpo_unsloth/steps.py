@@ -15,23 +15,33 @@ from typing import Any
 import torch
 
 
-def hybrid_weights(rewards: list[float], group_size: int, *, weight: float, mode: str) -> list[float]:
-    """Per-sample GRPO weight of the hybrid: `weight` everywhere (`fixed`), or only in prompt groups whose
-    rewards differ (`per_group`; equal rewards give GRPO no signal, so those get pure SDPO).
+def hybrid_weights(
+    rewards: list[float], group_size: int, *, weight: float, mode: str, success_threshold: float = 1.0
+) -> tuple[list[float], list[float]]:
+    """Per-sample (GRPO weight, distillation weight) of the hybrid.
+
+    fixed: (w, 1 - w) everywhere; per_group: (w, 1 - w) in prompt groups whose rewards differ, (0, 1) in the
+    others (equal rewards give GRPO no signal); failures: w on every sample, distillation 1 on samples below
+    `success_threshold` and 0 on successes (they are reinforced by GRPO, not distilled).
 
     >>> hybrid_weights([1.0, 0.0, 0.0, 0.0], 2, weight=0.9, mode="per_group")
-    [0.9, 0.9, 0.0, 0.0]
+    ([0.9, 0.9, 0.0, 0.0], [0.09999999999999998, 0.09999999999999998, 1.0, 1.0])
     >>> hybrid_weights([1.0, 0.0], 2, weight=0.5, mode="fixed")
-    [0.5, 0.5]
+    ([0.5, 0.5], [0.5, 0.5])
+    >>> hybrid_weights([1.0, 0.0, 0.0, 0.0], 2, weight=1.0, mode="failures")
+    ([1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0])
     """
+    if mode == "failures":
+        return [weight] * len(rewards), [0.0 if r >= success_threshold else 1.0 for r in rewards]
     if mode == "fixed":
-        return [weight] * len(rewards)
-    weights: list[float] = []
-    for start in range(0, len(rewards), group_size):
-        scores = [r for r in rewards[start : start + group_size] if math.isfinite(r)]
-        differ = len(scores) > 1 and max(scores) > min(scores)
-        weights += [weight if differ else 0.0] * group_size
-    return weights
+        grpo = [weight] * len(rewards)
+    else:
+        grpo = []
+        for start in range(0, len(rewards), group_size):
+            scores = [r for r in rewards[start : start + group_size] if math.isfinite(r)]
+            differ = len(scores) > 1 and max(scores) > min(scores)
+            grpo += [weight if differ else 0.0] * group_size
+    return grpo, [1.0 - g for g in grpo]
 
 
 def align_old_logps(old: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:

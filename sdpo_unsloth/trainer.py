@@ -285,13 +285,24 @@ class _SDPOMixin(StepStats, TeacherState):
         )
         start = self.accelerator.process_index * n if self.accelerator.num_processes > 1 else 0
         plans = all_plans[start : start + n]
-        weights = hybrid_weights(group[2], group_size, weight=cfg.grpo_weight, mode=cfg.hybrid_mode)
+        grpo_weights, distill_weights = hybrid_weights(
+            group[2],
+            group_size,
+            weight=cfg.grpo_weight,
+            mode=cfg.hybrid_mode,
+            success_threshold=cfg.success_reward_threshold,
+        )
         output["sdpo_grpo_weight"] = torch.tensor(
-            weights[start : start + n], dtype=torch.float32, device=device
+            grpo_weights[start : start + n], dtype=torch.float32, device=device
+        )
+        output["sdpo_distill_weight"] = torch.tensor(
+            distill_weights[start : start + n], dtype=torch.float32, device=device
         )
         # For the per-token diagnostics: TRL shuffles the batch before splitting it, so rows carry their index.
         self.sdpo_last_plans, output["sdpo_sample_index"] = (plans, rewards), torch.arange(n, device=device)
         active = [plan.active and length > 0 for plan, length in zip(plans, lengths, strict=True)]
+        if cfg.grpo_weight > 0 and cfg.hybrid_mode == "failures":  # a success is not distilled: no teacher
+            active = [a and d > 0 for a, d in zip(active, distill_weights[start : start + n], strict=True)]
         pad_id = self._tokenizer.pad_token_id
         rows = []
         for plan, prompt, is_active in zip(plans, prompts, active, strict=True):
@@ -425,14 +436,15 @@ class _SDPOMixin(StepStats, TeacherState):
     def _sdpo_loss(self, model: Any, inputs: dict[str, Any]) -> torch.Tensor:
         """One micro-batch's share of the optimizer step's loss.
 
-            L_SDPO = sum over sequences i with a teacher of [(1 - m_i) token mean of w_t D(p_t, q_t)] / n_teacher
-            L_GRPO = TRL's clipped surrogate weighted by m_i per sequence, normalised as TRL's `loss_type`
+            L_SDPO = sum over sequences i with a teacher of [d_i token mean of w_t D(p_t, q_t)] / n_teacher
+            L_GRPO = TRL's clipped surrogate weighted by g_i per sequence, normalised as TRL's `loss_type`
                      ("grpo": sum over non-empty sequences of token means / n_sequences; "dapo", TRL's
                      default: token sum / the window's tokens; see `_grpo_term`)
-            loss   = L_GRPO + L_SDPO     (a loss-level mix; m_i = 0 without the hybrid)
+            loss   = L_GRPO + L_SDPO     (without the hybrid: g_i = 0, d_i = 1)
 
-        m_i is `grpo_weight` for every sequence (`hybrid_mode="fixed"`: loss = w L_GRPO + (1 - w) L_SDPO over
-        the plain means), or only for sequences of prompt groups whose rewards differ (`"per_group"`).
+        (g_i, d_i) per `hybrid_mode` (`steps.hybrid_weights`): "fixed" (w, 1 - w) for every sequence;
+        "per_group" that in prompt groups whose rewards differ and (0, 1) in the others; "failures" (w, 1) for
+        failed sequences and (w, 0) for successes, which then have no teacher.
 
         with both counts taken over the whole optimizer step (`_window_counts`), so any split into
         micro-batches gives the same update.
@@ -446,7 +458,7 @@ class _SDPOMixin(StepStats, TeacherState):
         has_teacher = inputs["sdpo_sample_mask"] > 0  # [B]
         hybrid = cfg.grpo_weight > 0
         if hybrid:  # a sequence weighted 1 on GRPO distils nothing: no teacher forward for it
-            has_teacher = has_teacher & (inputs["sdpo_grpo_weight"] < 1)
+            has_teacher = has_teacher & (inputs["sdpo_distill_weight"] > 0)
         rows = (mask.sum(dim=1) > 0) & (True if hybrid else has_teacher)  # [B]
         n_teacher, n_sequences = self._window_counts(inputs)
         if not rows.any():
@@ -509,9 +521,11 @@ class _SDPOMixin(StepStats, TeacherState):
 
         distill_mask = row_mask * teacher_rows[:, None]  # [B_r, L]: tokens of sequences with a teacher
         distill_grid = scatter(per_token_distill)
-        if hybrid:  # per sequence: m_i * GRPO_i + (1 - m_i) * SDPO_i, m_i = grpo_weight (or 0, per_group)
+        if (
+            hybrid
+        ):  # per sequence: g_i * GRPO_i + d_i * SDPO_i (`hybrid_weights`: d_i = 1 - g_i unless "failures")
             mix = inputs["sdpo_grpo_weight"][rows][:, None].to(distill_grid.dtype)  # [B_r, 1]
-            distill_grid = distill_grid * (1 - mix)
+            distill_grid = distill_grid * inputs["sdpo_distill_weight"][rows][:, None].to(distill_grid.dtype)
         loss = sdpo_loss.sequence_mean_loss(distill_grid, distill_mask, normalizer=max(n_teacher, 1.0))
         if hybrid:
             ratio = torch.exp(terms.student_logp - logp_old)

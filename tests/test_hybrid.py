@@ -120,15 +120,17 @@ class FirstOfFirstPrompt:
         return scores
 
 
-def test_per_group_hybrid_update_equals_a_hand_computation(tmp_path):
-    """One SGD step through trainer.train(): the group with a reward spread gets w GRPO + (1 - w) SDPO,
-    the all-failed group with feedback pure distillation; the update equals -lr x grad of that loss."""
-    weight, lr = 0.75, 1.0
+@pytest.mark.parametrize(("mode", "weight"), [("per_group", 0.75), ("failures", 1.0), ("failures", 0.5)])
+def test_hybrid_update_equals_a_hand_computation(tmp_path, mode, weight):
+    """One SGD step through trainer.train(), the update equals -lr x grad of the hand-computed loss.
+
+    per_group: the group with a reward spread gets w GRPO + (1 - w) SDPO, the all-failed group with feedback
+    pure distillation. failures: every sample w GRPO; the success no distillation (and no teacher), every
+    failure SDPO as well (the all-failed group: GRPO's advantages are 0 there, so pure distillation)."""
+    lr = 1.0
     trainer = make_trainer(
         tmp_path,
-        SDPOConfig(
-            grpo_weight=weight, hybrid_mode="per_group", distillation_topk=None, teacher_update_rate=0.0
-        ),
+        SDPOConfig(grpo_weight=weight, hybrid_mode=mode, distillation_topk=None, teacher_update_rate=0.0),
         reward=FirstOfFirstPrompt(),
         per_device_train_batch_size=8,
         gradient_accumulation_steps=1,
@@ -151,8 +153,17 @@ def test_per_group_hybrid_update_equals_a_hand_computation(tmp_path):
         ).append(row)
     spread = [rows for rows in groups.values() if len({float(inputs["advantages"][r]) for r in rows}) > 1]
     assert len(groups) == 2 and len(spread) == 1
-    expected_mix = [weight if row in spread[0] else 0.0 for row in range(8)]
+    success = [float(inputs["advantages"][r]) > 0 for r in range(8)]  # the one success of the spread group
+    assert sum(success) == 1
+    if mode == "per_group":
+        expected_mix = [weight if row in spread[0] else 0.0 for row in range(8)]
+        expected_distill = [1.0 - m for m in expected_mix]
+    else:
+        expected_mix = [weight] * 8
+        expected_distill = [0.0 if success[row] else 1.0 for row in range(8)]
+        assert not any(inputs["sdpo_sample_mask"][r] for r in range(8) if success[r])  # no teacher for it
     assert inputs["sdpo_grpo_weight"].tolist() == expected_mix
+    assert inputs["sdpo_distill_weight"].tolist() == pytest.approx(expected_distill)
 
     with torch.no_grad():  # back to the weights the step saw
         for n, p in model.named_parameters():
@@ -176,7 +187,7 @@ def test_per_group_hybrid_update_equals_a_hand_computation(tmp_path):
             with torch.no_grad(), adapter_scope(model, "sdpo_teacher"):
                 _, teacher_logits = row_logps(model, teacher_prompt, completion)
             jsd = divergence(student_logits.log_softmax(-1), teacher_logits.log_softmax(-1), 0.5).mean()
-            sdpo_terms.append((1 - expected_mix[row]) * jsd)
+            sdpo_terms.append(expected_distill[row] * jsd)
     loss = sum(grpo_terms) / len(grpo_terms) + sum(sdpo_terms) / len(sdpo_terms)
     loss.backward()
     moved = 0.0
