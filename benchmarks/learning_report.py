@@ -12,8 +12,21 @@ from pathlib import Path
 
 from learning_tasks import short_name
 
-COLORS = {"grpo": "tab:blue", "sdpo": "tab:red", "hybrid": "tab:purple"}
-ORDER = {"grpo": 0, "sdpo": 1}
+COLORS = {
+    "grpo": "tab:blue",
+    "sdpo": "tab:red",
+    "hybrid": "tab:purple",
+    "pg": "tab:orange",
+    "pg-seqmean": "tab:gray",
+    "fail": "tab:green",
+}
+ORDER = {"grpo": 0, "sdpo": 1, "fail": 2}
+NAMES = {  # method prefix -> what it is (learning.py's method_spec)
+    "hybrid": "hybrid fixed w={w}",
+    "pg-seqmean": "per-group w=1, old GRPO normaliser",
+    "pg": "per-group hybrid w={w}",
+    "fail": "GRPO + SDPO on failures w={w}",
+}
 
 
 def run_key(r: dict) -> tuple[str, str, int]:
@@ -57,9 +70,21 @@ def untrained_score(out: str | Path, key: dict) -> float | None:
     return None
 
 
+def family(method: str) -> str:
+    """'fail0.5@1e-3' -> 'fail'; the prefix that names the method."""
+    name = method.partition("@")[0]
+    if name == "pg-seqmean":
+        return name
+    return next((k for k in ("hybrid", "pg", "fail") if name.startswith(k)), name)
+
+
 def label(method: str) -> str:
     name, _, lr = method.partition("@")
-    name = f"hybrid (grpo_weight={name[6:]})" if name.startswith("hybrid") else name.upper()
+    kind = family(method)
+    if kind in NAMES:
+        name = NAMES[kind].format(w=name[len(kind) :] or ("0.9" if kind == "hybrid" else "1"))
+    else:
+        name = name.upper()
     return name + (f" lr {lr}" if lr else "")
 
 
@@ -70,7 +95,7 @@ def summarise(curves: dict, meta: dict) -> dict[str, list[dict]]:
     for task in tasks:
         methods = sorted(
             dict.fromkeys(m for t, m, _ in curves if t == task),
-            key=lambda m: (ORDER.get(m.partition("@")[0], 2), m),
+            key=lambda m: (ORDER.get(m.partition("@")[0], 3), m),
         )
         rows = []
         for m in methods:
@@ -119,8 +144,13 @@ def table(summary: dict[str, list[dict]]) -> str:
     return "\n".join(lines)
 
 
-def verdicts(summary: dict[str, list[dict]]) -> list[str]:
-    """One line per task: SDPO's mean after training against GRPO's (on the seeds both finished)."""
+def _mean_after(row: dict, seeds: list[int]) -> float:
+    return statistics.mean(row["per_seed"][k][1] for k in seeds)
+
+
+def verdicts(summary: dict[str, list[dict]], default: str = "fail") -> list[str]:
+    """One line per task: SDPO's mean after training against GRPO's, and the kit default (`default`) against
+    both (each on the seeds the two runs have in common)."""
     lines = []
     for task, rows in summary.items():
         by = {r["method"]: r for r in rows}
@@ -129,19 +159,31 @@ def verdicts(summary: dict[str, list[dict]]) -> list[str]:
             continue
         g, s = by["grpo"], by["sdpo"]
         common = sorted(set(g["seeds"]) & set(s["seeds"]))
-        gm = statistics.mean(g["per_seed"][k][1] for k in common)
-        sm = statistics.mean(s["per_seed"][k][1] for k in common)
+        gm, sm = _mean_after(g, common), _mean_after(s, common)
         word = "**below**" if sm < gm - 1e-9 else "equal to" if abs(sm - gm) <= 1e-9 else "above"
-        lines.append(
+        line = (
             f"- {short_name(task)} (seeds {','.join(map(str, common))}): SDPO {pct(sm)} vs GRPO {pct(gm)} "
             f"after training: SDPO's mean is {word} GRPO's ({100 * (sm - gm):+.1f} points)."
         )
+        if default in by:
+            d = by[default]
+            both = sorted(set(common) & set(d["seeds"]))
+            if both:
+                dm, gm2, sm2 = (_mean_after(r, both) for r in (d, g, s))
+                target = max(gm2, sm2) if sm2 > gm2 else gm2
+                met = dm >= target - 1e-9
+                line += (
+                    f" {label(default)} (seeds {','.join(map(str, both))}): {pct(dm)} vs GRPO {pct(gm2)}, SDPO "
+                    f"{pct(sm2)}: {'meets' if met else '**misses**'} the target (>= GRPO"
+                    f"{', >= SDPO' if sm2 > gm2 else ''})."
+                )
+        lines.append(line)
     return lines
 
 
 def _color(method: str) -> tuple[str, str]:
-    name, _, lr = method.partition("@")
-    return COLORS["hybrid" if name.startswith("hybrid") else name], (":" if lr else "-")
+    _, _, lr = method.partition("@")
+    return COLORS.get(family(method), "tab:brown"), (":" if lr else "-")
 
 
 def plot(curves: dict, summary: dict[str, list[dict]], path: Path, title: str) -> None:
