@@ -51,6 +51,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument(
         "--write", action="store_true", help="write the 'teacher-gap' section of docs/benchmarks.md"
     )
+    p.add_argument(
+        "--from-file", default="", help="write the section from the JSON lines of an earlier --out"
+    )
     return p.parse_args(argv)
 
 
@@ -189,23 +192,33 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     from learning_tasks import short_name, split_tasks
 
-    from sdpo_unsloth.model import load_model
+    if args.from_file:
+        records = [json.loads(line) for line in Path(args.from_file).read_text().splitlines() if line.strip()]
+        reports = list({r["task"]: r for r in records}.values())  # the last record of each task
+        argv = records[-1]["argv"]
+        args = parse_args(argv)  # the settings those records were measured with
+        args.write = True
+    else:
+        from sdpo_unsloth.model import load_model
 
-    model, tokenizer = load_model(
-        "embedded", load_in_4bit=False, teacher_adapter=None, gradient_checkpointing=False, seed=args.seed
-    )
-    reports = []
-    for name in split_tasks(args.tasks):
-        r = analyse_task(model, tokenizer, name, args)
-        reports.append(r)
-        print(json.dumps(r), flush=True)
-        if args.out:
-            with open(args.out, "a") as f:
-                f.write(json.dumps({**r, "argv": sys.argv[1:] if argv is None else list(argv)}) + "\n")
+        model, tokenizer = load_model(
+            "embedded", load_in_4bit=False, teacher_adapter=None, gradient_checkpointing=False, seed=args.seed
+        )
+        reports = []
+        argv = sys.argv[1:] if argv is None else list(argv)
+        for name in split_tasks(args.tasks):
+            r = analyse_task(model, tokenizer, name, args)
+            reports.append(r)
+            print(json.dumps(r), flush=True)
+            if args.out:
+                with open(args.out, "a") as f:
+                    f.write(json.dumps({**r, "argv": argv}) + "\n")
     if args.write:
         from bench_doc import write_section
 
         lines = [
+            "## What SDPO's teacher teaches at step 0 (CPU, embedded model)",
+            "",
             f"Measured {date.today()} on the untrained embedded model (CPU), {args.prompts} prompts x "
             f"{args.generations} samples per task, {args.max_completion_length}-token budget, default SDPOConfig. "
             "Per kind of teacher: tokens, mean teacher-minus-student log-prob of the sampled token, share of positions "
@@ -227,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
                         f"{k['echo_share']:.0%} | {k['digit_share']:.0%} | {top} |"
                     )
         cmd = "OMP_NUM_THREADS=1 python benchmarks/investigations/teacher_gap.py " + " ".join(
-            f"'{a}'" if "?" in a or "&" in a else a for a in (sys.argv[1:] if argv is None else argv)
+            f"'{a}'" if "?" in a or "&" in a else a for a in argv
         )
         lines += ["", "```", cmd, "```"]
         write_section("teacher-gap", "\n".join(lines))
