@@ -253,9 +253,11 @@ def train(
         distillation_topk: student top-K support of the divergence (default 100), or "full".
         teacher_mode: "ema" (default), "frozen", "live" or "trust_region".
         teacher_update_rate: EMA rate / trust-region mix (default 0.05).
-        grpo_weight: opt-in hybrid loss weight of GRPO (paper Eq. 3); default 0 (pure SDPO).
-        hybrid_mode: "fixed" (grpo_weight on every sample) or "per_group" (grpo_weight only in prompt groups
-            whose rewards differ, pure distillation elsewhere); default "fixed".
+        grpo_weight: weight of TRL's GRPO loss in the hybrid (paper Eq. 3); 0 is pure SDPO (the seed's). Default
+            1.0 with hybrid_mode "per_group": GRPO where a prompt group's rewards differ, SDPO's distillation
+            in the other groups (docs/benchmarks.md, "learning-panel"); an `sdpo_config` you pass keeps its own.
+        hybrid_mode: "per_group" (grpo_weight only in prompt groups whose rewards differ, pure distillation
+            elsewhere; the default) or "fixed" (grpo_weight on every sample; the default with grpo_weight=0).
         lora_r: LoRA rank of the student.
         lora_alpha: LoRA alpha (default: lora_r).
         load_in_4bit: nf4 base weights; default True on a CUDA GPU, False on CPU (bitsandbytes' CPU

@@ -48,7 +48,8 @@ def _fixes(max_completion_length: int, clipped: float | None) -> list[str]:
         "the right answer or what went wrong: then every failed sample gets a teacher",
         "easier prompts, so that some samples succeed and become demonstrations",
         budget,
-        "the hybrid (grpo_weight=0.9) if the reward gives partial credit, so GRPO learns from its differences",
+        "the per-group hybrid (grpo_weight=1.0, hybrid_mode='per_group'; train()'s default) if the reward gives "
+        "partial credit, so GRPO learns from its differences",
     ]
 
 

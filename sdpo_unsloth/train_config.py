@@ -21,7 +21,7 @@ from .preconditions import UsageError, group_size_error
 if TYPE_CHECKING:
     from trl import GRPOConfig
 
-__all__ = ["CHECKPOINT_SUBDIR", "DEFAULTS"]
+__all__ = ["CHECKPOINT_SUBDIR", "DEFAULTS", "SDPO_DEFAULTS"]
 
 # Kit defaults for the knobs shared with GRPOConfig (used when neither a flat knob nor `grpo_config` sets
 # them). Group size and batch follow the seed's example; weight decay and clipping are the paper's. The
@@ -42,6 +42,14 @@ DEFAULTS: dict[str, Any] = {
     "weight_decay": 0.01,
     "max_grad_norm": 1.0,
 }
+
+
+# Kit defaults for SDPO's own knobs, used when no `sdpo_config` is passed (an SDPOConfig you pass is taken as
+# is: its defaults are the seed's pure SDPO). The per-group hybrid trains with TRL's GRPO loss in prompt groups
+# whose rewards differ and with SDPO's distillation in the others (all failed, with feedback): on the learning
+# panel it kept GRPO's gains where pure SDPO lost and SDPO's where GRPO had nothing to learn from
+# (docs/benchmarks.md, "learning-panel").
+SDPO_DEFAULTS: dict[str, Any] = {"grpo_weight": 1.0, "hybrid_mode": "per_group"}
 
 
 CHECKPOINT_SUBDIR = "checkpoints"
@@ -69,6 +77,10 @@ def _build_sdpo_config(base: SDPOConfig | None, **flat: Any) -> SDPOConfig:
     if base is not None and not isinstance(base, SDPOConfig):
         raise UsageError(f"`sdpo_config` must be an SDPOConfig, got {type(base).__name__}.")
     values = base.to_dict() if base is not None else {}
+    if base is None:  # the kit's defaults; a grpo_weight of 0 asked for is pure SDPO (mode "fixed")
+        values.update(SDPO_DEFAULTS)
+        if flat.get("grpo_weight") == 0 and flat.get("hybrid_mode") is None:
+            values["hybrid_mode"] = "fixed"
     for name, value in flat.items():
         if value is None:
             continue

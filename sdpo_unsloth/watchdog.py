@@ -119,7 +119,9 @@ class NoOpWatchdog(TrainerCallback):
         length = getattr(args, "max_completion_length", None)
         checks = {
             "all_masked": (
-                masked is not None and masked >= 1.0 - 1e-9,
+                masked is not None
+                and masked >= 1.0 - 1e-9
+                and not (sdpo.grpo_weight > 0 and (reward_std or 0.0) > 0),  # the hybrid's GRPO term trains
                 "every sample was masked (sdpo/frac_masked = 1) for {n} optimizer steps: no sample had a successful "
                 f"sibling (total reward >= success_reward_threshold={sdpo.success_reward_threshold:g}) or feedback, "
                 "so there is no loss and nothing trains. Fix: have the reward leave feedback on `last_feedback`, "

@@ -73,7 +73,7 @@ def test_train_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir):
         assert path.is_file() and path.stat().st_size > 0, path
     steps = [entry for entry in result.log_history if "reward" in entry]
     assert [entry["step"] for entry in steps] == [1, 2]
-    assert "sdpo/distill_loss" in result.metrics and result.metrics["step"] == 2
+    assert "sdpo/grpo_loss" in result.metrics and result.metrics["step"] == 2  # the per-group hybrid default
     adapter = load_file(str(Path(result.adapter_dir) / "adapter_model.safetensors"))
     assert not any("sdpo_teacher" in key for key in adapter)
     lora_b = [t for k, t in adapter.items() if "lora_B" in k]
@@ -86,6 +86,7 @@ def test_train_end_to_end_on_a_tiny_model(tmp_path, tiny_model_dir):
     merged = json.loads((Path(result.merged_dir) / "sdpo_export.json").read_text())
     assert merged["verification"]["merged_vs_trained_model"]["passed"]
     assert merged["sdpo_config"]["alpha"] == 0.5
+    assert (merged["sdpo_config"]["grpo_weight"], merged["sdpo_config"]["hybrid_mode"]) == (1.0, "per_group")
 
 
 def test_train_can_export_a_gguf_file(tmp_path, tiny_model_dir):
@@ -148,6 +149,12 @@ def test_flat_knobs_override_the_config_objects(tmp_path):
     )
     assert (sdpo.alpha, sdpo.teacher_update_rate, sdpo.distillation_topk) == (1.0, 0.3, None)
     assert _build_sdpo_config(None, alpha=None).alpha == 0.5  # None = keep the default
+    kit = _build_sdpo_config(None)
+    assert (kit.grpo_weight, kit.hybrid_mode) == (1.0, "per_group")  # train()'s default: the per-group hybrid
+    pure = _build_sdpo_config(None, grpo_weight=0.0)
+    assert (pure.grpo_weight, pure.hybrid_mode) == (0.0, "fixed")  # asked for pure SDPO: the seed's loss
+    seed = _build_sdpo_config(SDPOConfig())
+    assert (seed.grpo_weight, seed.hybrid_mode) == (0.0, "fixed")  # a config passed is taken as is
 
     user = GRPOConfig(
         output_dir="elsewhere",

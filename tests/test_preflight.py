@@ -56,7 +56,9 @@ def test_no_success_and_no_feedback_is_nothing_to_learn(tiny):
     assert report.groups_with_demo == 0.0 and report.teacher_student_kl is None and report.samples == 8
     text = report.summary()
     assert NOTHING_TO_LEARN in text and "add feedback to the reward" in text
-    assert "easier prompts" in text and "max_completion_length=4" in text and "grpo_weight=0.9" in text
+    assert (
+        "easier prompts" in text and "max_completion_length=4" in text and "hybrid_mode='per_group'" in text
+    )
     after = weights(model)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
