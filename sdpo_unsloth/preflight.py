@@ -274,14 +274,15 @@ def preflight(
         max_completion_length: completion budget (default: the task's, else 128).
         temperature: sampling temperature.
         seed: seeds the prompt choice and the sampling.
-        sdpo_config: SDPO settings (default `SDPOConfig()`): threshold, feedback rules, divergence.
+        sdpo_config: SDPO settings (default: `train()`'s, the per-group hybrid): threshold, feedback rules,
+            divergence, hybrid (a group whose rewards differ gives GRPO a signal).
         lora_r, load_in_4bit, max_seq_length, backend: as in `train`, when `model` is a name.
 
     Returns:
         A `PreflightReport`; `.summary()` is the text `sdpo-unsloth preflight` prints.
     """
     from .data import _resolve_dataset, _resolve_rewards, task_completion_length
-    from .train_config import _build_grpo_config
+    from .train_config import _build_grpo_config, _build_sdpo_config
 
     if num_prompts < 1 or num_generations < 2:
         raise UsageError(
@@ -292,7 +293,7 @@ def preflight(
     reward_funcs = _resolve_rewards(rewards, task)
     if max_completion_length is None:
         max_completion_length = task_completion_length(task) or 128
-    sdpo = sdpo_config if sdpo_config is not None else SDPOConfig()
+    sdpo = sdpo_config if sdpo_config is not None else _build_sdpo_config(None)
     if isinstance(model, str):
         from .model import load_model
 
