@@ -46,17 +46,23 @@ def test_gpu_step_tiny_records_grpo_and_sdpo(tmp_path):
     assert by_run["sdpo"]["teacher_adapter_params"] == by_run["sdpo"]["student_adapter_params"]
 
 
-def test_compile_count_emulation_separates_the_teacher_grad_mode(tmp_path):
-    """The emulated regional compile: new graphs only in the first steps, and only SDPO (whose teacher
-    forward runs under no_grad) recompiles on the grad mode."""
+def test_compile_count_emulation_shows_stable_shapes_end_recompiles_after_step_one(tmp_path):
+    """The emulated regional compile: only SDPO (teacher forward under no_grad) compiles a grad-mode variant;
+    without stable shapes SDPO compiles again at step 3 (the first micro-batch with padding), with them never
+    after step 1."""
     proc = _run("investigations/compile_count.py", "--steps", "3", cwd=tmp_path)
-    lines = {
-        line.split(":", 1)[0]: line
-        for line in proc.stdout.splitlines()
-        if line.startswith(("GRPO:", "SDPO:"))
-    }
-    assert set(lines) == {"GRPO", "SDPO"}, proc.stdout[-2000:]
-    assert "grad mode" in lines["SDPO"] and "grad mode" not in lines["GRPO"]
-    for line in lines.values():
-        new = json.loads(line.split("new graphs per step ", 1)[1].split(";", 1)[0])
-        assert len(new) == 3 and new[0] > 0 and min(new) >= 0
+    new = {}
+    for line in proc.stdout.splitlines():
+        if ": new graphs per step " in line:
+            name, rest = line.split(": new graphs per step ", 1)
+            new[name] = (json.loads(rest.split(";", 1)[0]), rest)
+    assert set(new) == {
+        f"{data} / {run}"
+        for data in ("full", "varied")
+        for run in ("GRPO", "SDPO, stable_shapes off (before)", "SDPO")
+    }, proc.stdout[-2000:]
+    for name, (counts, rest) in new.items():
+        assert len(counts) == 3 and counts[0] > 0 and min(counts) >= 0, name
+        assert ("grad mode" in rest) == ("SDPO" in name), name
+    assert new["full / SDPO, stable_shapes off (before)"][0][2] > 0  # the first padded micro-batch
+    assert new["full / SDPO"][0][1:] == [0, 0] and new["varied / SDPO"][0][1:] == [0, 0]
