@@ -67,8 +67,10 @@ def advice(sdpo: Any, zero_std: list[float]) -> str:
             "grpo_weight=1.0 with hybrid_mode='per_group', or lower learning_rate."
         )
     return (
-        "Distillation on the groups where every sample failed is what remains of SDPO here: lower learning_rate, "
-        "or train with plain GRPO (SDPOConfig(enabled=False))."
+        "This is the per-group hybrid (TRL's GRPO loss where a group's rewards differ, distillation where every "
+        "sample failed). Lower learning_rate; or, where a success in a group is the best lesson for its failed "
+        "siblings, pure SDPO (grpo_weight=0) distils it to them (it beat this hybrid on the learning panel's "
+        "count_bits task, docs/benchmarks.md); or plain GRPO (SDPOConfig(enabled=False))."
     )
 
 

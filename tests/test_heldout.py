@@ -76,7 +76,12 @@ def test_a_score_within_noise_does_not_warn(tmp_path):
 def test_the_advice_follows_the_configuration(tmp_path):
     sdpo = SDPOConfig(diagnostics_samples=0, warn_noop=False, grpo_weight=1.0, hybrid_mode="per_group")
     _, _, _, messages = monitored_run(tmp_path, [0.1, 0.1, 0.1], sdpo=sdpo)
-    assert len(messages) == 1 and "lower learning_rate" in messages[0] and "enabled=False" in messages[0]
+    assert (
+        len(messages) == 1
+        and "Lower learning_rate" in messages[0]
+        and "grpo_weight=0" in messages[0]
+        and "enabled=False" in messages[0]
+    )
 
 
 @pytest.mark.parametrize(
