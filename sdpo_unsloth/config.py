@@ -202,6 +202,20 @@ class SDPOConfig:
         ),
     )
 
+    def reprompt_options(self) -> dict[str, Any]:
+        """The keyword arguments of `teacher.plan_reprompts` that these settings fix (all but the group size)."""
+        return {
+            "success_threshold": self.success_reward_threshold,
+            "dont_reprompt_on_self_success": self.dont_reprompt_on_self_success,
+            "include_environment_feedback": self.include_environment_feedback,
+            "feedback_only_without_solution": self.environment_feedback_only_without_solution,
+            "remove_thinking": self.remove_thinking_from_demonstration,
+            "max_feedback_chars": self.max_feedback_chars,
+            "reprompt_template": self.reprompt_template,
+            "solution_template": self.solution_template,
+            "feedback_template": self.feedback_template,
+        }
+
     def __post_init__(self) -> None:
         def fail(name: str, rule: str, value: Any, hint: str = "") -> None:
             raise ValueError(f"`{name}` must be {rule}, got {value!r}{f' ({hint})' if hint else ''}.")

@@ -272,16 +272,8 @@ class _SDPOMixin(StepStats, TeacherState):
         all_plans = plan_reprompts(
             *group[:4],
             group_size=group_size,
-            success_threshold=cfg.success_reward_threshold,
-            dont_reprompt_on_self_success=cfg.dont_reprompt_on_self_success,
-            include_environment_feedback=cfg.include_environment_feedback,
-            feedback_only_without_solution=cfg.environment_feedback_only_without_solution,
-            remove_thinking=cfg.remove_thinking_from_demonstration,
-            max_feedback_chars=cfg.max_feedback_chars,
-            reprompt_template=cfg.reprompt_template,
-            solution_template=cfg.solution_template,
-            feedback_template=cfg.feedback_template,
             can_demonstrate=group[4],
+            **cfg.reprompt_options(),
         )
         start = self.accelerator.process_index * n if self.accelerator.num_processes > 1 else 0
         plans = all_plans[start : start + n]

@@ -38,8 +38,9 @@ class SomeFeedback:
         return [float(good) for good in ok]
 
 
-def run(tmp_path, name: str, sdpo: SDPOConfig, batch: int, accumulation: int, **overrides):
-    reward = SomeFeedback()
+def run(tmp_path, name: str, sdpo: SDPOConfig, batch: int, accumulation: int, reward=None, **overrides):
+    """Train with SGD; (student update, teacher update, loss logs, completions the reward saw)."""
+    reward = reward if reward is not None else SomeFeedback()
     trainer = make_trainer(
         tmp_path / name,
         sdpo,

@@ -121,15 +121,7 @@ def analyse_task(model, tokenizer, name: str, args: argparse.Namespace) -> dict:
         rewards,
         feedback,
         group_size=args.generations,
-        success_threshold=cfg.success_reward_threshold,
-        dont_reprompt_on_self_success=cfg.dont_reprompt_on_self_success,
-        include_environment_feedback=cfg.include_environment_feedback,
-        feedback_only_without_solution=cfg.environment_feedback_only_without_solution,
-        remove_thinking=cfg.remove_thinking_from_demonstration,
-        max_feedback_chars=cfg.max_feedback_chars,
-        reprompt_template=cfg.reprompt_template,
-        solution_template=cfg.solution_template,
-        feedback_template=cfg.feedback_template,
+        **cfg.reprompt_options(),
     )
     kinds: dict[str, dict] = {}
     for i, plan in enumerate(plans):
