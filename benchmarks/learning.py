@@ -331,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
             curves,
             summary,
             PLOT,
-            f"GRPO (blue) vs SDPO (red), SmolLM2-135M-Instruct, CPU\n{m['max_steps']} steps, "
+            f"GRPO (blue), SDPO (red), per-group hybrid (orange: train()'s default)\nSmolLM2-135M-Instruct, CPU, {m['max_steps']} steps, "
             f"{m['max_completion_length']}-token budget (thin: per seed, thick: mean)",
         )
         from bench_doc import write_section

@@ -148,7 +148,7 @@ def _mean_after(row: dict, seeds: list[int]) -> float:
     return statistics.mean(row["per_seed"][k][1] for k in seeds)
 
 
-def verdicts(summary: dict[str, list[dict]], default: str = "fail") -> list[str]:
+def verdicts(summary: dict[str, list[dict]], default: str = "pg") -> list[str]:
     """One line per task: SDPO's mean after training against GRPO's, and the kit default (`default`) against
     both (each on the seeds the two runs have in common)."""
     lines = []
