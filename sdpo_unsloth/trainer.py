@@ -389,9 +389,9 @@ class _SDPOMixin(StepStats, TeacherState):
             if self.model.training
             else 1
         )
-        masked = (per_token * mask).sum()
         if self.loss_type == "grpo":
             return sdpo_loss.sequence_mean_loss(per_token, mask, normalizer=max(n_sequences, 1.0))
+        masked = (per_token * mask).sum()
         if self.loss_type == "bnpo":
             return masked / mask.sum().clamp(min=1.0) / accumulation
         if self.loss_type == "dr_grpo":
