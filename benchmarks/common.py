@@ -1,5 +1,5 @@
-"""What the benchmark scripts share: the CPU run settings, the prompts and reward of the step-time runs, and
-`write_section`, which writes one benchmark's section of docs/benchmarks.md between its markers.
+"""What the benchmark scripts share: the CPU run settings, the settings, prompts and reward of the step-time runs,
+the optimizer settings of the learning runs, and `write_section`, which writes one benchmark's section of docs/benchmarks.md between its markers.
 
 Scripts in the folders below import it after `sys.path.insert(0, <benchmarks/>)`; it imports nothing heavy,
 so sdpo-rl's venv (vs_sdpo_rl/) can import it too.
@@ -19,6 +19,28 @@ CPU_RUN = {
     "gradient_checkpointing": False,
     "report_to": [],
     "save_strategy": "no",
+}
+
+# The step-time runs (speed/step_time.py, vs_sdpo_rl/throughput.py): 4 completions per micro-batch from 4
+# generations per prompt, GA 2, lr 1e-4, temperature 1, nothing logged during the timed steps.
+STEP_TIME_RUN = {
+    **CPU_RUN,
+    "num_generations": 4,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 2,
+    "learning_rate": 1e-4,
+    "temperature": 1.0,
+    "seed": 0,
+    "disable_tqdm": True,
+    "logging_steps": 1000,
+}
+
+# The learning runs (learning.py, learning/demo_tuning.py): AdamW as `train()` sets it up, logged every step.
+LEARNING_RUN = {
+    "weight_decay": 0.01,
+    "max_grad_norm": 1.0,
+    "logging_steps": 1,
+    "disable_tqdm": True,
 }
 
 # The step-time prompts: 100 one-digit additions as chat messages.

@@ -42,6 +42,7 @@ PLOT = ROOT / "docs" / "learning_curves.png"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import learning_report as report  # noqa: E402
+from common import LEARNING_RUN  # noqa: E402
 from learning_tasks import PanelTask, load_task, score, split_tasks  # noqa: E402
 
 
@@ -207,12 +208,9 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
         fp16=s["gpu"] and not torch.cuda.is_bf16_supported(),
         report_to=[],
         save_strategy="no",
-        logging_steps=1,
-        disable_tqdm=True,
+        **LEARNING_RUN,
         seed=seed,
         data_seed=seed,
-        weight_decay=0.01,
-        max_grad_norm=1.0,
     )
     trainer = SDPOTrainer(
         model=model,

@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared `common` module
-from common import CPU_RUN
+from common import CPU_RUN, LEARNING_RUN
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -170,12 +170,9 @@ def run(s: dict, seed: int, eval_every: int, verbose: bool) -> dict:
         temperature=s["temperature"],
         max_completion_length=s["max_completion_length"],
         **CPU_RUN,
-        logging_steps=1,
-        disable_tqdm=True,
+        **LEARNING_RUN,
         seed=seed,
         data_seed=seed,
-        weight_decay=0.01,
-        max_grad_norm=1.0,
     )
     trainer = SDPOTrainer(
         model=model,

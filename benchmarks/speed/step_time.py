@@ -26,7 +26,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared `common` module
-from common import ADDITION_PROMPTS, CPU_RUN, AlwaysWrong
+from common import ADDITION_PROMPTS, STEP_TIME_RUN, AlwaysWrong
 
 
 class StepTimer:
@@ -71,17 +71,9 @@ def run(model_name: str, enabled: bool, steps: int, completion: int) -> list[flo
     rows = ADDITION_PROMPTS
     args = GRPOConfig(
         output_dir="/tmp/sdpo-step-time",
-        num_generations=4,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
         max_completion_length=completion,
         max_steps=steps + 2,
-        learning_rate=1e-4,
-        **CPU_RUN,
-        temperature=1.0,
-        seed=0,
-        disable_tqdm=True,
-        logging_steps=1000,
+        **STEP_TIME_RUN,
     )
     trainer = SDPOTrainer(
         model=model,

@@ -34,7 +34,7 @@ from datetime import date
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared `common` module
-from common import ADDITION_PROMPTS, CPU_RUN, AlwaysWrong
+from common import ADDITION_PROMPTS, STEP_TIME_RUN, AlwaysWrong
 
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -150,19 +150,11 @@ def worker(impl: str, mode: str, model_dir: str, steps: int, completion: int, to
     rows = ADDITION_PROMPTS
     args = GRPOConfig(
         output_dir=tempfile.mkdtemp(prefix=f"vs-sdpo-rl-{impl}-"),
-        num_generations=4,
-        per_device_train_batch_size=4,
-        gradient_accumulation_steps=2,
         max_completion_length=completion,
         max_steps=steps + 2,
-        learning_rate=1e-4,
-        **CPU_RUN,
+        **STEP_TIME_RUN,
         fp16=False,
-        temperature=1.0,
         beta=0.0,
-        seed=0,
-        disable_tqdm=True,
-        logging_steps=1000,
     )
     common = dict(
         model=model,
