@@ -45,6 +45,19 @@ import learning_report as report  # noqa: E402
 from common import LEARNING_RUN  # noqa: E402
 from learning_tasks import PanelTask, load_task, score, split_tasks  # noqa: E402
 
+README = ROOT / "README.md"
+README_MARKERS = ("<!-- panel-evidence:begin -->", "<!-- panel-evidence:end -->")
+
+
+def write_readme_block(text: str) -> None:
+    """Replace the README's generated panel table (tests/test_docs.py checks it against docs/panel/)."""
+    begin, end = README_MARKERS
+    readme = README.read_text()
+    if begin not in readme or end not in readme:
+        raise SystemExit(f"README.md has no {begin} ... {end} block to write the panel table into")
+    head, rest = readme.split(begin, 1)
+    README.write_text(f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
+
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -343,7 +356,10 @@ def main(argv: list[str] | None = None) -> int:
             for run in runs
         )
         write_section("learning-panel", section(summary, meta, starts, notes, command))
-        print(f"wrote {PLOT} and the 'learning-panel' section of docs/benchmarks.md")
+        write_readme_block(report.readme_block(summary))
+        print(
+            f"wrote {PLOT}, the 'learning-panel' section of docs/benchmarks.md and the README's panel table"
+        )
     return 0
 
 

@@ -148,9 +148,32 @@ def _mean_after(row: dict, seeds: list[int]) -> float:
     return statistics.mean(row["per_seed"][k][1] for k in seeds)
 
 
+def default_vs_baselines(rows: list[dict], default: str = "pg") -> dict | None:
+    """The kit default (`default`) against GRPO and pure SDPO on the seeds all three have run, or None.
+
+    The target (issue: SDPO that never loses to GRPO): the default's mean >= GRPO's, and >= pure SDPO's where
+    pure SDPO's mean is above GRPO's."""
+    by = {r["method"]: r for r in rows}
+    if not all(m in by for m in ("grpo", "sdpo", default)):
+        return None
+    seeds = sorted(set(by["grpo"]["seeds"]) & set(by["sdpo"]["seeds"]) & set(by[default]["seeds"]))
+    if not seeds:
+        return None
+    dm, gm, sm = (_mean_after(by[m], seeds) for m in (default, "grpo", "sdpo"))
+    needs_sdpo = sm > gm
+    return {
+        "seeds": seeds,
+        "default": dm,
+        "grpo": gm,
+        "sdpo": sm,
+        "needs_sdpo": needs_sdpo,
+        "met": dm >= (max(gm, sm) if needs_sdpo else gm) - 1e-9,
+    }
+
+
 def verdicts(summary: dict[str, list[dict]], default: str = "pg") -> list[str]:
     """One line per task: SDPO's mean after training against GRPO's, and the kit default (`default`) against
-    both (each on the seeds the two runs have in common)."""
+    both (each on the seeds the runs have in common)."""
     lines = []
     for task, rows in summary.items():
         by = {r["method"]: r for r in rows}
@@ -165,20 +188,53 @@ def verdicts(summary: dict[str, list[dict]], default: str = "pg") -> list[str]:
             f"- {short_name(task)} (seeds {','.join(map(str, common))}): SDPO {pct(sm)} vs GRPO {pct(gm)} "
             f"after training: SDPO's mean is {word} GRPO's ({100 * (sm - gm):+.1f} points)."
         )
-        if default in by:
-            d = by[default]
-            both = sorted(set(common) & set(d["seeds"]))
-            if both:
-                dm, gm2, sm2 = (_mean_after(r, both) for r in (d, g, s))
-                target = max(gm2, sm2) if sm2 > gm2 else gm2
-                met = dm >= target - 1e-9
-                line += (
-                    f" {label(default)} (seeds {','.join(map(str, both))}): {pct(dm)} vs GRPO {pct(gm2)}, SDPO "
-                    f"{pct(sm2)}: {'meets' if met else '**misses**'} the target (>= GRPO"
-                    f"{', >= SDPO' if sm2 > gm2 else ''})."
-                )
+        v = default_vs_baselines(rows, default)
+        if v:
+            line += (
+                f" {label(default)} (seeds {','.join(map(str, v['seeds']))}): {pct(v['default'])} vs GRPO "
+                f"{pct(v['grpo'])}, SDPO {pct(v['sdpo'])}: {'meets' if v['met'] else '**misses**'} the target "
+                f"(>= GRPO{', >= SDPO' if v['needs_sdpo'] else ''})."
+            )
         lines.append(line)
     return lines
+
+
+def readme_block(summary: dict[str, list[dict]], default: str = "pg") -> str:
+    """The README's panel table and verdict, generated from the same records as docs/benchmarks.md."""
+    columns = (("grpo", "GRPO"), ("sdpo", "pure SDPO"), (default, "per-group hybrid (`train()`'s default)"))
+    lines = [
+        "| task | untrained | " + " | ".join(name for _, name in columns) + " |",
+        "|---|---|" + "---|" * len(columns),
+    ]
+    runs = 0
+    met, missed = [], []
+    for task, rows in summary.items():
+        by = {r["method"]: r for r in rows}
+        runs += sum(len(by[m]["seeds"]) for m, _ in columns if m in by)
+        cells = [
+            f"{pct(by[m]['final_mean'])} ({len(by[m]['seeds'])})" if m in by else "not run"
+            for m, _ in columns
+        ]
+        lines.append(f"| {short_name(task)} | {pct(rows[0]['before'])} | " + " | ".join(cells) + " |")
+        v = default_vs_baselines(rows, default)
+        if v is None:
+            continue
+        if v["met"]:
+            met.append(short_name(task))
+        else:
+            short = "GRPO" if v["default"] < v["grpo"] - 1e-9 else "pure SDPO"
+            missed.append(
+                f"{short_name(task)} ({pct(v['default'])} vs GRPO {pct(v['grpo'])}, pure SDPO {pct(v['sdpo'])}: "
+                f"below {short}; seeds {','.join(map(str, v['seeds']))})"
+            )
+    lines += [
+        "",
+        f"Held-out score after training in %, mean over seeds (how many in brackets); {runs} runs. "
+        "Target: the default at or above GRPO, and at or above pure SDPO where pure SDPO beat GRPO "
+        f"(same seeds). Met on {', '.join(met) if met else 'no task'}; "
+        f"missed on {'; '.join(missed) if missed else 'no task'}.",
+    ]
+    return "\n".join(lines)
 
 
 def _color(method: str) -> tuple[str, str]:

@@ -24,3 +24,17 @@ def test_readme_figures_match_the_code():
     assert int(chunk) == SDPOConfig().logit_chunk_size
     assert "docs/configuration.md" in readme
     assert "| `logit_chunk_size` |" not in readme  # one table, generated, in docs/
+
+
+def test_readme_panel_table_is_generated_from_the_panel_records():
+    """The README's learning-panel numbers are `learning_report.readme_block` of docs/panel/panel.jsonl, the records
+    docs/benchmarks.md is written from (`benchmarks/learning.py --report-only --write` rewrites both)."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import learning_report
+
+    readme = (ROOT / "README.md").read_text()
+    block = readme.split("<!-- panel-evidence:begin -->\n")[1].split("\n<!-- panel-evidence:end -->")[0]
+    curves, meta = learning_report.load(ROOT / "docs" / "panel" / "panel.jsonl")
+    assert block == learning_report.readme_block(learning_report.summarise(curves, meta))
