@@ -19,7 +19,8 @@ CPU (embedded SmolLM2-135M-Instruct; DEMO_SETTINGS unless a flag overrides it, f
 
 Methods: `grpo`, `sdpo`, `hybridW` (SDPOConfig(grpo_weight=W)), `pgW` (the same with hybrid_mode="per_group",
 W defaults to 1: GRPO in groups whose rewards differ, SDPO in the others), `failW` (hybrid_mode="failures", W
-defaults to 1: W x GRPO on every sample + SDPO on the failed ones); `grpo@LR` / `sdpo@LR` override lr.
+defaults to 1: W x GRPO on every sample + SDPO on the failed ones); `grpo@LR` / `sdpo@LR` override lr;
+`sdpo+self` (any SDPO method) shows a success its own completion as the demonstration.
 """
 
 from __future__ import annotations
@@ -102,21 +103,30 @@ def settings(args: argparse.Namespace) -> dict:
     return s
 
 
-def method_spec(method: str, s: dict) -> tuple[float, float | None, str]:
-    """(learning rate, grpo_weight, hybrid_mode); grpo_weight None = plain GRPO."""
+def method_spec(method: str, s: dict) -> tuple[float, float | None, str, bool]:
+    """(learning rate, grpo_weight, hybrid_mode, own success as demonstration); grpo_weight None = plain GRPO.
+
+    `NAME+self` shows a successful sample its own completion as the demonstration
+    (`dont_reprompt_on_self_success=False`); `NAME@LR` overrides the learning rate."""
     name, _, lr = method.partition("@")
     lr_value = float(lr) if lr else s["learning_rate"]
-    if name == "grpo":
-        return lr_value, None, "fixed"
+    name, plus, flag = name.partition("+")
+    if plus and flag != "self":
+        raise SystemExit(f"unknown method option {'+' + flag!r} in {method!r}: the one option is +self")
+    own = flag == "self"
+    if name == "grpo" and not own:
+        return lr_value, None, "fixed", own
     if name == "sdpo":
-        return lr_value, 0.0, "fixed"
+        return lr_value, 0.0, "fixed", own
     if name.startswith("hybrid"):
-        return lr_value, float(name[len("hybrid") :] or 0.9), "fixed"
+        return lr_value, float(name[len("hybrid") :] or 0.9), "fixed", own
     if name.startswith("pg"):
-        return lr_value, float(name[len("pg") :] or 1.0), "per_group"
+        return lr_value, float(name[len("pg") :] or 1.0), "per_group", own
     if name.startswith("fail"):
-        return lr_value, float(name[len("fail") :] or 1.0), "failures"
-    raise SystemExit(f"unknown method {method!r}: use grpo, sdpo, hybridW, pgW, failW, optionally @lr")
+        return lr_value, float(name[len("fail") :] or 1.0), "failures", own
+    raise SystemExit(
+        f"unknown method {method!r}: use grpo, sdpo, hybridW, pgW, failW, optionally +self (SDPO methods) and @lr"
+    )
 
 
 def emit(path: str, record: dict) -> None:
@@ -170,7 +180,7 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
 
     if not s["gpu"]:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
-    lr, grpo_weight, hybrid_mode = method_spec(method, s)
+    lr, grpo_weight, hybrid_mode, own_success = method_spec(method, s)
     grpo = grpo_weight is None
     key = {
         "task": task.name,
@@ -204,6 +214,7 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
             teacher_update_rate=s["teacher_update_rate"],
             grpo_weight=grpo_weight,
             hybrid_mode=hybrid_mode,
+            dont_reprompt_on_self_success=not own_success,
         )
     )
     args = GRPOConfig(

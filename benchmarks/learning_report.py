@@ -72,7 +72,7 @@ def untrained_score(out: str | Path, key: dict) -> float | None:
 
 def family(method: str) -> str:
     """'fail0.5@1e-3' -> 'fail'; the prefix that names the method."""
-    name = method.partition("@")[0]
+    name = method.partition("@")[0].partition("+")[0]
     if name == "pg-seqmean":
         return name
     return next((k for k in ("hybrid", "pg", "fail") if name.startswith(k)), name)
@@ -80,12 +80,13 @@ def family(method: str) -> str:
 
 def label(method: str) -> str:
     name, _, lr = method.partition("@")
+    name, plus, _ = name.partition("+")
     kind = family(method)
     if kind in NAMES:
         name = NAMES[kind].format(w=name[len(kind) :] or ("0.9" if kind == "hybrid" else "1"))
     else:
         name = name.upper()
-    return name + (f" lr {lr}" if lr else "")
+    return name + (", own success as demo" if plus else "") + (f" lr {lr}" if lr else "")
 
 
 def summarise(curves: dict, meta: dict) -> dict[str, list[dict]]:
