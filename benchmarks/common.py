@@ -62,6 +62,22 @@ class AlwaysWrong:
         return [0.0] * len(completions)
 
 
+class HalfGroupsSucceed:
+    """Reward 1 for the first completion of every other group of 4 (by position), 0 with feedback otherwise: half
+    of the prompt groups have a reward spread (the per-group hybrid trains GRPO there, without a teacher)."""
+
+    __name__ = "half_groups_succeed"
+
+    def __init__(self, group_size: int = 4):
+        self.group_size = group_size
+        self.last_feedback: list[str] = []
+
+    def __call__(self, prompts, completions, **kwargs):
+        rewards = [1.0 if i % (2 * self.group_size) == 0 else 0.0 for i in range(len(completions))]
+        self.last_feedback = ["Right." if r else "Wrong. The answer is 7, not 5." for r in rewards]
+        return rewards
+
+
 def write_section(name: str, text: str, append_row: str | None = None) -> None:
     """Replace the text between `<!-- name:begin -->` and `<!-- name:end -->` (appended if absent).
 

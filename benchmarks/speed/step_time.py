@@ -3,8 +3,11 @@
     OMP_NUM_THREADS=1 python benchmarks/speed/step_time.py --steps 12 [--model tiny|embedded] [--write]
 
 Median wall time per optimizer step (generation + rewards + teacher + loss + backward), after two
-warm-up steps. Both runs use our trainer: GRPO is `SDPOConfig(enabled=False)`. Every SDPO sample
-gets feedback, so every sample pays for a teacher forward (the worst case).
+warm-up steps. Every run uses our trainer: GRPO is `SDPOConfig(enabled=False)`, SDPO the seed's pure SDPO
+(`SDPOConfig()`), and the per-group hybrid `train()`'s default (`grpo_weight=1, hybrid_mode="per_group"`).
+Two reward mixes: "worst case", every completion wrong with feedback, so every sample pays for a teacher
+forward; "half the groups succeed", one success in every other group of 4, where the per-group hybrid
+trains GRPO without a teacher forward.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared `common` module
-from common import ADDITION_PROMPTS, STEP_TIME_RUN, AlwaysWrong
+from common import ADDITION_PROMPTS, STEP_TIME_RUN, AlwaysWrong, HalfGroupsSucceed
 
 
 class StepTimer:
@@ -60,7 +63,15 @@ def build(model_name: str):
     return load_embedded()
 
 
-def run(model_name: str, enabled: bool, steps: int, completion: int) -> list[float]:
+METHODS = {  # name -> SDPOConfig kwargs
+    "GRPO": {"enabled": False},
+    "SDPO": {},
+    "per-group hybrid": {"grpo_weight": 1.0, "hybrid_mode": "per_group"},
+}
+MIXES = {"worst case": AlwaysWrong, "half the groups succeed": HalfGroupsSucceed}
+
+
+def run(model_name: str, sdpo: dict, reward: object, steps: int, completion: int) -> list[float]:
     from datasets import Dataset
     from trl import GRPOConfig
 
@@ -78,9 +89,9 @@ def run(model_name: str, enabled: bool, steps: int, completion: int) -> list[flo
     trainer = SDPOTrainer(
         model=model,
         args=args,
-        sdpo_config=SDPOConfig(enabled=enabled),
+        sdpo_config=SDPOConfig(**sdpo),
         processing_class=tokenizer,
-        reward_funcs=[AlwaysWrong()],
+        reward_funcs=[reward],
         train_dataset=Dataset.from_list(rows),
     )
     timer = StepTimer()
@@ -96,25 +107,40 @@ def main() -> None:
     parser.add_argument("--completion", type=int, default=32)
     parser.add_argument("--write", action="store_true", help="write the result into docs/benchmarks.md")
     args = parser.parse_args()
-    grpo = run(args.model, False, args.steps, args.completion)
-    sdpo = run(args.model, True, args.steps, args.completion)
-    g, s = statistics.median(grpo), statistics.median(sdpo)
-    row = f"| {args.model} | {args.completion} | {len(grpo)} | {g:.3f} s | {s:.3f} s | **{s / g:.2f}x** |"
-    print(row)
+    rows = []
+    for mix, reward in MIXES.items():
+        median = {
+            name: statistics.median(run(args.model, sdpo, reward(), args.steps, args.completion))
+            for name, sdpo in METHODS.items()
+        }
+        g = median["GRPO"]
+        rows.append(
+            f"| {args.model}, {mix} | {args.completion} | {args.steps} | {g:.3f} s | {median['SDPO']:.3f} s "
+            f"| **{median['SDPO'] / g:.2f}x** | {median['per-group hybrid']:.3f} s "
+            f"| **{median['per-group hybrid'] / g:.2f}x** |"
+        )
+        print(rows[-1], flush=True)
     if args.write:
         from common import write_section
 
-        command = f"OMP_NUM_THREADS=1 python benchmarks/speed/step_time.py --model {args.model} --steps {args.steps} --write"
-        write_section(
-            "step-time",
-            "## SDPO vs GRPO step time (CPU)\n\n"
-            f"`{command}` on {date.today()}, {platform.machine()}, torch {torch.__version__}, 1 thread. "
-            "4 prompts x 4 generations per micro-batch, GA 2, every SDPO sample with feedback (worst case). "
-            "Median over the steps after two warm-ups. Target: <= 1.3x on CPU.\n\n"
-            "| model | completion tokens | steps | GRPO step | SDPO step | SDPO / GRPO |\n|---|---|---|---|---|---|\n"
-            + row,
-            append_row=row,
+        command = (
+            f"OMP_NUM_THREADS=1 python benchmarks/speed/step_time.py --model {args.model} --steps {args.steps} "
+            f"--completion {args.completion} --write"
         )
+        header = (
+            "## SDPO vs GRPO step time (CPU)\n\n"
+            f"`{command}` on {date.today()}, {platform.machine()}, torch {torch.__version__}, 1 thread (one row "
+            "per model and reward mix; each run of the script replaces its model's rows). 4 prompts x 4 "
+            "generations per micro-batch, GA 2. SDPO = the seed's pure SDPO (`SDPOConfig()`), per-group hybrid = "
+            "`train()`'s default. Reward mixes: *worst case*, every completion wrong with feedback (every sample "
+            "pays for a teacher forward, in both SDPO and the hybrid); *half the groups succeed*, one success in "
+            "every other group (the hybrid trains GRPO there, without a teacher forward). Median over the steps "
+            "after two warm-ups. Target (issue: fast where users wait): worst case <= 1.15x on CPU.\n\n"
+            "| model, reward mix | completion tokens | steps | GRPO step | SDPO step | SDPO / GRPO "
+            "| per-group hybrid step | hybrid / GRPO |\n|---|---|---|---|---|---|---|---|"
+        )
+        for row in rows:
+            write_section("step-time", header + "\n" + row, append_row=row)
 
 
 if __name__ == "__main__":
