@@ -47,8 +47,8 @@ DEFAULTS: dict[str, Any] = {
 # Kit defaults for SDPO's own knobs, used when no `sdpo_config` is passed (an SDPOConfig you pass is taken as
 # is: its defaults are the seed's pure SDPO). The per-group hybrid trains with TRL's GRPO loss in prompt groups
 # whose rewards differ and with SDPO's distillation in the others (all failed, with feedback): on the learning
-# panel it kept GRPO's gains where pure SDPO lost and SDPO's where GRPO had nothing to learn from
-# (docs/benchmarks.md, "learning-panel").
+# panel (6 tasks x 3 seeds) its mean was at or above GRPO's on every task and above pure SDPO's on addition, but
+# below pure SDPO's on count_bits (docs/benchmarks.md, "learning-panel").
 SDPO_DEFAULTS: dict[str, Any] = {"grpo_weight": 1.0, "hybrid_mode": "per_group"}
 
 
