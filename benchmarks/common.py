@@ -81,19 +81,25 @@ class HalfGroupsSucceed:
 def write_section(name: str, text: str, append_row: str | None = None) -> None:
     """Replace the text between `<!-- name:begin -->` and `<!-- name:end -->` (appended if absent).
 
-    With `append_row`, an existing section keeps its table and gains the row (one row per model).
+    With `append_row` (a line of `text`'s table), the section becomes `text`, and the rows of the old table that
+    have the same columns and another first cell (other models measured by earlier runs) are kept before it.
     """
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
     doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
     match = re.search(re.escape(begin) + r"\n(.*?)\n" + re.escape(end), doc, flags=re.DOTALL)
     if match and append_row:
-        key = append_row.split("|")[1]
-        lines = [
+        key, columns = append_row.split("|")[1], append_row.count("|")
+        ours = set(text.splitlines())
+        kept = [
             line
             for line in match.group(1).splitlines()
-            if not (line.startswith("|") and line.split("|")[1] == key)
+            if line.startswith("|")
+            and line.count("|") == columns
+            and line.split("|")[1] != key
+            and not set(line) <= set("|-: ")
+            and line not in ours
         ]
-        text = "\n".join([*lines, append_row])
+        text = text.replace(append_row, "\n".join([*kept, append_row]), 1)
     block = f"{begin}\n{text}\n{end}"
     doc = doc.replace(match.group(0), block) if match else doc.rstrip() + f"\n\n{block}\n"
     DOC.parent.mkdir(exist_ok=True)
