@@ -239,8 +239,17 @@ def readme_block(summary: dict[str, list[dict]], default: str = "pg") -> str:
 
 
 def _color(method: str) -> tuple[str, str]:
-    _, _, lr = method.partition("@")
-    return COLORS.get(family(method), "tab:brown"), (":" if lr else "-")
+    """(colour, line style): one colour per method family; `+self` brown, a hybrid weight other than 1 olive,
+    dashed; a learning rate override dotted."""
+    name, _, lr = method.partition("@")
+    name, plus, _ = name.partition("+")
+    kind = family(method)
+    weight = name[len(kind) :] if kind in ("pg", "fail") else ""
+    if plus:
+        return "tab:brown", "--"
+    if weight and float(weight) != 1.0:
+        return "tab:olive", "--"
+    return COLORS.get(kind, "tab:brown"), (":" if lr else "-")
 
 
 def plot(curves: dict, summary: dict[str, list[dict]], path: Path, title: str) -> None:
