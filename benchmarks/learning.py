@@ -20,7 +20,8 @@ CPU (embedded SmolLM2-135M-Instruct; DEMO_SETTINGS unless a flag overrides it, f
 Methods: `grpo`, `sdpo`, `hybridW` (SDPOConfig(grpo_weight=W)), `pgW` (the same with hybrid_mode="per_group",
 W defaults to 1: GRPO in groups whose rewards differ, SDPO in the others), `failW` (hybrid_mode="failures", W
 defaults to 1: W x GRPO on every sample + SDPO on the failed ones); `grpo@LR` / `sdpo@LR` override lr;
-`sdpo+self` (any SDPO method) shows a success its own completion as the demonstration.
+`sdpo+self` (any SDPO method) shows a success its own completion as the demonstration; `pgrare` is an
+experiment (rare_success_weights).
 """
 
 from __future__ import annotations
@@ -120,6 +121,8 @@ def method_spec(method: str, s: dict) -> tuple[float, float | None, str, bool]:
         return lr_value, 0.0, "fixed", own
     if name.startswith("hybrid"):
         return lr_value, float(name[len("hybrid") :] or 0.9), "fixed", own
+    if name == "pgrare":  # an experiment, not a kit option: see rare_success_weights
+        return lr_value, 1.0, "per_group", own
     if name.startswith("pg"):
         return lr_value, float(name[len("pg") :] or 1.0), "per_group", own
     if name.startswith("fail"):
@@ -127,6 +130,24 @@ def method_spec(method: str, s: dict) -> tuple[float, float | None, str, bool]:
     raise SystemExit(
         f"unknown method {method!r}: use grpo, sdpo, hybridW, pgW, failW, optionally +self (SDPO methods) and @lr"
     )
+
+
+def rare_success_weights(rewards, group_size, *, weight, mode, success_threshold=1.0):
+    """Experiment `pgrare` (patched into the trainer for that run only): the per-group hybrid, except that a
+    group whose successes are fewer than half of it is distilled (0, 1) like an all-failed group: a rare success
+    teaches its failed siblings (pure SDPO's gain where few samples succeed), common successes give GRPO a
+    contrast. Not an SDPOConfig option."""
+    from sdpo_unsloth.steps import hybrid_weights
+
+    grpo, distill = hybrid_weights(
+        rewards, group_size, weight=weight, mode=mode, success_threshold=success_threshold
+    )
+    for start in range(0, len(rewards), group_size):
+        wins = sum(r >= success_threshold for r in rewards[start : start + group_size])
+        if 2 * wins < group_size:
+            grpo[start : start + group_size] = [0.0] * group_size
+            distill[start : start + group_size] = [1.0] * group_size
+    return grpo, distill
 
 
 def emit(path: str, record: dict) -> None:
@@ -181,6 +202,10 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
     if not s["gpu"]:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     lr, grpo_weight, hybrid_mode, own_success = method_spec(method, s)
+    if method.partition("@")[0].partition("+")[0] == "pgrare":
+        import sdpo_unsloth.trainer
+
+        sdpo_unsloth.trainer.hybrid_weights = rare_success_weights
     grpo = grpo_weight is None
     key = {
         "task": task.name,

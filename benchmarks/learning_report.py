@@ -19,11 +19,13 @@ COLORS = {
     "pg": "tab:orange",
     "pg-seqmean": "tab:gray",
     "fail": "tab:green",
+    "pgrare": "tab:cyan",
 }
 ORDER = {"grpo": 0, "sdpo": 1, "fail": 2}
 NAMES = {  # method prefix -> what it is (learning.py's method_spec)
     "hybrid": "hybrid fixed w={w}",
     "pg-seqmean": "per-group w=1, old GRPO normaliser",
+    "pgrare": "per-group, distil groups with < half successes",
     "pg": "per-group hybrid w={w}",
     "fail": "GRPO + SDPO on failures w={w}",
 }
@@ -74,6 +76,8 @@ def family(method: str) -> str:
     """'fail0.5@1e-3' -> 'fail'; the prefix that names the method."""
     name = method.partition("@")[0].partition("+")[0]
     if name == "pg-seqmean":
+        return name
+    if name == "pgrare":
         return name
     return next((k for k in ("hybrid", "pg", "fail") if name.startswith(k)), name)
 
