@@ -63,12 +63,12 @@ class AlwaysWrong:
 
 
 class HalfGroupsSucceed:
-    """Reward 1 for the first completion of every other group of 4 (by position), 0 with feedback otherwise: half
+    """Reward 1 for the first completion of every other prompt group (by position), 0 with feedback otherwise: half
     of the prompt groups have a reward spread (the per-group hybrid trains GRPO there, without a teacher)."""
 
     __name__ = "half_groups_succeed"
 
-    def __init__(self, group_size: int = 4):
+    def __init__(self, group_size: int = STEP_TIME_RUN["num_generations"]):
         self.group_size = group_size
         self.last_feedback: list[str] = []
 
@@ -78,15 +78,16 @@ class HalfGroupsSucceed:
         return rewards
 
 
-def write_section(name: str, text: str, append_row: str | None = None) -> None:
-    """Replace the text between `<!-- name:begin -->` and `<!-- name:end -->` (appended if absent).
+def write_section(name: str, text: str, append_row: str | None = None, doc: Path = DOC) -> None:
+    """Replace the text between `<!-- name:begin -->` and `<!-- name:end -->` of `doc` (docs/benchmarks.md by
+    default; appended if absent).
 
     With `append_row` (a line of `text`'s table), the section becomes `text`, and the rows of the old table that
     have the same columns and another first cell (other models measured by earlier runs) are kept before it.
     """
     begin, end = f"<!-- {name}:begin -->", f"<!-- {name}:end -->"
-    doc = DOC.read_text() if DOC.exists() else "# Benchmarks\n"
-    match = re.search(re.escape(begin) + r"\n(.*?)\n" + re.escape(end), doc, flags=re.DOTALL)
+    content = doc.read_text() if doc.exists() else "# Benchmarks\n"
+    match = re.search(re.escape(begin) + r"\n(.*?)\n" + re.escape(end), content, flags=re.DOTALL)
     if match and append_row:
         key, columns = append_row.split("|")[1], append_row.count("|")
         ours = set(text.splitlines())
@@ -101,6 +102,6 @@ def write_section(name: str, text: str, append_row: str | None = None) -> None:
         ]
         text = text.replace(append_row, "\n".join([*kept, append_row]), 1)
     block = f"{begin}\n{text}\n{end}"
-    doc = doc.replace(match.group(0), block) if match else doc.rstrip() + f"\n\n{block}\n"
-    DOC.parent.mkdir(exist_ok=True)
-    DOC.write_text(doc)
+    content = content.replace(match.group(0), block) if match else content.rstrip() + f"\n\n{block}\n"
+    doc.parent.mkdir(exist_ok=True)
+    doc.write_text(content)

@@ -44,21 +44,10 @@ PLOT = ROOT / "docs" / "learning_curves.png"
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import learning_report as report  # noqa: E402
-from common import LEARNING_RUN  # noqa: E402
+from common import LEARNING_RUN, write_section  # noqa: E402
 from learning_tasks import PanelTask, load_task, score, split_tasks  # noqa: E402
 
-README = ROOT / "README.md"
-README_MARKERS = ("<!-- panel-evidence:begin -->", "<!-- panel-evidence:end -->")
-
-
-def write_readme_block(text: str) -> None:
-    """Replace the README's generated panel table (tests/test_docs.py checks it against docs/panel/)."""
-    begin, end = README_MARKERS
-    readme = README.read_text()
-    if begin not in readme or end not in readme:
-        raise SystemExit(f"README.md has no {begin} ... {end} block to write the panel table into")
-    head, rest = readme.split(begin, 1)
-    README.write_text(f"{head}{begin}\n{text}\n{end}{rest.split(end, 1)[1]}")
+README = ROOT / "README.md"  # its panel table: write_section("panel-evidence", ..., doc=README)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -197,15 +186,17 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
     from transformers.trainer_callback import PrinterCallback
     from trl import GRPOConfig
 
+    import sdpo_unsloth.steps
+    import sdpo_unsloth.trainer
     from sdpo_unsloth import SDPOConfig, SDPOTrainer
 
     if not s["gpu"]:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     lr, grpo_weight, hybrid_mode, own_success = method_spec(method, s)
-    if method.partition("@")[0].partition("+")[0] == "pgrare":
-        import sdpo_unsloth.trainer
-
-        sdpo_unsloth.trainer.hybrid_weights = rare_success_weights
+    # Set for every run, not only pgrare's: the runs of one process share the trainer module.
+    sdpo_unsloth.trainer.hybrid_weights = (
+        rare_success_weights if report.family(method) == "pgrare" else sdpo_unsloth.steps.hybrid_weights
+    )
     grpo = grpo_weight is None
     key = {
         "task": task.name,
@@ -381,8 +372,6 @@ def main(argv: list[str] | None = None) -> int:
             f"GRPO (blue), SDPO (red), per-group hybrid (orange: train()'s default)\nSmolLM2-135M-Instruct, CPU, {m['max_steps']} steps, "
             f"{m['max_completion_length']}-token budget (thin: per seed, thick: mean)",
         )
-        from bench_doc import write_section
-
         notes = Path(args.notes).read_text() if args.notes else ""
         starts = report.starts(args.start) if args.start else []
         screens = report.commands(args.start) if args.start else []
@@ -392,7 +381,7 @@ def main(argv: list[str] | None = None) -> int:
             for run in runs
         )
         write_section("learning-panel", section(summary, meta, starts, notes, command))
-        write_readme_block(report.readme_block(summary))
+        write_section("panel-evidence", report.readme_block(summary), doc=README)
         print(
             f"wrote {PLOT}, the 'learning-panel' section of docs/benchmarks.md and the README's panel table"
         )

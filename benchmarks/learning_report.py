@@ -75,9 +75,7 @@ def untrained_score(out: str | Path, key: dict) -> float | None:
 def family(method: str) -> str:
     """'fail0.5@1e-3' -> 'fail'; the prefix that names the method."""
     name = method.partition("@")[0].partition("+")[0]
-    if name == "pg-seqmean":
-        return name
-    if name == "pgrare":
+    if name in ("pg-seqmean", "pgrare"):
         return name
     return next((k for k in ("hybrid", "pg", "fail") if name.startswith(k)), name)
 

@@ -38,3 +38,19 @@ def test_readme_panel_table_is_generated_from_the_panel_records():
     block = readme.split("<!-- panel-evidence:begin -->\n")[1].split("\n<!-- panel-evidence:end -->")[0]
     curves, meta = learning_report.load(ROOT / "docs" / "panel" / "panel.jsonl")
     assert block == learning_report.readme_block(learning_report.summarise(curves, meta))
+
+
+def test_the_panel_method_the_readme_calls_the_default_is_train_s_default():
+    """`readme_block` labels the panel's `pg` runs "`train()`'s default": that is `SDPO_DEFAULTS`."""
+    import inspect
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import learning
+    import learning_report
+
+    from sdpo_unsloth.train_config import SDPO_DEFAULTS
+
+    default = inspect.signature(learning_report.readme_block).parameters["default"].default
+    _, grpo_weight, hybrid_mode, own_success = learning.method_spec(default, {"learning_rate": 5e-4})
+    assert {"grpo_weight": grpo_weight, "hybrid_mode": hybrid_mode} == SDPO_DEFAULTS and not own_success

@@ -31,7 +31,7 @@ from pathlib import Path
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SDPO_UNSLOTH_BACKEND", "transformers")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: learning_tasks, bench_doc
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: learning_tasks, common
 
 import torch
 
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
                 with open(args.out, "a") as f:
                     f.write(json.dumps({**r, "argv": argv}) + "\n")
     if args.write:
-        from bench_doc import write_section
+        from common import write_section
 
         lines = [
             "## What SDPO's teacher teaches at step 0 (CPU, embedded model)",

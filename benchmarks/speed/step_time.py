@@ -31,6 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared `common` module
 from common import ADDITION_PROMPTS, STEP_TIME_RUN, AlwaysWrong, HalfGroupsSucceed
 
+from sdpo_unsloth.train_config import SDPO_DEFAULTS
+
 
 class StepTimer:
     def __init__(self):
@@ -66,7 +68,7 @@ def build(model_name: str):
 METHODS = {  # name -> SDPOConfig kwargs
     "GRPO": {"enabled": False},
     "SDPO": {},
-    "per-group hybrid": {"grpo_weight": 1.0, "hybrid_mode": "per_group"},
+    "per-group hybrid": SDPO_DEFAULTS,  # train()'s default
 }
 MIXES = {"worst case": AlwaysWrong, "half the groups succeed": HalfGroupsSucceed}
 
