@@ -177,7 +177,9 @@ def test_time_budget_stops_with_a_checkpoint_and_the_printed_command_resumes(
     out = workspace / "budget"
     budget = 3.0
     argv = train_argv(workspace, tiny_model_dir, out, "--time-budget", f"{budget}s")
-    env = {SLEEP: "0.4"}  # each step takes a bit over 0.4 s: the budget holds about 4 of them
+    # Each step sleeps 0.8 s in the reward, so the 4 steps alone (3.2 s) exceed the 3 s budget on any machine: at
+    # 0.4 s an idle machine ran all 4 steps inside the budget and nothing stopped.
+    env = {SLEEP: "0.8"}
     sessions = []
     for session in range(5):
         code, log = fork(argv, out.parent / f"budget-{session}.log", env)
