@@ -112,12 +112,14 @@ def method_spec(method: str, s: dict) -> tuple[float, float | None, str, bool]:
         return lr_value, float(name[len("hybrid") :] or 0.9), "fixed", own
     if name == "pgrare":  # an experiment, not a kit option: see rare_success_weights
         return lr_value, 1.0, "per_group", own
+    if name.startswith("spread"):
+        return lr_value, float(name[len("spread") :] or 1.0), "spread", own
     if name.startswith("pg"):
         return lr_value, float(name[len("pg") :] or 1.0), "per_group", own
     if name.startswith("fail"):
         return lr_value, float(name[len("fail") :] or 1.0), "failures", own
     raise SystemExit(
-        f"unknown method {method!r}: use grpo, sdpo, hybridW, pgW, failW, optionally +self (SDPO methods) and @lr"
+        f"unknown method {method!r}: use grpo, sdpo, hybridW, pgW, spreadW, failW, optionally +self (SDPO methods) and @lr"
     )
 
 
