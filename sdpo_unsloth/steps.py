@@ -46,10 +46,7 @@ def hybrid_weights(
         for start in range(0, len(rewards), group_size):
             scores = [r for r in rewards[start : start + group_size] if math.isfinite(r)]
             spread = max(scores) - min(scores) if len(scores) > 1 else 0.0
-            if mode == "spread":
-                share = min(1.0, spread / success_threshold)
-            else:
-                share = 1.0 if spread > 0 else 0.0
+            share = min(1.0, spread / success_threshold) if mode == "spread" else float(spread > 0)
             grpo += [weight * share] * group_size
     return grpo, [1.0 - g for g in grpo]
 
