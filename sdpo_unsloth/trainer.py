@@ -46,6 +46,8 @@ class _SDPOMixin(StepStats, TeacherState):
     sdpo_config: SDPOConfig
     # One input kind for the compiled decoder blocks from the first step on (see `_completion_hidden`).
     stable_shapes: bool = True
+    # Teacher rows with the same reprompt run it once (`_teacher_forward`); transformers backend only.
+    share_teacher_prompts: bool = True
 
     def __init__(
         self,
@@ -357,23 +359,68 @@ class _SDPOMixin(StepStats, TeacherState):
         Dropout is off (the targets are deterministic); the student adapter is restored afterwards.
         """
         cfg = self.sdpo_config
-        completion_ids = inputs["completion_ids"][rows]
-        length = completion_ids.size(1)
-        ids = torch.cat([inputs["sdpo_teacher_prompt_ids"][rows], completion_ids], dim=1)
-        mask = torch.cat([inputs["sdpo_teacher_prompt_mask"][rows], inputs["completion_mask"][rows]], dim=1)
+        prompt = (inputs["sdpo_teacher_prompt_ids"][rows], inputs["sdpo_teacher_prompt_mask"][rows])
+        completion = (inputs["completion_ids"][rows], inputs["completion_mask"][rows])
         mode = cfg.teacher_mode
         with dropout_off(model):
             if mode == "live":
-                return self._completion_hidden(model, ids, mask, length)
+                return self._teacher_forward(model, prompt, completion)
             # ema: the EMA adapter. frozen / trust_region: the initial policy, i.e. a frozen copy of an
             # adapter that was trained before SDPO, or the base with adapters disabled.
             with adapter_scope(model, self._teacher_adapter):
-                initial = self._completion_hidden(model, ids, mask, length)
+                initial = self._teacher_forward(model, prompt, completion)
             if mode != "trust_region":
                 return initial
             # (1-r) initial + r live logits; lm_head is linear (softcap refused), so mixing hidden states is exact.
-            live = self._completion_hidden(model, ids, mask, length)
+            live = self._teacher_forward(model, prompt, completion)
             return torch.lerp(initial, live, cfg.teacher_update_rate)
+
+    def _teacher_forward(
+        self,
+        model: Any,
+        prompt: tuple[torch.Tensor, torch.Tensor],
+        completion: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor:
+        """Final hidden states predicting the completion tokens after the teacher prompt: [B_t, L, H].
+
+        Siblings that failed next to one success see the same reprompt (question + that demonstration), and
+        feedback that only names the answer is the same for a whole group: such a prompt is run once, its KV
+        cache is repeated to its rows and only the completions run on top of it (same positions, same masked
+        pads as the single pass, so the same values up to float rounding). On the transformers backend only:
+        unsloth's compiled decoder is run in the single pass it was compiled for.
+        """
+        (prompt_ids, prompt_mask), (completion_ids, completion_mask) = prompt, completion
+        length = completion_ids.size(1)
+        unique, inverse = torch.unique(
+            torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True
+        )
+        if (
+            not self.share_teacher_prompts
+            or BACKEND.name != "transformers"
+            or unique.size(0) == prompt_ids.size(0)
+        ):
+            ids = torch.cat([prompt_ids, completion_ids], dim=1)
+            mask = torch.cat([prompt_mask, completion_mask], dim=1)
+            return self._completion_hidden(model, ids, mask, length)
+        from transformers import DynamicCache
+
+        decoder = model.get_base_model().get_decoder()
+        width = prompt_ids.size(1)
+        cache = DynamicCache(config=decoder.config)
+        last = decoder(
+            input_ids=unique[:, :width],
+            attention_mask=unique[:, width:],
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state[:, -1:]  # [U, 1, H]: predicts each completion's first token
+        cache.batch_select_indices(inverse)
+        tail = decoder(
+            input_ids=completion_ids,
+            attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
+            past_key_values=cache,
+            use_cache=True,
+        ).last_hidden_state  # [B_t, L, H]
+        return torch.cat([last[inverse], tail[:, : length - 1]], dim=1)
 
     def _grpo_term(
         self, per_token: torch.Tensor, mask: torch.Tensor, inputs: dict[str, Any], n_sequences: float
