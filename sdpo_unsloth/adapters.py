@@ -81,6 +81,23 @@ def dropout_off(model: torch.nn.Module) -> Iterator[None]:
             module.train(True)
 
 
+@contextmanager
+def checkpointing_off(model: torch.nn.Module) -> Iterator[None]:
+    """Run a block with transformers' per-layer gradient checkpointing off, then restore it.
+
+    Under `no_grad` checkpointing saves nothing, and in training mode a checkpointed layer drops the KV cache
+    it is given (`past_key_values=None`): a forward that reuses a cache would silently run without it.
+    """
+    layers = [m for m in model.modules() if getattr(m, "gradient_checkpointing", False) is True]
+    try:
+        for layer in layers:
+            layer.gradient_checkpointing = False
+        yield
+    finally:
+        for layer in layers:
+            layer.gradient_checkpointing = True
+
+
 def adapter_is_initial(model: torch.nn.Module, adapter: str) -> bool:
     """True when every LoRA B of `adapter` is zero: the adapter adds nothing, so disabling it is exact."""
     params = _adapter_parameters(model, adapter)

@@ -25,7 +25,7 @@ from accelerate.utils import gather_object  # noqa: E402
 from torch import nn  # noqa: E402
 
 from . import loss as sdpo_loss  # noqa: E402
-from .adapters import adapter_scope, dropout_off  # noqa: E402
+from .adapters import adapter_scope, checkpointing_off, dropout_off  # noqa: E402
 from .budget import TimeBudget  # noqa: E402
 from .checkpoints import AtomicCheckpoints  # noqa: E402
 from .config import SDPOConfig  # noqa: E402
@@ -407,19 +407,20 @@ class _SDPOMixin(StepStats, TeacherState):
         decoder = model.get_base_model().get_decoder()
         width = prompt_ids.size(1)
         cache = DynamicCache(config=decoder.config)
-        last = decoder(
-            input_ids=unique[:, :width],
-            attention_mask=unique[:, width:],
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state[:, -1:]  # [U, 1, H]: predicts each completion's first token
-        cache.batch_select_indices(inverse)
-        tail = decoder(
-            input_ids=completion_ids,
-            attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
-            past_key_values=cache,
-            use_cache=True,
-        ).last_hidden_state  # [B_t, L, H]
+        with checkpointing_off(decoder):  # a checkpointed layer in training mode would drop the cache
+            last = decoder(
+                input_ids=unique[:, :width],
+                attention_mask=unique[:, width:],
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state[:, -1:]  # [U, 1, H]: predicts each completion's first token
+            cache.batch_select_indices(inverse)
+            tail = decoder(
+                input_ids=completion_ids,
+                attention_mask=torch.cat([prompt_mask, completion_mask], dim=1),
+                past_key_values=cache,
+                use_cache=True,
+            ).last_hidden_state  # [B_t, L, H]
         return torch.cat([last[inverse], tail[:, : length - 1]], dim=1)
 
     def _grpo_term(
