@@ -23,6 +23,8 @@ import torch  # noqa: E402
 import trl  # noqa: E402
 from accelerate.utils import gather_object  # noqa: E402
 from torch import nn  # noqa: E402
+from transformers import DynamicCache  # noqa: E402
+from transformers.cache_utils import DynamicLayer  # noqa: E402
 
 from . import loss as sdpo_loss  # noqa: E402
 from .adapters import adapter_scope, checkpointing_off, dropout_off  # noqa: E402
@@ -386,27 +388,29 @@ class _SDPOMixin(StepStats, TeacherState):
         Siblings that failed next to one success see the same reprompt (question + that demonstration), and
         feedback that only names the answer is the same for a whole group: such a prompt is run once, its KV
         cache is repeated to its rows and only the completions run on top of it (same positions, same masked
-        pads as the single pass, so the same values up to float rounding). On the transformers backend only:
-        unsloth's compiled decoder is run in the single pass it was compiled for.
+        pads as the single pass, so the same values up to float rounding). On the transformers backend and
+        full-attention decoders only: unsloth's compiled decoder is run in the single pass it was compiled for,
+        and sliding-window, linear-attention or recurrent layers keep the single pass too.
         """
         (prompt_ids, prompt_mask), (completion_ids, completion_mask) = prompt, completion
         length = completion_ids.size(1)
         unique, inverse = torch.unique(
             torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True
         )
+        decoder = model.get_base_model().get_decoder()
+        cache = DynamicCache(config=decoder.config)
         if (
             not self.share_teacher_prompts
             or BACKEND.name != "transformers"
             or unique.size(0) == prompt_ids.size(0)
+            # full attention only: sliding-window, linear or recurrent layers (Gemma 2, Falcon-H1) run one pass
+            or not cache.layers
+            or any(type(layer) is not DynamicLayer for layer in cache.layers)
         ):
             ids = torch.cat([prompt_ids, completion_ids], dim=1)
             mask = torch.cat([prompt_mask, completion_mask], dim=1)
             return self._completion_hidden(model, ids, mask, length)
-        from transformers import DynamicCache
-
-        decoder = model.get_base_model().get_decoder()
         width = prompt_ids.size(1)
-        cache = DynamicCache(config=decoder.config)
         with checkpointing_off(decoder):  # a checkpointed layer in training mode would drop the cache
             last = decoder(
                 input_ids=unique[:, :width],
