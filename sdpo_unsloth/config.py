@@ -15,8 +15,8 @@ from typing import Any, Literal
 from .adapters import TEACHER_ADAPTER
 
 TeacherMode = Literal["ema", "frozen", "live", "trust_region"]
-HybridMode = Literal["fixed", "per_group", "spread", "failures"]
-HYBRID_MODES: tuple[str, ...] = ("fixed", "per_group", "spread", "failures")
+HybridMode = Literal["fixed", "per_group", "failures"]
+HYBRID_MODES: tuple[str, ...] = ("fixed", "per_group", "failures")
 TEACHER_MODES: tuple[str, ...] = ("ema", "frozen", "live", "trust_region")
 
 DEFAULT_REPROMPT_TEMPLATE = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
@@ -153,10 +153,7 @@ class SDPOConfig:
         metadata=_help(
             "How the hybrid's weight w applies. fixed: every sequence mixes w * GRPO + (1-w) * SDPO. "
             "per_group: w only in prompt groups whose rewards differ (GRPO has a signal there); groups with "
-            "equal rewards (e.g. all failed, with feedback) get pure distillation. spread: per_group with w "
-            "scaled by min(1, (max - min reward of the group) / success_reward_threshold), so a group that "
-            "differs only by partial credit is mostly distilled instead of getting GRPO's std-normalised full "
-            "push toward the crumb. failures: loss = w * L_GRPO "
+            "equal rewards (e.g. all failed, with feedback) get pure distillation. failures: loss = w * L_GRPO "
             "on every sequence + L_SDPO on the failed ones only (reward below success_reward_threshold): a "
             "success is reinforced by GRPO and not distilled, a failure gets both. Needs grpo_weight > 0."
         ),
@@ -248,13 +245,6 @@ class SDPOConfig:
             fail("grpo_weight", "in [0, 1]", self.grpo_weight, "the paper's hybrid used 0.9 for a 0.6B model")
         if self.hybrid_mode not in HYBRID_MODES:
             fail("hybrid_mode", f"one of {', '.join(HYBRID_MODES)}", self.hybrid_mode)
-        if self.hybrid_mode == "spread" and self.success_reward_threshold <= 0:
-            fail(
-                "success_reward_threshold",
-                "> 0 with hybrid_mode='spread'",
-                self.success_reward_threshold,
-                "the spread mode measures a group's reward range against it, e.g. 1.0",
-            )
         if self.hybrid_mode != "fixed" and self.grpo_weight == 0:
             fail(
                 "grpo_weight",

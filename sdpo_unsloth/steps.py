@@ -21,19 +21,13 @@ def hybrid_weights(
     """Per-sample (GRPO weight, distillation weight) of the hybrid.
 
     fixed: (w, 1 - w) everywhere; per_group: (w, 1 - w) in prompt groups whose rewards differ, (0, 1) in the
-    others (equal rewards give GRPO no signal); spread: like per_group with w scaled by the share of
-    `success_threshold` the group's rewards span, min(1, (max - min) / success_threshold): TRL divides a
-    group's advantages by their std, so a group that differs only by partial credit (0.01 for a wrong but
-    well-formed answer, 0 for a truncated one) gets GRPO's full push toward the crumb; here it is distilled
-    instead, in proportion; failures: w on every sample, distillation 1 on samples below `success_threshold`
-    and 0 on successes (they are reinforced by GRPO, not distilled).
+    others (equal rewards give GRPO no signal); failures: w on every sample, distillation 1 on samples below
+    `success_threshold` and 0 on successes (they are reinforced by GRPO, not distilled).
 
     >>> hybrid_weights([1.0, 0.0, 0.0, 0.0], 2, weight=0.9, mode="per_group")
     ([0.9, 0.9, 0.0, 0.0], [0.09999999999999998, 0.09999999999999998, 1.0, 1.0])
     >>> hybrid_weights([1.0, 0.0], 2, weight=0.5, mode="fixed")
     ([0.5, 0.5], [0.5, 0.5])
-    >>> hybrid_weights([1.0, 0.0, 0.01, 0.0, 0.5, 0.0], 2, weight=1.0, mode="spread")
-    ([1.0, 1.0, 0.01, 0.01, 0.5, 0.5], [0.0, 0.0, 0.99, 0.99, 0.5, 0.5])
     >>> hybrid_weights([1.0, 0.0, 0.0, 0.0], 2, weight=1.0, mode="failures")
     ([1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0])
     """
@@ -45,9 +39,8 @@ def hybrid_weights(
         grpo = []
         for start in range(0, len(rewards), group_size):
             scores = [r for r in rewards[start : start + group_size] if math.isfinite(r)]
-            spread = max(scores) - min(scores) if len(scores) > 1 else 0.0
-            share = min(1.0, spread / success_threshold) if mode == "spread" else float(spread > 0)
-            grpo += [weight * share] * group_size
+            differ = len(scores) > 1 and max(scores) > min(scores)
+            grpo += [weight if differ else 0.0] * group_size
     return grpo, [1.0 - g for g in grpo]
 
 

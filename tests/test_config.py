@@ -44,10 +44,6 @@ def test_seed_example_constructs():
         ({"teacher_update_rate": -0.1}, "`teacher_update_rate` must be in [0, 1]"),
         ({"is_clip": 0}, "`is_clip` must be a positive number or None"),
         ({"grpo_weight": 2}, "`grpo_weight` must be in [0, 1]"),
-        (
-            {"grpo_weight": 1.0, "hybrid_mode": "spread", "success_reward_threshold": 0.0},
-            "`success_reward_threshold` must be > 0 with hybrid_mode='spread'",
-        ),
         ({"sampled_token": True}, "`alpha` must be 1.0 when `sampled_token=True`"),
         ({"max_reprompt_length": 0}, "`max_reprompt_length` must be a positive integer"),
         ({"reprompt_template": "{prompt}"}, "missing {solution}, {feedback}"),

@@ -121,45 +121,18 @@ class FirstOfFirstPrompt:
         return scores
 
 
-class PartialFirstFullSecond:
-    """The first sample of each prompt group scores: 0.25 (partial credit) in the first prompt's group, 1.0 (a
-    success) in the other; the rest fail with feedback. Both groups have a reward spread, of 0.25 and of 1."""
-
-    __name__ = "partial_then_full"
-
-    def __init__(self):
-        self.scores: list[float] = []
-
-    def __call__(self, prompts, completions, answer, **kwargs):
-        scores, seen = [], set()
-        for prompt in prompts:
-            key = repr(prompt)
-            scores.append(0.0 if key in seen else 0.25 if prompt == prompts[0] else 1.0)
-            seen.add(key)
-        self.scores += scores
-        self.last_feedback = [
-            "" if s == 1.0 else f"Wrong. The answer is {a}." for s, a in zip(scores, answer, strict=True)
-        ]
-        return scores
-
-
-@pytest.mark.parametrize(
-    ("mode", "weight"), [("per_group", 0.75), ("spread", 0.75), ("failures", 1.0), ("failures", 0.5)]
-)
+@pytest.mark.parametrize(("mode", "weight"), [("per_group", 0.75), ("failures", 1.0), ("failures", 0.5)])
 def test_hybrid_update_equals_a_hand_computation(tmp_path, mode, weight):
     """One SGD step through trainer.train(), the update equals -lr x grad of the hand-computed loss.
 
     per_group: the group with a reward spread gets w GRPO + (1 - w) SDPO, the all-failed group with feedback
-    pure distillation. spread: both groups have a spread, 0.25 (partial credit) and 1 (a success): GRPO
-    weights 0.25 w and w, distillation the rest. failures: every sample w GRPO; the success no distillation
-    (and no teacher), every failure SDPO as well (the all-failed group: GRPO's advantages are 0 there, so
-    pure distillation)."""
+    pure distillation. failures: every sample w GRPO; the success no distillation (and no teacher), every
+    failure SDPO as well (the all-failed group: GRPO's advantages are 0 there, so pure distillation)."""
     lr = 1.0
-    reward = PartialFirstFullSecond() if mode == "spread" else FirstOfFirstPrompt()
     trainer = make_trainer(
         tmp_path,
         SDPOConfig(grpo_weight=weight, hybrid_mode=mode, distillation_topk=None, teacher_update_rate=0.0),
-        reward=reward,
+        reward=FirstOfFirstPrompt(),
         per_device_train_batch_size=8,
         gradient_accumulation_steps=1,
         max_steps=1,
@@ -180,33 +153,16 @@ def test_hybrid_update_equals_a_hand_computation(tmp_path, mode, weight):
             inputs["prompt_ids"][row][inputs["prompt_mask"][row].bool()].tolist().__repr__(), []
         ).append(row)
     spread = [rows for rows in groups.values() if len({float(inputs["advantages"][r]) for r in rows}) > 1]
-    if (
-        mode == "spread"
-    ):  # each row's group's reward range: 0.25 or 1.0 (the std-normalised advantages are alike)
-        score = [reward.scores[int(inputs["sdpo_sample_index"][r])] for r in range(8)]
-        span = {
-            r: max(score[i] for i in rows) - min(score[i] for i in rows)
-            for rows in groups.values()
-            for r in rows
-        }
-        assert len(spread) == 2 and sorted(set(span.values())) == [0.25, 1.0]
-        expected_mix = [weight * span[row] for row in range(8)]
+    assert len(groups) == 2 and len(spread) == 1
+    success = [float(inputs["advantages"][r]) > 0 for r in range(8)]  # the one success of the spread group
+    assert sum(success) == 1
+    if mode == "per_group":
+        expected_mix = [weight if row in spread[0] else 0.0 for row in range(8)]
         expected_distill = [1.0 - m for m in expected_mix]
-        # the partial-credit group's top sample is not a success: it has a teacher (feedback) like its siblings
-        assert sum(bool(inputs["sdpo_sample_mask"][r]) for r in range(8)) == 7
     else:
-        assert len(groups) == 2 and len(spread) == 1
-        success = [
-            float(inputs["advantages"][r]) > 0 for r in range(8)
-        ]  # the one success of the spread group
-        assert sum(success) == 1
-        if mode == "per_group":
-            expected_mix = [weight if row in spread[0] else 0.0 for row in range(8)]
-            expected_distill = [1.0 - m for m in expected_mix]
-        else:
-            expected_mix = [weight] * 8
-            expected_distill = [0.0 if success[row] else 1.0 for row in range(8)]
-            assert not any(inputs["sdpo_sample_mask"][r] for r in range(8) if success[r])  # no teacher for it
+        expected_mix = [weight] * 8
+        expected_distill = [0.0 if success[row] else 1.0 for row in range(8)]
+        assert not any(inputs["sdpo_sample_mask"][r] for r in range(8) if success[r])  # no teacher for it
     assert inputs["sdpo_grpo_weight"].tolist() == expected_mix
     assert inputs["sdpo_distill_weight"].tolist() == pytest.approx(expected_distill)
 
