@@ -405,18 +405,19 @@ def train(
         trainer.time_budget.start = started
         trainer.time_budget.reserve_s = time.monotonic() - eval_started if before is not None else 0.0
         trainer.time_budget.after_stop_saves = len(export_formats)
-    from .heldout import HeldOutMonitor
+    from .heldout import HeldOutMonitor, constant_completion, warn_constant
 
     monitor = None
     if main and inputs.eval_rows and eval_steps != 0 and args.max_steps > 1:
         every = eval_steps if eval_steps is not None else max(1, args.max_steps // 2)
         monitor = HeldOutMonitor(
             trainer,
-            lambda: evaluate_model(
+            lambda texts: evaluate_model(
                 trainer.accelerator.unwrap_model(trainer.model),
                 tokenizer,
                 inputs.eval_rows,
                 reward,
+                texts=texts,
                 **eval_kwargs,
             ),
             before,
@@ -443,9 +444,16 @@ def train(
 
     # evaluate and export (main process)
     trained = trainer.accelerator.unwrap_model(trainer.model)
-    after = evaluate_model(trained, tokenizer, inputs.eval_rows, reward, **eval_kwargs) if main else None
+    texts: list[str] = []
+    after = (
+        evaluate_model(trained, tokenizer, inputs.eval_rows, reward, texts=texts, **eval_kwargs)
+        if main
+        else None
+    )
     if monitor is not None and after is not None:
-        monitor.check(trainer.state.global_step, after)
+        monitor.check(trainer.state.global_step, after, texts)
+    elif after is not None and (found := constant_completion(texts)) is not None:
+        warn_constant(found, len(texts), after, trainer.state.global_step, sdpo)
     exports, gguf_file = _export_all(
         trainer, tokenizer, sdpo, output, export_formats if main else (), chosen.device
     )

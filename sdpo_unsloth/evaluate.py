@@ -64,8 +64,11 @@ def evaluate_with_reward(
     *,
     max_new_tokens: int,
     batch_size: int,
+    texts: list[str] | None = None,
 ) -> float | None:
-    """Greedy completions for `rows`, scored by `reward`: the mean score (None-scored rows skipped)."""
+    """Greedy completions for `rows`, scored by `reward`: the mean score (None-scored rows skipped).
+
+    `texts`, when given, receives the decoded completions in row order."""
     from .rewards.protocol import CheckedReward
 
     checked = CheckedReward(reward)
@@ -73,6 +76,8 @@ def evaluate_with_reward(
     for batch, decoded, completion_ids in greedy_completions(
         model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size
     ):
+        if texts is not None:
+            texts.extend(decoded)
         chat = not isinstance(batch[0]["prompt"], str)
         completions = [[{"role": "assistant", "content": t}] for t in decoded] if chat else decoded
         columns = {k: [row[k] for row in batch] for k in batch[0] if k != "prompt"}
@@ -92,6 +97,7 @@ def evaluate_model(
     """The score `train()` reports before and after training (None without evaluation rows).
 
     The addition task is scored by its own first-integer accuracy; any other reward by its mean score.
+    `texts=[]` (a keyword argument) receives the greedy completions in row order.
     Under unsloth the model is switched to inference mode for the generation and back afterwards.
     """
     if not rows:

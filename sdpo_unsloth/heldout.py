@@ -12,12 +12,18 @@ rows; the floor keeps it from vanishing near 0 and 1). The message names the set
 configuration that is training: pure SDPO on a task where some samples succeed gets the per-group hybrid
 (GRPO's signal where a group's rewards differ, distillation where they do not; see docs/benchmarks.md,
 "learning-panel"), a hybrid gets a lower learning rate or pure GRPO.
+
+A score can also rise for the wrong reason: a student that gives one completion ("The answer is 2.") to every
+question scores the share of questions whose answer is that constant (53% on the learning panel's count_bits,
+where pure SDPO's best seeds ended at 56-59% that way). When one completion is given to at least `SAME_SHARE`
+of the held-out rows, `ConstantAnswerWarning` says so, once, with the completion and the setting that helps.
 """
 
 from __future__ import annotations
 
 import math
 import warnings
+from collections import Counter
 from typing import Any
 
 from transformers import TrainerCallback
@@ -27,8 +33,43 @@ NOISE_SIGMAS = 2.0
 FLOOR_VAR = 0.0625  # the variance of a score at 0.067 / 0.933: at most ~4x a score's SE near 0 or 1
 
 
+SAME_SHARE = 0.75  # a constant: one completion for at least this share of the held-out rows
+MIN_ROWS = 8  # fewer rows say nothing about a constant
+
+
 class RegressionWarning(UserWarning):
     """Training lowered the held-out score: the message names the cause and the setting that helps."""
+
+
+class ConstantAnswerWarning(UserWarning):
+    """The student gives one completion to most held-out questions: it learned a constant, not the task."""
+
+
+def constant_completion(texts: list[str]) -> tuple[str, int] | None:
+    """The completion given to at least `SAME_SHARE` of the held-out rows (of at least `MIN_ROWS`), with its count.
+
+    >>> constant_completion(["The answer is 2."] * 7 + [" The answer is 2. "]), constant_completion(["a", "b"] * 4)
+    (('The answer is 2.', 8), None)
+    """
+    if len(texts) < MIN_ROWS:
+        return None
+    text, count = Counter(t.strip() for t in texts).most_common(1)[0]
+    return (text, count) if count >= SAME_SHARE * len(texts) else None
+
+
+def constant_advice(sdpo: Any) -> str:
+    """The setting that helps against a constant answer, for the configuration that is training."""
+    if sdpo.enabled and sdpo.grpo_weight == 0:
+        return (
+            "Pure SDPO distils the teacher's view of the answer it was told; where answers take few values "
+            "(counts, yes/no) the student can learn the feedback's wording and one number. Use the per-group "
+            "hybrid (train()'s default; SDPOConfig(grpo_weight=1.0, hybrid_mode='per_group'), CLI --grpo-weight 1 "
+            "--hybrid-mode per_group), or a lower learning_rate."
+        )
+    return (
+        "Lower learning_rate, and check the reward on a few completions: a verifier that gives partial credit "
+        "to any well-formed answer rewards the form, not the answer."
+    )
 
 
 def significant_drop(before: float, score: float, rows: int) -> bool:
@@ -68,17 +109,19 @@ def advice(sdpo: Any, zero_std: list[float]) -> str:
         )
     return (
         "This is the per-group hybrid (TRL's GRPO loss where a group's rewards differ, distillation where every "
-        "sample failed). Lower learning_rate; or, where a success in a group is the best lesson for its failed "
-        "siblings, pure SDPO (grpo_weight=0) distils it to them (it beat this hybrid on the learning panel's "
-        "count_bits task, docs/benchmarks.md); or plain GRPO (SDPOConfig(enabled=False))."
+        "sample failed). Lower learning_rate; or plain GRPO (SDPOConfig(enabled=False)); or pure SDPO "
+        "(grpo_weight=0), which distils a group's success to its failed siblings instead of reinforcing it "
+        "(check its completions: its higher count_bits score on the learning panel was a constant answer, "
+        "docs/benchmarks.md)."
     )
 
 
 class HeldOutMonitor(TrainerCallback):
     """Scores the held-out rows every `every` optimizer steps (main process), logs it, warns on a regression.
 
-    `evaluate` is a zero-argument callable returning the score (or None); `before` the starting score.
-    The last step is left to `train()`'s own "after" score; `check_final` applies the same rule to it.
+    `evaluate(texts)` returns the score (or None) and puts the greedy completions into the list `texts`;
+    `before` is the starting score. The last step is left to `train()`'s own "after" score, which it passes
+    to `check`. Also warns once (`ConstantAnswerWarning`) when one completion answers most held-out rows.
     """
 
     def __init__(self, trainer: Any, evaluate: Any, before: float | None, rows: int, every: int):
@@ -91,12 +134,16 @@ class HeldOutMonitor(TrainerCallback):
         self.every = every
         self.scores: list[tuple[int, float]] = []
         self.warned = False
+        self.constant: tuple[int, str, int] | None = (
+            None  # (step, completion, rows) of the first constant seen
+        )
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         if step % self.every or step >= state.max_steps or not state.is_world_process_zero:
             return
-        score = self.evaluate()
+        texts: list[str] = []
+        score = self.evaluate(texts)
         if score is None:
             return
         self.scores.append((step, score))
@@ -106,9 +153,14 @@ class HeldOutMonitor(TrainerCallback):
         self.trainer.callback_handler.on_log(args, state, control, logs)  # report_to integrations
         # the default flow callback clears `should_log` in on_log: keep this step's own log and save
         control.should_log, control.should_save, control.should_evaluate = flags
-        self.check(step, score)
+        self.check(step, score, texts)
 
-    def check(self, step: int, score: float) -> None:
+    def check(self, step: int, score: float, texts: list[str] | None = None) -> None:
+        """Warn on a significant drop from the starting score, and on a constant answer in `texts`."""
+        found = constant_completion(texts) if texts and self.constant is None else None
+        if found is not None:
+            self.constant = (step, *found)
+            warn_constant(found, len(texts), score, step, self.trainer.sdpo_config)
         if self.warned or self.before is None or not significant_drop(self.before, score, self.rows):
             return
         self.warned = True
@@ -122,3 +174,16 @@ class HeldOutMonitor(TrainerCallback):
             RegressionWarning,
             stacklevel=2,
         )
+
+
+def warn_constant(found: tuple[str, int], rows: int, score: float, step: int, sdpo: Any) -> None:
+    text, count = found
+    shown = text if len(text) <= 80 else text[:77] + "..."
+    warnings.warn(
+        f"the student gives the same completion to {count} of {rows} held-out questions after {step} steps: "
+        f"{shown!r}. Unless the questions share that answer, it answers a constant instead of the question, and "
+        f"its held-out score ({score:.3f}) is the share of questions the constant happens to fit. "
+        f"{constant_advice(sdpo)}",
+        ConstantAnswerWarning,
+        stacklevel=3,
+    )

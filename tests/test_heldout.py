@@ -12,13 +12,16 @@ from test_trainer import grpo_args
 from test_watchdog import EOS, EvenFirstChar
 
 from sdpo_unsloth import SDPOConfig, SDPOTrainer
-from sdpo_unsloth.heldout import HeldOutMonitor, RegressionWarning, significant_drop
+from sdpo_unsloth.heldout import ConstantAnswerWarning, HeldOutMonitor, RegressionWarning, significant_drop
 
 STEPS = 4
 
 
-def monitored_run(tmp_path, scores, sdpo=None, before=0.5, rows=32):
-    """Train STEPS tiny steps with a monitor every step whose evaluation returns `scores` in turn."""
+def monitored_run(
+    tmp_path, scores, sdpo=None, before=0.5, rows=32, completions=None, category=RegressionWarning
+):
+    """Train STEPS tiny steps with a monitor every step whose evaluation returns `scores` (and puts
+    `completions`, one list per evaluation, into its texts) in turn; the messages of `category` warnings."""
     tokenizer = make_tiny_tokenizer()
     data = [{"prompt": [{"role": "user", "content": f"{a}+{b}="}]} for a in range(4) for b in range(4)]
     torch.manual_seed(0)
@@ -37,10 +40,13 @@ def monitored_run(tmp_path, scores, sdpo=None, before=0.5, rows=32):
         train_dataset=Dataset.from_list(data),
     )
     queue = list(scores)
+    said = list(completions) if completions is not None else None
     calls = []
 
-    def evaluate():
+    def evaluate(texts):
         calls.append(trainer.state.global_step)
+        if said is not None:
+            texts.extend(said.pop(0))
         return queue.pop(0)
 
     monitor = HeldOutMonitor(trainer, evaluate, before, rows, every=1)
@@ -48,7 +54,7 @@ def monitored_run(tmp_path, scores, sdpo=None, before=0.5, rows=32):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         trainer.train()
-    messages = [str(w.message) for w in caught if issubclass(w.category, RegressionWarning)]
+    messages = [str(w.message) for w in caught if issubclass(w.category, category)]
     return trainer, monitor, calls, messages
 
 
@@ -96,3 +102,29 @@ def test_the_advice_follows_the_configuration(tmp_path):
 )
 def test_significant_drop(before, score, rows, expected):
     assert significant_drop(before, score, rows) is expected
+
+
+def test_one_completion_for_most_questions_warns_once_with_it(tmp_path):
+    """Inside the real loop: varied completions say nothing; 30 of 32 rows answered 'The answer is 2.' warn
+    once (a rising score does not hide it), naming the completion and, for pure SDPO, the per-group hybrid."""
+    varied = [f"{i} has {i % 3} ones." for i in range(32)]
+    constant = ["The answer is 2."] * 30 + ["1", "3"]
+    _, monitor, _, messages = monitored_run(
+        tmp_path,
+        [0.45, 0.56, 0.56],
+        completions=[varied, constant, constant],
+        category=ConstantAnswerWarning,
+        sdpo=SDPOConfig(diagnostics_samples=0, warn_noop=False),
+    )
+    assert len(messages) == 1 and monitor.constant == (2, "The answer is 2.", 30)
+    assert "same completion to 30 of 32 held-out questions after 2 steps: 'The answer is 2.'" in messages[0]
+    assert "score (0.560)" in messages[0] and "hybrid_mode='per_group'" in messages[0]
+
+
+def test_a_constant_below_the_share_does_not_warn(tmp_path):
+    """23 of 32 rows (72%) is under the 75% share: e.g. a yes/no task answered mostly 'yes'."""
+    mostly = ["Yes."] * 23 + ["No."] * 9
+    _, monitor, _, messages = monitored_run(
+        tmp_path, [0.5, 0.5, 0.5], completions=[mostly] * 3, category=ConstantAnswerWarning
+    )
+    assert messages == [] and monitor.constant is None
