@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import shlex
 import sys
@@ -45,7 +46,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import learning_report as report  # noqa: E402
 from common import LEARNING_RUN, write_section  # noqa: E402
-from learning_tasks import PanelTask, load_task, score, split_tasks  # noqa: E402
+from learning_tasks import PanelTask, constant_baseline, load_task, score, split_tasks, top_share  # noqa: E402
 
 README = ROOT / "README.md"  # its panel table: write_section("panel-evidence", ..., doc=README)
 
@@ -112,15 +113,36 @@ def method_spec(method: str, s: dict) -> tuple[float, float | None, str, bool]:
         return lr_value, float(name[len("hybrid") :] or 0.9), "fixed", own
     if name == "pgrare":  # an experiment, not a kit option: see rare_success_weights
         return lr_value, 1.0, "per_group", own
-    if name.startswith("spread"):
-        return lr_value, float(name[len("spread") :] or 1.0), "spread", own
+    if name in (
+        "spread",
+        "pgtrunc",
+    ):  # experiments, not kit options: see spread_weights, truncated_rows_distilled
+        return lr_value, 1.0, "per_group", own
     if name.startswith("pg"):
         return lr_value, float(name[len("pg") :] or 1.0), "per_group", own
     if name.startswith("fail"):
         return lr_value, float(name[len("fail") :] or 1.0), "failures", own
     raise SystemExit(
-        f"unknown method {method!r}: use grpo, sdpo, hybridW, pgW, spreadW, failW, optionally +self (SDPO methods) and @lr"
+        f"unknown method {method!r}: use grpo, sdpo, hybridW, pgW, failW, the experiments pgrare and spread, optionally +self (SDPO methods) and @lr"
     )
+
+
+def spread_weights(rewards, group_size, *, weight, mode, success_threshold=1.0):
+    """Experiment `spread` (patched into the trainer for that run only): the per-group hybrid with a group's GRPO
+    weight scaled by the share of the success threshold its rewards span, min(1, (max - min) / threshold).
+    TRL divides a group's advantages by their std, so a group that differs only by partial credit (0.01 for a
+    wrong but well-formed answer, 0 for a truncated one) gets GRPO's full push toward the crumb; here it is
+    distilled instead, in proportion. Not an SDPOConfig option (ruled out on count_bits, docs/panel/notes.md)."""
+    from sdpo_unsloth.steps import hybrid_weights
+
+    grpo, _ = hybrid_weights(
+        rewards, group_size, weight=weight, mode=mode, success_threshold=success_threshold
+    )
+    for start in range(0, len(rewards), group_size):
+        scores = [r for r in rewards[start : start + group_size] if math.isfinite(r)]
+        spread = max(scores) - min(scores) if len(scores) > 1 else 0.0
+        grpo[start : start + group_size] = [weight * min(1.0, spread / success_threshold)] * group_size
+    return grpo, [1.0 - g for g in grpo]
 
 
 def rare_success_weights(rewards, group_size, *, weight, mode, success_threshold=1.0):
@@ -139,6 +161,29 @@ def rare_success_weights(rewards, group_size, *, weight, mode, success_threshold
             grpo[start : start + group_size] = [0.0] * group_size
             distill[start : start + group_size] = [1.0] * group_size
     return grpo, distill
+
+
+EXPERIMENTS = {"pgrare": rare_success_weights, "spread": spread_weights}  # family -> trainer.hybrid_weights
+_ORIGINAL: dict = {}  # the trainer's own methods, restored for runs that are not an experiment
+
+
+def truncated_rows_distilled(generate):
+    """Experiment `pgtrunc` (wraps the trainer's `_generate_and_score_completions` for that run only): the
+    per-group hybrid, but a completion cut at the token budget gets no GRPO term and full distillation (GRPO
+    would push every token of a reasoning that ran out of budget down: brevity, not correctness). Not an
+    SDPOConfig option (ruled out on count_bits, docs/panel/notes.md)."""
+
+    def wrapped(self, inputs):
+        output = generate(self, inputs)
+        eos = {*self.eos_token_ids, self._tokenizer.pad_token_id}
+        for i, (row, length) in enumerate(
+            zip(output["completion_ids"].tolist(), output["completion_mask"].sum(dim=1).tolist(), strict=True)
+        ):
+            if length >= self.max_completion_length and row[length - 1] not in eos:
+                output["sdpo_grpo_weight"][i], output["sdpo_distill_weight"][i] = 0.0, 1.0
+        return output
+
+    return wrapped
 
 
 def emit(path: str, record: dict) -> None:
@@ -195,9 +240,14 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
     if not s["gpu"]:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
     lr, grpo_weight, hybrid_mode, own_success = method_spec(method, s)
-    # Set for every run, not only pgrare's: the runs of one process share the trainer module.
-    sdpo_unsloth.trainer.hybrid_weights = (
-        rare_success_weights if report.family(method) == "pgrare" else sdpo_unsloth.steps.hybrid_weights
+    # Set for every run, not only the experiments': the runs of one process share the trainer module.
+    mixin = sdpo_unsloth.trainer._SDPOMixin
+    generate = _ORIGINAL.setdefault("generate", mixin.__dict__["_generate_and_score_completions"])
+    mixin._generate_and_score_completions = (
+        truncated_rows_distilled(generate) if report.family(method) == "pgtrunc" else generate
+    )
+    sdpo_unsloth.trainer.hybrid_weights = EXPERIMENTS.get(
+        report.family(method), sdpo_unsloth.steps.hybrid_weights
     )
     grpo = grpo_weight is None
     key = {
@@ -217,9 +267,22 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
     t0 = time.perf_counter()
     model, tokenizer = _load(s, seed, teacher=not grpo)
     budget = s["max_completion_length"]
+    if report.constant_score(out, task.name) is None and (constant := constant_baseline(task)) is not None:
+        emit(
+            out,
+            {
+                "kind": "constant",
+                "task": task.name,
+                "held": len(task.held),
+                "acc": constant[0],
+                "answer": constant[1],
+            },
+        )
     before = report.untrained_score(out, key)  # LoRA B starts at 0: step 0 is the same model for every run
     if before is None:
-        emit(out, {**key, "kind": "eval", "step": 0, "acc": score(model, tokenizer, task, budget), "t": 0.0})
+        texts: list[str] = []
+        acc = score(model, tokenizer, task, budget, texts)
+        emit(out, {**key, "kind": "eval", "step": 0, "acc": acc, "t": 0.0, "top_share": top_share(texts)})
     else:
         emit(out, {**key, "kind": "eval", "step": 0, "acc": before, "t": 0.0, "reused": True})
     sdpo = (
@@ -271,10 +334,14 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
             step = state.global_step
             if step % s["eval_every"] == 0 or step == s["max_steps"]:
                 e0 = time.perf_counter()
-                acc = score(trainer.model, tokenizer, task, budget)
+                texts: list[str] = []
+                acc = score(trainer.model, tokenizer, task, budget, texts)
                 eval_time[0] += time.perf_counter() - e0
                 t = round(time.perf_counter() - t_train - eval_time[0], 1)
-                emit(out, {**key, "kind": "eval", "step": step, "acc": acc, "t": t})
+                emit(
+                    out,
+                    {**key, "kind": "eval", "step": step, "acc": acc, "t": t, "top_share": top_share(texts)},
+                )
 
     trainer.add_callback(_Eval())
     trainer.train()

@@ -20,6 +20,8 @@ COLORS = {
     "pg-seqmean": "tab:gray",
     "fail": "tab:green",
     "pgrare": "tab:cyan",
+    "spread": "tab:pink",
+    "pgtrunc": "tab:olive",
 }
 ORDER = {"grpo": 0, "sdpo": 1, "fail": 2}
 NAMES = {  # method prefix -> what it is (learning.py's method_spec)
@@ -27,6 +29,8 @@ NAMES = {  # method prefix -> what it is (learning.py's method_spec)
     "pg-seqmean": "per-group w=1, old GRPO normaliser",
     "pgrare": "per-group, distil groups with < half successes",
     "pg": "per-group hybrid w={w}",
+    "spread": "per-group, GRPO share = the group's reward range",
+    "pgtrunc": "per-group, truncated completions distilled only",
     "fail": "GRPO + SDPO on failures w={w}",
 }
 
@@ -72,10 +76,20 @@ def untrained_score(out: str | Path, key: dict) -> float | None:
     return None
 
 
+def constant_score(out: str | Path, task: str) -> float | None:
+    """The task's constant-answer baseline recorded in `out` (`learning_tasks.constant_baseline`), if any."""
+    if Path(out).exists():
+        for line in Path(out).read_text().splitlines():
+            r = json.loads(line)
+            if r["kind"] == "constant" and r["task"] == task:
+                return r["acc"]
+    return None
+
+
 def family(method: str) -> str:
     """'fail0.5@1e-3' -> 'fail'; the prefix that names the method."""
     name = method.partition("@")[0].partition("+")[0]
-    if name in ("pg-seqmean", "pgrare"):
+    if name in ("pg-seqmean", "pgrare", "pgtrunc"):
         return name
     return next((k for k in ("hybrid", "pg", "fail") if name.startswith(k)), name)
 

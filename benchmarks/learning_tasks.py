@@ -41,16 +41,59 @@ def load_task(name: str, held_size: int) -> PanelTask:
     return PanelTask(name, held, [train[i] for i in range(len(train))], _resolve_rewards(None, task)[0])
 
 
-def score(model: Any, tokenizer: Any, task: PanelTask, max_new_tokens: int) -> float:
-    """Mean reward of greedy completions on the held-out rows (eval mode; training mode restored)."""
+def score(
+    model: Any, tokenizer: Any, task: PanelTask, max_new_tokens: int, texts: list | None = None
+) -> float:
+    """Mean reward of greedy completions on the held-out rows (eval mode; training mode restored); `texts`
+    receives the completions."""
     from sdpo_unsloth.evaluate import evaluate_model
 
     value = evaluate_model(
-        model, tokenizer, task.held, task.reward, max_new_tokens=max_new_tokens, batch_size=16
+        model, tokenizer, task.held, task.reward, max_new_tokens=max_new_tokens, batch_size=16, texts=texts
     )
     if value is None:
         raise RuntimeError(f"{task.name}: every held-out row was skipped by the reward; nothing to score")
     return value
+
+
+def top_share(texts: list[str]) -> float:
+    """The share of the held-out rows given the most common completion (1/rows: all differ; 1.0: a constant).
+
+    >>> top_share(["The answer is 2."] * 3 + ["3"])
+    0.75
+    """
+    from collections import Counter
+
+    return Counter(t.strip() for t in texts).most_common(1)[0][1] / len(texts) if texts else 0.0
+
+
+def constant_baseline(task: PanelTask) -> tuple[float, str] | None:
+    """The best held-out score of one fixed completion, "The answer is X." for every row, over the held-out
+    answers X, scored by the task's own reward: what a student that ignores the question can reach.
+    None for a task without an `answer` column (the code task)."""
+    from sdpo_unsloth.rewards.protocol import CheckedReward
+    from sdpo_unsloth.tasks.addition import AdditionReward, parse_answer
+
+    rows = task.held
+    if not rows or "answer" not in rows[0]:
+        return None
+    best = None
+    for answer in sorted({str(row["answer"]) for row in rows}):
+        text = f"The answer is {answer}."
+        if isinstance(task.reward, AdditionReward):  # scored as `train()` scores addition: first integer
+            value = sum(parse_answer(text) == int(row["answer"]) for row in rows) / len(rows)
+        else:
+            chat = not isinstance(rows[0]["prompt"], str)
+            completion = [{"role": "assistant", "content": text}] if chat else text
+            columns = {k: [row[k] for row in rows] for k in rows[0] if k != "prompt"}
+            values = CheckedReward(task.reward)(
+                prompts=[row["prompt"] for row in rows], completions=[completion] * len(rows), **columns
+            )
+            scored = [v for v in values if v is not None]
+            value = sum(scored) / len(scored) if scored else 0.0
+        if best is None or value > best[0]:
+            best = (value, answer)
+    return best
 
 
 def short_name(name: str) -> str:
