@@ -284,3 +284,38 @@ def test_reward_curve_is_optional(tmp_path, monkeypatch):
         warnings.simplefilter("always")
         assert _plot_rewards(history, tmp_path / "none.png", None, None) is None
     assert any("pip install matplotlib" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("eval_steps", [None, 0])
+def test_train_warns_when_one_completion_answers_most_held_out_rows(
+    tmp_path, tiny_model_dir, monkeypatch, eval_steps
+):
+    """train() hands its evaluations' completions to the constant check: at the halfway evaluation (monitor)
+    and at the final one (also without a monitor, eval_steps=0). The real greedy evaluation runs; its texts
+    are then replaced by one completion for every row, as a collapsed student gives."""
+    import sdpo_unsloth.api as api
+    from sdpo_unsloth.heldout import ConstantAnswerWarning
+
+    real = api.evaluate_model
+    seen = []
+
+    def constant_texts(*args, texts=None, **kwargs):
+        score = real(*args, texts=texts, **kwargs)
+        if texts is not None:
+            seen.append(len(texts))
+            texts[:] = ["The answer is 2."] * len(texts)
+        return score
+
+    monkeypatch.setattr(api, "evaluate_model", constant_texts)
+    with pytest.warns(
+        ConstantAnswerWarning, match=r"same completion to 8 of 8 held-out questions after (1|2) steps"
+    ):
+        train(
+            tiny_model_dir,
+            rows(),
+            HasDigit(),
+            str(tmp_path / "run"),
+            **{**TINY, "eval_size": 8},
+            eval_steps=eval_steps,
+        )
+    assert seen == ([8, 8] if eval_steps is None else [8])  # halfway + final, or the final alone
