@@ -206,11 +206,27 @@ def _load(s: dict, seed: int, teacher: bool):
     )
 
 
+def record_constant(task: PanelTask, out: str) -> None:
+    """Append the task's constant-answer baseline to `out` unless it is there (no model: the task's reward alone)."""
+    if report.constant_score(out, task.name) is None and (constant := constant_baseline(task)) is not None:
+        emit(
+            out,
+            {
+                "kind": "constant",
+                "task": task.name,
+                "held": len(task.held),
+                "acc": constant[0],
+                "answer": constant[1],
+            },
+        )
+
+
 def start_only(s: dict, tasks: list[str], out: str) -> None:
     """Score the untrained model on every task's held-out rows (one model load)."""
     model, tokenizer = _load(s, 0, teacher=False)
     for name in tasks:
         task = load_task(name, s["held_size"])
+        record_constant(task, out)
         t0 = time.perf_counter()
         acc = score(model, tokenizer, task, s["max_completion_length"])
         emit(
@@ -267,22 +283,12 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
     t0 = time.perf_counter()
     model, tokenizer = _load(s, seed, teacher=not grpo)
     budget = s["max_completion_length"]
-    if report.constant_score(out, task.name) is None and (constant := constant_baseline(task)) is not None:
-        emit(
-            out,
-            {
-                "kind": "constant",
-                "task": task.name,
-                "held": len(task.held),
-                "acc": constant[0],
-                "answer": constant[1],
-            },
-        )
+    record_constant(task, out)
     before = report.untrained_score(out, key)  # LoRA B starts at 0: step 0 is the same model for every run
     if before is None:
-        texts: list[str] = []
-        acc = score(model, tokenizer, task, budget, texts)
-        emit(out, {**key, "kind": "eval", "step": 0, "acc": acc, "t": 0.0, "top_share": top_share(texts)})
+        graded: list = []
+        acc = score(model, tokenizer, task, budget, graded)
+        emit(out, {**key, "kind": "eval", "step": 0, "acc": acc, "t": 0.0, "top_share": top_share(graded)})
     else:
         emit(out, {**key, "kind": "eval", "step": 0, "acc": before, "t": 0.0, "reused": True})
     sdpo = (
@@ -334,13 +340,13 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
             step = state.global_step
             if step % s["eval_every"] == 0 or step == s["max_steps"]:
                 e0 = time.perf_counter()
-                texts: list[str] = []
-                acc = score(trainer.model, tokenizer, task, budget, texts)
+                graded: list = []
+                acc = score(trainer.model, tokenizer, task, budget, graded)
                 eval_time[0] += time.perf_counter() - e0
                 t = round(time.perf_counter() - t_train - eval_time[0], 1)
                 emit(
                     out,
-                    {**key, "kind": "eval", "step": step, "acc": acc, "t": t, "top_share": top_share(texts)},
+                    {**key, "kind": "eval", "step": step, "acc": acc, "t": t, "top_share": top_share(graded)},
                 )
 
     trainer.add_callback(_Eval())
@@ -360,7 +366,7 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
     )
 
 
-def section(summary: dict, meta: dict, starts: list[dict], notes: str, command: str) -> str:
+def section(summary: dict, meta: dict, starts: list[dict], notes: str, command: str, shares: str) -> str:
     from sdpo_unsloth.tasks.addition import DEMO_SETTINGS
 
     d = dict(DEMO_SETTINGS)
@@ -391,6 +397,11 @@ Starting scores of the candidate tasks (untrained model, `--start-only`):
 {report.table(summary)}
 
 {chr(10).join(report.verdicts(summary))}
+
+What the students say at the end (runs that recorded their greedy held-out completions; *one constant answer*:
+the best score of the same completion, "The answer is X.", for every held-out row):
+
+{shares}
 
 ![learning panel](learning_curves.png)
 
@@ -449,8 +460,12 @@ def main(argv: list[str] | None = None) -> int:
             "OMP_NUM_THREADS=1 python benchmarks/learning.py " + " ".join(shlex.quote(a) for a in run)
             for run in runs
         )
-        write_section("learning-panel", section(summary, meta, starts, notes, command))
-        write_section("panel-evidence", report.readme_block(summary), doc=README)
+        write_section(
+            "learning-panel", section(summary, meta, starts, notes, command, report.shares_table(args.out))
+        )
+        write_section(
+            "panel-evidence", report.readme_block(summary, constants=report.constants(args.out)), doc=README
+        )
         print(
             f"wrote {PLOT}, the 'learning-panel' section of docs/benchmarks.md and the README's panel table"
         )

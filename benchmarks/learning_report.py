@@ -76,14 +76,53 @@ def untrained_score(out: str | Path, key: dict) -> float | None:
     return None
 
 
-def constant_score(out: str | Path, task: str) -> float | None:
-    """The task's constant-answer baseline recorded in `out` (`learning_tasks.constant_baseline`), if any."""
+def constants(out: str | Path) -> dict[str, tuple[float, str]]:
+    """{task: (score, answer)}: the constant-answer baselines recorded in `out` (`learning_tasks.constant_baseline`:
+    the best held-out score of "The answer is X." for every row)."""
+    found: dict[str, tuple[float, str]] = {}
     if Path(out).exists():
         for line in Path(out).read_text().splitlines():
             r = json.loads(line)
-            if r["kind"] == "constant" and r["task"] == task:
-                return r["acc"]
-    return None
+            if r["kind"] == "constant":
+                found.setdefault(r["task"], (r["acc"], r["answer"]))
+    return found
+
+
+def final_shares(out: str | Path) -> dict[tuple[str, str, int], tuple[int, float, float]]:
+    """{(task, method, seed): (step, score, top_share)} at each run's last evaluation that recorded `top_share`
+    (the share of held-out rows given the most common completion; runs measured before it have none)."""
+    found: dict = {}
+    if Path(out).exists():
+        for line in Path(out).read_text().splitlines():
+            r = json.loads(line)
+            if r["kind"] == "eval" and "top_share" in r and r["step"] > 0:
+                found[run_key(r)] = (r["step"], r["acc"], r["top_share"])
+    return found
+
+
+def shares_table(out: str | Path) -> str:
+    """Markdown: per run with `top_share` records, its final score, the share of held-out rows given its most common
+    completion and the task's constant-answer baseline."""
+    shares, fixed = final_shares(out), constants(out)
+    if not shares:
+        return "(no run recorded its completions)"
+    lines = [
+        "| task | method | seed | step | score | rows given the most common completion | one constant answer |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for (task, method, seed), (step, acc, share) in sorted(shares.items()):
+        constant = fixed.get(task)
+        lines.append(
+            f"| {short_name(task)} | {label(method)} | {seed} | {step} | {pct(acc)} | {100 * share:.0f}% "
+            f"| {pct(constant[0]) + ' (' + constant[1] + ')' if constant else '-'} |"
+        )
+    return "\n".join(lines)
+
+
+def constant_score(out: str | Path, task: str) -> float | None:
+    """The task's constant-answer baseline recorded in `out`, if any."""
+    found = constants(out).get(task)
+    return found[0] if found else None
 
 
 def family(method: str) -> str:
@@ -216,12 +255,16 @@ def verdicts(summary: dict[str, list[dict]], default: str = "pg") -> list[str]:
     return lines
 
 
-def readme_block(summary: dict[str, list[dict]], default: str = "pg") -> str:
-    """The README's panel table and verdict, generated from the same records as docs/benchmarks.md."""
+def readme_block(
+    summary: dict[str, list[dict]], default: str = "pg", constants: dict[str, tuple[float, str]] | None = None
+) -> str:
+    """The README's panel table and verdict, generated from the same records as docs/benchmarks.md; with
+    `constants` ({task: (score, answer)}) a column of the best constant answer's score."""
     columns = (("grpo", "GRPO"), ("sdpo", "pure SDPO"), (default, "per-group hybrid (`train()`'s default)"))
+    constants = constants or {}
     lines = [
-        "| task | untrained | " + " | ".join(name for _, name in columns) + " |",
-        "|---|---|" + "---|" * len(columns),
+        "| task | untrained | one constant answer | " + " | ".join(name for _, name in columns) + " |",
+        "|---|---|---|" + "---|" * len(columns),
     ]
     runs = 0
     met, missed = [], []
@@ -232,7 +275,11 @@ def readme_block(summary: dict[str, list[dict]], default: str = "pg") -> str:
             f"{pct(by[m]['final_mean'])} ({len(by[m]['seeds'])})" if m in by else "not run"
             for m, _ in columns
         ]
-        lines.append(f"| {short_name(task)} | {pct(rows[0]['before'])} | " + " | ".join(cells) + " |")
+        constant = constants.get(task)
+        fixed = f'{pct(constant[0])} ("{constant[1]}")' if constant else "-"
+        lines.append(
+            f"| {short_name(task)} | {pct(rows[0]['before'])} | {fixed} | " + " | ".join(cells) + " |"
+        )
         v = default_vs_baselines(rows, default)
         if v is None:
             continue
@@ -246,7 +293,9 @@ def readme_block(summary: dict[str, list[dict]], default: str = "pg") -> str:
             )
     lines += [
         "",
-        f"Held-out score after training in %, mean over seeds (how many in brackets); {runs} runs. "
+        f"Held-out score after training in %, mean over seeds (how many in brackets); {runs} runs. *One constant "
+        'answer*: the best score of the same completion, "The answer is X.", for every held-out question (a '
+        "student that ignores the question reaches it; '-': no single answer, the code task). "
         "Target: the default at or above GRPO, and at or above pure SDPO where pure SDPO beat GRPO "
         f"(same seeds). Met on {', '.join(met) if met else 'no task'}; "
         f"missed on {'; '.join(missed) if missed else 'no task'}.",

@@ -42,29 +42,29 @@ def load_task(name: str, held_size: int) -> PanelTask:
 
 
 def score(
-    model: Any, tokenizer: Any, task: PanelTask, max_new_tokens: int, texts: list | None = None
+    model: Any, tokenizer: Any, task: PanelTask, max_new_tokens: int, graded: list | None = None
 ) -> float:
-    """Mean reward of greedy completions on the held-out rows (eval mode; training mode restored); `texts`
-    receives the completions."""
+    """Mean reward of greedy completions on the held-out rows (eval mode; training mode restored); `graded`
+    receives (completion, score) per row."""
     from sdpo_unsloth.evaluate import evaluate_model
 
     value = evaluate_model(
-        model, tokenizer, task.held, task.reward, max_new_tokens=max_new_tokens, batch_size=16, texts=texts
+        model, tokenizer, task.held, task.reward, max_new_tokens=max_new_tokens, batch_size=16, graded=graded
     )
     if value is None:
         raise RuntimeError(f"{task.name}: every held-out row was skipped by the reward; nothing to score")
     return value
 
 
-def top_share(texts: list[str]) -> float:
+def top_share(graded: list[tuple[str, Any]]) -> float:
     """The share of the held-out rows given the most common completion (1/rows: all differ; 1.0: a constant).
 
-    >>> top_share(["The answer is 2."] * 3 + ["3"])
+    >>> top_share([("The answer is 2.", 1.0)] * 3 + [("3", 0.0)])
     0.75
     """
     from collections import Counter
 
-    return Counter(t.strip() for t in texts).most_common(1)[0][1] / len(texts) if texts else 0.0
+    return Counter(t.strip() for t, _ in graded).most_common(1)[0][1] / len(graded) if graded else 0.0
 
 
 def constant_baseline(task: PanelTask) -> tuple[float, str] | None:

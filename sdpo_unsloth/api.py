@@ -412,12 +412,12 @@ def train(
         every = eval_steps if eval_steps is not None else max(1, args.max_steps // 2)
         monitor = HeldOutMonitor(
             trainer,
-            lambda texts: evaluate_model(
+            lambda graded: evaluate_model(
                 trainer.accelerator.unwrap_model(trainer.model),
                 tokenizer,
                 inputs.eval_rows,
                 reward,
-                texts=texts,
+                graded=graded,
                 **eval_kwargs,
             ),
             before,
@@ -444,16 +444,16 @@ def train(
 
     # evaluate and export (main process)
     trained = trainer.accelerator.unwrap_model(trainer.model)
-    texts: list[str] = []
+    graded: list[tuple[str, float | None]] = []
     after = (
-        evaluate_model(trained, tokenizer, inputs.eval_rows, reward, texts=texts, **eval_kwargs)
+        evaluate_model(trained, tokenizer, inputs.eval_rows, reward, graded=graded, **eval_kwargs)
         if main
         else None
     )
     if monitor is not None and after is not None:
-        monitor.check(trainer.state.global_step, after, texts)
-    elif after is not None and (found := constant_completion(texts)) is not None:
-        warn_constant(found, len(texts), after, trainer.state.global_step, sdpo)
+        monitor.check(trainer.state.global_step, after, graded)
+    elif after is not None and (found := constant_completion(graded)) is not None:
+        warn_constant(found, len(graded), after, trainer.state.global_step, sdpo)
     exports, gguf_file = _export_all(
         trainer, tokenizer, sdpo, output, export_formats if main else (), chosen.device
     )

@@ -64,11 +64,11 @@ def evaluate_with_reward(
     *,
     max_new_tokens: int,
     batch_size: int,
-    texts: list[str] | None = None,
+    graded: list[tuple[str, float | None]] | None = None,
 ) -> float | None:
     """Greedy completions for `rows`, scored by `reward`: the mean score (None-scored rows skipped).
 
-    `texts`, when given, receives the decoded completions in row order."""
+    `graded`, when given, receives (completion, score) per row in row order."""
     from .rewards.protocol import CheckedReward
 
     checked = CheckedReward(reward)
@@ -76,8 +76,6 @@ def evaluate_with_reward(
     for batch, decoded, completion_ids in greedy_completions(
         model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size
     ):
-        if texts is not None:
-            texts.extend(decoded)
         chat = not isinstance(batch[0]["prompt"], str)
         completions = [[{"role": "assistant", "content": t}] for t in decoded] if chat else decoded
         columns = {k: [row[k] for row in batch] for k in batch[0] if k != "prompt"}
@@ -88,6 +86,8 @@ def evaluate_with_reward(
             **columns,
         )
         scores.extend(v for v in values if v is not None)
+        if graded is not None:
+            graded.extend(zip(decoded, values, strict=True))
     return sum(scores) / len(scores) if scores else None
 
 
@@ -97,7 +97,7 @@ def evaluate_model(
     """The score `train()` reports before and after training (None without evaluation rows).
 
     The addition task is scored by its own first-integer accuracy; any other reward by its mean score.
-    `texts=[]` (a keyword argument) receives the greedy completions in row order.
+    `graded=[]` (a keyword argument) receives (greedy completion, its score) per row in row order.
     Under unsloth the model is switched to inference mode for the generation and back afterwards.
     """
     if not rows:

@@ -14,9 +14,10 @@ configuration that is training: pure SDPO on a task where some samples succeed g
 "learning-panel"), a hybrid gets a lower learning rate or pure GRPO.
 
 A score can also rise for the wrong reason: a student that gives one completion ("The answer is 2.") to every
-question scores the share of questions whose answer is that constant (53% on the learning panel's count_bits,
-where pure SDPO's best seeds ended at 56-59% that way). When one completion is given to at least `SAME_SHARE`
-of the held-out rows, `ConstantAnswerWarning` says so, once, with the completion and the setting that helps.
+question scores the share of questions whose answer is that constant (53% on the learning panel's count_bits).
+When one completion is given to at least `SAME_SHARE` of the held-out rows and is scored right on some of them
+and wrong on others (so it does not depend on the question: a right answer to each would score alike),
+`ConstantAnswerWarning` says so, once, with the completion and the setting that helps.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ NOISE_SIGMAS = 2.0
 FLOOR_VAR = 0.0625  # the variance of a score at 0.067 / 0.933: at most ~4x a score's SE near 0 or 1
 
 
-SAME_SHARE = 0.75  # a constant: one completion for at least this share of the held-out rows
+SAME_SHARE = 0.5  # a constant: one completion for at least this share of the held-out rows
 MIN_ROWS = 8  # fewer rows say nothing about a constant
 
 
@@ -45,16 +46,19 @@ class ConstantAnswerWarning(UserWarning):
     """The student gives one completion to most held-out questions: it learned a constant, not the task."""
 
 
-def constant_completion(texts: list[str]) -> tuple[str, int] | None:
-    """The completion given to at least `SAME_SHARE` of the held-out rows (of at least `MIN_ROWS`), with its count.
+def constant_completion(graded: list[tuple[str, float | None]]) -> tuple[str, int] | None:
+    """The completion given to at least `SAME_SHARE` of the held-out rows (of at least `MIN_ROWS`) whose scores
+    on those rows differ, with its count; None if there is none. `graded`: (completion, score) per row.
 
-    >>> constant_completion(["The answer is 2."] * 7 + [" The answer is 2. "]), constant_completion(["a", "b"] * 4)
-    (('The answer is 2.', 8), None)
+    >>> two = [("The answer is 2.", 1.0)] * 4 + [(" The answer is 2. ", 0.0)] * 2 + [("3", 1.0)] * 2
+    >>> constant_completion(two), constant_completion([("Yes.", 1.0)] * 6 + [("No.", 1.0)] * 2)
+    (('The answer is 2.', 6), None)
     """
-    if len(texts) < MIN_ROWS:
+    if len(graded) < MIN_ROWS:
         return None
-    text, count = Counter(t.strip() for t in texts).most_common(1)[0]
-    return (text, count) if count >= SAME_SHARE * len(texts) else None
+    text, count = Counter(t.strip() for t, _ in graded).most_common(1)[0]
+    scores = {s for t, s in graded if t.strip() == text and s is not None}
+    return (text, count) if count >= SAME_SHARE * len(graded) and len(scores) > 1 else None
 
 
 def constant_advice(sdpo: Any) -> str:
@@ -119,7 +123,7 @@ def advice(sdpo: Any, zero_std: list[float]) -> str:
 class HeldOutMonitor(TrainerCallback):
     """Scores the held-out rows every `every` optimizer steps (main process), logs it, warns on a regression.
 
-    `evaluate(texts)` returns the score (or None) and puts the greedy completions into the list `texts`;
+    `evaluate(graded)` returns the score (or None) and puts (greedy completion, score) per row into `graded`;
     `before` is the starting score. The last step is left to `train()`'s own "after" score, which it passes
     to `check`. Also warns once (`ConstantAnswerWarning`) when one completion answers most held-out rows.
     """
@@ -142,8 +146,8 @@ class HeldOutMonitor(TrainerCallback):
         step = state.global_step
         if step % self.every or step >= state.max_steps or not state.is_world_process_zero:
             return
-        texts: list[str] = []
-        score = self.evaluate(texts)
+        graded: list[tuple[str, float | None]] = []
+        score = self.evaluate(graded)
         if score is None:
             return
         self.scores.append((step, score))
@@ -153,14 +157,14 @@ class HeldOutMonitor(TrainerCallback):
         self.trainer.callback_handler.on_log(args, state, control, logs)  # report_to integrations
         # the default flow callback clears `should_log` in on_log: keep this step's own log and save
         control.should_log, control.should_save, control.should_evaluate = flags
-        self.check(step, score, texts)
+        self.check(step, score, graded)
 
-    def check(self, step: int, score: float, texts: list[str] | None = None) -> None:
-        """Warn on a significant drop from the starting score, and on a constant answer in `texts`."""
-        found = constant_completion(texts) if texts and self.constant is None else None
+    def check(self, step: int, score: float, graded: list[tuple[str, float | None]] | None = None) -> None:
+        """Warn on a significant drop from the starting score, and on a constant answer in `graded`."""
+        found = constant_completion(graded) if graded and self.constant is None else None
         if found is not None:
             self.constant = (step, *found)
-            warn_constant(found, len(texts), score, step, self.trainer.sdpo_config)
+            warn_constant(found, len(graded), score, step, self.trainer.sdpo_config)
         if self.warned or self.before is None or not significant_drop(self.before, score, self.rows):
             return
         self.warned = True
@@ -181,8 +185,8 @@ def warn_constant(found: tuple[str, int], rows: int, score: float, step: int, sd
     shown = text if len(text) <= 80 else text[:77] + "..."
     warnings.warn(
         f"the student gives the same completion to {count} of {rows} held-out questions after {step} steps: "
-        f"{shown!r}. Unless the questions share that answer, it answers a constant instead of the question, and "
-        f"its held-out score ({score:.3f}) is the share of questions the constant happens to fit. "
+        f"{shown!r}, right on some of them and wrong on others: it does not answer the question, and its "
+        f"held-out score ({score:.3f}) is largely the share of questions that constant happens to fit. "
         f"{constant_advice(sdpo)}",
         ConstantAnswerWarning,
         stacklevel=3,

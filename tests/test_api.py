@@ -292,18 +292,18 @@ def test_train_warns_when_one_completion_answers_most_held_out_rows(
 ):
     """train() hands its evaluations' completions to the constant check: at the halfway evaluation (monitor)
     and at the final one (also without a monitor, eval_steps=0). The real greedy evaluation runs; its texts
-    are then replaced by one completion for every row, as a collapsed student gives."""
+    are then replaced by one completion for every row, right on half of them, as a collapsed student gives."""
     import sdpo_unsloth.api as api
     from sdpo_unsloth.heldout import ConstantAnswerWarning
 
     real = api.evaluate_model
     seen = []
 
-    def constant_texts(*args, texts=None, **kwargs):
-        score = real(*args, texts=texts, **kwargs)
-        if texts is not None:
-            seen.append(len(texts))
-            texts[:] = ["The answer is 2."] * len(texts)
+    def constant_texts(*args, graded=None, **kwargs):
+        score = real(*args, graded=graded, **kwargs)
+        if graded is not None:
+            seen.append(len(graded))
+            graded[:] = [("The answer is 2.", float(i % 2)) for i in range(len(graded))]  # right on half
         return score
 
     monkeypatch.setattr(api, "evaluate_model", constant_texts)

@@ -36,8 +36,10 @@ def test_readme_panel_table_is_generated_from_the_panel_records():
 
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- panel-evidence:begin -->\n")[1].split("\n<!-- panel-evidence:end -->")[0]
-    curves, meta = learning_report.load(ROOT / "docs" / "panel" / "panel.jsonl")
-    assert block == learning_report.readme_block(learning_report.summarise(curves, meta))
+    records = ROOT / "docs" / "panel" / "panel.jsonl"
+    curves, meta = learning_report.load(records)
+    constants = learning_report.constants(records)
+    assert block == learning_report.readme_block(learning_report.summarise(curves, meta), constants=constants)
 
 
 def test_the_panel_method_the_readme_calls_the_default_is_train_s_default():

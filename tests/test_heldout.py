@@ -21,7 +21,8 @@ def monitored_run(
     tmp_path, scores, sdpo=None, before=0.5, rows=32, completions=None, category=RegressionWarning
 ):
     """Train STEPS tiny steps with a monitor every step whose evaluation returns `scores` (and puts
-    `completions`, one list per evaluation, into its texts) in turn; the messages of `category` warnings."""
+    `completions`, one list of (completion, score) per evaluation, into its `graded`) in turn; the messages of
+    `category` warnings."""
     tokenizer = make_tiny_tokenizer()
     data = [{"prompt": [{"role": "user", "content": f"{a}+{b}="}]} for a in range(4) for b in range(4)]
     torch.manual_seed(0)
@@ -43,10 +44,10 @@ def monitored_run(
     said = list(completions) if completions is not None else None
     calls = []
 
-    def evaluate(texts):
+    def evaluate(graded):
         calls.append(trainer.state.global_step)
         if said is not None:
-            texts.extend(said.pop(0))
+            graded.extend(said.pop(0))
         return queue.pop(0)
 
     monitor = HeldOutMonitor(trainer, evaluate, before, rows, every=1)
@@ -105,10 +106,11 @@ def test_significant_drop(before, score, rows, expected):
 
 
 def test_one_completion_for_most_questions_warns_once_with_it(tmp_path):
-    """Inside the real loop: varied completions say nothing; 30 of 32 rows answered 'The answer is 2.' warn
-    once (a rising score does not hide it), naming the completion and, for pure SDPO, the per-group hybrid."""
-    varied = [f"{i} has {i % 3} ones." for i in range(32)]
-    constant = ["The answer is 2."] * 30 + ["1", "3"]
+    """Inside the real loop: varied completions say nothing; 'The answer is 2.' for 21 of 32 rows, right on 17
+    and wrong on 4 (the panel's count_bits, pure SDPO seed 2), warns once (a rising score does not hide it),
+    naming the completion and, for pure SDPO, the per-group hybrid."""
+    varied = [(f"{i} has {i % 3} ones.", float(i % 2)) for i in range(32)]
+    constant = [("The answer is 2.", 1.0)] * 17 + [("The answer is 2.", 0.0)] * 4 + [("1", 0.0)] * 11
     _, monitor, _, messages = monitored_run(
         tmp_path,
         [0.45, 0.56, 0.56],
@@ -116,15 +118,21 @@ def test_one_completion_for_most_questions_warns_once_with_it(tmp_path):
         category=ConstantAnswerWarning,
         sdpo=SDPOConfig(diagnostics_samples=0, warn_noop=False),
     )
-    assert len(messages) == 1 and monitor.constant == (2, "The answer is 2.", 30)
-    assert "same completion to 30 of 32 held-out questions after 2 steps: 'The answer is 2.'" in messages[0]
+    assert len(messages) == 1 and monitor.constant == (2, "The answer is 2.", 21)
+    assert "same completion to 21 of 32 held-out questions after 2 steps: 'The answer is 2.'" in messages[0]
     assert "score (0.560)" in messages[0] and "hybrid_mode='per_group'" in messages[0]
 
 
-def test_a_constant_below_the_share_does_not_warn(tmp_path):
-    """23 of 32 rows (72%) is under the 75% share: e.g. a yes/no task answered mostly 'yes'."""
-    mostly = ["Yes."] * 23 + ["No."] * 9
+@pytest.mark.parametrize(
+    "graded",
+    [
+        [("Yes.", 1.0)] * 20
+        + [("No.", 1.0)] * 12,  # one answer for most rows, right on all: it may be the answer
+        [("Yes.", 1.0)] * 10 + [("Yes.", 0.0)] * 5 + [("No.", 1.0)] * 17,  # mixed, but under half the rows
+    ],
+)
+def test_a_common_completion_that_may_answer_the_question_does_not_warn(tmp_path, graded):
     _, monitor, _, messages = monitored_run(
-        tmp_path, [0.5, 0.5, 0.5], completions=[mostly] * 3, category=ConstantAnswerWarning
+        tmp_path, [0.5, 0.5, 0.5], completions=[graded] * 3, category=ConstantAnswerWarning
     )
     assert messages == [] and monitor.constant is None

@@ -260,10 +260,10 @@ def evaluate(
     *,
     max_new_tokens: int = MAX_NEW_TOKENS,
     batch_size: int = 16,
-    texts: list[str] | None = None,
+    graded: list[tuple[str, float | None]] | None = None,
 ) -> float:
-    """Greedy accuracy of ``model`` on ``rows`` (first-integer scoring), in [0, 1]; ``texts``, when given,
-    receives the completions in row order.
+    """Greedy accuracy of ``model`` on ``rows`` (first-integer scoring), in [0, 1]; ``graded``, when given,
+    receives (completion, 1.0 or 0.0) per row in row order.
 
     Prompts are rendered with the chat template (``add_generation_prompt=True``) and left-padded;
     the tokenizer's padding side is restored afterwards. Runs under ``torch.no_grad`` in eval mode
@@ -274,11 +274,12 @@ def evaluate(
     if not rows:
         raise ValueError("`rows` is empty: nothing to evaluate")
     batches = greedy_completions(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
-    if texts is not None:
-        texts.extend(text for _, decoded, _ in batches for text in decoded)
-    correct = sum(
-        parse_answer(text) == int(row["answer"])
+    marks = [
+        (text, float(parse_answer(text) == int(row["answer"])))
         for batch, texts, _ in batches
         for text, row in zip(texts, batch, strict=True)
-    )
+    ]
+    if graded is not None:
+        graded.extend(marks)
+    correct = sum(mark for _, mark in marks)
     return correct / len(rows)
