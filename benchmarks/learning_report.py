@@ -300,6 +300,15 @@ def readme_block(
         f"(same seeds). Met on {', '.join(met) if met else 'no task'}; "
         f"missed on {'; '.join(missed) if missed else 'no task'}.",
     ]
+    below = []
+    for task, rows in summary.items():
+        if task in constants:
+            means = {r["method"]: r["final_mean"] for r in rows}
+            names = [name for m, name in columns if m in means and means[m] <= constants[task][0]]
+            if names:
+                below.append(f"{short_name(task)} ({', '.join(names)})")
+    if below:
+        lines[-1] += f" No better than one constant answer: {'; '.join(below)}."
     return "\n".join(lines)
 
 
