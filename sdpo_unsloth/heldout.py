@@ -43,7 +43,8 @@ class RegressionWarning(UserWarning):
 
 
 class ConstantAnswerWarning(UserWarning):
-    """The student gives one completion to most held-out questions: it learned a constant, not the task."""
+    """One completion answers at least half the held-out questions, right on some and wrong on others: the
+    student learned a constant, not the task."""
 
 
 def constant_completion(graded: list[tuple[str, float | None]]) -> tuple[str, int] | None:
@@ -138,9 +139,8 @@ class HeldOutMonitor(TrainerCallback):
         self.every = every
         self.scores: list[tuple[int, float]] = []
         self.warned = False
-        self.constant: tuple[int, str, int] | None = (
-            None  # (step, completion, rows) of the first constant seen
-        )
+        # (step, completion, how many rows got it) of the first constant answer seen
+        self.constant: tuple[int, str, int] | None = None
 
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
@@ -181,6 +181,7 @@ class HeldOutMonitor(TrainerCallback):
 
 
 def warn_constant(found: tuple[str, int], rows: int, score: float, step: int, sdpo: Any) -> None:
+    """Warn (`ConstantAnswerWarning`) about `constant_completion`'s finding at an evaluation after `step` steps."""
     text, count = found
     shown = text if len(text) <= 80 else text[:77] + "..."
     warnings.warn(
