@@ -386,30 +386,40 @@ class _SDPOMixin(StepStats, TeacherState):
         """Final hidden states predicting the completion tokens after the teacher prompt: [B_t, L, H].
 
         Siblings that failed next to one success see the same reprompt (question + that demonstration), and
-        feedback that only names the answer is the same for a whole group: such a prompt is run once, its KV
-        cache is repeated to its rows and only the completions run on top of it (same positions, same masked
-        pads as the single pass, so the same values up to float rounding). On the transformers backend and
-        full-attention decoders only: unsloth's compiled decoder is run in the single pass it was compiled for,
-        and sliding-window, linear-attention or recurrent layers keep the single pass too.
+        feedback that only names the answer is the same for a whole group: such a prompt is run once
+        (`_shared_prompt_forward`). Otherwise, and on the unsloth backend, whose compiled decoder is run in the
+        single pass it was compiled for, one pass over prompt + completion per row.
+        """
+        if self.share_teacher_prompts and BACKEND.name == "transformers":
+            shared = self._shared_prompt_forward(model, prompt, completion)
+            if shared is not None:
+                return shared
+        (prompt_ids, prompt_mask), (completion_ids, completion_mask) = prompt, completion
+        ids = torch.cat([prompt_ids, completion_ids], dim=1)
+        mask = torch.cat([prompt_mask, completion_mask], dim=1)
+        return self._completion_hidden(model, ids, mask, completion_ids.size(1))
+
+    def _shared_prompt_forward(
+        self,
+        model: Any,
+        prompt: tuple[torch.Tensor, torch.Tensor],
+        completion: tuple[torch.Tensor, torch.Tensor],
+    ) -> torch.Tensor | None:
+        """`_teacher_forward` with each distinct prompt run once: its KV cache is repeated to its rows and only
+        the completions run on top of it (same positions, same masked pads as the single pass, so the same
+        values up to float rounding). None when every prompt is distinct, or the decoder's cache is not plain
+        full attention (sliding-window, linear-attention or recurrent layers: Gemma 2, Falcon-H1).
         """
         (prompt_ids, prompt_mask), (completion_ids, completion_mask) = prompt, completion
-        length = completion_ids.size(1)
         unique, inverse = torch.unique(
             torch.cat([prompt_ids, prompt_mask], dim=1), dim=0, return_inverse=True
         )
+        if unique.size(0) == prompt_ids.size(0):
+            return None
         decoder = model.get_base_model().get_decoder()
         cache = DynamicCache(config=decoder.config)
-        if (
-            not self.share_teacher_prompts
-            or BACKEND.name != "transformers"
-            or unique.size(0) == prompt_ids.size(0)
-            # full attention only: sliding-window, linear or recurrent layers (Gemma 2, Falcon-H1) run one pass
-            or not cache.layers
-            or any(type(layer) is not DynamicLayer for layer in cache.layers)
-        ):
-            ids = torch.cat([prompt_ids, completion_ids], dim=1)
-            mask = torch.cat([prompt_mask, completion_mask], dim=1)
-            return self._completion_hidden(model, ids, mask, length)
+        if not cache.layers or any(type(layer) is not DynamicLayer for layer in cache.layers):
+            return None
         width = prompt_ids.size(1)
         with checkpointing_off(decoder):  # a checkpointed layer in training mode would drop the cache
             last = decoder(
@@ -425,7 +435,7 @@ class _SDPOMixin(StepStats, TeacherState):
                 past_key_values=cache,
                 use_cache=True,
             ).last_hidden_state  # [B_t, L, H]
-        return torch.cat([last[inverse], tail[:, : length - 1]], dim=1)
+        return torch.cat([last[inverse], tail[:, : completion_ids.size(1) - 1]], dim=1)
 
     def _grpo_term(
         self, per_token: torch.Tensor, mask: torch.Tensor, inputs: dict[str, Any], n_sequences: float
