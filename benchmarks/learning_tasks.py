@@ -62,9 +62,9 @@ def top_share(graded: list[tuple[str, Any]]) -> float:
     >>> top_share([("The answer is 2.", 1.0)] * 3 + [("3", 0.0)])
     0.75
     """
-    from collections import Counter
+    from sdpo_unsloth.heldout import most_common_completion
 
-    return Counter(t.strip() for t, _ in graded).most_common(1)[0][1] / len(graded) if graded else 0.0
+    return most_common_completion(graded)[1] / len(graded) if graded else 0.0
 
 
 def constant_baseline(task: PanelTask) -> tuple[float, str] | None:

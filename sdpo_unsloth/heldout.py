@@ -47,6 +47,11 @@ class ConstantAnswerWarning(UserWarning):
     student learned a constant, not the task."""
 
 
+def most_common_completion(graded: list[tuple[str, float | None]]) -> tuple[str, int]:
+    """The completion (stripped) given to most rows of `graded` ((completion, score) per row), and to how many."""
+    return Counter(t.strip() for t, _ in graded).most_common(1)[0]
+
+
 def constant_completion(graded: list[tuple[str, float | None]]) -> tuple[str, int] | None:
     """The completion given to at least `SAME_SHARE` of the held-out rows (of at least `MIN_ROWS`) whose scores
     on those rows differ, with its count; None if there is none. `graded`: (completion, score) per row.
@@ -57,7 +62,7 @@ def constant_completion(graded: list[tuple[str, float | None]]) -> tuple[str, in
     """
     if len(graded) < MIN_ROWS:
         return None
-    text, count = Counter(t.strip() for t, _ in graded).most_common(1)[0]
+    text, count = most_common_completion(graded)
     scores = {s for t, s in graded if t.strip() == text and s is not None}
     return (text, count) if count >= SAME_SHARE * len(graded) and len(scores) > 1 else None
 
