@@ -20,8 +20,9 @@ CPU (embedded SmolLM2-135M-Instruct; DEMO_SETTINGS unless a flag overrides it, f
 Methods: `grpo`, `sdpo`, `hybridW` (SDPOConfig(grpo_weight=W)), `pgW` (the same with hybrid_mode="per_group",
 W defaults to 1: GRPO in groups whose rewards differ, SDPO in the others), `failW` (hybrid_mode="failures", W
 defaults to 1: W x GRPO on every sample + SDPO on the failed ones); `grpo@LR` / `sdpo@LR` override lr;
-`sdpo+self` (any SDPO method) shows a success its own completion as the demonstration; `pgrare` is an
-experiment (rare_success_weights).
+`sdpo+self` (any SDPO method) shows a success its own completion as the demonstration; `pgrare`, `spread`
+and `pgtrunc` are experiments on the per-group hybrid (rare_success_weights, spread_weights,
+truncated_rows_distilled), patched into the trainer for their own runs.
 """
 
 from __future__ import annotations
@@ -111,19 +112,14 @@ def method_spec(method: str, s: dict) -> tuple[float, float | None, str, bool]:
         return lr_value, 0.0, "fixed", own
     if name.startswith("hybrid"):
         return lr_value, float(name[len("hybrid") :] or 0.9), "fixed", own
-    if name == "pgrare":  # an experiment, not a kit option: see rare_success_weights
-        return lr_value, 1.0, "per_group", own
-    if name in (
-        "spread",
-        "pgtrunc",
-    ):  # experiments, not kit options: see spread_weights, truncated_rows_distilled
+    if name in ("pgrare", "spread", "pgtrunc"):  # experiments on the per-group hybrid, patched in by run_one
         return lr_value, 1.0, "per_group", own
     if name.startswith("pg"):
         return lr_value, float(name[len("pg") :] or 1.0), "per_group", own
     if name.startswith("fail"):
         return lr_value, float(name[len("fail") :] or 1.0), "failures", own
     raise SystemExit(
-        f"unknown method {method!r}: use grpo, sdpo, hybridW, pgW, failW, the experiments pgrare and spread, optionally +self (SDPO methods) and @lr"
+        f"unknown method {method!r}: use grpo, sdpo, hybridW, pgW, failW, the experiments pgrare, spread and pgtrunc, optionally +self (SDPO methods) and @lr"
     )
 
 

@@ -39,14 +39,16 @@ def run_key(r: dict) -> tuple[str, str, int]:
     return (r.get("task", "addition"), r["method"], r["seed"])
 
 
+def records(path: str | Path) -> list[dict]:
+    """The JSON lines of `path` (none if it does not exist yet)."""
+    return [json.loads(line) for line in Path(path).read_text().splitlines()] if Path(path).exists() else []
+
+
 def load(out: str | Path) -> tuple[dict, dict]:
     """curves[(task, method, seed)] = {step: score} for finished runs; meta[...] = the done record."""
     curves: dict = {}
     meta: dict = {}
-    if not Path(out).exists():
-        return curves, meta
-    for line in Path(out).read_text().splitlines():
-        r = json.loads(line)
+    for r in records(out):
         if r["kind"] not in ("eval", "done"):
             continue
         k = run_key(r)
@@ -67,12 +69,10 @@ def untrained_score(out: str | Path, key: dict) -> float | None:
     deterministic: one measurement per task serves every run.
     """
     same = ("task", "model", "max_completion_length", "held")
-    if Path(out).exists():
-        for line in Path(out).read_text().splitlines():
-            r = json.loads(line)
-            measured = r["kind"] == "eval" and r["step"] == 0 and not r.get("reused")
-            if measured and all(r.get(k) == key[k] for k in same):
-                return r["acc"]
+    for r in records(out):
+        measured = r["kind"] == "eval" and r["step"] == 0 and not r.get("reused")
+        if measured and all(r.get(k) == key[k] for k in same):
+            return r["acc"]
     return None
 
 
@@ -80,11 +80,9 @@ def constants(out: str | Path) -> dict[str, tuple[float, str]]:
     """{task: (score, answer)}: the constant-answer baselines recorded in `out` (`learning_tasks.constant_baseline`:
     the best held-out score of "The answer is X." for every row)."""
     found: dict[str, tuple[float, str]] = {}
-    if Path(out).exists():
-        for line in Path(out).read_text().splitlines():
-            r = json.loads(line)
-            if r["kind"] == "constant":
-                found.setdefault(r["task"], (r["acc"], r["answer"]))
+    for r in records(out):
+        if r["kind"] == "constant":
+            found.setdefault(r["task"], (r["acc"], r["answer"]))
     return found
 
 
@@ -92,11 +90,9 @@ def final_shares(out: str | Path) -> dict[tuple[str, str, int], tuple[int, float
     """{(task, method, seed): (step, score, top_share)} at each run's last evaluation that recorded `top_share`
     (the share of held-out rows given the most common completion; runs measured before it have none)."""
     found: dict = {}
-    if Path(out).exists():
-        for line in Path(out).read_text().splitlines():
-            r = json.loads(line)
-            if r["kind"] == "eval" and "top_share" in r and r["step"] > 0:
-                found[run_key(r)] = (r["step"], r["acc"], r["top_share"])
+    for r in records(out):
+        if r["kind"] == "eval" and "top_share" in r and r["step"] > 0:
+            found[run_key(r)] = (r["step"], r["acc"], r["top_share"])
     return found
 
 
@@ -372,22 +368,18 @@ def plot(curves: dict, summary: dict[str, list[dict]], path: Path, title: str) -
 def commands(path: str | Path) -> list[list[str]]:
     """The distinct command lines that trained runs into `path`, in first-seen order."""
     found: dict = {}
-    if Path(path).exists():
-        for line in Path(path).read_text().splitlines():
-            r = json.loads(line)
-            if r["kind"] == "command":
-                found.setdefault(json.dumps(r["argv"]), r["argv"])
+    for r in records(path):
+        if r["kind"] == "command":
+            found.setdefault(json.dumps(r["argv"]), r["argv"])
     return list(found.values())
 
 
 def starts(path: str | Path) -> list[dict]:
     """The `--start-only` screen: one record per (task, budget), the last one measured."""
     found: dict = {}
-    if Path(path).exists():
-        for line in Path(path).read_text().splitlines():
-            r = json.loads(line)
-            if r["kind"] == "start":
-                found[(r["task"], r["max_completion_length"])] = r
+    for r in records(path):
+        if r["kind"] == "start":
+            found[(r["task"], r["max_completion_length"])] = r
     return list(found.values())
 
 
