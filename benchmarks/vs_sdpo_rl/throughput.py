@@ -366,6 +366,7 @@ def main() -> None:
     else:
         model_dir = tempfile.mkdtemp(prefix="vs-sdpo-rl-model-")
         save_tiny_model(model_dir)
+    load_at_start = os.getloadavg()[0]  # other jobs on the machine: the prose reports it, never assumes it
     configs = [(OURS_PY, "ours", "ema"), (THEIRS_PY, "theirs", "ema")]
     if not a.no_lora_ema:
         configs.append((THEIRS_PY, "theirs", "lora_ema"))
@@ -447,8 +448,8 @@ def main() -> None:
             f"forward). {a.repeats} interleaved runs per row; median over all {ours['steps']} measured optimizer "
             "steps (each run: two warm-ups dropped); peak RSS is the worker process's ru_maxrss (max over runs). "
             "'of which generation' is the share of step time in `_generate_and_score_completions` (TRL's "
-            "HF-generate path, the same code in both). The machine's 2 cores were shared with other jobs, so "
-            "absolute times are noisy; per-run medians: "
+            f"HF-generate path, the same code in both). Load average {load_at_start:.2f} at the start on "
+            f"{os.cpu_count()} CPUs (a run that shares the machine has noisier absolute times); per-run medians: "
             + "; ".join(
                 f"{'ours' if r['impl'] == 'ours' else 'sdpo-rl'} {r['mode']} "
                 + ", ".join(f"{m:.3f}" for m in r["run_medians_s"])
