@@ -22,7 +22,8 @@ W defaults to 1: GRPO in groups whose rewards differ, SDPO in the others), `fail
 defaults to 1: W x GRPO on every sample + SDPO on the failed ones); `grpo@LR` / `sdpo@LR` override lr;
 `sdpo+self` (any SDPO method) shows a success its own completion as the demonstration; `pgrare`, `spread`
 and `pgtrunc` are experiments on the per-group hybrid (rare_success_weights, spread_weights,
-truncated_rows_distilled), patched into the trainer for their own runs.
+truncated_rows_distilled), patched into the trainer for their own runs. A suffix `~alpha=A`, `~ema=R` (the
+teacher's update rate) or `~topk=K|full` overrides that SDPO setting for the run (e.g. `pg~alpha=1`).
 """
 
 from __future__ import annotations
@@ -99,8 +100,9 @@ def method_spec(method: str, s: dict) -> tuple[float, float | None, str, bool]:
     """(learning rate, grpo_weight, hybrid_mode, own success as demonstration); grpo_weight None = plain GRPO.
 
     `NAME+self` shows a successful sample its own completion as the demonstration
-    (`dont_reprompt_on_self_success=False`); `NAME@LR` overrides the learning rate."""
-    name, _, lr = method.partition("@")
+    (`dont_reprompt_on_self_success=False`); `NAME@LR` overrides the learning rate; `~alpha=A`, `~ema=R`,
+    `~topk=K|full` override an SDPO setting (`settings_of`)."""
+    name, _, lr = report.knobs(method)[0].partition("@")
     lr_value = float(lr) if lr else s["learning_rate"]
     name, plus, flag = name.partition("+")
     if plus and flag != "self":
@@ -121,6 +123,17 @@ def method_spec(method: str, s: dict) -> tuple[float, float | None, str, bool]:
     raise SystemExit(
         f"unknown method {method!r}: use grpo, sdpo, hybridW, pgW, failW, the experiments pgrare, spread and pgtrunc, optionally +self (SDPO methods) and @lr"
     )
+
+
+def settings_of(method: str, s: dict) -> dict:
+    """The panel settings `s` with the method's `~name=value` overrides (alpha, ema, topk) applied."""
+    s = dict(s)
+    for name, value in report.knobs(method)[1].items():
+        setting = report.KNOBS[name]
+        s[setting] = (
+            None if value == "full" else int(value) if setting == "distillation_topk" else float(value)
+        )
+    return s
 
 
 def spread_weights(rewards, group_size, *, weight, mode, success_threshold=1.0):
@@ -251,6 +264,7 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
 
     if not s["gpu"]:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+    s = settings_of(method, s)
     lr, grpo_weight, hybrid_mode, own_success = method_spec(method, s)
     # Set for every run, not only the experiments': the runs of one process share the trainer module.
     mixin = sdpo_unsloth.trainer._SDPOMixin
@@ -275,6 +289,7 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
         "temperature": s["temperature"],
         "sdpo_alpha": s["alpha"],
         "teacher_update_rate": s["teacher_update_rate"],
+        **({"distillation_topk": s["distillation_topk"]} if "~topk=" in method else {}),
     }
     t0 = time.perf_counter()
     model, tokenizer = _load(s, seed, teacher=not grpo)

@@ -121,15 +121,35 @@ def constant_score(out: str | Path, task: str) -> float | None:
     return found[0] if found else None
 
 
+KNOBS = {
+    "alpha": "alpha",
+    "ema": "teacher_update_rate",
+    "topk": "distillation_topk",
+}  # `~name=value` -> setting
+
+
+def knobs(method: str) -> tuple[str, dict[str, str]]:
+    """'pg@1e-3~alpha=1~ema=0.2' -> ('pg@1e-3', {'alpha': '1', 'ema': '0.2'}): SDPO settings a run overrides."""
+    name, *pairs = method.split("~")
+    found = dict(pair.partition("=")[::2] for pair in pairs)
+    unknown = [k for k in found if k not in KNOBS]
+    if unknown:
+        raise SystemExit(
+            f"unknown setting {unknown[0]!r} in {method!r}: use {', '.join(KNOBS)} (~name=value)"
+        )
+    return name, found
+
+
 def family(method: str) -> str:
     """'fail0.5@1e-3' -> 'fail'; the prefix that names the method."""
-    name = method.partition("@")[0].partition("+")[0]
+    name = knobs(method)[0].partition("@")[0].partition("+")[0]
     if name in ("pg-seqmean", "pgrare", "pgtrunc"):
         return name
     return next((k for k in ("hybrid", "pg", "fail") if name.startswith(k)), name)
 
 
 def label(method: str) -> str:
+    method, overrides = knobs(method)
     name, _, lr = method.partition("@")
     name, plus, _ = name.partition("+")
     kind = family(method)
@@ -137,7 +157,8 @@ def label(method: str) -> str:
         name = NAMES[kind].format(w=name[len(kind) :] or ("0.9" if kind == "hybrid" else "1"))
     else:
         name = name.upper()
-    return name + (", own success as demo" if plus else "") + (f" lr {lr}" if lr else "")
+    settings = "".join(f", {KNOBS[k]} {v}" for k, v in overrides.items())
+    return name + (", own success as demo" if plus else "") + (f" lr {lr}" if lr else "") + settings
 
 
 def summarise(curves: dict, meta: dict) -> dict[str, list[dict]]:
