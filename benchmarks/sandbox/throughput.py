@@ -6,6 +6,9 @@ Measures, in one run on this machine:
 - ``old path``: the sandbox as it was before the zygote (a fresh ``python -I -S`` child per run), loaded
   from git (`--before-ref`, default: the last commit with ``sdpo_unsloth/sandbox.py``); skipped without git;
 - ``fresh zygote``: `Sandbox(prefork=False)`: a fresh interpreter per run, then a fork;
+- ``zygote pool, no warm-up``: the pool as it was before its zygote warmed up what each child initialised
+  after the fork (the compiler's AST types), loaded from git (`--pool-before-ref`, default: the commit
+  before the one adding ``_warm_up``); skipped without git history;
 - ``zygote pool``: `Sandbox()` (the default): one pre-started zygote per worker forks a child per run.
 
 Cases: a trivial program (``x = 1``), a function checked on 5 inputs in one child, and a
@@ -47,6 +50,10 @@ TRIVIAL = "x = 1"
 FIVE = "def total(xs):\n    return sum(xs)"
 FIVE_CHECKS = tuple(Check("total", ([i, i + 1],), expected=2 * i + 1) for i in range(5))
 OLD_FILES = ("sandbox.py", "sandbox_child.py", "sandbox_results.py", "sandbox_slots.py")
+OLD_PATH, FRESH_PATH = "old path (fresh child per run)", "fresh zygote per run (`prefork=False`)"
+COLD_PATH, POOL_PATH = "zygote pool, no warm-up (before)", "zygote pool (default)"
+WARM_UP = "def _warm_up"  # the commit adding it to sandbox/child.py is the "before" of the pool
+POOL_FILES = ("__init__.py", "child.py", "errors.py", "results.py", "runner.py", "slots.py", "zygote.py")
 
 
 def _cpu() -> tuple[float, float]:
@@ -55,38 +62,40 @@ def _cpu() -> tuple[float, float]:
     return own.ru_utime + own.ru_stime, kids.ru_utime + kids.ru_stime
 
 
+def _git(*args: str) -> str:
+    return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, text=True, check=True).stdout
+
+
+def _commit_before(*log_args: str) -> str:
+    """The parent of the newest commit matching ``git log -1 <log_args>``."""
+    found = _git("log", "-1", "--format=%H", *log_args).strip()
+    if not found:
+        raise ValueError(f"no commit matches git log {' '.join(log_args)}")
+    return f"{found}^"
+
+
 @contextlib.contextmanager
-def _old_sandbox(ref: str | None) -> Iterator[type | None]:
-    """The pre-zygote `Sandbox` class from git, as a throwaway package; None where git cannot give it."""
+def _sandbox_from_git(ref: Callable[[], str], folder: str, files: tuple[str, ...]) -> Iterator[type | None]:
+    """A past `Sandbox` class from git, as a throwaway package: `files` of `folder` at the commit `ref()`
+    names; None where git cannot give it (no git, a shallow clone)."""
     try:
-        if ref is None:
-            deleted = subprocess.run(
-                ["git", "-C", ROOT, "log", "-1", "--format=%H", "--", "sdpo_unsloth/sandbox_child.py"],
-                capture_output=True, text=True, check=True,
-            ).stdout.strip()  # fmt: skip
-            ref = f"{deleted}^"
-        sources = {
-            name: subprocess.run(
-                ["git", "-C", ROOT, "show", f"{ref}:sdpo_unsloth/{name}"],
-                capture_output=True,
-                text=True,
-                check=True,
-            ).stdout
-            for name in OLD_FILES
-        }
-    except (OSError, subprocess.CalledProcessError):
+        at = ref()
+        sources = {name: _git("show", f"{at}:{folder}/{name}") for name in files}
+    except (OSError, ValueError, subprocess.CalledProcessError):
         yield None
         return
     with tempfile.TemporaryDirectory() as tmp:
-        package = os.path.join(tmp, "old_sdpo_sandbox")
-        os.mkdir(package)
-        open(os.path.join(package, "__init__.py"), "w").close()
+        package = "past_sandbox_" + os.urandom(4).hex()
+        os.mkdir(os.path.join(tmp, package))
+        open(os.path.join(tmp, package, "__init__.py"), "w").close()
         for name, text in sources.items():
-            with open(os.path.join(package, name), "w") as handle:
+            with open(os.path.join(tmp, package, name), "w") as handle:
                 handle.write(text)
         sys.path.insert(0, tmp)
         try:
-            yield importlib.import_module("old_sdpo_sandbox.sandbox").Sandbox
+            yield importlib.import_module(
+                f"{package}.{'sandbox' if 'sandbox.py' in files else 'runner'}"
+            ).Sandbox
         finally:
             sys.path.remove(tmp)
 
@@ -180,6 +189,10 @@ def _parallelism(cpus: int) -> float:
     return cpus * one / (time.perf_counter() - start)
 
 
+def _rate(row: str) -> float:
+    return float(row.split("**")[1])
+
+
 def _row(case: str, path: str, workers: int, measured: Measured, cpus: int) -> str:
     runs, wall, own, kids = measured
     per = 1000 * (own + kids) / runs
@@ -193,6 +206,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=200, help="executions per serial case (pool: 4x)")
     parser.add_argument("--before-ref", default=None, help="git ref holding the pre-zygote sandbox")
+    parser.add_argument(
+        "--pool-before-ref", default=None, help="git ref holding the zygote pool before its warm-up"
+    )
     parser.add_argument("--no-write", action="store_true", help="print the table only")
     args = parser.parse_args()
     cpus = len(os.sched_getaffinity(0))
@@ -208,55 +224,83 @@ def main() -> None:
         _row("bare spawn (`python -I -S -c pass`)", "–", 1, _bare_spawn(runs), cpus),
         _row("bare fork + exit of an idle `python -I -S`", "–", 1, _bare_fork(4 * runs), cpus),
     ]
-    with _old_sandbox(args.before_ref) as old:
+    with contextlib.ExitStack() as stack:
+        old = stack.enter_context(
+            _sandbox_from_git(
+                lambda: args.before_ref or _commit_before("--", "sdpo_unsloth/sandbox_child.py"),
+                "sdpo_unsloth",
+                OLD_FILES,
+            )
+        )
+        cold = stack.enter_context(
+            _sandbox_from_git(
+                lambda: (
+                    args.pool_before_ref
+                    or _commit_before("-S", WARM_UP, "--", "sdpo_unsloth/sandbox/child.py")
+                ),
+                "sdpo_unsloth/sandbox",
+                POOL_FILES,
+            )
+        )
         paths: list[tuple[str, Callable[[int], object]]] = []
         if old is not None:
-            paths.append(("old path (fresh child per run)", lambda n: old(workers=n, limits=limits)))
-        paths += [
-            (
-                "fresh zygote per run (`prefork=False`)",
-                lambda n: Sandbox(workers=n, limits=limits, prefork=False),
-            ),
-            ("zygote pool (default)", lambda n: Sandbox(workers=n, limits=limits)),
-        ]
+            paths.append((OLD_PATH, lambda n: old(workers=n, limits=limits)))
+        paths.append((FRESH_PATH, lambda n: Sandbox(workers=n, limits=limits, prefork=False)))
+        if cold is not None:
+            paths.append((COLD_PATH, lambda n: cold(workers=n, limits=limits)))
+        paths.append((POOL_PATH, lambda n: Sandbox(workers=n, limits=limits)))
         for case, job in (("trivial program", Job(TRIVIAL)), ("function + 5 checks", Job(FIVE, FIVE_CHECKS))):
             for path, make in paths:
                 rows.append(_row(case, path, 1, _measure(lambda m=make: m(1), _serial(job, runs)), cpus))
                 rows.append(
                     _row(case, path, cpus, _measure(lambda m=make: m(cpus), _pool(job, pool_runs)), cpus)
                 )
-        pool = paths[-1][1]  # more slots than CPUs: one run's wake-ups overlap another's work
-        rows.append(
-            _row(
-                "trivial program",
-                "zygote pool (default)",
-                2 * cpus,
-                _measure(lambda: pool(2 * cpus), _pool(Job(TRIVIAL), pool_runs)),
-                cpus,
-            )
-        )
+        for path, make in paths[-2:]:  # more slots than CPUs: one run's wake-ups overlap another's work
+            measured = _measure(lambda m=make: m(2 * cpus), _pool(Job(TRIVIAL), pool_runs))
+            rows.append(_row("trivial program", path, 2 * cpus, measured, cpus))
         for path, make in paths:
             measured = _measure(lambda m=make: m(cpus), _reward(batches))
             rows.append(_row("reward batch, 16 completions x 5 tests", path, cpus, measured, cpus))
-    if old is None:
-        print(f"(no old path: git could not give {OLD_FILES[0]})", file=sys.stderr)
+    for missing, files in ((old, OLD_FILES), (cold, POOL_FILES)):
+        if missing is None:
+            print(f"(a past sandbox is not in this clone's git history: {files[1]})", file=sys.stderr)
     faults = _child_faults()
+    rates = {
+        path: max(
+            _rate(r) for r in rows if r.startswith(f"| trivial program | {path} |") and "| 1 |" not in r
+        )
+        for path in (COLD_PATH, POOL_PATH)
+        if any(f"| {path} |" in r for r in rows)
+    }
     best = max(
-        (r for r in rows if r.startswith("| trivial program | zygote pool") and "| 1 |" not in r),
-        key=lambda r: float(r.split("**")[1]),
+        (r for r in rows if r.startswith(f"| trivial program | {POOL_PATH} |") and "| 1 |" not in r),
+        key=_rate,
     )
-    rate, bound = float(best.split("**")[1]), float(best.rstrip(" |").rsplit("|", 1)[1])
+    rate, bound = _rate(best), float(best.rstrip(" |").rsplit("|", 1)[1])
+    shared = parallelism < 0.8 * cpus
+    batch = {  # ms for one reward batch of 16 completions x 5 tests
+        path: 16 * 1000 * float(r.split("|")[5]) / int(r.split("|")[4])
+        for r in rows
+        if r.startswith("| reward batch")
+        for path in (r.split("|")[2].strip(),)
+    }
+    before = (
+        f" The pool before the warm-up, measured in this run: {rates[COLD_PATH]:.0f}/s (best pool row), so the "
+        f"warm-up gives {rates[POOL_PATH] / rates[COLD_PATH]:.2f}x; a reward batch of 16 completions x 5 tests "
+        f"takes {batch[POOL_PATH]:.0f} ms (before: {batch[COLD_PATH]:.0f} ms)."
+        if COLD_PATH in rates and COLD_PATH in batch
+        else f" A reward batch of 16 completions x 5 tests takes {batch[POOL_PATH]:.0f} ms."
+    )
     verdict = (
-        f"**Target >= 500 exec/s on 2 cores (trivial program): {'met' if rate >= 500 else 'missed'}** here "
-        f"({rate:.0f}/s wall on this shared machine, best pool row; {bound:.0f}/s bound from its CPU per exec on "
-        f"{cpus} idle CPUs"
-        f"{'' if bound >= 500 else ', also short of 500'}). Where the CPU goes: the trainer process spends the "
-        "*trainer CPU* column; the rest is the zygote and its forked child, almost all of it Python's own work "
-        f"in a fresh fork: a child has taken {faults} page faults (copy-on-write copies of the zygote's pages "
-        "that CPython touches: refcounts, the compiler, the I/O stack) by the time the untrusted code starts, "
-        "plus CPython's after-fork bookkeeping and exit; a bare fork + exit of an idle Python costs the *bare fork* "
-        "row. Reaching 500/s on 2 cores needs less Python work in the child after each fork (e.g. the "
-        "confinement steps done by a small C helper), not a different design."
+        f"**Target >= 500 exec/s on {cpus} cores (trivial program): {'met' if rate >= 500 else 'missed'}** "
+        f"({rate:.0f}/s wall, best pool row; {bound:.0f}/s bound from its CPU per exec on {cpus} idle CPUs)."
+        f"{before} Where the CPU goes: the trainer process spends the *trainer CPU* column; the rest is the "
+        "zygote and its forked child. The zygote runs once what every child would otherwise initialise after its "
+        "fork (CPython builds its compiler's AST types on the first `compile`, ~1 ms, which was half of a run's "
+        "CPU; the seccomp buffer's ctypes type), so a child starts with those pages shared. "
+        f"A child has taken {faults} page faults (copy-on-write copies of the zygote's pages that CPython "
+        "touches: refcounts, the I/O stack) by the time the untrusted code starts; a bare fork + exit of an idle "
+        "Python costs the *bare fork* row."
     )
 
     command = "OMP_NUM_THREADS=1 python benchmarks/sandbox/throughput.py" + (
@@ -268,15 +312,15 @@ def main() -> None:
         f"Produced by `{command}` on {datetime.date.today().isoformat()}: {cpus} CPUs "
         f"({platform.processor() or platform.machine()}), Linux {platform.release()}, Python "
         f"{platform.python_version()}, running as {'root' if os.geteuid() == 0 else 'a normal user'}, "
-        f"load average {load:.2f} at the start. **The machine was shared** with other jobs: {cpus} busy processes "
-        f"ran {parallelism:.1f}x as fast as one, so wall-time rates are lower bounds. Isolation: "
+        f"load average {load:.2f} at the start; {cpus} busy processes ran {parallelism:.1f}x as fast as one"
+        f"{' (the machine was shared with other jobs: wall-time rates are lower bounds)' if shared else ''}. Isolation: "
         f"{isolation.level.value} (uid={isolation.uid}, seccomp={isolation.seccomp}, Landlock ABI "
         f"{isolation.landlock_abi}, disk quota: {isolation.disk_quota or 'none'}).",
         "",
         "*exec/s* and *ms per exec* are wall time (the pool rows run `workers` at a time); *CPU ms per exec* "
         "counts the trainer process and every process the sandbox started (zygote starts included); *idle-machine bound* = CPUs / CPU "
         "per exec, the rate these CPUs could sustain if nothing else ran. Old path: the sandbox before the "
-        "zygote, loaded from git.",
+        "zygote, loaded from git; no warm-up: the zygote pool before `_warm_up`, loaded from git.",
         "",
         "| case | path | workers | runs | wall (s) | exec/s | ms per exec | CPU ms per exec | of which trainer CPU | idle-machine bound (exec/s) |",
         "|---|---|---|---|---|---|---|---|---|---|",
