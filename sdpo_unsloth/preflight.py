@@ -20,13 +20,14 @@ nothing but weight decay.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import math
 import random
 import sys
 import tempfile
 import types
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -166,6 +167,24 @@ def _snapshot(trainer: Any) -> dict[str, Any]:
         "devices": devices,
         "stats": copy.deepcopy(getattr(trainer, "_sdpo_stats", None)),  # per-step metric sums, where kept
     }
+
+
+@contextlib.contextmanager
+def _random_states_kept() -> Iterator[None]:
+    """Restores Python's, NumPy's and torch's (CPU and CUDA) global random states after the block."""
+    import numpy as np
+    import torch
+
+    states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    try:
+        yield
+    finally:
+        random.setstate(states[0])
+        np.random.set_state(states[1])
+        torch.random.set_rng_state(states[2])
+        if cuda is not None:
+            torch.cuda.set_rng_state_all(cuda)
 
 
 def _split(batch: Mapping[str, Any], n: int, size: int) -> list[dict[str, Any]]:
@@ -315,7 +334,9 @@ def preflight(
     rows = [data[i] for i in sorted(order[:num_prompts])]
     from .trainer import SDPOTrainer
 
-    with tempfile.TemporaryDirectory(prefix="sdpo-preflight-") as scratch:
+    # The trainer's constructor seeds Python, NumPy and torch (transformers' set_seed): the user's generators
+    # must come out of a preflight as they went in.
+    with _random_states_kept(), tempfile.TemporaryDirectory(prefix="sdpo-preflight-") as scratch:
         args = _build_grpo_config(
             None,
             chosen.device,

@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import json
+import random
 
+import numpy as np
 import pytest
 import torch
 
@@ -66,7 +68,9 @@ def test_no_success_and_no_feedback_is_nothing_to_learn(tiny):
 def test_feedback_gives_every_sample_a_teacher_and_a_divergence(tiny):
     model, tokenizer = tiny
     before = weights(model)
+    torch.manual_seed(12345), random.seed(12345), np.random.seed(12345)  # not preflight's own seed (3407)
     rng_before = torch.random.get_rng_state()
+    py_before, np_before = random.getstate(), np.random.get_state()[1].copy()
     options = {k: v for k, v in SMALL.items() if k != "lora_r"}
     report = preflight(model, rows(), WrongWithFeedback(), tokenizer=tokenizer, **options)
     assert not report.nothing_to_learn
@@ -76,6 +80,8 @@ def test_feedback_gives_every_sample_a_teacher_and_a_divergence(tiny):
     after = weights(model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # teacher forwards, no step
     assert torch.equal(rng_before, torch.random.get_rng_state())  # sampling ran on a forked generator
+    # and the trainer's constructor (transformers seeds every generator) left the user's generators as they were
+    assert random.getstate() == py_before and (np.random.get_state()[1] == np_before).all()
 
 
 def test_successes_become_demonstrations(tiny_model_dir):
