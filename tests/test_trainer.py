@@ -197,6 +197,29 @@ def test_adapter_scope_restores_state_when_the_block_raises(tmp_path):
         assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
 
 
+def test_adapter_scope_switches_as_peft_does(tmp_path):
+    # The fast switch (each LoRA layer, no module walk) gives the forward PEFT's own set_adapter gives.
+    from sdpo_unsloth.adapters import _switchable_layers
+
+    model = make_trainer(tmp_path, max_steps=1).model
+    assert _switchable_layers(model) is not None  # plain LoRA: the fast switch applies
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if f".{TEACHER}." in name and "lora_B" in name:
+                param.add_(torch.randn_like(param) * 0.1)  # a teacher that differs from the student
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with torch.no_grad():
+        student = model(input_ids=ids).logits
+        with adapter_scope(model, TEACHER):
+            fast = model(input_ids=ids).logits
+        after = model(input_ids=ids).logits
+        model.set_adapter(TEACHER)
+        peft = model(input_ids=ids).logits
+        model.set_adapter("default")
+    assert torch.equal(fast, peft) and not torch.allclose(fast, student)
+    assert torch.equal(after, student)  # the student is back
+
+
 def test_ema_with_rate_zero_equals_frozen(tmp_path):
     # Each trainer is built right before it trains: the Trainer seeds the global RNG at construction.
     initial = adapter_tensors(make_trainer(tmp_path / "c").model, "default")

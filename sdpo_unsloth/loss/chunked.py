@@ -95,7 +95,13 @@ def _distill_chunk(
     """
     y = target_ids.unsqueeze(1)  # [n, 1]
     full = spec.topk is None
-    s_logits = _project(student_hidden, weight, bias, spec)  # [n, V]
+    # Student and teacher rows in one product: with few tokens per chunk the head is bound by reading W, and
+    # one pass over it is cheaper than two. The teacher half is the second [n, V] buffer counted above.
+    n = student_hidden.shape[0]
+    rows = torch.cat([student_hidden.to(spec.dtype), teacher_hidden.to(spec.dtype)])  # [2n, H]
+    both = _project(rows, weight, bias, spec)
+    s_logits, t_logits = both[:n], both[n:]  # [n, V] each
+    del both
     s_y = s_logits.gather(1, y)  # [n, 1]
     idx = s_top = None
     if spec.need_divergence:
@@ -114,7 +120,6 @@ def _distill_chunk(
     s_tgt = (s_y - s_lse).squeeze(1)  # [n]
 
     # Teacher: only its log-probs at y and on the student's support leave this block.
-    t_logits = _project(teacher_hidden, weight, bias, spec)  # [n, V]
     t_y = t_logits.gather(1, y)  # [n, 1]
     t_top = None
     if spec.need_divergence:
