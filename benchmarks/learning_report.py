@@ -331,8 +331,9 @@ def readme_block(
 
 def _color(method: str) -> tuple[str, str]:
     """(colour, line style): one colour per method family; `+self` brown, a hybrid weight other than 1 olive,
-    dashed; a learning rate override dotted."""
-    name, _, lr = method.partition("@")
+    dashed; a learning rate override dotted, a setting override (`~name=value`) dash-dotted."""
+    plain, overrides = knobs(method)
+    name, _, lr = plain.partition("@")
     name, plus, _ = name.partition("+")
     kind = family(method)
     weight = name[len(kind) :] if kind in ("pg", "fail") else ""
@@ -340,7 +341,7 @@ def _color(method: str) -> tuple[str, str]:
         return "tab:brown", "--"
     if weight and float(weight) != 1.0:
         return "tab:olive", "--"
-    return COLORS.get(kind, "tab:brown"), (":" if lr else "-")
+    return COLORS.get(kind, "tab:brown"), ("-." if overrides else ":" if lr else "-")
 
 
 def plot(curves: dict, summary: dict[str, list[dict]], path: Path, title: str) -> None:
