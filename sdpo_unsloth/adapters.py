@@ -68,7 +68,7 @@ def adapter_scope(model: Any, adapter: str | None) -> Iterator[None]:
                 param.requires_grad_(flags[name])
 
 
-# model -> {what: (its adapter names when found, the modules found)}
+# model -> {what: (its adapter names when found, what was found but the model, whether the model was)}
 _FOUND: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -79,8 +79,14 @@ def _find(model: Any, what: str, collect: Callable[[], list]) -> list:
     adapters = tuple(getattr(model, "peft_config", None) or ())
     found = _FOUND.setdefault(model, {}).get(what)
     if found is None or found[0] != adapters:
-        found = _FOUND[model][what] = (adapters, collect())
-    return found[1]
+        items = collect()
+        # The model itself is not kept in its own entry: a value that held its key would never be freed.
+        found = _FOUND[model][what] = (
+            adapters,
+            [i for i in items if i is not model],
+            any(i is model for i in items),
+        )
+    return [model, *found[1]] if found[2] else found[1]
 
 
 def _switchable_layers(model: Any) -> tuple[list, list] | None:

@@ -220,6 +220,24 @@ def test_adapter_scope_switches_as_peft_does(tmp_path):
     assert torch.equal(after, student)  # the student is back
 
 
+def test_teacher_module_caches_keep_no_model_alive(tmp_path):
+    # adapter_scope, dropout_off and checkpointing_off remember modules per model; a finished trainer's model
+    # (and its decoder, which is one of its own checkpointing modules) must still be freed.
+    import gc
+    import weakref
+
+    from sdpo_unsloth import adapters
+
+    trainer = make_trainer(tmp_path, max_steps=1)
+    trainer.train()
+    model = trainer.model
+    refs = [weakref.ref(model), weakref.ref(model.get_base_model().get_decoder())]
+    assert all(r() in adapters._FOUND for r in refs)  # the caches were filled by the teacher forwards
+    del trainer, model
+    gc.collect()
+    assert [r() for r in refs] == [None, None]
+
+
 def test_ema_with_rate_zero_equals_frozen(tmp_path):
     # Each trainer is built right before it trains: the Trainer seeds the global RNG at construction.
     initial = adapter_tensors(make_trainer(tmp_path / "c").model, "default")
