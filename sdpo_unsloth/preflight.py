@@ -313,53 +313,54 @@ def preflight(
     if max_completion_length is None:
         max_completion_length = task_completion_length(task) or 128
     sdpo = sdpo_config if sdpo_config is not None else _build_sdpo_config(None)
-    if isinstance(model, str):
-        from .model import load_model
+    # Loading a model and the trainer's constructor seed Python, NumPy and torch (transformers' set_seed): the
+    # user's generators must come out of a preflight as they went in.
+    with _random_states_kept():
+        if isinstance(model, str):
+            from .model import load_model
 
-        needs_teacher = sdpo.ema_teacher
-        model, tokenizer = load_model(
-            model,
-            load_in_4bit=chosen.device == "cuda" if load_in_4bit is None else load_in_4bit,
-            max_seq_length=max_seq_length,
-            lora_r=lora_r,
-            teacher_adapter=sdpo.teacher_adapter_name if needs_teacher else None,
-            gradient_checkpointing=False,
-            backend=chosen.name,
-            seed=seed,
-        )
-    elif tokenizer is None:
-        raise UsageError("preflight got a loaded model without its tokenizer: pass tokenizer=...")
-    order = list(range(len(data)))
-    random.Random(seed).shuffle(order)
-    rows = [data[i] for i in sorted(order[:num_prompts])]
-    from .trainer import SDPOTrainer
+            needs_teacher = sdpo.ema_teacher
+            model, tokenizer = load_model(
+                model,
+                load_in_4bit=chosen.device == "cuda" if load_in_4bit is None else load_in_4bit,
+                max_seq_length=max_seq_length,
+                lora_r=lora_r,
+                teacher_adapter=sdpo.teacher_adapter_name if needs_teacher else None,
+                gradient_checkpointing=False,
+                backend=chosen.name,
+                seed=seed,
+            )
+        elif tokenizer is None:
+            raise UsageError("preflight got a loaded model without its tokenizer: pass tokenizer=...")
+        order = list(range(len(data)))
+        random.Random(seed).shuffle(order)
+        rows = [data[i] for i in sorted(order[:num_prompts])]
+        from .trainer import SDPOTrainer
 
-    # The trainer's constructor seeds Python, NumPy and torch (transformers' set_seed): the user's generators
-    # must come out of a preflight as they went in.
-    with _random_states_kept(), tempfile.TemporaryDirectory(prefix="sdpo-preflight-") as scratch:
-        args = _build_grpo_config(
-            None,
-            chosen.device,
-            Path(scratch),
-            max_steps=1,
-            num_generations=num_generations,
-            per_device_train_batch_size=num_generations,
-            gradient_accumulation_steps=1,
-            max_completion_length=max_completion_length,
-            temperature=temperature,
-            seed=seed,
-            gradient_checkpointing=False,
-            disable_tqdm=True,
-        )
-        trainer = SDPOTrainer(
-            model=model,
-            reward_funcs=reward_funcs,
-            args=args,
-            sdpo_config=sdpo,
-            processing_class=tokenizer,
-            train_dataset=data,
-        )
-        return run_preflight(trainer, rows)
+        with tempfile.TemporaryDirectory(prefix="sdpo-preflight-") as scratch:
+            args = _build_grpo_config(
+                None,
+                chosen.device,
+                Path(scratch),
+                max_steps=1,
+                num_generations=num_generations,
+                per_device_train_batch_size=num_generations,
+                gradient_accumulation_steps=1,
+                max_completion_length=max_completion_length,
+                temperature=temperature,
+                seed=seed,
+                gradient_checkpointing=False,
+                disable_tqdm=True,
+            )
+            trainer = SDPOTrainer(
+                model=model,
+                reward_funcs=reward_funcs,
+                args=args,
+                sdpo_config=sdpo,
+                processing_class=tokenizer,
+                train_dataset=data,
+            )
+            return run_preflight(trainer, rows)
 
 
 class _CallableModule(types.ModuleType):

@@ -88,7 +88,10 @@ def test_successes_become_demonstrations(tiny_model_dir):
     import sdpo_unsloth
 
     # the package-level name works even after the module was imported (it is callable)
+    torch.manual_seed(12345)
+    before = torch.random.get_rng_state()
     report = sdpo_unsloth.preflight(tiny_model_dir, rows(), first_right, backend="transformers", **SMALL)
+    assert torch.equal(before, torch.random.get_rng_state())  # loading the model by name reseeds nothing of ours
     assert report.pass_rate == 0.25 and report.groups_with_demo == 1.0
     assert report.groups_with_reward_spread == 1.0
     assert report.no_teacher == 0.25  # the successful sample itself has no other success to learn from
