@@ -76,7 +76,10 @@ def _find(model: Any, what: str, collect: Callable[[], list]) -> list:
     """`collect()` (modules or parameters of `model`), cached per model and set of adapters under `what`
     (adding an adapter adds modules). The teacher forward switches and restores them twice per micro-batch,
     and a walk over every module costs ~10 ms on a 135M model, on a GPU as much as on a CPU."""
-    adapters = tuple(getattr(model, "peft_config", None) or ())
+    # An adapter deleted and added again under its name comes with a new config object (and new modules).
+    adapters = tuple(
+        (name, id(config)) for name, config in (getattr(model, "peft_config", None) or {}).items()
+    )
     found = _FOUND.setdefault(model, {}).get(what)
     if found is None or found[0] != adapters:
         items = collect()

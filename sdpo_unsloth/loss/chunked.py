@@ -95,13 +95,18 @@ def _distill_chunk(
     """
     y = target_ids.unsqueeze(1)  # [n, 1]
     full = spec.topk is None
-    # Student and teacher rows in one product: with few tokens per chunk the head is bound by reading W, and
-    # one pass over it is cheaper than two. The teacher half is the second [n, V] buffer counted above.
+    # With top-K, student and teacher rows go through the head in one product: with few tokens per chunk it is
+    # bound by reading W, and one pass is cheaper than two; the teacher half is the second [n, V] buffer counted
+    # above. Over the full vocabulary the teacher's logits are projected apart, so that they are freed before
+    # the divergence (a shared buffer would keep them: one more [n, V] at that path's peak).
     n = student_hidden.shape[0]
-    rows = torch.cat([student_hidden.to(spec.dtype), teacher_hidden.to(spec.dtype)])  # [2n, H]
-    both = _project(rows, weight, bias, spec)
-    s_logits, t_logits = both[:n], both[n:]  # [n, V] each
-    del both
+    if full:
+        s_logits, t_logits = _project(student_hidden, weight, bias, spec), None  # [n, V]
+    else:
+        rows = torch.cat([student_hidden.to(spec.dtype), teacher_hidden.to(spec.dtype)])  # [2n, H]
+        both = _project(rows, weight, bias, spec)
+        s_logits, t_logits = both[:n], both[n:]  # [n, V] each
+        del both
     s_y = s_logits.gather(1, y)  # [n, 1]
     idx = s_top = None
     if spec.need_divergence:
@@ -120,6 +125,8 @@ def _distill_chunk(
     s_tgt = (s_y - s_lse).squeeze(1)  # [n]
 
     # Teacher: only its log-probs at y and on the student's support leave this block.
+    if t_logits is None:
+        t_logits = _project(teacher_hidden, weight, bias, spec)  # [n, V]
     t_y = t_logits.gather(1, y)  # [n, 1]
     t_top = None
     if spec.need_divergence:
