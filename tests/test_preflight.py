@@ -91,7 +91,7 @@ def test_successes_become_demonstrations(tiny_model_dir):
     torch.manual_seed(12345)
     before = torch.random.get_rng_state()
     report = sdpo_unsloth.preflight(tiny_model_dir, rows(), first_right, backend="transformers", **SMALL)
-    assert torch.equal(before, torch.random.get_rng_state())  # loading the model by name reseeds nothing of ours
+    assert torch.equal(before, torch.random.get_rng_state())  # loading by name reseeds nothing of ours
     assert report.pass_rate == 0.25 and report.groups_with_demo == 1.0
     assert report.groups_with_reward_spread == 1.0
     assert report.no_teacher == 0.25  # the successful sample itself has no other success to learn from
