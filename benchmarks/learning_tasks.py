@@ -71,26 +71,23 @@ def constant_baseline(task: PanelTask) -> tuple[float, str] | None:
     """The best held-out score of one fixed completion, "The answer is X." for every row, over the held-out
     answers X, scored by the task's own reward: what a student that ignores the question can reach.
     None for a task without an `answer` column (the code task)."""
+    from sdpo_unsloth.evaluate import score_completions
     from sdpo_unsloth.rewards.protocol import CheckedReward
-    from sdpo_unsloth.tasks.addition import AdditionReward, parse_answer
+    from sdpo_unsloth.tasks.addition import AdditionReward, answer_mark
 
     rows = task.held
     if not rows or "answer" not in rows[0]:
         return None
+    checked = CheckedReward(task.reward)
     best = None
     for answer in sorted({str(row["answer"]) for row in rows}):
         text = f"The answer is {answer}."
         if isinstance(task.reward, AdditionReward):  # scored as `train()` scores addition: first integer
-            value = sum(parse_answer(text) == int(row["answer"]) for row in rows) / len(rows)
+            values = [answer_mark(text, row) for row in rows]
         else:
-            chat = not isinstance(rows[0]["prompt"], str)
-            completion = [{"role": "assistant", "content": text}] if chat else text
-            columns = {k: [row[k] for row in rows] for k in rows[0] if k != "prompt"}
-            values = CheckedReward(task.reward)(
-                prompts=[row["prompt"] for row in rows], completions=[completion] * len(rows), **columns
-            )
-            scored = [v for v in values if v is not None]
-            value = sum(scored) / len(scored) if scored else 0.0
+            values = score_completions(rows, [text] * len(rows), checked)
+        scored = [v for v in values if v is not None]
+        value = sum(scored) / len(scored) if scored else 0.0
         if best is None or value > best[0]:
             best = (value, answer)
     return best

@@ -56,6 +56,17 @@ def greedy_completions(
     return batches
 
 
+def score_completions(
+    rows: list[dict[str, Any]], texts: list[str], checked: Any, **extra: Any
+) -> list[float | None]:
+    """`checked` (a `CheckedReward`) on the completion `texts` for `rows`, called as TRL calls a reward: chat
+    rows get chat-format completions, every column but the prompt is passed by name, and `extra` too."""
+    chat = not isinstance(rows[0]["prompt"], str)
+    completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
+    columns = {k: [row[k] for row in rows] for k in rows[0] if k != "prompt"}
+    return checked(prompts=[row["prompt"] for row in rows], completions=completions, **extra, **columns)
+
+
 def evaluate_with_reward(
     model: Any,
     tokenizer: Any,
@@ -76,15 +87,7 @@ def evaluate_with_reward(
     for batch, decoded, completion_ids in greedy_completions(
         model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size
     ):
-        chat = not isinstance(batch[0]["prompt"], str)
-        completions = [[{"role": "assistant", "content": t}] for t in decoded] if chat else decoded
-        columns = {k: [row[k] for row in batch] for k in batch[0] if k != "prompt"}
-        values = checked(
-            prompts=[row["prompt"] for row in batch],
-            completions=completions,
-            completion_ids=completion_ids.tolist(),
-            **columns,
-        )
+        values = score_completions(batch, decoded, checked, completion_ids=completion_ids.tolist())
         scores.extend(v for v in values if v is not None)
         if graded is not None:
             graded.extend(zip(decoded, values, strict=True))

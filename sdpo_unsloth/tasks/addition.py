@@ -179,6 +179,15 @@ def _user_text(prompt: Sequence[dict[str, str]] | str) -> str:
     return users[-1] if users else ""
 
 
+def answer_mark(completion: str, row: dict[str, Any]) -> float:
+    """1.0 when the completion's first integer is the row's answer, else 0.0: how `evaluate` scores a row.
+
+    >>> answer_mark("The answer is 12.", {"answer": 12}), answer_mark("12 or 13", {"answer": 13})
+    (1.0, 0.0)
+    """
+    return float(parse_answer(completion) == int(row["answer"]))
+
+
 def parse_answer(completion: str | Sequence[dict[str, str]]) -> int | None:
     """The first integer in the completion, or ``None`` when it has none.
 
@@ -275,7 +284,7 @@ def evaluate(
         raise ValueError("`rows` is empty: nothing to evaluate")
     batches = greedy_completions(model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size)
     marks = [
-        (text, float(parse_answer(text) == int(row["answer"])))
+        (text, answer_mark(text, row))
         for batch, texts, _ in batches
         for text, row in zip(texts, batch, strict=True)
     ]
