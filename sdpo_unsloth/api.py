@@ -405,7 +405,7 @@ def train(
         trainer.time_budget.start = started
         trainer.time_budget.reserve_s = time.monotonic() - eval_started if before is not None else 0.0
         trainer.time_budget.after_stop_saves = len(export_formats)
-    from .heldout import HeldOutMonitor, constant_completion, warn_constant
+    from .heldout import HeldOutMonitor, warn_constant
 
     monitor = None
     if main and inputs.eval_rows and eval_steps != 0 and args.max_steps > 1:
@@ -452,8 +452,8 @@ def train(
     )
     if monitor is not None and after is not None:
         monitor.check(trainer.state.global_step, after, graded)
-    elif after is not None and (found := constant_completion(graded)) is not None:
-        warn_constant(found, len(graded), after, trainer.state.global_step, sdpo)
+    elif after is not None:
+        warn_constant(graded, after, trainer.state.global_step, sdpo)
     exports, gguf_file = _export_all(
         trainer, tokenizer, sdpo, output, export_formats if main else (), chosen.device
     )

@@ -166,10 +166,9 @@ class HeldOutMonitor(TrainerCallback):
 
     def check(self, step: int, score: float, graded: list[tuple[str, float | None]] | None = None) -> None:
         """Warn on a significant drop from the starting score, and on a constant answer in `graded`."""
-        found = constant_completion(graded) if graded and self.constant is None else None
-        if found is not None:
-            self.constant = (step, *found)
-            warn_constant(found, len(graded), score, step, self.trainer.sdpo_config)
+        if graded and self.constant is None:
+            found = warn_constant(graded, score, step, self.trainer.sdpo_config)
+            self.constant = (step, *found) if found is not None else None
         if self.warned or self.before is None or not significant_drop(self.before, score, self.rows):
             return
         self.warned = True
@@ -185,9 +184,15 @@ class HeldOutMonitor(TrainerCallback):
         )
 
 
-def warn_constant(found: tuple[str, int], rows: int, score: float, step: int, sdpo: Any) -> None:
-    """Warn (`ConstantAnswerWarning`) about `constant_completion`'s finding at an evaluation after `step` steps."""
-    text, count = found
+def warn_constant(
+    graded: list[tuple[str, float | None]], score: float, step: int, sdpo: Any
+) -> tuple[str, int] | None:
+    """Warn (`ConstantAnswerWarning`) when `constant_completion` finds one in `graded`, an evaluation after `step`
+    steps that scored `score`; returns the finding (None: no warning)."""
+    found = constant_completion(graded)
+    if found is None:
+        return None
+    text, count, rows = *found, len(graded)
     shown = text if len(text) <= 80 else text[:77] + "..."
     warnings.warn(
         f"the student gives the same completion to {count} of {rows} held-out questions after {step} steps: "
@@ -197,3 +202,4 @@ def warn_constant(found: tuple[str, int], rows: int, score: float, step: int, sd
         ConstantAnswerWarning,
         stacklevel=3,
     )
+    return found
