@@ -155,16 +155,12 @@ def _mean(values: Sequence[float]) -> float | None:
 
 def _snapshot(trainer: Any) -> dict[str, Any]:
     """What generation and the loss change besides the weights (restored after the preflight)."""
-    import torch
-
-    devices = [torch.cuda.current_device()] if torch.cuda.is_available() else []
     return {
         "metrics": copy.deepcopy(trainer._metrics),
         "logs": copy.deepcopy(trainer._logs),
         "tokens": trainer.state.num_input_tokens_seen,
         "loss_calls": trainer._sdpo_loss_calls,
         "training": trainer.model.training,
-        "devices": devices,
         "stats": copy.deepcopy(getattr(trainer, "_sdpo_stats", None)),  # per-step metric sums, where kept
     }
 
@@ -214,7 +210,7 @@ def run_preflight(trainer: Any, rows: Sequence[Mapping[str, Any]]) -> PreflightR
     n = len(inputs)
     state = _snapshot(trainer)
     try:
-        with torch.random.fork_rng(devices=state["devices"]), torch.no_grad():
+        with _random_states_kept(), torch.no_grad():  # sampling leaves the user's (and training's) generators
             trainer.model.train()  # "train" mode: groups of num_generations, as in training
             trainer._metrics["train"].clear()
             batch = trainer._generate_and_score_completions(inputs)

@@ -238,6 +238,22 @@ def test_teacher_module_caches_keep_no_model_alive(tmp_path):
     assert [r() for r in refs] == [None, None]
 
 
+def test_run_preflight_leaves_the_random_generators_as_they_were(tmp_path):
+    # train() runs it on its own trainer before training: sampling must not move the generators training uses.
+    import random
+
+    import numpy as np
+
+    from sdpo_unsloth.preflight import run_preflight
+
+    trainer = make_trainer(tmp_path, max_steps=1)
+    torch.manual_seed(7), random.seed(7), np.random.seed(7)
+    before = (torch.random.get_rng_state(), random.getstate(), np.random.get_state()[1].copy())
+    run_preflight(trainer, [dict(dataset()[0])])
+    assert torch.equal(before[0], torch.random.get_rng_state())
+    assert random.getstate() == before[1] and (np.random.get_state()[1] == before[2]).all()
+
+
 def test_ema_with_rate_zero_equals_frozen(tmp_path):
     # Each trainer is built right before it trains: the Trainer seeds the global RNG at construction.
     initial = adapter_tensors(make_trainer(tmp_path / "c").model, "default")
