@@ -74,13 +74,16 @@ class PreflightReport:
         groups_with_demo: share of groups in which some sample's teacher sees a successful sibling.
         with_feedback: share of samples whose teacher sees the reward's feedback.
         no_teacher: share of samples with neither a demonstration nor feedback (no SDPO loss on them).
+        distilled: share of samples the distillation term trains: a teacher and a distillation weight > 0 (the
+            per-group hybrid trains a group whose rewards differ with GRPO, not with its teachers).
         groups_with_reward_spread: share of groups whose rewards differ (what GRPO learns from).
-        teacher_student_kl: mean per-token KL(student || teacher) on the samples with a teacher (None: none).
+        teacher_student_kl: mean per-token KL(student || teacher) on the distilled samples (None: none).
         distill_loss: mean per-token SDPO divergence on those samples (None: none).
         clipped: share of completions cut off at `max_completion_length` (None: not measured).
         max_completion_length: the completion budget used.
-        grpo_weight: the GRPO weight of the run (0: pure SDPO, the default; 1: SDPO disabled).
-        nothing_to_learn: no sample has a teacher, and (with grpo_weight > 0) no group has a reward spread.
+        grpo_weight: the GRPO weight of the run (0: pure SDPO; 1: the per-group hybrid, `train()`'s default, or
+            SDPO disabled).
+        nothing_to_learn: no sample is distilled, and (with grpo_weight > 0) no group has a reward spread.
     """
 
     prompts: int
@@ -90,6 +93,7 @@ class PreflightReport:
     groups_with_demo: float
     with_feedback: float
     no_teacher: float
+    distilled: float
     groups_with_reward_spread: float
     teacher_student_kl: float | None
     distill_loss: float | None
@@ -108,11 +112,11 @@ class PreflightReport:
     def summary(self) -> str:
         """A few lines for people: the measurements, then the verdict and, when needed, the fixes."""
         n = self.samples
-        kl = (
-            "n/a (no sample has a teacher)"
-            if self.teacher_student_kl is None
-            else f"{self.teacher_student_kl:.4f}"
-        )
+        if self.teacher_student_kl is not None:
+            kl = f"{self.teacher_student_kl:.4f}"
+        else:
+            kl = "n/a (no sample has a teacher)" if self.no_teacher == 1.0 else "n/a (no sample is distilled)"
+
         rows = [
             (
                 "pass rate",
@@ -121,6 +125,7 @@ class PreflightReport:
             ("groups with a demonstration", f"{self.groups_with_demo:.0%}"),
             ("samples with feedback", f"{self.with_feedback:.0%}"),
             ("samples with no teacher", f"{self.no_teacher:.0%}"),
+            ("samples distilled", f"{self.distilled:.0%}"),
             ("teacher-student KL/token", kl),
         ]
         if self.clipped is not None:
@@ -130,6 +135,8 @@ class PreflightReport:
             f"(max_completion_length={self.max_completion_length}):"
         ]
         lines += [f"  {label + ':':29s} {value}" for label, value in rows]
+        if self.grpo_weight > 0:
+            rows.insert(1, ("groups with a reward spread", f"{self.groups_with_reward_spread:.0%}"))
         if self.nothing_to_learn:
             lines.append(
                 f"Verdict: {NOTHING_TO_LEARN}: no sample succeeded and the reward gave no feedback, so SDPO has no "
@@ -142,11 +149,27 @@ class PreflightReport:
             lines.append(
                 "Verdict: every sample already succeeds; SDPO only distils siblings' answers. Harder prompts teach more."
             )
-        else:
+        elif self.grpo_weight == 0:
             lines.append(
                 f"Verdict: {1 - self.no_teacher:.0%} of the samples have a teacher; SDPO has a signal."
             )
+        else:
+            lines.append(self._hybrid_verdict())
         return "\n".join(lines)
+
+    def _hybrid_verdict(self) -> str:
+        """The verdict of a run with a GRPO term: which samples each term trains on."""
+        text = (
+            f"Verdict: GRPO has a signal in {self.groups_with_reward_spread:.0%} of the prompt groups (their rewards "
+            f"differ); the distillation term trains {self.distilled:.0%} of the samples."
+        )
+        if self.distilled == 0 and self.no_teacher < 1.0:
+            text += (
+                " The samples with a teacher all have distillation weight 0 (the per-group hybrid trains a group "
+                "whose rewards differ with GRPO only), so their teachers are not used and the KL is not measured. "
+                "To distil them too: pure SDPO, SDPOConfig(grpo_weight=0.0)."
+            )
+        return text
 
 
 def _mean(values: Sequence[float]) -> float | None:
@@ -239,7 +262,8 @@ def run_preflight(trainer: Any, rows: Sequence[Mapping[str, Any]]) -> PreflightR
     no_teacher = 1.0 if no_teacher is None else no_teacher
     spread_share = spread / len(groups)
     grpo_weight = cfg.grpo_weight if cfg.enabled else 1.0  # SDPO off: a plain GRPO run
-    sdpo_learns = cfg.enabled and no_teacher < 1.0
+    distilled = (_mean(measured.get("sdpo/frac_distilled", [])) or 0.0) if cfg.enabled else 0.0
+    sdpo_learns = distilled > 0
     return PreflightReport(
         prompts=len(rows),
         num_generations=group,
@@ -248,9 +272,10 @@ def run_preflight(trainer: Any, rows: Sequence[Mapping[str, Any]]) -> PreflightR
         groups_with_demo=with_demo,
         with_feedback=with_feedback,
         no_teacher=no_teacher,
+        distilled=distilled,
         groups_with_reward_spread=spread_share,
         teacher_student_kl=_mean(measured.get("sdpo/teacher_student_kl", [])),
-        distill_loss=_mean(measured.get("sdpo/distill_loss", [])) if no_teacher < 1.0 else None,
+        distill_loss=_mean(measured.get("sdpo/distill_loss", [])) if distilled > 0 else None,
         clipped=_mean(measured.get("completions/clipped_ratio", [])),
         max_completion_length=trainer.max_completion_length,
         grpo_weight=grpo_weight,

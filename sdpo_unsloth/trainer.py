@@ -318,6 +318,9 @@ class _SDPOMixin(StepStats, TeacherState):
         metrics["sdpo/frac_with_demo"].append(sum(p.has_demo for p in all_plans) / len(all_plans))
         metrics["sdpo/frac_with_feedback"].append(sum(p.has_feedback for p in all_plans) / len(all_plans))
         metrics["sdpo/frac_masked"].append(1.0 - sum(all_active) / len(all_plans))
+        # what the loss distils: a teacher and a distillation weight (the hybrid gives GRPO the rest)
+        distilled = sum(a and d > 0 for a, d in zip(all_active, distill_weights, strict=True))
+        metrics["sdpo/frac_distilled"].append(distilled / len(all_plans))
         return output
 
     def _completion_hidden(

@@ -75,8 +75,13 @@ def test_feedback_gives_every_sample_a_teacher_and_a_divergence(tiny):
     report = preflight(model, rows(), WrongWithFeedback(), tokenizer=tokenizer, **options)
     assert not report.nothing_to_learn
     assert (report.pass_rate, report.with_feedback, report.no_teacher) == (0.0, 1.0, 0.0)
+    assert report.distilled == 1.0  # equal rewards: the per-group hybrid distils every group
     assert report.teacher_student_kl is not None and report.teacher_student_kl > 0  # random LoRA-free model
-    assert "samples with feedback:        100%" in report.summary() and "has a signal" in report.summary()
+    text = report.summary()
+    assert (
+        "samples with feedback:        100%" in text
+        and "the distillation term trains 100% of the samples" in text
+    )
     after = weights(model)
     assert all(torch.equal(before[k], after[k]) for k in before)  # teacher forwards, no step
     assert torch.equal(rng_before, torch.random.get_rng_state())  # sampling ran on a forked generator
@@ -96,6 +101,27 @@ def test_successes_become_demonstrations(tiny_model_dir):
     assert report.groups_with_reward_spread == 1.0
     assert report.no_teacher == 0.25  # the successful sample itself has no other success to learn from
     assert not report.nothing_to_learn
+    # train()'s default, the per-group hybrid: every group has a reward spread, so GRPO trains them all and
+    # no teacher is used; the report says so instead of "SDPO has a signal"
+    assert report.grpo_weight == 1.0 and report.distilled == 0.0 and report.teacher_student_kl is None
+    text = report.summary()
+    assert "GRPO has a signal in 100% of the prompt groups" in text and "trains 0% of the samples" in text
+    assert (
+        "n/a (no sample is distilled)" in text
+        and "grpo_weight=0.0" in text
+        and "SDPO has a signal" not in text
+    )
+
+
+def test_pure_sdpo_distils_every_sample_with_a_teacher(tiny):
+    from sdpo_unsloth import SDPOConfig
+
+    model, tokenizer = tiny
+    options = {k: v for k, v in SMALL.items() if k != "lora_r"}
+    pure = SDPOConfig(grpo_weight=0.0)
+    report = preflight(model, rows(), first_right, tokenizer=tokenizer, sdpo_config=pure, **options)
+    assert (report.no_teacher, report.distilled) == (0.25, 0.75) and report.teacher_student_kl is not None
+    assert "75% of the samples have a teacher; SDPO has a signal" in report.summary()
 
 
 def test_train_stops_before_training_when_there_is_nothing_to_learn(tmp_path, tiny_model_dir):

@@ -138,6 +138,7 @@ def test_sdpo_steps_move_student_and_ema_teacher_and_leave_base_untouched(tmp_pa
         "sdpo/frac_with_demo",
         "sdpo/frac_with_feedback",
         "sdpo/frac_masked",
+        "sdpo/frac_distilled",
         "sdpo/is_clip_frac",
         "sdpo/teacher_student_kl",
         "sdpo/teacher_update_norm",
