@@ -65,24 +65,28 @@ def align_old_logps(old: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
     )
 
 
-def _token_count(batch: dict[str, Any]) -> tuple[float, float]:
-    """(sequences with a teacher, sequences with at least one completion token) of one micro-batch."""
+def _teacher_count(batch: dict[str, Any]) -> float:
+    """Sequences with a teacher and at least one completion token in one micro-batch."""
     has_tokens = batch["completion_mask"].sum(dim=1) > 0
-    return float(((batch["sdpo_sample_mask"] > 0) & has_tokens).sum()), float(has_tokens.sum())
+    return float(((batch["sdpo_sample_mask"] > 0) & has_tokens).sum())
 
 
 class StepStats:
-    def _window_counts(self, inputs: dict[str, Any]) -> tuple[float, float]:
-        """The (teacher, non-empty) sequence counts this micro-batch's loss is divided by.
+    def _window_counts(self, inputs: dict[str, Any]) -> float:
+        """The count of sequences with a teacher that this micro-batch's distillation loss is divided by.
 
         In training, the counts of the optimizer step's micro-batches that come from the same generation
-        batch as this one (TRL buffers them all), times the number of generation batches the step spans:
-        the step's loss is then the mean over its sequences whatever the split into micro-batches. The
-        Trainer does not divide by the accumulation steps (GRPOTrainer sets `compute_loss_func`).
+        batch as this one (TRL buffers them all), scaled to the step's number of micro-batches. Where the
+        step lies within one generation batch, or spans whole ones, that is exact: the step's loss is then the
+        mean over its sequences whatever the split into micro-batches. Where it spans a generation batch in
+        part (gradient_accumulation_steps not a multiple of steps_per_generation), the micro-batches of the
+        batch not yet generated are estimated by those at hand, so every micro-batch weighs alike, as TRL's
+        "dapo" normaliser does. The Trainer does not divide by the accumulation steps (GRPOTrainer sets
+        `compute_loss_func`).
         """
         buffered = getattr(self, "_buffered_inputs", None) or []
         if not self.model.training or not any(batch is inputs for batch in buffered):
-            return self._across_processes(*_token_count(inputs))  # evaluation, or a direct call
+            return self._across_processes(_teacher_count(inputs))  # evaluation, or a direct call
         per_generation = self.args.steps_per_generation
         every = per_generation * self.num_iterations
         accumulation = getattr(
@@ -91,21 +95,18 @@ class StepStats:
         start, size = self._sdpo_window or (self._step - self._step % accumulation, accumulation)
         window = range(start, start + size)
         same = [m for m in window if m // every == self._step // every]
-        generations = len({m // every for m in window})
-        counts = [_token_count(buffered[m % per_generation]) for m in same]
-        return self._across_processes(
-            sum(c[0] for c in counts) * generations, sum(c[1] for c in counts) * generations
-        )
+        scale = size / len(same)  # 1 within one generation batch; the batches spanned, over whole ones
+        return self._across_processes(sum(_teacher_count(buffered[m % per_generation]) for m in same) * scale)
 
-    def _across_processes(self, teacher: float, sequences: float) -> tuple[float, float]:
-        """Counts of all processes, divided by their number: the gradient is averaged over processes."""
+    def _across_processes(self, count: float) -> float:
+        """The count of all processes, divided by their number: the gradient is averaged over processes."""
         processes = self.accelerator.num_processes
         if processes == 1:
-            return teacher, sequences
+            return count
         total = self.accelerator.reduce(
-            torch.tensor([teacher, sequences], device=self.accelerator.device), reduction="sum"
+            torch.tensor([count], device=self.accelerator.device), reduction="sum"
         )
-        return float(total[0]) / processes, float(total[1]) / processes
+        return float(total[0]) / processes
 
     def _stat_names(self) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """(token-mean metrics, step-sum metrics) of this configuration, the same on every process."""

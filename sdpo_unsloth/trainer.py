@@ -440,14 +440,13 @@ class _SDPOMixin(StepStats, TeacherState):
             ).last_hidden_state  # [B_t, L, H]
         return torch.cat([last[inverse], tail[:, : completion_ids.size(1) - 1]], dim=1)
 
-    def _grpo_term(
-        self, per_token: torch.Tensor, mask: torch.Tensor, inputs: dict[str, Any], n_sequences: float
-    ) -> torch.Tensor:
+    def _grpo_term(self, per_token: torch.Tensor, mask: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:
         """The hybrid's GRPO term, normalised as TRL's GRPO loss of the configured `loss_type` (so that
         grpo_weight 1 gives TRL's update): "dapo" (TRL's default) divides the token sum by the tokens of the
         accumulation window, "bnpo" by the micro-batch's tokens, "dr_grpo" by rows x max_completion_length
-        (both per accumulation step), "grpo" averages the sequences' token means over the window's sequences.
-        `per_token` and `mask` are [B_r, L] over this micro-batch's non-empty rows.
+        (both per accumulation step), "grpo" averages the sequences' token means over the micro-batch's rows
+        (a row without a completion token, e.g. one cut off under `mask_truncated_completions`, counts as 0),
+        per accumulation step. `per_token` and `mask` are [B_r, L] over this micro-batch's non-empty rows.
         """
         accumulation = (
             getattr(self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps)
@@ -455,7 +454,8 @@ class _SDPOMixin(StepStats, TeacherState):
             else 1
         )
         if self.loss_type == "grpo":
-            return sdpo_loss.sequence_mean_loss(per_token, mask, normalizer=max(n_sequences, 1.0))
+            rows = inputs["completion_ids"].size(0) * accumulation
+            return sdpo_loss.sequence_mean_loss(per_token, mask, normalizer=float(rows))
         masked = (per_token * mask).sum()
         if self.loss_type == "bnpo":
             return masked / mask.sum().clamp(min=1.0) / accumulation
@@ -495,7 +495,7 @@ class _SDPOMixin(StepStats, TeacherState):
 
             L_SDPO = sum over sequences i with a teacher of [d_i token mean of w_t D(p_t, q_t)] / n_teacher
             L_GRPO = TRL's clipped surrogate weighted by g_i per sequence, normalised as TRL's `loss_type`
-                     ("grpo": sum over non-empty sequences of token means / n_sequences; "dapo", TRL's
+                     ("grpo": sum over sequences of token means / (rows x accumulation); "dapo", TRL's
                      default: token sum / the window's tokens; see `_grpo_term`)
             loss   = L_GRPO + L_SDPO     (without the hybrid: g_i = 0, d_i = 1)
 
@@ -503,7 +503,7 @@ class _SDPOMixin(StepStats, TeacherState):
         "per_group" that in prompt groups whose rewards differ and (0, 1) in the others; "failures" (w, 1) for
         failed sequences and (w, 0) for successes, which then have no teacher.
 
-        with both counts taken over the whole optimizer step (`_window_counts`), so any split into
+        with n_teacher taken over the whole optimizer step (`_window_counts`), so any split into
         micro-batches gives the same update.
         """
         cfg = self.sdpo_config
@@ -517,7 +517,7 @@ class _SDPOMixin(StepStats, TeacherState):
         if hybrid:  # a sequence weighted 1 on GRPO distils nothing: no teacher forward for it
             has_teacher = has_teacher & (inputs["sdpo_distill_weight"] > 0)
         rows = (mask.sum(dim=1) > 0) & (True if hybrid else has_teacher)  # [B]
-        n_teacher, n_sequences = self._window_counts(inputs)
+        n_teacher = self._window_counts(inputs)
         if not rows.any():
             self._end_micro_batch(mode)
             return self._zero_loss(model)
@@ -589,10 +589,8 @@ class _SDPOMixin(StepStats, TeacherState):
             advantages = inputs["advantages"][rows][:, None].expand_as(row_mask)[selected]
             clipped = torch.clamp(ratio, 1 - self.epsilon_low, 1 + self.epsilon_high)
             grpo_grid = scatter(-torch.minimum(ratio * advantages, clipped * advantages) * rollout)
-            loss = loss + self._grpo_term(grpo_grid * mix, row_mask, inputs, n_sequences)
-            self._add_stat(
-                "sdpo/grpo_loss", float(self._grpo_term(grpo_grid.detach(), row_mask, inputs, n_sequences))
-            )
+            loss = loss + self._grpo_term(grpo_grid * mix, row_mask, inputs)
+            self._add_stat("sdpo/grpo_loss", float(self._grpo_term(grpo_grid.detach(), row_mask, inputs)))
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"the SDPO loss is {float(loss)} at step {self.state.global_step}; the step was refused and nothing "

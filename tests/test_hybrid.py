@@ -250,6 +250,54 @@ def test_per_group_weight_one_is_trls_grpo_where_every_group_has_a_spread(
     assert len(loss[0]) == 2 and loss[1] == pytest.approx(loss[0], rel=1e-3, abs=1e-7)
 
 
+def ending_model():
+    """The tiny model (untied) with a raised end-of-sequence logit: some completions end, others are cut off."""
+    from conftest import make_tiny_model, make_tiny_tokenizer
+
+    tokenizer = make_tiny_tokenizer()
+    model = make_tiny_model(len(tokenizer), tied=False)
+    with torch.no_grad():
+        ids = torch.randint(4, len(tokenizer), (8, 12), generator=torch.Generator().manual_seed(1))
+        direction = model.model(input_ids=ids).last_hidden_state.reshape(-1, model.config.hidden_size).mean(0)
+        model.lm_head.weight[model.config.eos_token_id] = 7.0 * direction / direction.norm() ** 2
+    return model
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "dapo"])
+def test_per_group_weight_one_is_trls_grpo_with_truncated_completions_masked(tmp_path, loss_type):
+    """mask_truncated_completions empties the rows cut off at the budget: TRL's "grpo" still averages over every
+    row of the micro-batch (an empty one counts 0), and so must the hybrid's GRPO term (it averaged over the
+    non-empty rows, 1.33x TRL's update with 2 of 8 rows cut off)."""
+    options = dict(loss_type=loss_type, mask_truncated_completions=True)
+    grpo = run(
+        tmp_path,
+        "grpo",
+        SDPOConfig(enabled=False),
+        4,
+        2,
+        OneWinnerPerGroup(),
+        model=ending_model(),
+        **options,
+    )
+    hybrid = run(
+        tmp_path,
+        "hybrid",
+        SDPOConfig(grpo_weight=1.0, hybrid_mode="per_group"),
+        4,
+        2,
+        OneWinnerPerGroup(),
+        model=ending_model(),
+        **options,
+    )
+    assert grpo[3] == hybrid[3]  # the same rollouts
+    clipped = [entry["completions/clipped_ratio"] for entry in grpo[2]]
+    assert any(0 < c < 1 for c in clipped), clipped  # some rows cut off and masked, some not
+    scale = max(float(v.abs().max()) for v in grpo[0].values())
+    assert scale > 1e-4
+    for key in grpo[0]:
+        torch.testing.assert_close(hybrid[0][key], grpo[0][key], rtol=1e-4, atol=1e-4 * scale)
+
+
 def test_the_hybrid_refuses_grpo_options_its_term_does_not_reproduce(tmp_path):
     with pytest.raises(ValueError, match="loss_type='cispo' is not supported by the SDPO hybrid"):
         make_trainer(tmp_path, SDPOConfig(grpo_weight=0.5), loss_type="cispo")

@@ -102,3 +102,48 @@ def test_two_iterations_per_generation(tmp_path):
     sdpo = CONFIGS["sdpo"]
     unsplit = run(tmp_path, "a", sdpo, batch=8, accumulation=1, num_iterations=2)
     assert_same_update(unsplit, run(tmp_path, "b", sdpo, batch=4, accumulation=2, num_iterations=2))
+
+
+class WrongWithFeedback:
+    """Every sample fails with feedback: every sample has a teacher, so a micro-batch of B has B of them."""
+
+    __name__ = "wrong_with_feedback"
+
+    def __init__(self):
+        self.last_feedback: list[str] = []
+        self.seen: list[str] = []
+
+    def __call__(self, prompts, completions, answer, **kwargs):
+        self.seen += [c[-1]["content"] for c in completions]
+        self.last_feedback = [f"Wrong. The answer is {a}." for a in answer]
+        return [0.0] * len(completions)
+
+
+@pytest.mark.parametrize(("accumulation", "steps_per_generation"), [(3, 2), (4, 3), (2, 4), (4, 2)], ids=str)
+def test_every_micro_batch_of_a_step_weighs_alike(tmp_path, monkeypatch, accumulation, steps_per_generation):
+    """The distillation divides each micro-batch by the step's count of sequences with a teacher. With 4 per
+    micro-batch that is 4 x accumulation for every micro-batch, also where a step spans a generation batch in
+    part (accumulation 3 or 4 over generation batches of 2 or 3 micro-batches: the part not yet generated is
+    estimated from the part at hand; it was counted once per generation batch, 16/16/8 for 12)."""
+    from sdpo_unsloth.trainer import SDPOTrainer
+
+    seen: list[float] = []
+    real = SDPOTrainer._window_counts
+
+    def recorded(self, inputs):
+        seen.append(real(self, inputs))
+        return seen[-1]
+
+    monkeypatch.setattr(SDPOTrainer, "_window_counts", recorded)
+    steps = 2
+    run(
+        tmp_path,
+        "a",
+        CONFIGS["sdpo"],
+        batch=4,
+        accumulation=accumulation,
+        reward=WrongWithFeedback(),
+        steps_per_generation=steps_per_generation,
+        max_steps=steps,
+    )
+    assert seen == [4.0 * accumulation] * (accumulation * steps)
