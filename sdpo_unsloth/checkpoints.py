@@ -185,3 +185,58 @@ class AtomicCheckpoints:
         if best and best.startswith(staging):
             self.state.best_model_checkpoint = best = os.path.join(run_dir, os.path.relpath(best, staging))
         rotate(run_dir, self.args.save_total_limit, protect=(best or "",))
+
+
+GENERATION_FILE = "sdpo_generation-{rank}.pt"  # one per process, inside a checkpoint saved mid-generation
+
+
+class GenerationBuffer:
+    """Trainer mixin: a checkpoint saved between two generations keeps TRL's generation buffer.
+
+    With `steps_per_generation` > `gradient_accumulation_steps` or `num_iterations` > 1, one generation batch
+    serves several optimizer steps: TRL keeps it in `_buffered_inputs` and picks the micro-batch by its
+    micro-step counter `_step`. Neither is part of a Trainer checkpoint, so a run resumed from a step inside a
+    generation would generate again and train on the wrong slice (not the uninterrupted run's update). A
+    checkpoint saved there gets both, per process; resuming from it restores them.
+    """
+
+    def _generate_every(self) -> int:
+        return self.args.steps_per_generation * self.num_iterations
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        buffered = getattr(self, "_buffered_inputs", None)
+        if buffered is not None and self._step % self._generate_every() != 0:
+            import torch
+
+            folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            path = os.path.join(folder, GENERATION_FILE.format(rank=self.accelerator.process_index))
+            torch.save({"step": self._step, "buffered_inputs": buffered}, path)
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        import torch
+
+        path = os.path.join(
+            resume_from_checkpoint, GENERATION_FILE.format(rank=self.accelerator.process_index)
+        )
+        if os.path.exists(path):
+            saved = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+            self._step, self._buffered_inputs = saved["step"], saved["buffered_inputs"]
+            return
+        steps = _checkpoint_step(resume_from_checkpoint)
+        micro_steps = None if steps is None else steps * self.args.gradient_accumulation_steps
+        if micro_steps is not None and micro_steps % self._generate_every() != 0:
+            warnings.warn(
+                f"{resume_from_checkpoint} was saved inside a generation batch (step {steps}; one generation serves "
+                f"{self._generate_every()} micro-steps) without its buffer ({GENERATION_FILE.format(rank='N')}): "
+                "the resumed run generates that batch again, so its next updates differ from the uninterrupted run's.",
+                stacklevel=2,
+            )
+
+
+def _checkpoint_step(folder: str) -> int | None:
+    """The optimizer step of a `checkpoint-N` folder, from its name."""
+    match = _CHECKPOINT.match(os.path.basename(os.path.normpath(folder)))
+    return int(match.group(1)) if match else None

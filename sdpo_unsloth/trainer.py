@@ -29,7 +29,7 @@ from transformers.cache_utils import DynamicLayer  # noqa: E402
 from . import loss as sdpo_loss  # noqa: E402
 from .adapters import adapter_scope, checkpointing_off, dropout_off  # noqa: E402
 from .budget import TimeBudget  # noqa: E402
-from .checkpoints import AtomicCheckpoints  # noqa: E402
+from .checkpoints import AtomicCheckpoints, GenerationBuffer  # noqa: E402
 from .config import SDPOConfig  # noqa: E402
 from .diagnostics import diagnostic_callbacks  # noqa: E402
 from .heads import OutputHead, check_output_head, output_head  # noqa: E402
@@ -44,7 +44,7 @@ _UNSET = object()
 HYBRID_LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
 
 
-class _SDPOMixin(StepStats, TeacherState):
+class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
     sdpo_config: SDPOConfig
     # One input kind for the compiled decoder blocks from the first step on (see `_completion_hidden`).
     stable_shapes: bool = True
