@@ -164,12 +164,13 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
                 model.train(was_training)
         return head
 
-    def _render_teacher_prompt(self, reprompt: Reprompt) -> list[int]:
+    def _render_teacher_prompt(self, reprompt: Reprompt, tools: list | None = None) -> list[int]:
         tokenizer = self._tokenizer
         if isinstance(reprompt.prompt, str):
             return list(self.processing_class(text=[reprompt.prompt])["input_ids"][0])
         ids = tokenizer.apply_chat_template(
             reprompt.prompt,
+            tools=tools or None,  # as TRL renders the student's prompt (None: no tool boilerplate for [])
             chat_template=self.chat_template,
             add_generation_prompt=True,
             tokenize=True,
@@ -178,11 +179,20 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
         )["input_ids"]
         return list(ids[0] if ids and isinstance(ids[0], list) else ids)
 
-    def _fit_teacher_prompt(self, reprompt: Reprompt, source: Any) -> list[int]:
-        """Tokenise; when over `max_reprompt_length`, cut the demonstration (never the template)."""
+    def _sample_tools(self, n: int) -> list[list | None]:
+        """The tool schemas TRL rendered into each of this process's `n` student prompts: its environment's
+        (`environment_factory`), else the trainer's `tools`; the teacher sees the same."""
+        envs = getattr(self, "_batch_environments", None)
+        if getattr(self, "environment_factories", None) is not None and envs is not None and len(envs) == n:
+            return [self._env_tools[name] for name in envs]
+        return [getattr(self, "tools", None)] * n
+
+    def _fit_teacher_prompt(self, reprompt: Reprompt, source: Any, tools: list | None = None) -> list[int]:
+        """Tokenise (with the sample's tool schemas, as its student prompt); when over `max_reprompt_length`, cut
+        the demonstration (never the template)."""
         cfg = self.sdpo_config
         demo = reprompt.demo
-        ids = self._render_teacher_prompt(reprompt)
+        ids = self._render_teacher_prompt(reprompt, tools)
         for _ in range(3):
             excess = len(ids) - cfg.max_reprompt_length
             if excess <= 0 or not demo:
@@ -197,7 +207,7 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
                 solution_template=cfg.solution_template,
                 feedback_template=cfg.feedback_template,
             )
-            ids = self._render_teacher_prompt(reprompt)
+            ids = self._render_teacher_prompt(reprompt, tools)
         return ids
 
     def _total_rewards(self, n: int) -> list[float]:
@@ -301,9 +311,10 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
             active = [a and d > 0 for a, d in zip(active, distill_weights[start : start + n], strict=True)]
         pad_id = self._tokenizer.pad_token_id
         rows = []
-        for plan, prompt, is_active in zip(plans, prompts, active, strict=True):
+        tools = self._sample_tools(n)
+        for plan, prompt, is_active, row_tools in zip(plans, prompts, active, tools, strict=True):
             # Placeholder for a sample without a teacher: it gets no loss and no teacher forward.
-            rows.append(self._fit_teacher_prompt(plan, prompt) if is_active else [pad_id])
+            rows.append(self._fit_teacher_prompt(plan, prompt, row_tools) if is_active else [pad_id])
         width = max(len(r) for r in rows)
         ids = torch.full((n, width), pad_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 
 import pytest
 import torch
@@ -621,3 +622,48 @@ def test_unsloth_packed_old_logps_are_realigned():
         align_old_logps(
             window, {**inputs, "max_left_pad": None} if False else {"completion_ids": completion_ids}
         )
+
+
+def multiply(a: int, b: int) -> int:
+    """Multiply two integers.
+
+    Args:
+        a: first factor
+        b: second factor
+    """
+    return a * b
+
+
+def told_the_answer(prompts, completions, answer, **kwargs):
+    """Every sample fails with feedback: every sample has a teacher."""
+    told_the_answer.last_feedback = [f"Wrong. The answer is {a}." for a in answer]
+    return [0.0] * len(completions)
+
+
+def test_the_teacher_prompt_carries_the_tool_schemas_of_the_student_prompt(tmp_path):
+    """With `tools=`, TRL renders the tool schemas into the student's prompt; the teacher must see them too,
+    or distillation pulls the student away from calling the tools it was offered."""
+    import trl
+
+    template = Path(trl.__file__).parent / "chat_templates" / "qwen2_5.jinja"
+    tokenizer = make_tiny_tokenizer()
+    tokenizer.chat_template = template.read_text()
+    torch.manual_seed(0)
+    trainer = SDPOTrainer(
+        model=make_tiny_model(len(tokenizer)),
+        args=grpo_args(tmp_path, max_steps=1),
+        sdpo_config=SDPOConfig(),
+        processing_class=tokenizer,
+        reward_funcs=[told_the_answer],
+        train_dataset=dataset(),
+        tools=[multiply],
+    )
+    inputs = first_inputs(trainer)
+    rows = inputs["sdpo_sample_mask"].nonzero().flatten().tolist()
+    assert rows
+    for row in rows:
+        student = tokenizer.decode(inputs["prompt_ids"][row][inputs["prompt_mask"][row].bool()])
+        teacher = tokenizer.decode(
+            inputs["sdpo_teacher_prompt_ids"][row][inputs["sdpo_teacher_prompt_mask"][row].bool()]
+        )
+        assert '"name": "multiply"' in student and '"name": "multiply"' in teacher
