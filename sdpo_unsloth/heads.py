@@ -52,6 +52,14 @@ def output_head(model: Any) -> OutputHead:
     """Read the output layer of a causal LM (a PEFT model or a plain one)."""
     config = model.config
     head = model.get_output_embeddings()
+    if any(hasattr(head, name) for name in ("base_layer", "modules_to_save", "lora_A")):
+        kind = "in modules_to_save" if hasattr(head, "modules_to_save") else "a LoRA target"
+        raise NotImplementedError(
+            f"the output layer (lm_head) is {kind}: SDPO's loss projects hidden states with the output layer's "
+            "frozen weight (student and teacher alike), so a trained lm_head would get no gradient and the teacher "
+            "would not use its own copy. Remove 'lm_head' from target_modules and modules_to_save (LoRA on the "
+            "decoder's layers is what SDPO trains), or train without SDPO (SDPOConfig(enabled=False))."
+        )
     weight = getattr(head, "weight", None)
     if weight is None or weight.ndim != 2:
         raise NotImplementedError(

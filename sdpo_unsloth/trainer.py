@@ -71,6 +71,18 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
                 "KL term, so beta would only load a reference model and be ignored. Set beta=0.0, or "
                 "SDPOConfig(enabled=False) for plain GRPO with a KL term."
             )
+        if sdpo_config.enabled and args is not None:
+            entropy = {
+                "entropy_coef": (getattr(args, "entropy_coef", 0.0), 0.0),
+                "use_adaptive_entropy": (getattr(args, "use_adaptive_entropy", False), False),
+            }
+            for name, (value, off) in entropy.items():
+                if value != off:
+                    raise ValueError(
+                        f"GRPOConfig.{name}={value!r}: TRL's entropy bonus is not part of SDPO's loss (pure SDPO or "
+                        f"the hybrid), so it would be ignored. Use {name}={off!r}, or plain GRPO "
+                        "(SDPOConfig(enabled=False)) for the entropy bonus."
+                    )
         if sdpo_config.enabled and sdpo_config.grpo_weight > 0 and args is not None:
             unsupported = {
                 "loss_type": (getattr(args, "loss_type", "dapo"), HYBRID_LOSS_TYPES),
@@ -80,6 +92,7 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
                 ),
                 "top_entropy_quantile": (getattr(args, "top_entropy_quantile", 1.0), (1.0,)),
                 "delta": (getattr(args, "delta", None), (None,)),
+                "off_policy_mask_threshold": (getattr(args, "off_policy_mask_threshold", None), (None,)),
             }
             for name, (value, allowed) in unsupported.items():
                 if value not in allowed:

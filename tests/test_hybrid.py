@@ -302,3 +302,15 @@ def test_the_hybrid_refuses_grpo_options_its_term_does_not_reproduce(tmp_path):
     with pytest.raises(ValueError, match="loss_type='cispo' is not supported by the SDPO hybrid"):
         make_trainer(tmp_path, SDPOConfig(grpo_weight=0.5), loss_type="cispo")
     make_trainer(tmp_path, SDPOConfig(), loss_type="cispo")  # pure SDPO does not use it
+    with pytest.raises(
+        ValueError, match=r"off_policy_mask_threshold=0\.01 is not supported by the SDPO hybrid"
+    ):
+        make_trainer(tmp_path, SDPOConfig(grpo_weight=1.0), off_policy_mask_threshold=0.01)
+    for sdpo in (SDPOConfig(), SDPOConfig(grpo_weight=1.0)):  # the entropy bonus is a loss of its own
+        with pytest.raises(
+            ValueError, match=r"entropy_coef=0\.5: TRL's entropy bonus is not part of SDPO's loss"
+        ):
+            make_trainer(tmp_path, sdpo, entropy_coef=0.5)
+        with pytest.raises(ValueError, match="use_adaptive_entropy=True"):
+            make_trainer(tmp_path, sdpo, use_adaptive_entropy=True)
+    make_trainer(tmp_path, SDPOConfig(enabled=False), entropy_coef=0.5)  # plain GRPO keeps it

@@ -104,3 +104,24 @@ def test_an_unknown_output_transform_is_refused_by_name(tmp_path):
     config.model_type = "doubled"
     with pytest.raises(NotImplementedError, match="the doubled model transforms its logits"):
         make_trainer(tmp_path, SDPOConfig(), model=DoubledLogits(config))
+
+
+@pytest.mark.parametrize(
+    ("options", "kind"),
+    [
+        (dict(target_modules=["q_proj", "lm_head"]), "a LoRA target"),
+        (dict(target_modules=["q_proj"], modules_to_save=["lm_head"]), "in modules_to_save"),
+    ],
+    ids=["lora", "modules_to_save"],
+)
+def test_a_trained_output_layer_is_refused_by_name(tmp_path, options, kind):
+    """The loss projects with the output layer's frozen weight: an lm_head the user asked to train would get
+    no gradient there (the audit measured an lm_head update of exactly 0) and export would fail at the end."""
+    from conftest import make_tiny_model
+    from peft import LoraConfig, get_peft_model
+
+    model = get_peft_model(
+        make_tiny_model(len(make_tiny_tokenizer()), tied=False), LoraConfig(r=4, **options)
+    )
+    with pytest.raises(NotImplementedError, match=f"the output layer \\(lm_head\\) is {kind}"):
+        make_trainer(tmp_path, SDPOConfig(), model=model)
