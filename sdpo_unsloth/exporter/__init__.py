@@ -9,9 +9,10 @@ base, how it was checked, library versions) and a short `README.md` model card:
     merged_16bit  the student LoRA merged into a reloaded copy of the base model, in the training compute
                   dtype (fp16/bf16 on a GPU, fp32 on CPU). The caller's model is never modified. A 4-bit
                   base is dequantised first (nf4 values, not the original weights): the merged model is what
-                  was trained, up to rounding. Checked: on sampled layers, merged W == W + dW up to one
-                  rounding to the dtype; in fp32 also merged logits == the unmerged adapter model's and the
-                  trained model's on a few fixed token sequences (|diff| <= 1e-4 + 1e-4 |ref|); in 16-bit
+                  was trained, up to rounding. Checked: on sampled layers, merged W == W + dW (DoRA:
+                  m (W + dW) / ||W + dW|| per row) up to one rounding to the dtype; in fp32 also merged
+                  logits == the unmerged adapter model's and the trained model's on a few fixed token
+                  sequences (|diff| <= 1e-4 + 1e-4 |ref|); in 16-bit
                   the logit gap and top-1 agreement are recorded (rounding alone moves 16-bit logits by ~1);
                   no LoRA layer or tensor remains.
     gguf          the merged model as one llama.cpp file, written in Python (`exporter.gguf_writer`) for Llama- and

@@ -98,31 +98,57 @@ def _logit_check(
     return result
 
 
+def dora_merged_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's merged weight (Liu et al. 2024, arXiv 2402.09353): W' = m * (W + dW) / ||W + dW||, the norm
+    taken over each output row ([out, in] weights), so each row of W' has length m.
+
+    >>> w = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
+    >>> dora_merged_weight(w, torch.tensor([[0.0, 4.0], [0.0, 1.0]]), torch.tensor([10.0, 1.0]))
+    tensor([[6., 8.],
+            [0., 1.]])
+    """
+    combined = weight + delta  # [out, in]
+    return (magnitude / torch.linalg.norm(combined, dim=1)).unsqueeze(1) * combined
+
+
 def _expected_merges(
     peft_model: Any, limit: int = 8, rows: int = 64
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """For up to `limit` LoRA layers spread over the model: (W + dW in fp32, |dW|) of their first `rows` rows."""
+    """For up to `limit` LoRA layers spread over the model: (the merged weight in fp32, the size of the change)
+    of their first `rows` rows. LoRA: W + dW and |dW|; DoRA: `dora_merged_weight` and |W' - W| + |dW|.
+
+    DoRA layers other than a plain [out, in] Linear (conv, embedding, fan_in_fan_out) are left to the logit check.
+    """
     from peft.tuners.lora import LoraLayer
 
-    layers = [
-        (name, module)
-        for name, module in peft_model.named_modules()
-        if isinstance(module, LoraLayer) and STUDENT_ADAPTER in module.lora_A
-    ]
+    layers = []
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer) or STUDENT_ADAPTER not in module.lora_A:
+            continue
+        dora = STUDENT_ADAPTER in module.lora_magnitude_vector
+        plain = module.get_base_layer().weight.ndim == 2 and not getattr(module, "fan_in_fan_out", False)
+        if not dora or plain:
+            layers.append((name, module, dora))
     picks = layers[:: max(1, len(layers) // limit)][:limit]
     expected = {}
     with torch.no_grad():
-        for name, module in picks:
+        for name, module, dora in picks:
             delta = module.get_delta_weight(STUDENT_ADAPTER).float()[:rows]
             weight = module.get_base_layer().weight[:rows].float()
-            expected[name.removeprefix("base_model.model.")] = ((weight + delta).cpu(), delta.abs().cpu())
+            if dora:
+                magnitude = module.lora_magnitude_vector[STUDENT_ADAPTER].weight[:rows].float()
+                want = dora_merged_weight(weight, delta, magnitude)
+                change = (want - weight).abs() + delta.abs()
+            else:
+                want, change = weight + delta, delta.abs()
+            expected[name.removeprefix("base_model.model.")] = (want.cpu(), change.cpu())
     return expected
 
 
 def _check_merged_weights(
     merged: Any, expected: dict[str, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype
 ) -> dict[str, Any]:
-    """Merged weights == W + dW, rounded once or twice to `dtype`: |err| <= eps (|W + dW| + |dW|)."""
+    """Merged weights == the expected W', rounded once or twice to `dtype`: |err| <= eps (|W'| + |change|)."""
     eps, tiny = torch.finfo(dtype).eps, torch.finfo(dtype).tiny
     worst = 0.0
     for name, (want, delta) in expected.items():
