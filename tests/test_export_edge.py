@@ -3,12 +3,15 @@ cannot be written, an untrained adapter, and a base model that moved."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
-from conftest import make_tiny_tokenizer
+from conftest import make_tiny_model, make_tiny_tokenizer
 from peft import LoraConfig
+from safetensors.torch import load_file
 
-from sdpo_unsloth.exporter import export
+from sdpo_unsloth.exporter import ExportError, export
 from sdpo_unsloth.model import attach_lora
 
 TARGETS = ["q_proj", "v_proj", "down_proj"]
@@ -75,3 +78,59 @@ def test_dora_merged_weight_is_peft_s_merge():
         layer.merge()
     assert (want - weight - layer.get_delta_weight("default")).abs().max() > 1e-2  # the rescaling matters
     torch.testing.assert_close(layer.get_base_layer().weight, want)
+
+
+@pytest.mark.parametrize("tied", [True, False])
+def test_modules_to_save_copies_are_exported(tmp_path, tied):
+    """An adapter with a trained copy of embed_tokens: the LoRA export keeps PEFT's saved copy; the merged
+    model uses it, and its logits equal the adapter model's (with tied embeddings too)."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    tokenizer = make_tiny_tokenizer()
+    base_dir = tmp_path / "base"
+    make_tiny_model(len(tokenizer), tied=tied).save_pretrained(base_dir)
+    model = _model(str(base_dir), modules_to_save=["embed_tokens"])
+    expected = _logits(model)
+
+    export(model, tmp_path / "lora", format="lora", tokenizer=tokenizer)
+    saved = load_file(str(tmp_path / "lora" / "adapter_model.safetensors"))
+    copy = model.get_submodule("base_model.model.model.embed_tokens").modules_to_save["default"].weight
+    assert torch.equal(saved["base_model.model.model.embed_tokens.weight"], copy)
+    reloaded = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base_dir), tmp_path / "lora")
+    torch.testing.assert_close(_logits(reloaded.eval()), expected, atol=1e-5, rtol=1e-5)
+
+    export(model, tmp_path / "merged", format="merged_16bit", tokenizer=tokenizer)
+    torch.testing.assert_close(_merged_logits(tmp_path / "merged"), expected, atol=1e-4, rtol=1e-4)
+    config = json.loads((tmp_path / "merged" / "config.json").read_text())
+    assert config["tie_word_embeddings"] is False  # the head keeps the base embedding it trained with
+    with model.disable_adapter():
+        assert (expected - _logits(model)).abs().max() > 1e-2  # the copy and the LoRA changed the model
+
+
+def test_modules_to_save_gguf(tmp_path):
+    tokenizer = make_tiny_tokenizer()
+    base_dir = tmp_path / "base"
+    make_tiny_model(len(tokenizer)).save_pretrained(base_dir)
+    model = _model(str(base_dir), modules_to_save=["embed_tokens"])
+    with pytest.warns(UserWarning, match="no BPE merges"):
+        result = export(model, tmp_path / "g", format="gguf", gguf_quantization="f32", tokenizer=tokenizer)
+    assert result.verification["gguf_vs_merged"]["passed"]
+    assert result.verification["merged_vs_trained_model"]["passed"]
+
+
+def test_other_non_lora_tensors_are_still_refused(tmp_path, tiny_model_dir, monkeypatch):
+    model = _model(tiny_model_dir)
+    real = model.save_pretrained
+
+    def save_with_extra(folder, **kwargs):
+        real(folder, **kwargs)
+        path = f"{folder}/adapter_model.safetensors"
+        from safetensors.torch import save_file
+
+        save_file({**load_file(path), "base_model.model.model.norm.weight": torch.ones(32)}, path)
+
+    monkeypatch.setattr(model, "save_pretrained", save_with_extra)
+    with pytest.raises(ExportError, match=r"neither LoRA nor a `modules_to_save` copy.*norm\.weight"):
+        export(model, tmp_path / "x", format="lora")
+    assert not (tmp_path / "x").exists()

@@ -3,7 +3,8 @@
 Three formats, each written to a fresh directory with `sdpo_export.json` (what was exported, from which
 base, how it was checked, library versions) and a short `README.md` model card:
 
-    lora          the student adapter only (`default`). The EMA teacher adapter (`sdpo_teacher`) is
+    lora          the student adapter only (`default`), with its trained `modules_to_save` copies (e.g.
+                  `embed_tokens`) as PEFT saves them. The EMA teacher adapter (`sdpo_teacher`) is
                   training state and never leaves the checkpoints: the written tensors are checked to be
                   exactly the student's, with no teacher key.
     merged_16bit  the student LoRA merged into a reloaded copy of the base model, in the training compute
@@ -14,7 +15,9 @@ base, how it was checked, library versions) and a short `README.md` model card:
                   logits == the unmerged adapter model's and the trained model's on a few fixed token
                   sequences (|diff| <= 1e-4 + 1e-4 |ref|); in 16-bit
                   the logit gap and top-1 agreement are recorded (rounding alone moves 16-bit logits by ~1);
-                  no LoRA layer or tensor remains.
+                  no LoRA layer or tensor remains. A `modules_to_save` module is replaced by the student's
+                  trained copy, as PEFT's `merge_and_unload` does (a tied output layer keeps the base
+                  weights it used in training and is saved untied).
     gguf          the merged model as one llama.cpp file, written in Python (`exporter.gguf_writer`) for Llama- and
                   Qwen2-family models in q8_0 (default), f16, bf16 or f32, on any machine. Checked by loading
                   it back with transformers' GGUF reader: f32 logits equal the merged model's (1e-4), other

@@ -5,6 +5,7 @@ GGUF file read back against the merged model.
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
@@ -45,15 +46,32 @@ def _check_adapter_file(
     leaked += [str(p.name) for p in folder.iterdir() if p.name in teacher_names]
     if leaked:
         raise ExportError(f"the teacher adapter leaked into the export: {leaked[:3]}")
-    not_lora = [k for k in tensors if "lora_" not in k]
+    saved_modules = _modules_to_save(folder)
+    not_lora = [k for k in tensors if "lora_" not in k and not _is_saved_module(k, saved_modules)]
     if not_lora:
-        raise ExportError(f"unexpected non-LoRA tensors in the adapter: {not_lora[:3]}")
+        raise ExportError(
+            f"unexpected tensors in the adapter, neither LoRA nor a `modules_to_save` copy {saved_modules}: "
+            f"{not_lora[:3]}"
+        )
     if expected is not None:
         if set(expected) != set(tensors):
             raise ExportError("the written adapter's tensor names differ from the student adapter's.")
         if not all(torch.equal(expected[k].to(tensors[k].dtype), tensors[k]) for k in tensors):
             raise ExportError("the written adapter's tensors differ from the student adapter's.")
     return {"tensors": len(tensors), "teacher_keys": 0, "matches_student": expected is not None}
+
+
+def _modules_to_save(folder: Path) -> list[str]:
+    """The adapter config's `modules_to_save`: modules PEFT trains and saves as whole copies."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    return list(config.get("modules_to_save") or [])
+
+
+def _is_saved_module(key: str, modules: list[str]) -> bool:
+    """`key` is a tensor of a `modules_to_save` copy, e.g. `base_model.model.model.embed_tokens.weight` for
+    `embed_tokens` (PEFT saves the student's copy under the original module's name)."""
+    module = key.rsplit(".", 1)[0]
+    return any(module == name or module.endswith(f".{name}") for name in modules)
 
 
 def _fixed_inputs(tokenizer: Any, vocab_size: int) -> list[torch.Tensor]:
