@@ -134,3 +134,54 @@ def test_other_non_lora_tensors_are_still_refused(tmp_path, tiny_model_dir, monk
     with pytest.raises(ExportError, match=r"neither LoRA nor a `modules_to_save` copy.*norm\.weight"):
         export(model, tmp_path / "x", format="lora")
     assert not (tmp_path / "x").exists()
+
+
+def _untrained(base_dir):
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    return attach_lora(base, LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, task_type="CAUSAL_LM"))
+
+
+def test_an_output_folder_under_a_file_is_refused_first(tmp_path, tiny_model_dir):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(ExportError, match=r"afile/sub cannot be created: .*afile is a file, not a folder"):
+        export(_model(tiny_model_dir), tmp_path / "afile" / "sub", format="merged_16bit")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["afile"]
+
+
+def test_a_read_only_output_folder_is_refused_first(tmp_path, tiny_model_dir, monkeypatch):
+    import tempfile
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied")
+
+    # a read-only folder, as a non-root user sees it (root writes anywhere, /sys aside)
+    monkeypatch.setattr(tempfile, "mkstemp", refuse)
+    with pytest.raises(
+        ExportError, match=r"out is not writable \(Permission denied in .*\); choose a folder"
+    ):
+        export(_model(tiny_model_dir), tmp_path / "out", format="lora")
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_untrained_adapter_warns_that_the_export_is_the_base(tmp_path, tiny_model_dir, recwarn):
+    model = _untrained(tiny_model_dir)
+    with pytest.warns(UserWarning, match="adapter is untrained .* export equals the base model"):
+        export(model, tmp_path / "lora", format="lora")
+    with pytest.warns(UserWarning, match="adapter is untrained"):  # from its folder too
+        export(tmp_path / "lora", tmp_path / "merged", format="merged_16bit")
+    recwarn.clear()
+    export(_model(tiny_model_dir), tmp_path / "trained", format="lora")
+    export(tmp_path / "trained", tmp_path / "trained-merged", format="merged_16bit")
+    assert not [w for w in recwarn if "untrained" in str(w.message)]
+
+
+def test_the_cli_reports_export_mistakes_as_user_mistakes(tmp_path, capsys, tiny_model_dir):
+    """Exit 2 with the fix, not exit 1 (an internal failure) with a raw OSError."""
+    from sdpo_unsloth.cli import main
+
+    export(_model(tiny_model_dir), tmp_path / "lora", format="lora")
+    (tmp_path / "afile").write_text("x")
+    assert main(["export", str(tmp_path / "lora"), str(tmp_path / "afile" / "sub")]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err

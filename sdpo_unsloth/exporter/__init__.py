@@ -30,7 +30,9 @@ format) and `checks` (everything verified before an export is installed).
 
 Exporting is idempotent: files are written to a temporary sibling directory and swapped in, so exporting
 twice to the same directory gives the same files. A non-empty directory that is not an export (no
-`sdpo_export.json`) is never overwritten.
+`sdpo_export.json`) is never overwritten; an output folder that cannot be created or written is refused
+before any work. An adapter that was never trained (every LoRA B zero) exports with a warning: the export
+equals the base model.
 """
 
 from __future__ import annotations
@@ -48,11 +50,17 @@ from typing import Any, Literal
 import torch
 
 from ..adapters import STUDENT_ADAPTER, TEACHER_ADAPTER
-from .checks import LOGITS_ATOL, LOGITS_RTOL
+from .checks import LOGITS_ATOL, LOGITS_RTOL, _warn_if_untrained
 from .gguf import _write_gguf
 from .lora import _write_lora
 from .merge import _write_merged
-from .source import METADATA_FILE, ExportError, _install, _resolve_source, check_output_dir
+from .source import (
+    METADATA_FILE,
+    ExportError,
+    _install,
+    _resolve_source,
+    check_output_dir,
+)
 
 __all__ = [
     "FORMATS",
@@ -209,6 +217,7 @@ def export(
     output = Path(output_dir).expanduser().resolve()
     check_output_dir(output)
     source = _resolve_source(model_or_dir, tokenizer, base_model, sdpo_config)
+    _warn_if_untrained(source)
     teacher_names = tuple(dict.fromkeys((teacher_adapter, TEACHER_ADAPTER)))
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))

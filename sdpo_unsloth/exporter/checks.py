@@ -12,8 +12,8 @@ from typing import Any
 
 import torch
 
-from ..adapters import STUDENT_ADAPTER, adapter_scope
-from .source import ADAPTER_FILE, ExportError
+from ..adapters import STUDENT_ADAPTER, adapter_is_initial, adapter_scope
+from .source import ADAPTER_FILE, ExportError, _Source
 
 # fp32 merged vs adapter logits: |merged - ref| <= LOGITS_ATOL + LOGITS_RTOL |ref| elementwise (the two
 # differ only in summation order). In 16-bit the forward passes themselves round (measured on SmolLM2 in
@@ -72,6 +72,30 @@ def _is_saved_module(key: str, modules: list[str]) -> bool:
     `embed_tokens` (PEFT saves the student's copy under the original module's name)."""
     module = key.rsplit(".", 1)[0]
     return any(module == name or module.endswith(f".{name}") for name in modules)
+
+
+def _is_untrained(source: _Source) -> bool:
+    """Every LoRA B of the student is zero and it has no `modules_to_save` copy: the adapter adds nothing."""
+    if source.model is not None:
+        return adapter_is_initial(source.model, STUDENT_ADAPTER)
+    from safetensors import safe_open
+
+    assert source.adapter_dir is not None
+    with safe_open(str(source.adapter_dir / ADAPTER_FILE), "pt") as handle:
+        keys = list(handle.keys())
+        if any("lora_" not in key for key in keys):
+            return False  # a saved module copy (or something else): not the base model
+        b_keys = [key for key in keys if "lora_B" in key]
+        return bool(b_keys) and not any(bool(handle.get_tensor(key).any()) for key in b_keys)
+
+
+def _warn_if_untrained(source: _Source) -> None:
+    if _is_untrained(source):
+        warnings.warn(
+            f"the student adapter is untrained (every LoRA B is zero), so this export equals the base model "
+            f"{source.base_model}. Export the model after training, or a later checkpoint-N.",
+            stacklevel=3,
+        )
 
 
 def _fixed_inputs(tokenizer: Any, vocab_size: int) -> list[torch.Tensor]:
