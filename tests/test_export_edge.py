@@ -177,11 +177,39 @@ def test_an_untrained_adapter_warns_that_the_export_is_the_base(tmp_path, tiny_m
     assert not [w for w in recwarn if "untrained" in str(w.message)]
 
 
+def test_a_moved_base_model_is_named_before_any_work(tmp_path, tiny_model_dir):
+    """A new Colab session: the local base path recorded in adapter_config.json is gone."""
+    export(_model(tiny_model_dir), tmp_path / "lora", format="lora", tokenizer=make_tiny_tokenizer())
+    config_file = tmp_path / "lora" / "adapter_config.json"
+    config = json.loads(config_file.read_text())
+    config["base_model_name_or_path"] = str(tmp_path / "gone")
+    config_file.write_text(json.dumps(config))
+    for fmt in ("merged_16bit", "gguf"):
+        with pytest.raises(
+            ExportError, match=r"recorded in adapter_config.json \(.*gone\) was not found.*--base-model"
+        ):
+            export(tmp_path / "lora", tmp_path / fmt, format=fmt)
+    with pytest.raises(ExportError, match=r"`base_model` \(.*elsewhere\) was not found"):
+        export(
+            tmp_path / "lora", tmp_path / "m", format="merged_16bit", base_model=str(tmp_path / "elsewhere")
+        )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lora"]
+    result = export(tmp_path / "lora", tmp_path / "m", format="merged_16bit", base_model=tiny_model_dir)
+    assert result.base_model == tiny_model_dir and result.verification["merged_vs_adapter"]["passed"]
+    export(tmp_path / "lora", tmp_path / "lora2", format="lora")  # the adapter alone needs no base
+
+
 def test_the_cli_reports_export_mistakes_as_user_mistakes(tmp_path, capsys, tiny_model_dir):
-    """Exit 2 with the fix, not exit 1 (an internal failure) with a raw OSError."""
+    """Exit 2 with the fix, not exit 1 (an internal failure) with a raw OSError or a hub error."""
     from sdpo_unsloth.cli import main
 
     export(_model(tiny_model_dir), tmp_path / "lora", format="lora")
     (tmp_path / "afile").write_text("x")
     assert main(["export", str(tmp_path / "lora"), str(tmp_path / "afile" / "sub")]) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+    config_file = tmp_path / "lora" / "adapter_config.json"
+    config_file.write_text(config_file.read_text().replace(tiny_model_dir, str(tmp_path / "gone")))
+    assert main(["export", str(tmp_path / "lora"), str(tmp_path / "merged")]) == 2
+    assert "--base-model" in capsys.readouterr().err
+    argv = ["export", str(tmp_path / "lora"), str(tmp_path / "merged"), "--base-model", tiny_model_dir]
+    assert main(argv) == 0 and (tmp_path / "merged" / "model.safetensors").is_file()

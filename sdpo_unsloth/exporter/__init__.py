@@ -57,6 +57,7 @@ from .merge import _write_merged
 from .source import (
     METADATA_FILE,
     ExportError,
+    _check_base_model,
     _install,
     _resolve_source,
     check_output_dir,
@@ -195,7 +196,8 @@ def export(
             (one llama.cpp file; see `gguf_quantization`).
         tokenizer: saved beside the weights; default: the adapter directory's, then the base model's.
         base_model: the base model's hub name or path; default: the adapter config's
-            `base_model_name_or_path`.
+            `base_model_name_or_path`. A merge whose local base path no longer exists (a new Colab session)
+            is refused before any work, naming this argument (CLI `--base-model`).
         verify: check the result (teacher never leaks; merged logits match the adapter model's).
         dtype: merged weights' dtype; default the training compute dtype (fp32 on CPU).
         device: where to merge ("cuda" / "cpu"); default the model's device, else CPU.
@@ -217,6 +219,8 @@ def export(
     output = Path(output_dir).expanduser().resolve()
     check_output_dir(output)
     source = _resolve_source(model_or_dir, tokenizer, base_model, sdpo_config)
+    if format != "lora":
+        _check_base_model(source.base_model, given=base_model is not None)
     _warn_if_untrained(source)
     teacher_names = tuple(dict.fromkeys((teacher_adapter, TEACHER_ADAPTER)))
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -136,6 +136,25 @@ def _resolve_source(model_or_dir: Any, tokenizer: Any, base_model: str | None, s
     )
 
 
+def _check_base_model(base_model: str | None, *, given: bool) -> None:
+    """A merge needs the base: refuse a missing one, or a local path that no longer exists (a hub name of the
+    form `org/name` is left to the loader), before any work."""
+    if not base_model:
+        raise ExportError(
+            "the adapter does not name its base model; pass base_model='<hub name or local path>' "
+            "(CLI: --base-model)."
+        )
+    path = Path(base_model).expanduser()
+    local = path.is_absolute() or base_model.startswith((".", "~")) or base_model.count("/") > 1
+    if local and not path.exists():
+        where = "`base_model`" if given else "the base model recorded in adapter_config.json"
+        raise ExportError(
+            f"{where} ({base_model}) was not found: merging needs it. Pass base_model='<hub name or local path>' "
+            "(CLI: --base-model) naming the same model that was trained, e.g. after a new Colab session the "
+            "hub name or its new download folder."
+        )
+
+
 def _read_metadata(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads((path / METADATA_FILE).read_text())
