@@ -3,17 +3,21 @@
 Three formats, each written to a fresh directory with `sdpo_export.json` (what was exported, from which
 base, how it was checked, library versions) and a short `README.md` model card:
 
-    lora          the student adapter only (`default`). The EMA teacher adapter (`sdpo_teacher`) is
+    lora          the student adapter only (`default`), with its trained `modules_to_save` copies (e.g.
+                  `embed_tokens`) as PEFT saves them. The EMA teacher adapter (`sdpo_teacher`) is
                   training state and never leaves the checkpoints: the written tensors are checked to be
                   exactly the student's, with no teacher key.
     merged_16bit  the student LoRA merged into a reloaded copy of the base model, in the training compute
                   dtype (fp16/bf16 on a GPU, fp32 on CPU). The caller's model is never modified. A 4-bit
                   base is dequantised first (nf4 values, not the original weights): the merged model is what
-                  was trained, up to rounding. Checked: on sampled layers, merged W == W + dW up to one
-                  rounding to the dtype; in fp32 also merged logits == the unmerged adapter model's and the
-                  trained model's on a few fixed token sequences (|diff| <= 1e-4 + 1e-4 |ref|); in 16-bit
+                  was trained, up to rounding. Checked: on sampled layers, merged W == W + dW (DoRA:
+                  m (W + dW) / ||W + dW|| per row) up to one rounding to the dtype; in fp32 also merged
+                  logits == the unmerged adapter model's and the trained model's on a few fixed token
+                  sequences (|diff| <= 1e-4 + 1e-4 |ref|); in 16-bit
                   the logit gap and top-1 agreement are recorded (rounding alone moves 16-bit logits by ~1);
-                  no LoRA layer or tensor remains.
+                  no LoRA layer or tensor remains. A `modules_to_save` module is replaced by the student's
+                  trained copy, as PEFT's `merge_and_unload` does (a tied output layer keeps the base
+                  weights it used in training and is saved untied).
     gguf          the merged model as one llama.cpp file, written in Python (`exporter.gguf_writer`) for Llama- and
                   Qwen2-family models in q8_0 (default), f16, bf16 or f32, on any machine. Checked by loading
                   it back with transformers' GGUF reader: f32 logits equal the merged model's (1e-4), other
@@ -26,7 +30,9 @@ format) and `checks` (everything verified before an export is installed).
 
 Exporting is idempotent: files are written to a temporary sibling directory and swapped in, so exporting
 twice to the same directory gives the same files. A non-empty directory that is not an export (no
-`sdpo_export.json`) is never overwritten.
+`sdpo_export.json`) is never overwritten; an output folder that cannot be created or written is refused
+before any work. An adapter that was never trained (every LoRA B zero) exports with a warning: the export
+equals the base model.
 """
 
 from __future__ import annotations
@@ -44,11 +50,18 @@ from typing import Any, Literal
 import torch
 
 from ..adapters import STUDENT_ADAPTER, TEACHER_ADAPTER
-from .checks import LOGITS_ATOL, LOGITS_RTOL
+from .checks import LOGITS_ATOL, LOGITS_RTOL, _warn_if_untrained
 from .gguf import _write_gguf
 from .lora import _write_lora
 from .merge import _write_merged
-from .source import METADATA_FILE, ExportError, _install, _resolve_source, check_output_dir
+from .source import (
+    METADATA_FILE,
+    ExportError,
+    _check_base_model,
+    _install,
+    _resolve_source,
+    check_output_dir,
+)
 
 __all__ = [
     "FORMATS",
@@ -183,7 +196,8 @@ def export(
             (one llama.cpp file; see `gguf_quantization`).
         tokenizer: saved beside the weights; default: the adapter directory's, then the base model's.
         base_model: the base model's hub name or path; default: the adapter config's
-            `base_model_name_or_path`.
+            `base_model_name_or_path`. A merge whose local base path no longer exists (a new Colab session)
+            is refused before any work, naming this argument (CLI `--base-model`).
         verify: check the result (teacher never leaks; merged logits match the adapter model's).
         dtype: merged weights' dtype; default the training compute dtype (fp32 on CPU).
         device: where to merge ("cuda" / "cpu"); default the model's device, else CPU.
@@ -205,6 +219,9 @@ def export(
     output = Path(output_dir).expanduser().resolve()
     check_output_dir(output)
     source = _resolve_source(model_or_dir, tokenizer, base_model, sdpo_config)
+    if format != "lora":
+        _check_base_model(source.base_model, given=base_model is not None)
+    _warn_if_untrained(source)
     teacher_names = tuple(dict.fromkeys((teacher_adapter, TEACHER_ADAPTER)))
     output.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{output.name}.tmp-", dir=output.parent))

@@ -5,14 +5,15 @@ GGUF file read back against the merged model.
 
 from __future__ import annotations
 
+import json
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from ..adapters import STUDENT_ADAPTER, adapter_scope
-from .source import ADAPTER_FILE, ExportError
+from ..adapters import STUDENT_ADAPTER, adapter_is_initial, adapter_scope
+from .source import ADAPTER_FILE, ExportError, _Source
 
 # fp32 merged vs adapter logits: |merged - ref| <= LOGITS_ATOL + LOGITS_RTOL |ref| elementwise (the two
 # differ only in summation order). In 16-bit the forward passes themselves round (measured on SmolLM2 in
@@ -45,15 +46,56 @@ def _check_adapter_file(
     leaked += [str(p.name) for p in folder.iterdir() if p.name in teacher_names]
     if leaked:
         raise ExportError(f"the teacher adapter leaked into the export: {leaked[:3]}")
-    not_lora = [k for k in tensors if "lora_" not in k]
+    saved_modules = _modules_to_save(folder)
+    not_lora = [k for k in tensors if "lora_" not in k and not _is_saved_module(k, saved_modules)]
     if not_lora:
-        raise ExportError(f"unexpected non-LoRA tensors in the adapter: {not_lora[:3]}")
+        raise ExportError(
+            f"unexpected tensors in the adapter, neither LoRA nor a `modules_to_save` copy {saved_modules}: "
+            f"{not_lora[:3]}"
+        )
     if expected is not None:
         if set(expected) != set(tensors):
             raise ExportError("the written adapter's tensor names differ from the student adapter's.")
         if not all(torch.equal(expected[k].to(tensors[k].dtype), tensors[k]) for k in tensors):
             raise ExportError("the written adapter's tensors differ from the student adapter's.")
     return {"tensors": len(tensors), "teacher_keys": 0, "matches_student": expected is not None}
+
+
+def _modules_to_save(folder: Path) -> list[str]:
+    """The adapter config's `modules_to_save`: modules PEFT trains and saves as whole copies."""
+    config = json.loads((folder / "adapter_config.json").read_text())
+    return list(config.get("modules_to_save") or [])
+
+
+def _is_saved_module(key: str, modules: list[str]) -> bool:
+    """`key` is a tensor of a `modules_to_save` copy, e.g. `base_model.model.model.embed_tokens.weight` for
+    `embed_tokens` (PEFT saves the student's copy under the original module's name)."""
+    module = key.rsplit(".", 1)[0]
+    return any(module == name or module.endswith(f".{name}") for name in modules)
+
+
+def _is_untrained(source: _Source) -> bool:
+    """Every LoRA B of the student is zero and it has no `modules_to_save` copy: the adapter adds nothing."""
+    if source.model is not None:
+        return adapter_is_initial(source.model, STUDENT_ADAPTER)
+    from safetensors import safe_open
+
+    assert source.adapter_dir is not None
+    with safe_open(str(source.adapter_dir / ADAPTER_FILE), "pt") as handle:
+        keys = list(handle.keys())
+        if any("lora_" not in key for key in keys):
+            return False  # a saved module copy (or something else): not the base model
+        b_keys = [key for key in keys if "lora_B" in key]
+        return bool(b_keys) and not any(bool(handle.get_tensor(key).any()) for key in b_keys)
+
+
+def _warn_if_untrained(source: _Source) -> None:
+    if _is_untrained(source):
+        warnings.warn(
+            f"the student adapter is untrained (every LoRA B is zero), so this export equals the base model "
+            f"{source.base_model}. Export the model after training, or a later checkpoint-N.",
+            stacklevel=3,
+        )
 
 
 def _fixed_inputs(tokenizer: Any, vocab_size: int) -> list[torch.Tensor]:
@@ -98,31 +140,57 @@ def _logit_check(
     return result
 
 
+def dora_merged_weight(weight: torch.Tensor, delta: torch.Tensor, magnitude: torch.Tensor) -> torch.Tensor:
+    """DoRA's merged weight (Liu et al. 2024, arXiv 2402.09353): W' = m * (W + dW) / ||W + dW||, the norm
+    taken over each output row ([out, in] weights), so each row of W' has length m.
+
+    >>> w = torch.tensor([[3.0, 0.0], [0.0, 1.0]])
+    >>> dora_merged_weight(w, torch.tensor([[0.0, 4.0], [0.0, 1.0]]), torch.tensor([10.0, 1.0]))
+    tensor([[6., 8.],
+            [0., 1.]])
+    """
+    combined = weight + delta  # [out, in]
+    return (magnitude / torch.linalg.norm(combined, dim=1)).unsqueeze(1) * combined
+
+
 def _expected_merges(
     peft_model: Any, limit: int = 8, rows: int = 64
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-    """For up to `limit` LoRA layers spread over the model: (W + dW in fp32, |dW|) of their first `rows` rows."""
+    """For up to `limit` LoRA layers spread over the model: (the merged weight in fp32, the size of the change)
+    of their first `rows` rows. LoRA: W + dW and |dW|; DoRA: `dora_merged_weight` and |W' - W| + |dW|.
+
+    DoRA layers other than a plain [out, in] Linear (conv, embedding, fan_in_fan_out) are left to the logit check.
+    """
     from peft.tuners.lora import LoraLayer
 
-    layers = [
-        (name, module)
-        for name, module in peft_model.named_modules()
-        if isinstance(module, LoraLayer) and STUDENT_ADAPTER in module.lora_A
-    ]
+    layers = []
+    for name, module in peft_model.named_modules():
+        if not isinstance(module, LoraLayer) or STUDENT_ADAPTER not in module.lora_A:
+            continue
+        dora = STUDENT_ADAPTER in module.lora_magnitude_vector
+        plain = module.get_base_layer().weight.ndim == 2 and not getattr(module, "fan_in_fan_out", False)
+        if not dora or plain:
+            layers.append((name, module, dora))
     picks = layers[:: max(1, len(layers) // limit)][:limit]
     expected = {}
     with torch.no_grad():
-        for name, module in picks:
+        for name, module, dora in picks:
             delta = module.get_delta_weight(STUDENT_ADAPTER).float()[:rows]
             weight = module.get_base_layer().weight[:rows].float()
-            expected[name.removeprefix("base_model.model.")] = ((weight + delta).cpu(), delta.abs().cpu())
+            if dora:
+                magnitude = module.lora_magnitude_vector[STUDENT_ADAPTER].weight[:rows].float()
+                want = dora_merged_weight(weight, delta, magnitude)
+                change = (want - weight).abs() + delta.abs()
+            else:
+                want, change = weight + delta, delta.abs()
+            expected[name.removeprefix("base_model.model.")] = (want.cpu(), change.cpu())
     return expected
 
 
 def _check_merged_weights(
     merged: Any, expected: dict[str, tuple[torch.Tensor, torch.Tensor]], dtype: torch.dtype
 ) -> dict[str, Any]:
-    """Merged weights == W + dW, rounded once or twice to `dtype`: |err| <= eps (|W + dW| + |dW|)."""
+    """Merged weights == the expected W', rounded once or twice to `dtype`: |err| <= eps (|W'| + |change|)."""
     eps, tiny = torch.finfo(dtype).eps, torch.finfo(dtype).tiny
     worst = 0.0
     for name, (want, delta) in expected.items():

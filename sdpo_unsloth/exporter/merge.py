@@ -54,10 +54,7 @@ def _write_merged(
     from peft.tuners.tuners_utils import BaseTunerLayer
     from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig
 
-    if not source.base_model:
-        raise ExportError(
-            "the adapter does not name its base model; pass base_model='<hub name or local path>'."
-        )
+    assert source.base_model, "export() checks the base model first (_check_base_model)"
     adapter_dir = source.adapter_dir
     checks: dict[str, Any] = {}
     if source.model is not None:

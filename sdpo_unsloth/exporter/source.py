@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from ..adapters import STUDENT_ADAPTER
+from ..preconditions import InputError, check_writable
 
 
 class ExportError(RuntimeError):
@@ -135,6 +136,25 @@ def _resolve_source(model_or_dir: Any, tokenizer: Any, base_model: str | None, s
     )
 
 
+def _check_base_model(base_model: str | None, *, given: bool) -> None:
+    """A merge needs the base: refuse a missing one, or a local path that no longer exists (a hub name of the
+    form `org/name` is left to the loader), before any work."""
+    if not base_model:
+        raise ExportError(
+            "the adapter does not name its base model; pass base_model='<hub name or local path>' "
+            "(CLI: --base-model)."
+        )
+    path = Path(base_model).expanduser()
+    local = path.is_absolute() or base_model.startswith((".", "~")) or base_model.count("/") > 1
+    if local and not path.exists():
+        where = "`base_model`" if given else "the base model recorded in adapter_config.json"
+        raise ExportError(
+            f"{where} ({base_model}) was not found: merging needs it. Pass base_model='<hub name or local path>' "
+            "(CLI: --base-model) naming the same model that was trained, e.g. after a new Colab session the "
+            "hub name or its new download folder."
+        )
+
+
 def _read_metadata(path: Path) -> dict[str, Any] | None:
     try:
         return json.loads((path / METADATA_FILE).read_text())
@@ -143,7 +163,8 @@ def _read_metadata(path: Path) -> dict[str, Any] | None:
 
 
 def check_output_dir(output_dir: Path) -> None:
-    """Raise `ExportError` if `output_dir` is a file or a non-empty folder that is not an earlier export."""
+    """Raise `ExportError` if `output_dir` is a file, a non-empty folder that is not an earlier export, or a
+    folder that cannot be created or written (its parent is a file, or read-only)."""
     if output_dir.exists() and not output_dir.is_dir():
         raise ExportError(f"{output_dir} is a file; choose a directory for the export.")
     if output_dir.is_dir() and any(output_dir.iterdir()) and not (output_dir / METADATA_FILE).is_file():
@@ -151,6 +172,14 @@ def check_output_dir(output_dir: Path) -> None:
             f"{output_dir} is not empty and is not an sdpo_unsloth export (no {METADATA_FILE}); refusing to "
             "overwrite it. Choose a new or empty directory, or delete this one first."
         )
+    # the export is staged beside `output_dir` and swapped in, so an existing one's parent must take new folders
+    target = output_dir.parent if output_dir.exists() else output_dir
+    try:
+        check_writable(target, "output_dir")
+    except InputError as exc:
+        raise ExportError(
+            str(exc) if target == output_dir else f"cannot replace {output_dir}: {exc}"
+        ) from None
 
 
 def _install(staging: Path, output_dir: Path) -> None:
