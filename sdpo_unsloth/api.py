@@ -60,8 +60,9 @@ class TrainResult:
         adapter_dir: the student LoRA adapter export, or None if not exported.
         merged_dir: the merged 16-bit model, or None if not exported.
         before: the first reward's mean on the held-out rows before training (None: no evaluation).
-        after: the same after training. Under several processes (`accelerate launch`, torchrun) only
-            the main process evaluates, exports and writes the summary; the others return None there.
+        after: the same after training (None also when that evaluation failed: see `evaluation_errors`). Under
+            several processes (`accelerate launch`, torchrun) only the main process evaluates, exports and
+            writes the summary; the others return None there.
         metrics: the last training log entry plus the run summary (runtime, steps, ...).
         log_history: every log entry of the run.
         reward_curve_png: the reward-curve plot, or None (matplotlib missing or `plot=False`).
@@ -69,6 +70,8 @@ class TrainResult:
         gguf_file: the exported GGUF file (q8_0), or None if not exported.
         stopped_early: why the run stopped before max_steps (the time budget), or None.
         last_checkpoint: the newest complete checkpoint (resume from it), or None.
+        evaluation_errors: the held-out evaluations that failed (a reward that raised, ...), each
+            {"step", "evaluation" ("held-out" or "final"), "error"}; their scores are missing, the run went on.
     """
 
     output_dir: str
@@ -83,6 +86,7 @@ class TrainResult:
     gguf_file: str | None = None
     stopped_early: str | None = None
     last_checkpoint: str | None = None
+    evaluation_errors: tuple[dict[str, Any], ...] = ()
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -272,7 +276,9 @@ def train(
         eval_batch_size: prompts per generation batch in evaluation.
         eval_steps: also score the held-out rows every N optimizer steps, logged as `eval/heldout_score`; a score
             below the starting one by more than evaluation noise raises a `RegressionWarning` naming the setting
-            that helps (the same check runs on the final score). Default: once, halfway; 0: only before/after.
+            that helps (the same check runs on the final score, also with 0). Default: once, halfway; 0: only
+            before/after. An evaluation whose reward raises warns (`EvaluationWarning`) and loses only its score:
+            training and the export go on, and train_result.json lists the error under 'evaluation_errors'.
         save_steps: write a checkpoint every N steps (keeps the last 2); None: no checkpoints.
         resume: True resumes from the last complete checkpoint in the checkpoint folder (if any); a path
             resumes from that checkpoint.
@@ -405,10 +411,10 @@ def train(
         trainer.time_budget.start = started
         trainer.time_budget.reserve_s = time.monotonic() - eval_started if before is not None else 0.0
         trainer.time_budget.after_stop_saves = len(export_formats)
-    from .heldout import HeldOutMonitor, warn_constant
+    from .heldout import HeldOutMonitor, guarded_score
 
     monitor = None
-    if main and inputs.eval_rows and eval_steps != 0 and args.max_steps > 1:
+    if main and inputs.eval_rows:
         every = eval_steps if eval_steps is not None else max(1, args.max_steps // 2)
         monitor = HeldOutMonitor(
             trainer,
@@ -442,18 +448,22 @@ def train(
             stacklevel=2,
         )
 
-    # evaluate and export (main process)
+    # evaluate and export (main process); a failed evaluation costs its score, never the trained student
     trained = trainer.accelerator.unwrap_model(trainer.model)
     graded: list[tuple[str, float | None]] = []
-    after = (
-        evaluate_model(trained, tokenizer, inputs.eval_rows, reward, graded=graded, **eval_kwargs)
-        if main
-        else None
-    )
-    if monitor is not None and after is not None:
+    after = None
+    if monitor is not None:
+        after = guarded_score(
+            lambda graded: evaluate_model(
+                trained, tokenizer, inputs.eval_rows, reward, graded=graded, **eval_kwargs
+            ),
+            graded,
+            trainer.state.global_step,
+            monitor.errors,
+            final=True,
+        )
+    if after is not None:
         monitor.check(trainer.state.global_step, after, graded)
-    elif after is not None:
-        warn_constant(graded, after, trainer.state.global_step, sdpo)
     exports, gguf_file = _export_all(
         trainer, tokenizer, sdpo, output, export_formats if main else (), chosen.device
     )
@@ -476,6 +486,7 @@ def train(
         gguf_file=gguf_file,
         stopped_early=stopped,
         last_checkpoint=last_complete_checkpoint(checkpoint_dir, warn=False),
+        evaluation_errors=tuple(monitor.errors) if monitor else (),
     )
     summary = {k: v for k, v in dataclasses.asdict(result).items() if k != "log_history"}
     summary.update(

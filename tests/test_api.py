@@ -319,3 +319,40 @@ def test_train_warns_when_one_completion_answers_most_held_out_rows(
             eval_steps=eval_steps,
         )
     assert seen == ([8, 8] if eval_steps is None else [8])  # halfway + final, or the final alone
+
+
+def test_a_failing_evaluation_costs_its_score_not_the_trained_student(tmp_path, tiny_model_dir):
+    """An LLM judge that fails (503) in every evaluation after the first: the halfway score is skipped with a
+    warning, the final one is None, and the adapter is exported all the same, with the errors recorded."""
+    from sdpo_unsloth.heldout import EvaluationWarning
+
+    evaluations = []
+
+    def judge(prompts, completions, trainer_state=None, **kwargs):
+        if trainer_state is None:  # an evaluation: training calls pass the TrainerState
+            evaluations.append(len(completions))
+            if len(evaluations) > 1:
+                raise ConnectionError("judge API: 503 Service Unavailable")
+        return [0.5 + 0.1 * (i % 2) for i in range(len(completions))]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(
+            tiny_model_dir,
+            rows(),
+            judge,
+            str(tmp_path / "run"),
+            **{**TINY, "preflight": False, "plot": False, "export_formats": ("lora",)},
+        )
+    failed = [str(w.message) for w in caught if issubclass(w.category, EvaluationWarning)]
+    assert len(evaluations) == 3 and len(failed) == 2  # before, halfway (step 1), final (step 2)
+    assert failed[0].startswith("the held-out evaluation after 1 steps failed, so its score is missing")
+    assert (
+        "ConnectionError: judge API: 503" in failed[1] and "exported anyway and `after` is None" in failed[1]
+    )
+    assert result.before == 0.55 and result.after is None
+    assert (Path(result.adapter_dir) / "adapter_model.safetensors").is_file()
+    summary = json.loads((Path(result.output_dir) / "train_result.json").read_text())
+    assert summary["after"] is None and summary["heldout_scores"] == []
+    errors = [(e["step"], e["evaluation"]) for e in summary["evaluation_errors"]]
+    assert errors == [(1, "held-out"), (2, "final")] and "503" in summary["evaluation_errors"][1]["error"]
