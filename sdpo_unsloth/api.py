@@ -31,6 +31,7 @@ from .data import BUILTIN_TASKS, TrainInputs, _is_task, resolve_inputs, task_com
 from .evaluate import evaluate_model
 from .preconditions import UsageError, check_prompt_lengths, check_tokenizer, check_writable
 from .report import _jsonable, _plot_rewards, _use_compact_progress
+from .rewards.protocol import RewardError, checked_reward
 from .train_config import (
     CHECKPOINT_SUBDIR,
     DEFAULTS,
@@ -365,6 +366,11 @@ def train(
         rows_needed=max(64, args.max_steps * _prompts_per_step(args)),
         seed=args.seed,
     )
+    for func in inputs.reward_funcs:  # a reward class passed for an instance fails here, not after loading
+        try:
+            checked_reward(func)
+        except RewardError as exc:
+            raise UsageError(str(exc)) from None
     resume_from = _resume_target(resume, checkpoint_dir)
     _check_folders(output, checkpoint_dir, export_formats)
 

@@ -206,6 +206,10 @@ def test_device_settings_pick_fp16_on_a_t4(monkeypatch):
         ({"dataset": rows(8), "rewards": None}, r"`rewards` is missing"),
         ({"dataset": rows(8), "rewards": "exactness"}, r"unknown reward 'exactness'"),
         (
+            {"dataset": rows(8), "rewards": HasDigit},
+            r"reward HasDigit is a class; pass an instance, HasDigit\(\)",
+        ),
+        (
             {"dataset": rows(8), "export_formats": ("onnx",)},
             r"`export_formats` may hold lora, merged_16bit, gguf",
         ),

@@ -9,7 +9,9 @@ completion. Three ways to also give SDPO's teacher feedback:
 
 `None` means "cannot score this completion" (TRL skips it). Anything else that is not one finite
 number per completion is an error that names the reward and the fix: TRL itself silently scores
-NaN as 0, broadcasts a 1-element list, and turns one `inf` into NaN weights.
+NaN as 0, broadcasts a 1-element list, and turns one `inf` into NaN weights. A reward that raises is
+reported with its error; a `TypeError` from the call itself (a parameter that is not a dataset column, no
+`**kwargs`) names the columns it is called with.
 
 Each call runs in a helper thread, joined with a timeout (`timeout`, default `DEFAULT_REWARD_TIMEOUT`
 seconds): a reward that hangs stops training with a `RewardTimeout` naming the reward and the time,
@@ -32,6 +34,8 @@ DEFAULT_REWARD_TIMEOUT = (
     600.0  # seconds per call: generous; a code reward on a slow T4 batch stays well under
 )
 SLOW_REWARD_AFTER = 10.0  # seconds before a running call is reported as slow
+# what the trainer passes besides the dataset columns (TRL's GRPOTrainer: completion ids, its state, loggers)
+_TRAINER_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
 
 
 class RewardResult(NamedTuple):
@@ -121,6 +125,11 @@ class CheckedReward:
         slow_after: float = SLOW_REWARD_AFTER,
         on_slow: Callable[[str, float], None] | None = None,
     ):
+        if inspect.isclass(func):
+            raise RewardError(
+                f"reward {func.__name__} is a class; pass an instance, {func.__name__}() (calling the class "
+                "would build an object, not score the completions)."
+            )
         if not callable(func):
             raise RewardError(f"reward {func!r} is not callable; pass a function or an object with __call__.")
         if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
@@ -142,7 +151,7 @@ class CheckedReward:
         try:
             output = self._call_with_timeout(prompts=prompts, completions=completions, **kwargs)
         except Exception as exc:
-            raise self._raised(exc) from exc
+            raise self._raised(exc, kwargs) from exc
         return self._check(output, len(completions))
 
     def _start(self) -> None:
@@ -150,14 +159,50 @@ class CheckedReward:
         if hasattr(self.func, "last_feedback"):
             self.func.last_feedback = []  # a reward that forgets to reset it must not leak old feedback
 
-    def _raised(self, exc: Exception) -> Exception:
+    def _raised(self, exc: Exception, kwargs: dict[str, Any]) -> Exception:
         if isinstance(exc, RewardError):
             return exc
+        raised = f"reward '{self.__name__}' raised {type(exc).__name__}: {exc}."
+        hint = self._signature_hint(kwargs) if isinstance(exc, TypeError) else None
         return RewardError(
-            f"reward '{self.__name__}' raised {type(exc).__name__}: {exc}. Fix the reward function (it is called "
-            "as f(prompts=..., completions=..., completion_ids=..., **dataset_columns)); accept **kwargs for "
-            "columns you do not use."
+            f"{raised} {hint}"
+            if hint
+            else f"{raised} Fix the reward function or the data it reads; where a failure can happen (a flaky API, an input it "
+            "cannot parse), catch it there and return None for the completions it cannot score."
         )
+
+    def _signature_hint(self, kwargs: dict[str, Any]) -> str | None:
+        """What to change when the call itself does not fit the reward's parameters (None: it fits, so the
+        TypeError came from inside the reward)."""
+        try:
+            signature = inspect.signature(self.func)
+        except (TypeError, ValueError):  # no signature to read (some builtins)
+            return None
+        arguments = {"prompts": None, "completions": None, **kwargs}
+        try:
+            signature.bind(**arguments)
+            return None
+        except TypeError:
+            pass
+        columns = [k for k in arguments if k not in _TRAINER_ARGUMENTS]
+        shown = ", ".join(columns) if columns else "none"
+        called = (
+            f"It is called as f(prompts=..., completions=..., completion_ids=..., trainer_state=..., "
+            f"**dataset_columns), with the dataset columns {shown}"
+        )
+        params = signature.parameters.values()
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        missing = [
+            p.name for p in params if p.kind in named and p.default is p.empty and p.name not in arguments
+        ]
+        if missing:
+            return (
+                f"{called}: no column is named {', '.join(repr(m) for m in missing)}. Name its parameters after "
+                "the dataset's columns (or give them defaults), or add the column to the dataset."
+            )
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return f"{called}: accept **kwargs for the arguments and columns you do not use."
+        return f"{called}: take these by keyword (no positional-only parameters)."
 
     def _check(self, output: Any, n: int) -> list[float | None]:
         name = self.__name__
@@ -255,8 +300,8 @@ class AsyncCheckedReward(CheckedReward):
         self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any
     ) -> list[float | None]:
         self._start()
-        call = self.func(prompts=prompts, completions=completions, **kwargs)
-        try:
+        try:  # calling an async function with arguments it does not take raises here
+            call = self.func(prompts=prompts, completions=completions, **kwargs)
             output = await (call if self.timeout is None else asyncio.wait_for(call, self.timeout))
         except TimeoutError:
             raise RewardTimeout(
@@ -265,7 +310,7 @@ class AsyncCheckedReward(CheckedReward):
                 "reward_timeout, then resume from the last checkpoint."
             ) from None
         except Exception as exc:
-            raise self._raised(exc) from exc
+            raise self._raised(exc, kwargs) from exc
         return self._check(output, len(completions))
 
 
