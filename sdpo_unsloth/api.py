@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .bootstrap import Backend, bootstrap
-from .checkpoints import last_complete_checkpoint
+from .checkpoints import is_complete, last_complete_checkpoint
 from .config import HybridMode, SDPOConfig, TeacherMode
 from .data import BUILTIN_TASKS, TrainInputs, _is_task, resolve_inputs, task_completion_length
 from .evaluate import evaluate_model
@@ -156,6 +156,34 @@ def _run_preflight(trainer: Any, data: Dataset, seed: int) -> Any:
     if report.nothing_to_learn:
         raise PreflightError(report)
     return report
+
+
+def _save_progress(trainer: Any, exc: RewardError, single_process: bool) -> RewardError:
+    """The reward error that stopped training, after saving a checkpoint of the last completed optimizer step.
+
+    A reward runs after the step's sampling and before its update, so the weights, optimizer and teacher are
+    those of the last completed step: a consistent checkpoint. The returned error (same type) adds the step,
+    the checkpoint and how to resume.
+    """
+    done, total = trainer.state.global_step, trainer.state.max_steps
+    where = f"Training stopped in optimizer step {done + 1} of {total}"
+    if done == 0:
+        return type(exc)(f"{exc} {where}, before any update: nothing was trained, nothing to save.")
+    path = Path(trainer.args.output_dir) / f"checkpoint-{done}"
+    failed = ""
+    if not is_complete(path) and single_process:
+        try:
+            trainer._save_checkpoint(trainer.model, trial=None)
+        except Exception as save_error:  # the reward error stays the one raised
+            failed = f" (saving it failed: {save_error})"
+    if not is_complete(path):
+        return type(exc)(
+            f"{exc} {where}; steps 1-{done} completed but no checkpoint of step {done} could be written{failed}."
+        )
+    return type(exc)(
+        f"{exc} {where}; steps 1-{done} completed and {path} holds them. Fix the reward, then call train() "
+        "again with resume=True (same output_dir and checkpoint_dir), or add --resume to the command, to continue."
+    )
 
 
 def _export_all(
@@ -444,7 +472,10 @@ def train(
     else:
         _use_compact_progress(trainer)
     report = _run_preflight(trainer, inputs.train_data, args.seed) if preflight else None
-    outcome = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        outcome = trainer.train(resume_from_checkpoint=resume_from)
+    except RewardError as exc:  # keep the completed steps: a checkpoint of the last one
+        raise _save_progress(trainer, exc, processes.num_processes == 1) from exc
     budget = trainer.time_budget
     stopped = budget.summary(args.max_steps) if budget is not None and budget.stopped_at is not None else None
     if stopped:

@@ -360,3 +360,38 @@ def test_a_failing_evaluation_costs_its_score_not_the_trained_student(tmp_path, 
     assert summary["after"] is None and summary["heldout_scores"] == []
     errors = [(e["step"], e["evaluation"]) for e in summary["evaluation_errors"]]
     assert errors == [(1, "held-out"), (2, "final")] and "503" in summary["evaluation_errors"][1]["error"]
+
+
+def test_a_reward_failing_mid_run_saves_the_completed_steps_to_resume_from(tmp_path, tiny_model_dir):
+    """No save_steps: a reward raising at step 3 still leaves checkpoint-2, named in the error with how to
+    resume; resume=True then finishes the run from it."""
+    from sdpo_unsloth import RewardError
+
+    calls = []
+
+    def flaky(prompts, completions, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # one call per step: step 3
+            raise ZeroDivisionError("division by zero")
+        return [0.5 + 0.1 * (i % 2) for i in range(len(completions))]
+
+    out = tmp_path / "run"
+    options = {
+        **TINY,
+        "max_steps": 4,
+        "eval_size": 0,
+        "preflight": False,
+        "plot": False,
+        "export_formats": (),
+    }
+    with pytest.raises(RewardError) as info:
+        train(tiny_model_dir, rows(), flaky, str(out), **options)
+    saved = out / "checkpoints" / "checkpoint-2"
+    message = str(info.value)
+    assert "raised ZeroDivisionError: division by zero" in message and "**kwargs" not in message
+    assert f"stopped in optimizer step 3 of 4; steps 1-2 completed and {saved} holds them" in message
+    assert "resume=True" in message and "--resume" in message
+    assert last_complete_checkpoint(out / "checkpoints") == str(saved)
+    result = train(tiny_model_dir, rows(), flaky, str(out), resume=True, **options)
+    assert result.resumed_from == str(saved)
+    assert [e["step"] for e in result.log_history if "reward" in e] == [1, 2, 3, 4]

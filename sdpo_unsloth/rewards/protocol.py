@@ -54,7 +54,7 @@ class RewardError(ValueError):
 
 
 class RewardTimeout(RewardError):
-    """A reward call ran past its timeout; training stopped without saving."""
+    """A reward call ran past its timeout; training stopped before the step's update."""
 
 
 def completion_text(completion: str | Sequence[Mapping[str, Any]]) -> str:
