@@ -169,6 +169,40 @@ def test_a_reward_class_asks_for_an_instance():
         CheckedReward(SeedStyle)
 
 
+def test_feedback_given_as_one_string_says_it_must_be_a_list():
+    class OneString:
+        def __init__(self):
+            self.last_feedback: list[str] | str = []
+
+        def __call__(self, prompts, completions, **kwargs):
+            self.last_feedback = "wrong"
+            return [0.0] * len(completions)
+
+    with pytest.raises(
+        RewardError, match=r"set last_feedback to a str \('wrong'\); it must be a list with one"
+    ):
+        CheckedReward(OneString())(prompts=PROMPTS, completions=COMPLETIONS)
+
+
+def test_a_call_scoring_no_completion_warns_once_naming_the_reward():
+    import warnings
+
+    from sdpo_unsloth.rewards.protocol import NoSignalWarning
+
+    def unsure(prompts, completions, **kwargs):
+        return [None] * len(completions)
+
+    reward = CheckedReward(unsure)
+    with pytest.warns(NoSignalWarning, match="reward 'unsure' returned None for all 3 completions"):
+        assert reward(prompts=PROMPTS, completions=COMPLETIONS) == [None] * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reward(prompts=PROMPTS, completions=COMPLETIONS)  # once per reward
+        CheckedReward(lambda prompts, completions, **kw: [None, 1.0, None])(
+            PROMPTS, COMPLETIONS
+        )  # some scored
+
+
 def test_wrong_length_feedback_is_an_error():
     class Short:
         def __init__(self):

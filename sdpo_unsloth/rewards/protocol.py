@@ -7,7 +7,8 @@ completion. Three ways to also give SDPO's teacher feedback:
 2. a callable whose `last_feedback: list[str]` is set by each call (the seed's pattern);
 3. a function returning `RewardResult(score, feedback)` per completion.
 
-`None` means "cannot score this completion" (TRL skips it). Anything else that is not one finite
+`None` means "cannot score this completion" (TRL skips it); a call that scores none of its completions
+warns once (`NoSignalWarning`): those completions teach nothing. Anything else that is not one finite
 number per completion is an error that names the reward and the fix: TRL itself silently scores
 NaN as 0, broadcasts a 1-element list, and turns one `inf` into NaN weights. A reward that raises is
 reported with its error; a `TypeError` from the call itself (a parameter that is not a dataset column, no
@@ -27,6 +28,7 @@ import inspect
 import math
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -55,6 +57,10 @@ class RewardError(ValueError):
 
 class RewardTimeout(RewardError):
     """A reward call ran past its timeout; training stopped before the step's update."""
+
+
+class NoSignalWarning(UserWarning):
+    """A reward scored none of a call's completions (None for each): they give no training signal."""
 
 
 def completion_text(completion: str | Sequence[Mapping[str, Any]]) -> str:
@@ -143,6 +149,7 @@ class CheckedReward:
         self.__name__ = reward_name(func)
         self.last_scores: list[float | None] = []
         self.last_feedback: list[str] = []
+        self.warned_no_signal = False
 
     def __call__(
         self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any
@@ -233,8 +240,14 @@ class CheckedReward:
         attribute = getattr(self.func, "last_feedback", None)
         if hasattr(attribute, "tolist") and not isinstance(attribute, str):
             attribute = attribute.tolist()  # a numpy array of strings
+        if isinstance(attribute, str) and attribute:
+            raise RewardError(
+                f"reward '{name}' set last_feedback to a str ({attribute!r:.60}); it must be a list with one string "
+                f"per completion ({n} here), e.g. [{attribute!r:.30}] * {n} for the same note on each, fresh on "
+                "every call."
+            )
         if attribute:
-            if not isinstance(attribute, Sequence) or isinstance(attribute, str) or len(attribute) != n:
+            if not isinstance(attribute, Sequence) or len(attribute) != n:
                 size = len(attribute) if isinstance(attribute, Sequence) else type(attribute).__name__
                 raise RewardError(
                     f"reward '{name}' set last_feedback with {size} entries for {n} completions; set one string "
@@ -248,6 +261,15 @@ class CheckedReward:
                 feedback[i] = feedback[i] or note
         self.last_scores = scores
         self.last_feedback = [note or "" for note in feedback]
+        if n and all(score is None for score in scores) and not self.warned_no_signal:
+            self.warned_no_signal = True
+            warnings.warn(
+                f"reward '{name}' returned None for all {n} completions of a call: None means 'cannot score', so "
+                "these completions give no training signal (and no held-out score). Return 0.0 for a wrong "
+                "answer and None only for a completion that cannot be judged. (Said once per reward.)",
+                NoSignalWarning,
+                stacklevel=3,
+            )
         return scores
 
     def _call_with_timeout(self, **kwargs: Any) -> Any:
