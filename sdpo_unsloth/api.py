@@ -315,7 +315,9 @@ def train(
             so a recycled runtime keeps them. Checkpoints appear there only when complete.
         time_budget: wall time for this call, e.g. 11h30m, 90m or seconds: before the next step would cross
             it, save a complete checkpoint, stop, evaluate and export; `--resume` continues. Default: none.
-        reward_timeout: seconds one reward call may take before training stops with an error (default 600).
+        reward_timeout: seconds one reward call may take, in training and evaluation, before the run stops with
+            an error (default 600). 0: no limit; the reward is then called in the trainer's own thread, as a
+            reward that uses `signal.alarm` needs.
         export_formats: exports after training: "lora" (adapter/), "merged_16bit" (merged/), "gguf" (gguf/,
             one q8_0 llama.cpp file, Llama/Qwen2-family models); empty for none.
         logging_steps: log every N steps (default 1).
@@ -360,8 +362,10 @@ def train(
         grpo_weight=grpo_weight,
         hybrid_mode=hybrid_mode,
         time_budget=time_budget,
-        reward_timeout=reward_timeout,
+        reward_timeout=reward_timeout or None,  # 0: no limit, set below
     )
+    if reward_timeout == 0:
+        sdpo = dataclasses.replace(sdpo, reward_timeout=None)
     if gradient_checkpointing is None and grpo_config is not None:
         gradient_checkpointing = grpo_config.gradient_checkpointing if chosen.device == "cuda" else False
     args = _build_grpo_config(
@@ -414,7 +418,11 @@ def train(
         lora_r=lora_r,
         lora_alpha=lora_alpha,
     )
-    eval_kwargs = {"max_new_tokens": args.max_completion_length, "batch_size": eval_batch_size}
+    eval_kwargs = {
+        "max_new_tokens": args.max_completion_length,
+        "batch_size": eval_batch_size,
+        "reward_timeout": sdpo.reward_timeout,  # as in training: None runs a signal-based reward in this thread
+    }
     reward = inputs.reward_funcs[0]
     # Under `accelerate launch` / torchrun every process trains; evaluation, export, the plot and the
     # summary happen once, on the main process.

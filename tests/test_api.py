@@ -395,3 +395,32 @@ def test_a_reward_failing_mid_run_saves_the_completed_steps_to_resume_from(tmp_p
     result = train(tiny_model_dir, rows(), flaky, str(out), resume=True, **options)
     assert result.resumed_from == str(saved)
     assert [e["step"] for e in result.log_history if "reward" in e] == [1, 2, 3, 4]
+
+
+def test_reward_timeout_0_runs_a_signal_based_reward_in_training_and_evaluation(tmp_path, tiny_model_dir):
+    """signal.alarm works only in the main thread: reward_timeout=0 (no limit) calls the reward there, in the
+    before/after evaluations too."""
+    import signal
+
+    def with_alarm(prompts, completions, **kwargs):
+        previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
+        signal.alarm(5)
+        try:
+            return [0.5 + 0.1 * (i % 2) for i in range(len(completions))]
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+
+    result = train(
+        tiny_model_dir,
+        rows(),
+        with_alarm,
+        str(tmp_path / "run"),
+        reward_timeout=0,
+        **{**TINY, "max_steps": 1, "preflight": False, "plot": False, "export_formats": ()},
+    )
+    assert result.before == 0.55 and result.after == 0.55
+    assert (
+        json.loads((tmp_path / "run" / "train_result.json").read_text())["sdpo_config"]["reward_timeout"]
+        is None
+    )
