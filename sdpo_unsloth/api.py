@@ -60,7 +60,8 @@ class TrainResult:
             train_result.json).
         adapter_dir: the student LoRA adapter export, or None if not exported.
         merged_dir: the merged 16-bit model, or None if not exported.
-        before: the first reward's mean on the held-out rows before training (None: no evaluation).
+        before: the first reward's mean on the held-out rows before training (None: no evaluation). A resumed
+            run reports the score measured before its first session (kept in the checkpoint).
         after: the same after training (None also when that evaluation failed: see `evaluation_errors`). Under
             several processes (`accelerate launch`, torchrun) only the main process evaluates, exports and
             writes the summary; the others return None there.
@@ -308,6 +309,8 @@ def train(
             that helps (the same check runs on the final score, also with 0). Default: once, halfway; 0: only
             before/after. An evaluation whose reward raises warns (`EvaluationWarning`) and loses only its score:
             training and the export go on, and train_result.json lists the error under 'evaluation_errors'.
+            The starting score and the scores so far are kept in each checkpoint, so a resumed run still
+            compares with the first session's starting score.
         save_steps: write a checkpoint every N steps (keeps the last 2); None: no checkpoints.
         resume: True resumes from the last complete checkpoint in the checkpoint folder (if any); a path
             resumes from that checkpoint.
@@ -507,6 +510,7 @@ def train(
             monitor.errors,
             final=True,
         )
+        before = monitor.before  # a resumed run's starting score comes from its checkpoint
     if after is not None:
         monitor.check(trainer.state.global_step, after, graded)
     exports, gguf_file = _export_all(

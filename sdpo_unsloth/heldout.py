@@ -21,7 +21,8 @@ and wrong on others (so it does not depend on the question: a right answer to ea
 
 An evaluation that fails (a reward that raises, e.g. an LLM judge's API returning 503) costs its score only:
 `guarded_score` warns (`EvaluationWarning`, naming the error) and records it, and training and the export go
-on.
+on. The starting score and the scores so far live in the Trainer's log history (`BEFORE_KEY`, `SCORE_KEY`), so
+a checkpoint carries them and a resumed run's monitor picks them up again.
 """
 
 from __future__ import annotations
@@ -38,6 +39,9 @@ MIN_DROP = 0.05
 NOISE_SIGMAS = 2.0
 FLOOR_VAR = 0.0625  # the variance of a score at 0.067 / 0.933: at most ~4x a score's SE near 0 or 1
 
+
+BEFORE_KEY = "eval/heldout_before"  # the starting score, logged at step 0 (kept in checkpoints)
+SCORE_KEY = "eval/heldout_score"  # a score during training
 
 SAME_SHARE = 0.5  # a constant: one completion for at least this share of the held-out rows
 MIN_ROWS = 8  # fewer rows say nothing about a constant
@@ -172,6 +176,9 @@ class HeldOutMonitor(TrainerCallback):
     `before` is the starting score. The last step is left to `train()`'s own "after" score, which it passes
     to `check`; `every=0` scores nothing during training. Also warns once (`ConstantAnswerWarning`) when one
     completion answers most held-out rows. An evaluation that raises is skipped with a warning (`errors`).
+
+    The starting score and the scores are kept in the log history: a run resumed from a checkpoint restores
+    them (`before`, `scores`) at the start of training.
     """
 
     def __init__(self, trainer: Any, evaluate: Any, before: float | None, rows: int, every: int):
@@ -188,6 +195,18 @@ class HeldOutMonitor(TrainerCallback):
         # (step, completion, how many rows got it) of the first constant answer seen
         self.constant: tuple[int, str, int] | None = None
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:  # a fresh run: keep the starting score with the run's history
+            if self.before is not None:
+                state.log_history.append({BEFORE_KEY: self.before, "step": 0})
+            return
+        # resumed: the checkpoint's history holds the starting score and the scores up to its step
+        for entry in state.log_history:
+            if BEFORE_KEY in entry and self.before is None:
+                self.before = entry[BEFORE_KEY]
+            elif SCORE_KEY in entry:
+                self.scores.append((entry["step"], entry[SCORE_KEY]))
+
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
         if not self.every or step % self.every or step >= state.max_steps or not state.is_world_process_zero:
@@ -197,7 +216,7 @@ class HeldOutMonitor(TrainerCallback):
         if score is None:
             return
         self.scores.append((step, score))
-        logs = {"eval/heldout_score": score}
+        logs = {SCORE_KEY: score}
         state.log_history.append({**logs, "step": step})
         flags = (control.should_log, control.should_save, control.should_evaluate)
         self.trainer.callback_handler.on_log(args, state, control, logs)  # report_to integrations

@@ -397,6 +397,39 @@ def test_a_reward_failing_mid_run_saves_the_completed_steps_to_resume_from(tmp_p
     assert [e["step"] for e in result.log_history if "reward" in e] == [1, 2, 3, 4]
 
 
+def test_held_out_scores_and_the_starting_score_survive_a_resume(tmp_path, tiny_model_dir):
+    """The starting score and the scores so far are kept in the checkpoint: after resume=True the regression
+    check still compares with the first session's starting score, and train_result.json keeps every score."""
+    from sdpo_unsloth.heldout import RegressionWarning
+
+    held_out = {"score": 1.0}
+
+    def reward(prompts, completions, trainer_state=None, **kwargs):
+        if trainer_state is None:  # an evaluation
+            return [held_out["score"]] * len(completions)
+        return [0.5 + 0.1 * (i % 2) for i in range(len(completions))]
+
+    out = tmp_path / "run"
+    options = {
+        **TINY,
+        "eval_steps": 1,
+        "save_steps": 1,
+        "preflight": False,
+        "plot": False,
+        "export_formats": (),
+    }
+    first = train(tiny_model_dir, rows(), reward, str(out), **options)
+    assert first.before == 1.0
+    held_out["score"] = 0.0  # the second session's evaluations fall
+    with pytest.warns(RegressionWarning, match="1.000 before, 0.000 after 3 steps"):
+        second = train(tiny_model_dir, rows(), reward, str(out), resume=True, **{**options, "max_steps": 4})
+    assert second.resumed_from == str(out / "checkpoints" / "checkpoint-2")
+    assert second.before == 1.0 and second.after == 0.0
+    summary = json.loads((out / "train_result.json").read_text())
+    assert summary["before"] == 1.0
+    assert summary["heldout_scores"] == [{"step": 1, "score": 1.0}, {"step": 3, "score": 0.0}]
+
+
 def test_reward_timeout_0_runs_a_signal_based_reward_in_training_and_evaluation(tmp_path, tiny_model_dir):
     """signal.alarm works only in the main thread: reward_timeout=0 (no limit) calls the reward there, in the
     before/after evaluations too."""
