@@ -25,12 +25,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
 
 from .bootstrap import Backend, bootstrap
-from .checkpoints import last_complete_checkpoint
+from .checkpoints import is_complete, last_complete_checkpoint
 from .config import HybridMode, SDPOConfig, TeacherMode
 from .data import BUILTIN_TASKS, TrainInputs, _is_task, resolve_inputs, task_completion_length
 from .evaluate import evaluate_model
 from .preconditions import UsageError, check_prompt_lengths, check_tokenizer, check_writable
 from .report import _jsonable, _plot_rewards, _use_compact_progress
+from .rewards.protocol import RewardError, checked_reward
 from .train_config import (
     CHECKPOINT_SUBDIR,
     DEFAULTS,
@@ -59,9 +60,11 @@ class TrainResult:
             train_result.json).
         adapter_dir: the student LoRA adapter export, or None if not exported.
         merged_dir: the merged 16-bit model, or None if not exported.
-        before: the first reward's mean on the held-out rows before training (None: no evaluation).
-        after: the same after training. Under several processes (`accelerate launch`, torchrun) only
-            the main process evaluates, exports and writes the summary; the others return None there.
+        before: the first reward's mean on the held-out rows before training (None: no evaluation). A resumed
+            run reports the score measured before its first session (kept in the checkpoint).
+        after: the same after training (None also when that evaluation failed: see `evaluation_errors`). Under
+            several processes (`accelerate launch`, torchrun) only the main process evaluates, exports and
+            writes the summary; the others return None there.
         metrics: the last training log entry plus the run summary (runtime, steps, ...).
         log_history: every log entry of the run.
         reward_curve_png: the reward-curve plot, or None (matplotlib missing or `plot=False`).
@@ -69,6 +72,8 @@ class TrainResult:
         gguf_file: the exported GGUF file (q8_0), or None if not exported.
         stopped_early: why the run stopped before max_steps (the time budget), or None.
         last_checkpoint: the newest complete checkpoint (resume from it), or None.
+        evaluation_errors: the held-out evaluations that failed (a reward that raised, ...), each
+            {"step", "evaluation" ("held-out" or "final"), "error"}; their scores are missing, the run went on.
     """
 
     output_dir: str
@@ -83,6 +88,7 @@ class TrainResult:
     gguf_file: str | None = None
     stopped_early: str | None = None
     last_checkpoint: str | None = None
+    evaluation_errors: tuple[dict[str, Any], ...] = ()
 
 
 # ------------------------------------------------------------------------------------------ stages
@@ -151,6 +157,34 @@ def _run_preflight(trainer: Any, data: Dataset, seed: int) -> Any:
     if report.nothing_to_learn:
         raise PreflightError(report)
     return report
+
+
+def _save_progress(trainer: Any, exc: RewardError, single_process: bool) -> RewardError:
+    """The reward error that stopped training, after saving a checkpoint of the last completed optimizer step.
+
+    A reward runs after the step's sampling and before its update, so the weights, optimizer and teacher are
+    those of the last completed step: a consistent checkpoint. The returned error (same type) adds the step,
+    the checkpoint and how to resume.
+    """
+    done, total = trainer.state.global_step, trainer.state.max_steps
+    where = f"Training stopped in optimizer step {done + 1} of {total}"
+    if done == 0:
+        return type(exc)(f"{exc} {where}, before any update: nothing was trained, nothing to save.")
+    path = Path(trainer.args.output_dir) / f"checkpoint-{done}"
+    failed = ""
+    if not is_complete(path) and single_process:
+        try:
+            trainer._save_checkpoint(trainer.model, trial=None)
+        except Exception as save_error:  # the reward error stays the one raised
+            failed = f" (saving it failed: {save_error})"
+    if not is_complete(path):
+        return type(exc)(
+            f"{exc} {where}; steps 1-{done} completed but no checkpoint of step {done} could be written{failed}."
+        )
+    return type(exc)(
+        f"{exc} {where}; steps 1-{done} completed and {path} holds them. Fix the reward, then call train() "
+        "again with resume=True (same output_dir and checkpoint_dir), or add --resume to the command, to continue."
+    )
 
 
 def _export_all(
@@ -272,7 +306,11 @@ def train(
         eval_batch_size: prompts per generation batch in evaluation.
         eval_steps: also score the held-out rows every N optimizer steps, logged as `eval/heldout_score`; a score
             below the starting one by more than evaluation noise raises a `RegressionWarning` naming the setting
-            that helps (the same check runs on the final score). Default: once, halfway; 0: only before/after.
+            that helps (the same check runs on the final score, also with 0). Default: once, halfway; 0: only
+            before/after. An evaluation whose reward raises warns (`EvaluationWarning`) and loses only its score:
+            training and the export go on, and train_result.json lists the error under 'evaluation_errors'.
+            The starting score and the scores so far are kept in each checkpoint, so a resumed run still
+            compares with the first session's starting score.
         save_steps: write a checkpoint every N steps (keeps the last 2); None: no checkpoints.
         resume: True resumes from the last complete checkpoint in the checkpoint folder (if any); a path
             resumes from that checkpoint.
@@ -280,7 +318,9 @@ def train(
             so a recycled runtime keeps them. Checkpoints appear there only when complete.
         time_budget: wall time for this call, e.g. 11h30m, 90m or seconds: before the next step would cross
             it, save a complete checkpoint, stop, evaluate and export; `--resume` continues. Default: none.
-        reward_timeout: seconds one reward call may take before training stops with an error (default 600).
+        reward_timeout: seconds one reward call may take, in training and evaluation, before the run stops with
+            an error (default 600). 0: no limit; the reward is then called in the trainer's own thread, as a
+            reward that uses `signal.alarm` needs.
         export_formats: exports after training: "lora" (adapter/), "merged_16bit" (merged/), "gguf" (gguf/,
             one q8_0 llama.cpp file, Llama/Qwen2-family models); empty for none.
         logging_steps: log every N steps (default 1).
@@ -325,8 +365,10 @@ def train(
         grpo_weight=grpo_weight,
         hybrid_mode=hybrid_mode,
         time_budget=time_budget,
-        reward_timeout=reward_timeout,
+        reward_timeout=reward_timeout or None,  # 0: no limit, set below
     )
+    if reward_timeout == 0:
+        sdpo = dataclasses.replace(sdpo, reward_timeout=None)
     if gradient_checkpointing is None and grpo_config is not None:
         gradient_checkpointing = grpo_config.gradient_checkpointing if chosen.device == "cuda" else False
     args = _build_grpo_config(
@@ -359,6 +401,11 @@ def train(
         rows_needed=max(64, args.max_steps * _prompts_per_step(args)),
         seed=args.seed,
     )
+    for func in inputs.reward_funcs:  # a reward class passed for an instance fails here, not after loading
+        try:
+            checked_reward(func)
+        except RewardError as exc:
+            raise UsageError(str(exc)) from None
     resume_from = _resume_target(resume, checkpoint_dir)
     _check_folders(output, checkpoint_dir, export_formats)
 
@@ -374,7 +421,11 @@ def train(
         lora_r=lora_r,
         lora_alpha=lora_alpha,
     )
-    eval_kwargs = {"max_new_tokens": args.max_completion_length, "batch_size": eval_batch_size}
+    eval_kwargs = {
+        "max_new_tokens": args.max_completion_length,
+        "batch_size": eval_batch_size,
+        "reward_timeout": sdpo.reward_timeout,  # as in training: None runs a signal-based reward in this thread
+    }
     reward = inputs.reward_funcs[0]
     # Under `accelerate launch` / torchrun every process trains; evaluation, export, the plot and the
     # summary happen once, on the main process.
@@ -405,10 +456,10 @@ def train(
         trainer.time_budget.start = started
         trainer.time_budget.reserve_s = time.monotonic() - eval_started if before is not None else 0.0
         trainer.time_budget.after_stop_saves = len(export_formats)
-    from .heldout import HeldOutMonitor, warn_constant
+    from .heldout import HeldOutMonitor, guarded_score
 
     monitor = None
-    if main and inputs.eval_rows and eval_steps != 0 and args.max_steps > 1:
+    if main and inputs.eval_rows:
         every = eval_steps if eval_steps is not None else max(1, args.max_steps // 2)
         monitor = HeldOutMonitor(
             trainer,
@@ -432,7 +483,10 @@ def train(
     else:
         _use_compact_progress(trainer)
     report = _run_preflight(trainer, inputs.train_data, args.seed) if preflight else None
-    outcome = trainer.train(resume_from_checkpoint=resume_from)
+    try:
+        outcome = trainer.train(resume_from_checkpoint=resume_from)
+    except RewardError as exc:  # keep the completed steps: a checkpoint of the last one
+        raise _save_progress(trainer, exc, processes.num_processes == 1) from exc
     budget = trainer.time_budget
     stopped = budget.summary(args.max_steps) if budget is not None and budget.stopped_at is not None else None
     if stopped:
@@ -442,18 +496,23 @@ def train(
             stacklevel=2,
         )
 
-    # evaluate and export (main process)
+    # evaluate and export (main process); a failed evaluation costs its score, never the trained student
     trained = trainer.accelerator.unwrap_model(trainer.model)
     graded: list[tuple[str, float | None]] = []
-    after = (
-        evaluate_model(trained, tokenizer, inputs.eval_rows, reward, graded=graded, **eval_kwargs)
-        if main
-        else None
-    )
-    if monitor is not None and after is not None:
+    after = None
+    if monitor is not None:
+        after = guarded_score(
+            lambda graded: evaluate_model(
+                trained, tokenizer, inputs.eval_rows, reward, graded=graded, **eval_kwargs
+            ),
+            graded,
+            trainer.state.global_step,
+            monitor.errors,
+            final=True,
+        )
+        before = monitor.before  # a resumed run's starting score comes from its checkpoint
+    if after is not None:
         monitor.check(trainer.state.global_step, after, graded)
-    elif after is not None:
-        warn_constant(graded, after, trainer.state.global_step, sdpo)
     exports, gguf_file = _export_all(
         trainer, tokenizer, sdpo, output, export_formats if main else (), chosen.device
     )
@@ -476,6 +535,7 @@ def train(
         gguf_file=gguf_file,
         stopped_early=stopped,
         last_checkpoint=last_complete_checkpoint(checkpoint_dir, warn=False),
+        evaluation_errors=tuple(monitor.errors) if monitor else (),
     )
     summary = {k: v for k, v in dataclasses.asdict(result).items() if k != "log_history"}
     summary.update(

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from .bootstrap import bootstrap, current_backend
+from .rewards.protocol import DEFAULT_REWARD_TIMEOUT
 
 __all__ = ["evaluate_model", "evaluate_with_reward", "greedy_completions"]
 
@@ -76,13 +77,15 @@ def evaluate_with_reward(
     max_new_tokens: int,
     batch_size: int,
     graded: list[tuple[str, float | None]] | None = None,
+    reward_timeout: float | None = DEFAULT_REWARD_TIMEOUT,
 ) -> float | None:
     """Greedy completions for `rows`, scored by `reward`: the mean score (None-scored rows skipped).
 
-    `graded`, when given, receives (completion, score) per row in row order."""
+    `graded`, when given, receives (completion, score) per row in row order. `reward_timeout`: seconds one
+    reward call may take, as in training (None: no limit, called in this thread, e.g. for `signal.alarm`)."""
     from .rewards.protocol import CheckedReward
 
-    checked = CheckedReward(reward)
+    checked = CheckedReward(reward, timeout=reward_timeout)
     scores: list[float] = []
     for batch, decoded, completion_ids in greedy_completions(
         model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size
@@ -95,11 +98,18 @@ def evaluate_with_reward(
 
 
 def evaluate_model(
-    model: Any, tokenizer: Any, rows: list[dict[str, Any]], reward: Any, **kwargs: Any
+    model: Any,
+    tokenizer: Any,
+    rows: list[dict[str, Any]],
+    reward: Any,
+    *,
+    reward_timeout: float | None = DEFAULT_REWARD_TIMEOUT,
+    **kwargs: Any,
 ) -> float | None:
     """The score `train()` reports before and after training (None without evaluation rows).
 
-    The addition task is scored by its own first-integer accuracy; any other reward by its mean score.
+    The addition task is scored by its own first-integer accuracy; any other reward by its mean score, each
+    call under `reward_timeout` (the run's `SDPOConfig.reward_timeout`; None: no limit).
     `graded=[]` (a keyword argument) receives (greedy completion, its score) per row in row order.
     Under unsloth the model is switched to inference mode for the generation and back afterwards.
     """
@@ -115,7 +125,7 @@ def evaluate_model(
 
         if isinstance(reward, AdditionReward):  # the task's own greedy-accuracy helper
             return evaluate(model, tokenizer, rows, **kwargs)
-        return evaluate_with_reward(model, tokenizer, rows, reward, **kwargs)
+        return evaluate_with_reward(model, tokenizer, rows, reward, reward_timeout=reward_timeout, **kwargs)
     finally:
         if unsloth:
             FastLanguageModel.for_training(model)

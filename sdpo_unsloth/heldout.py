@@ -18,6 +18,11 @@ question scores the share of questions whose answer is that constant (53% on the
 When one completion is given to at least `SAME_SHARE` of the held-out rows and is scored right on some of them
 and wrong on others (so it does not depend on the question: a right answer to each would score alike),
 `ConstantAnswerWarning` says so, once, with the completion and the setting that helps.
+
+An evaluation that fails (a reward that raises, e.g. an LLM judge's API returning 503) costs its score only:
+`guarded_score` warns (`EvaluationWarning`, naming the error) and records it, and training and the export go
+on. The starting score and the scores so far live in the Trainer's log history (`BEFORE_KEY`, `SCORE_KEY`), so
+a checkpoint carries them and a resumed run's monitor picks them up again.
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from __future__ import annotations
 import math
 import warnings
 from collections import Counter
+from collections.abc import Callable
 from typing import Any
 
 from transformers import TrainerCallback
@@ -34,12 +40,19 @@ NOISE_SIGMAS = 2.0
 FLOOR_VAR = 0.0625  # the variance of a score at 0.067 / 0.933: at most ~4x a score's SE near 0 or 1
 
 
+BEFORE_KEY = "eval/heldout_before"  # the starting score, logged at step 0 (kept in checkpoints)
+SCORE_KEY = "eval/heldout_score"  # a score during training
+
 SAME_SHARE = 0.5  # a constant: one completion for at least this share of the held-out rows
 MIN_ROWS = 8  # fewer rows say nothing about a constant
 
 
 class RegressionWarning(UserWarning):
     """Training lowered the held-out score: the message names the cause and the setting that helps."""
+
+
+class EvaluationWarning(UserWarning):
+    """A held-out evaluation failed: its score is missing, training and the export go on."""
 
 
 class ConstantAnswerWarning(UserWarning):
@@ -126,37 +139,84 @@ def advice(sdpo: Any, zero_std: list[float]) -> str:
     )
 
 
+def guarded_score(
+    evaluate: Callable[[list[tuple[str, float | None]]], float | None],
+    graded: list[tuple[str, float | None]],
+    step: int,
+    errors: list[dict[str, Any]],
+    final: bool = False,
+) -> float | None:
+    """`evaluate(graded)`, or None when it raises: then `graded` is emptied, the error is appended to `errors`
+    ({"step", "evaluation", "error"}) and an `EvaluationWarning` names it. `final`: the "after" evaluation."""
+    try:
+        return evaluate(graded)
+    except Exception as exc:
+        graded.clear()
+        error = f"{type(exc).__name__}: {exc}"
+        which = "final" if final else "held-out"
+        errors.append({"step": step, "evaluation": which, "error": error})
+        goes_on = (
+            "the trained student is exported anyway and `after` is None"
+            if final
+            else "this score is skipped and training goes on"
+        )
+        warnings.warn(
+            f"the {which} evaluation after {step} steps failed, so its score is missing: {error} ({goes_on}; "
+            "the error is in train_result.json, 'evaluation_errors').",
+            EvaluationWarning,
+            stacklevel=3,
+        )
+        return None
+
+
 class HeldOutMonitor(TrainerCallback):
     """Scores the held-out rows every `every` optimizer steps (main process), logs it, warns on a regression.
 
     `evaluate(graded)` returns the score (or None) and puts (greedy completion, score) per row into `graded`;
     `before` is the starting score. The last step is left to `train()`'s own "after" score, which it passes
-    to `check`. Also warns once (`ConstantAnswerWarning`) when one completion answers most held-out rows.
+    to `check`; `every=0` scores nothing during training. Also warns once (`ConstantAnswerWarning`) when one
+    completion answers most held-out rows. An evaluation that raises is skipped with a warning (`errors`).
+
+    The starting score and the scores are kept in the log history: a run resumed from a checkpoint restores
+    them (`before`, `scores`) at the start of training.
     """
 
     def __init__(self, trainer: Any, evaluate: Any, before: float | None, rows: int, every: int):
-        if every < 1:
-            raise ValueError(f"eval_steps must be >= 1, got {every}")
+        if every < 0:
+            raise ValueError(f"eval_steps must be >= 0, got {every}")
         self.trainer = trainer
         self.evaluate = evaluate
         self.before = before
         self.rows = rows
         self.every = every
         self.scores: list[tuple[int, float]] = []
+        self.errors: list[dict[str, Any]] = []
         self.warned = False
         # (step, completion, how many rows got it) of the first constant answer seen
         self.constant: tuple[int, str, int] | None = None
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        if state.global_step == 0:  # a fresh run: keep the starting score with the run's history
+            if self.before is not None:
+                state.log_history.append({BEFORE_KEY: self.before, "step": 0})
+            return
+        # resumed: the checkpoint's history holds the starting score and the scores up to its step
+        for entry in state.log_history:
+            if BEFORE_KEY in entry and self.before is None:
+                self.before = entry[BEFORE_KEY]
+            elif SCORE_KEY in entry:
+                self.scores.append((entry["step"], entry[SCORE_KEY]))
+
     def on_step_end(self, args, state, control, **kwargs):
         step = state.global_step
-        if step % self.every or step >= state.max_steps or not state.is_world_process_zero:
+        if not self.every or step % self.every or step >= state.max_steps or not state.is_world_process_zero:
             return
         graded: list[tuple[str, float | None]] = []
-        score = self.evaluate(graded)
+        score = guarded_score(self.evaluate, graded, step, self.errors)
         if score is None:
             return
         self.scores.append((step, score))
-        logs = {"eval/heldout_score": score}
+        logs = {SCORE_KEY: score}
         state.log_history.append({**logs, "step": step})
         flags = (control.should_log, control.should_save, control.should_evaluate)
         self.trainer.callback_handler.on_log(args, state, control, logs)  # report_to integrations

@@ -206,6 +206,10 @@ def test_device_settings_pick_fp16_on_a_t4(monkeypatch):
         ({"dataset": rows(8), "rewards": None}, r"`rewards` is missing"),
         ({"dataset": rows(8), "rewards": "exactness"}, r"unknown reward 'exactness'"),
         (
+            {"dataset": rows(8), "rewards": HasDigit},
+            r"reward HasDigit is a class; pass an instance, HasDigit\(\)",
+        ),
+        (
             {"dataset": rows(8), "export_formats": ("onnx",)},
             r"`export_formats` may hold lora, merged_16bit, gguf",
         ),
@@ -319,3 +323,137 @@ def test_train_warns_when_one_completion_answers_most_held_out_rows(
             eval_steps=eval_steps,
         )
     assert seen == ([8, 8] if eval_steps is None else [8])  # halfway + final, or the final alone
+
+
+def test_a_failing_evaluation_costs_its_score_not_the_trained_student(tmp_path, tiny_model_dir):
+    """An LLM judge that fails (503) in every evaluation after the first: the halfway score is skipped with a
+    warning, the final one is None, and the adapter is exported all the same, with the errors recorded."""
+    from sdpo_unsloth.heldout import EvaluationWarning
+
+    evaluations = []
+
+    def judge(prompts, completions, trainer_state=None, **kwargs):
+        if trainer_state is None:  # an evaluation: training calls pass the TrainerState
+            evaluations.append(len(completions))
+            if len(evaluations) > 1:
+                raise ConnectionError("judge API: 503 Service Unavailable")
+        return [0.5 + 0.1 * (i % 2) for i in range(len(completions))]
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        result = train(
+            tiny_model_dir,
+            rows(),
+            judge,
+            str(tmp_path / "run"),
+            **{**TINY, "preflight": False, "plot": False, "export_formats": ("lora",)},
+        )
+    failed = [str(w.message) for w in caught if issubclass(w.category, EvaluationWarning)]
+    assert len(evaluations) == 3 and len(failed) == 2  # before, halfway (step 1), final (step 2)
+    assert failed[0].startswith("the held-out evaluation after 1 steps failed, so its score is missing")
+    assert (
+        "ConnectionError: judge API: 503" in failed[1] and "exported anyway and `after` is None" in failed[1]
+    )
+    assert result.before == 0.55 and result.after is None
+    assert (Path(result.adapter_dir) / "adapter_model.safetensors").is_file()
+    summary = json.loads((Path(result.output_dir) / "train_result.json").read_text())
+    assert summary["after"] is None and summary["heldout_scores"] == []
+    errors = [(e["step"], e["evaluation"]) for e in summary["evaluation_errors"]]
+    assert errors == [(1, "held-out"), (2, "final")] and "503" in summary["evaluation_errors"][1]["error"]
+
+
+def test_a_reward_failing_mid_run_saves_the_completed_steps_to_resume_from(tmp_path, tiny_model_dir):
+    """No save_steps: a reward raising at step 3 still leaves checkpoint-2, named in the error with how to
+    resume; resume=True then finishes the run from it."""
+    from sdpo_unsloth import RewardError
+
+    calls = []
+
+    def flaky(prompts, completions, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # one call per step: step 3
+            raise ZeroDivisionError("division by zero")
+        return [0.5 + 0.1 * (i % 2) for i in range(len(completions))]
+
+    out = tmp_path / "run"
+    options = {
+        **TINY,
+        "max_steps": 4,
+        "eval_size": 0,
+        "preflight": False,
+        "plot": False,
+        "export_formats": (),
+    }
+    with pytest.raises(RewardError) as info:
+        train(tiny_model_dir, rows(), flaky, str(out), **options)
+    saved = out / "checkpoints" / "checkpoint-2"
+    message = str(info.value)
+    assert "raised ZeroDivisionError: division by zero" in message and "**kwargs" not in message
+    assert f"stopped in optimizer step 3 of 4; steps 1-2 completed and {saved} holds them" in message
+    assert "resume=True" in message and "--resume" in message
+    assert last_complete_checkpoint(out / "checkpoints") == str(saved)
+    result = train(tiny_model_dir, rows(), flaky, str(out), resume=True, **options)
+    assert result.resumed_from == str(saved)
+    assert [e["step"] for e in result.log_history if "reward" in e] == [1, 2, 3, 4]
+
+
+def test_held_out_scores_and_the_starting_score_survive_a_resume(tmp_path, tiny_model_dir):
+    """The starting score and the scores so far are kept in the checkpoint: after resume=True the regression
+    check still compares with the first session's starting score, and train_result.json keeps every score."""
+    from sdpo_unsloth.heldout import RegressionWarning
+
+    held_out = {"score": 1.0}
+
+    def reward(prompts, completions, trainer_state=None, **kwargs):
+        if trainer_state is None:  # an evaluation
+            return [held_out["score"]] * len(completions)
+        return [0.5 + 0.1 * (i % 2) for i in range(len(completions))]
+
+    out = tmp_path / "run"
+    options = {
+        **TINY,
+        "eval_steps": 1,
+        "save_steps": 1,
+        "preflight": False,
+        "plot": False,
+        "export_formats": (),
+    }
+    first = train(tiny_model_dir, rows(), reward, str(out), **options)
+    assert first.before == 1.0
+    held_out["score"] = 0.0  # the second session's evaluations fall
+    with pytest.warns(RegressionWarning, match="1.000 before, 0.000 after 3 steps"):
+        second = train(tiny_model_dir, rows(), reward, str(out), resume=True, **{**options, "max_steps": 4})
+    assert second.resumed_from == str(out / "checkpoints" / "checkpoint-2")
+    assert second.before == 1.0 and second.after == 0.0
+    summary = json.loads((out / "train_result.json").read_text())
+    assert summary["before"] == 1.0
+    assert summary["heldout_scores"] == [{"step": 1, "score": 1.0}, {"step": 3, "score": 0.0}]
+
+
+def test_reward_timeout_0_runs_a_signal_based_reward_in_training_and_evaluation(tmp_path, tiny_model_dir):
+    """signal.alarm works only in the main thread: reward_timeout=0 (no limit) calls the reward there, in the
+    before/after evaluations too."""
+    import signal
+
+    def with_alarm(prompts, completions, **kwargs):
+        previous = signal.signal(signal.SIGALRM, signal.default_int_handler)
+        signal.alarm(5)
+        try:
+            return [0.5 + 0.1 * (i % 2) for i in range(len(completions))]
+        finally:
+            signal.alarm(0)
+            signal.signal(signal.SIGALRM, previous)
+
+    result = train(
+        tiny_model_dir,
+        rows(),
+        with_alarm,
+        str(tmp_path / "run"),
+        reward_timeout=0,
+        **{**TINY, "max_steps": 1, "preflight": False, "plot": False, "export_formats": ()},
+    )
+    assert result.before == 0.55 and result.after == 0.55
+    assert (
+        json.loads((tmp_path / "run" / "train_result.json").read_text())["sdpo_config"]["reward_timeout"]
+        is None
+    )

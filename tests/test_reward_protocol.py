@@ -115,6 +115,94 @@ def test_exception_inside_reward_is_wrapped_with_its_name():
     assert isinstance(info.value.__cause__, KeyError)
 
 
+def test_an_error_inside_the_reward_is_not_blamed_on_its_signature():
+    """A ZeroDivisionError / ConnectionError is the reward's own failure: no advice about **kwargs."""
+
+    def judge(prompts, completions, **kwargs):
+        raise ConnectionError("judge API: 503 Service Unavailable")
+
+    def typed(prompts, completions, answer, **kwargs):
+        return [len(answer) + "1" for _ in completions]  # a TypeError of its own, not of the call
+
+    for func, raised in (
+        (judge, "ConnectionError: judge API: 503"),
+        (typed, "TypeError: unsupported operand"),
+    ):
+        with pytest.raises(RewardError) as info:
+            CheckedReward(func)(prompts=PROMPTS, completions=COMPLETIONS, answer=["7"] * 3)
+        message = str(info.value)
+        assert raised in message and "return None for the completions it cannot score" in message
+        assert "**kwargs" not in message and "columns" not in message
+
+
+def needs_solution(prompts, completions, solution, **kwargs):
+    return [1.0] * len(completions)
+
+
+def no_kwargs(prompts, completions, answer, tests):
+    return [1.0] * len(completions)
+
+
+@pytest.mark.parametrize(
+    ("func", "message"),
+    [
+        # a parameter no column fills: the columns it is called with, and the fix
+        (needs_solution, "with the dataset columns answer, tests: no column is named 'solution'. Name its"),
+        # no **kwargs: it cannot take completion_ids
+        (no_kwargs, "accept **kwargs for the arguments and columns you do not use"),
+    ],
+)
+def test_a_call_that_does_not_fit_the_signature_names_the_columns(func, message):
+    with pytest.raises(RewardError, match=f"reward '{func.__name__}' raised TypeError") as info:
+        CheckedReward(func)(
+            prompts=PROMPTS,
+            completions=COMPLETIONS,
+            completion_ids=[[1]] * 3,
+            answer=["7"] * 3,
+            tests=["t"] * 3,
+        )
+    assert message in str(info.value)
+
+
+def test_a_reward_class_asks_for_an_instance():
+    with pytest.raises(RewardError, match=r"reward SeedStyle is a class; pass an instance, SeedStyle\(\)"):
+        CheckedReward(SeedStyle)
+
+
+def test_feedback_given_as_one_string_says_it_must_be_a_list():
+    class OneString:
+        def __init__(self):
+            self.last_feedback: list[str] | str = []
+
+        def __call__(self, prompts, completions, **kwargs):
+            self.last_feedback = "wrong"
+            return [0.0] * len(completions)
+
+    with pytest.raises(
+        RewardError, match=r"set last_feedback to a str \('wrong'\); it must be a list with one"
+    ):
+        CheckedReward(OneString())(prompts=PROMPTS, completions=COMPLETIONS)
+
+
+def test_a_call_scoring_no_completion_warns_once_naming_the_reward():
+    import warnings
+
+    from sdpo_unsloth.rewards.protocol import NoSignalWarning
+
+    def unsure(prompts, completions, **kwargs):
+        return [None] * len(completions)
+
+    reward = CheckedReward(unsure)
+    with pytest.warns(NoSignalWarning, match="reward 'unsure' returned None for all 3 completions"):
+        assert reward(prompts=PROMPTS, completions=COMPLETIONS) == [None] * 3
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        reward(prompts=PROMPTS, completions=COMPLETIONS)  # once per reward
+        CheckedReward(lambda prompts, completions, **kw: [None, 1.0, None])(
+            PROMPTS, COMPLETIONS
+        )  # some scored
+
+
 def test_wrong_length_feedback_is_an_error():
     class Short:
         def __init__(self):

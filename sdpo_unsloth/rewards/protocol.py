@@ -7,9 +7,12 @@ completion. Three ways to also give SDPO's teacher feedback:
 2. a callable whose `last_feedback: list[str]` is set by each call (the seed's pattern);
 3. a function returning `RewardResult(score, feedback)` per completion.
 
-`None` means "cannot score this completion" (TRL skips it). Anything else that is not one finite
+`None` means "cannot score this completion" (TRL skips it); a call that scores none of its completions
+warns once (`NoSignalWarning`): those completions teach nothing. Anything else that is not one finite
 number per completion is an error that names the reward and the fix: TRL itself silently scores
-NaN as 0, broadcasts a 1-element list, and turns one `inf` into NaN weights.
+NaN as 0, broadcasts a 1-element list, and turns one `inf` into NaN weights. A reward that raises is
+reported with its error; a `TypeError` from the call itself (a parameter that is not a dataset column, no
+`**kwargs`) names the columns it is called with.
 
 Each call runs in a helper thread, joined with a timeout (`timeout`, default `DEFAULT_REWARD_TIMEOUT`
 seconds): a reward that hangs stops training with a `RewardTimeout` naming the reward and the time,
@@ -25,6 +28,7 @@ import inspect
 import math
 import threading
 import time
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -32,6 +36,8 @@ DEFAULT_REWARD_TIMEOUT = (
     600.0  # seconds per call: generous; a code reward on a slow T4 batch stays well under
 )
 SLOW_REWARD_AFTER = 10.0  # seconds before a running call is reported as slow
+# what the trainer passes besides the dataset columns (TRL's GRPOTrainer: completion ids, its state, loggers)
+_TRAINER_ARGUMENTS = ("prompts", "completions", "completion_ids", "trainer_state", "log_extra", "log_metric")
 
 
 class RewardResult(NamedTuple):
@@ -50,7 +56,11 @@ class RewardError(ValueError):
 
 
 class RewardTimeout(RewardError):
-    """A reward call ran past its timeout; training stopped without saving."""
+    """A reward call ran past its timeout; training stopped before the step's update."""
+
+
+class NoSignalWarning(UserWarning):
+    """A reward scored none of a call's completions (None for each): they give no training signal."""
 
 
 def completion_text(completion: str | Sequence[Mapping[str, Any]]) -> str:
@@ -121,6 +131,11 @@ class CheckedReward:
         slow_after: float = SLOW_REWARD_AFTER,
         on_slow: Callable[[str, float], None] | None = None,
     ):
+        if inspect.isclass(func):
+            raise RewardError(
+                f"reward {func.__name__} is a class; pass an instance, {func.__name__}() (calling the class "
+                "would build an object, not score the completions)."
+            )
         if not callable(func):
             raise RewardError(f"reward {func!r} is not callable; pass a function or an object with __call__.")
         if timeout is not None and not (isinstance(timeout, int | float) and timeout > 0):
@@ -134,6 +149,7 @@ class CheckedReward:
         self.__name__ = reward_name(func)
         self.last_scores: list[float | None] = []
         self.last_feedback: list[str] = []
+        self.warned_no_signal = False
 
     def __call__(
         self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any
@@ -142,7 +158,7 @@ class CheckedReward:
         try:
             output = self._call_with_timeout(prompts=prompts, completions=completions, **kwargs)
         except Exception as exc:
-            raise self._raised(exc) from exc
+            raise self._raised(exc, kwargs) from exc
         return self._check(output, len(completions))
 
     def _start(self) -> None:
@@ -150,14 +166,50 @@ class CheckedReward:
         if hasattr(self.func, "last_feedback"):
             self.func.last_feedback = []  # a reward that forgets to reset it must not leak old feedback
 
-    def _raised(self, exc: Exception) -> Exception:
+    def _raised(self, exc: Exception, kwargs: dict[str, Any]) -> Exception:
         if isinstance(exc, RewardError):
             return exc
+        raised = f"reward '{self.__name__}' raised {type(exc).__name__}: {exc}."
+        hint = self._signature_hint(kwargs) if isinstance(exc, TypeError) else None
         return RewardError(
-            f"reward '{self.__name__}' raised {type(exc).__name__}: {exc}. Fix the reward function (it is called "
-            "as f(prompts=..., completions=..., completion_ids=..., **dataset_columns)); accept **kwargs for "
-            "columns you do not use."
+            f"{raised} {hint}"
+            if hint
+            else f"{raised} Fix the reward function or the data it reads; where a failure can happen (a flaky API, an input it "
+            "cannot parse), catch it there and return None for the completions it cannot score."
         )
+
+    def _signature_hint(self, kwargs: dict[str, Any]) -> str | None:
+        """What to change when the call itself does not fit the reward's parameters (None: it fits, so the
+        TypeError came from inside the reward)."""
+        try:
+            signature = inspect.signature(self.func)
+        except (TypeError, ValueError):  # no signature to read (some builtins)
+            return None
+        arguments = {"prompts": None, "completions": None, **kwargs}
+        try:
+            signature.bind(**arguments)
+            return None
+        except TypeError:
+            pass
+        columns = [k for k in arguments if k not in _TRAINER_ARGUMENTS]
+        shown = ", ".join(columns) if columns else "none"
+        called = (
+            f"It is called as f(prompts=..., completions=..., completion_ids=..., trainer_state=..., "
+            f"**dataset_columns), with the dataset columns {shown}"
+        )
+        params = signature.parameters.values()
+        named = (inspect.Parameter.POSITIONAL_OR_KEYWORD, inspect.Parameter.KEYWORD_ONLY)
+        missing = [
+            p.name for p in params if p.kind in named and p.default is p.empty and p.name not in arguments
+        ]
+        if missing:
+            return (
+                f"{called}: no column is named {', '.join(repr(m) for m in missing)}. Name its parameters after "
+                "the dataset's columns (or give them defaults), or add the column to the dataset."
+            )
+        if not any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+            return f"{called}: accept **kwargs for the arguments and columns you do not use."
+        return f"{called}: take these by keyword (no positional-only parameters)."
 
     def _check(self, output: Any, n: int) -> list[float | None]:
         name = self.__name__
@@ -188,8 +240,14 @@ class CheckedReward:
         attribute = getattr(self.func, "last_feedback", None)
         if hasattr(attribute, "tolist") and not isinstance(attribute, str):
             attribute = attribute.tolist()  # a numpy array of strings
+        if isinstance(attribute, str) and attribute:
+            raise RewardError(
+                f"reward '{name}' set last_feedback to a str ({attribute!r:.60}); it must be a list with one string "
+                f"per completion ({n} here), e.g. [{attribute!r:.30}] * {n} for the same note on each, fresh on "
+                "every call."
+            )
         if attribute:
-            if not isinstance(attribute, Sequence) or isinstance(attribute, str) or len(attribute) != n:
+            if not isinstance(attribute, Sequence) or len(attribute) != n:
                 size = len(attribute) if isinstance(attribute, Sequence) else type(attribute).__name__
                 raise RewardError(
                     f"reward '{name}' set last_feedback with {size} entries for {n} completions; set one string "
@@ -203,6 +261,15 @@ class CheckedReward:
                 feedback[i] = feedback[i] or note
         self.last_scores = scores
         self.last_feedback = [note or "" for note in feedback]
+        if n and all(score is None for score in scores) and not self.warned_no_signal:
+            self.warned_no_signal = True
+            warnings.warn(
+                f"reward '{name}' returned None for all {n} completions of a call: None means 'cannot score', so "
+                "these completions give no training signal (and no held-out score). Return 0.0 for a wrong "
+                "answer and None only for a completion that cannot be judged. (Said once per reward.)",
+                NoSignalWarning,
+                stacklevel=3,
+            )
         return scores
 
     def _call_with_timeout(self, **kwargs: Any) -> Any:
@@ -255,8 +322,8 @@ class AsyncCheckedReward(CheckedReward):
         self, prompts: Sequence[Any], completions: Sequence[Any], **kwargs: Any
     ) -> list[float | None]:
         self._start()
-        call = self.func(prompts=prompts, completions=completions, **kwargs)
-        try:
+        try:  # calling an async function with arguments it does not take raises here
+            call = self.func(prompts=prompts, completions=completions, **kwargs)
             output = await (call if self.timeout is None else asyncio.wait_for(call, self.timeout))
         except TimeoutError:
             raise RewardTimeout(
@@ -265,7 +332,7 @@ class AsyncCheckedReward(CheckedReward):
                 "reward_timeout, then resume from the last checkpoint."
             ) from None
         except Exception as exc:
-            raise self._raised(exc) from exc
+            raise self._raised(exc, kwargs) from exc
         return self._check(output, len(completions))
 
 
