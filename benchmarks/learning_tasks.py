@@ -72,13 +72,13 @@ def constant_baseline(task: PanelTask) -> tuple[float, str] | None:
     answers X, scored by the task's own reward: what a student that ignores the question can reach.
     None for a task without an `answer` column (the code task)."""
     from sdpo_unsloth.evaluate import score_completions
-    from sdpo_unsloth.rewards.protocol import CheckedReward
+    from sdpo_unsloth.rewards.protocol import checked_reward
     from sdpo_unsloth.tasks.addition import AdditionReward, answer_mark
 
     rows = task.held
     if not rows or "answer" not in rows[0]:
         return None
-    checked = CheckedReward(task.reward)
+    checked = checked_reward(task.reward)
     best = None
     for answer in sorted({str(row["answer"]) for row in rows}):
         text = f"The answer is {answer}."

@@ -8,6 +8,9 @@ training mode and the tokenizer's padding side are restored afterwards, also on 
 
 from __future__ import annotations
 
+import asyncio
+import concurrent.futures
+import inspect
 from collections.abc import Sequence
 from typing import Any
 
@@ -65,7 +68,11 @@ def score_completions(
     chat = not isinstance(rows[0]["prompt"], str)
     completions = [[{"role": "assistant", "content": t}] for t in texts] if chat else texts
     columns = {k: [row[k] for row in rows] for k in rows[0] if k != "prompt"}
-    return checked(prompts=[row["prompt"] for row in rows], completions=completions, **extra, **columns)
+    scores = checked(prompts=[row["prompt"] for row in rows], completions=completions, **extra, **columns)
+    if inspect.iscoroutine(scores):  # an `async def` reward: run on an event loop of its own, in a worker
+        with concurrent.futures.ThreadPoolExecutor(1) as worker:  # thread (a notebook's loop is running here)
+            scores = worker.submit(asyncio.run, scores).result()
+    return scores
 
 
 def evaluate_with_reward(
@@ -83,9 +90,9 @@ def evaluate_with_reward(
 
     `graded`, when given, receives (completion, score) per row in row order. `reward_timeout`: seconds one
     reward call may take, as in training (None: no limit, called in this thread, e.g. for `signal.alarm`)."""
-    from .rewards.protocol import CheckedReward
+    from .rewards.protocol import checked_reward
 
-    checked = CheckedReward(reward, timeout=reward_timeout)
+    checked = checked_reward(reward, timeout=reward_timeout)
     scores: list[float] = []
     for batch, decoded, completion_ids in greedy_completions(
         model, tokenizer, rows, max_new_tokens=max_new_tokens, batch_size=batch_size

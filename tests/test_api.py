@@ -457,3 +457,20 @@ def test_reward_timeout_0_runs_a_signal_based_reward_in_training_and_evaluation(
         json.loads((tmp_path / "run" / "train_result.json").read_text())["sdpo_config"]["reward_timeout"]
         is None
     )
+
+
+def test_an_async_reward_scores_the_evaluations_too(tmp_path, tiny_model_dir):
+    """TRL awaits an `async def` reward in training; the before/after evaluations called it as a plain function
+    and stopped on the coroutine it returned ("returned an awaitable from a plain call")."""
+
+    async def graded(prompts, completions, **kwargs):
+        return [0.5 + 0.1 * (i % 2) for i in range(len(completions))]
+
+    result = train(
+        tiny_model_dir,
+        rows(),
+        graded,
+        str(tmp_path / "run"),
+        **{**TINY, "max_steps": 1, "preflight": False, "plot": False, "export_formats": ()},
+    )
+    assert result.before == 0.55 and result.after == 0.55
