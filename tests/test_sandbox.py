@@ -701,6 +701,22 @@ def test_checks_compare_in_the_parent(sandbox: Sandbox):
     assert result.status is Status.WRONG and result.passed == 5
 
 
+def test_a_return_value_that_cannot_be_sent_is_named(sandbox: Sandbox):
+    """The feedback says why a return value could not be sent back, not only its type."""
+    code = (
+        "def deep():\n    v = []\n    for _ in range(200):\n        v = [v]\n    return v\n"
+        "def huge():\n    return 10 ** 5000\n"
+        "def keyed():\n    return {(1, 2): 3}\n"
+        "def odd():\n    return {1, 2}\n"
+    )
+    checks = [Check(name, (), expected=0) for name in ("deep", "huge", "keyed", "odd")]
+    errors = [c.error for c in sandbox.run(code, checks).checks]
+    assert "nested more than 100 levels deep" in errors[0]
+    assert "ValueError" in errors[1] and "digits" in errors[1]
+    assert "dict keys must be strings" in errors[2]
+    assert errors[3] == "returned a set object, not a JSON value"
+
+
 def test_script_mode_reads_stdin_and_reports_errors(sandbox: Sandbox):
     ok = sandbox.run("print(int(input()) * 2)", stdin="21\n")
     assert (ok.status, ok.stdout) == (Status.OK, "42\n")

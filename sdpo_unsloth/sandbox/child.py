@@ -480,11 +480,29 @@ def _run_checks(job: dict, emit: _Emitter, code: object, workdir_fd: int) -> Non
             continue
         try:
             text = to_json(value)
-        except BaseException:
-            kind = type(value).__name__[:100]
+        except TypeError as exc:  # a value that is not plain JSON: say which part (our own messages)
+            kind, detail = type(value).__name__[:100], str(exc)[:200]
+            error = f"returned a {kind} object, not a JSON value"
             emit(
-                ev="done", i=index, ok=False, kind="type", error=f"returned a {kind} object, not a JSON value"
+                ev="done",
+                i=index,
+                ok=False,
+                kind="type",
+                error=error + ("" if detail.startswith(f"{kind} is not") else f" ({detail})"),
             )
+            continue
+        except MemoryError:
+            emit(
+                ev="done",
+                i=index,
+                ok=False,
+                kind="error",
+                error="return value too large to send (out of memory)",
+            )
+            continue
+        except BaseException as exc:  # e.g. an int beyond Python's digit limit for str()
+            detail = f"{type(exc).__name__}: {str(exc)[:200]}"
+            emit(ev="done", i=index, ok=False, kind="error", error=f"return value cannot be sent: {detail}")
             continue
         if len(text) > cap:
             emit(ev="done", i=index, ok=False, kind="error", error=f"return value larger than {cap} bytes")
