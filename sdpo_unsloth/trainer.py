@@ -13,6 +13,7 @@ callback are `teacher_state`; atomic checkpoints are `checkpoints.AtomicCheckpoi
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 from .bootstrap import bootstrap
@@ -42,6 +43,37 @@ from .teacher_state import TeacherState, _prepare_model, _TeacherCallback  # noq
 _UNSET = object()
 # loss types whose normalisation the hybrid's GRPO term reproduces (`SDPOTrainer._grpo_term`)
 HYBRID_LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
+
+
+GRPO_ONLY_OPTIONS = (
+    "loss_type",
+    "epsilon",
+    "epsilon_high",
+    "delta",
+    "importance_sampling_level",
+    "top_entropy_quantile",
+    "off_policy_mask_threshold",
+    "scale_rewards",
+)
+
+
+def _warn_unused_grpo_options(args: Any) -> None:
+    """Pure SDPO has no GRPO term: say so once when GRPOConfig sets options only that term reads."""
+    import dataclasses
+
+    defaults = {f.name: f.default for f in dataclasses.fields(type(args)) if f.name in GRPO_ONLY_OPTIONS}
+    changed = [
+        f"{n}={getattr(args, n)!r}"
+        for n in GRPO_ONLY_OPTIONS
+        if n in defaults and getattr(args, n) != defaults[n]
+    ]
+    if changed:
+        warnings.warn(
+            f"GRPOConfig sets {', '.join(changed)}, which only GRPO's loss reads; pure SDPO (grpo_weight=0) has no "
+            "GRPO term, so they have no effect. For them to apply use the hybrid (SDPOConfig(grpo_weight=1.0, "
+            "hybrid_mode='per_group'), train()'s default) or plain GRPO (SDPOConfig(enabled=False)).",
+            stacklevel=3,
+        )
 
 
 class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
@@ -83,6 +115,8 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
                         f"the hybrid), so it would be ignored. Use {name}={off!r}, or plain GRPO "
                         "(SDPOConfig(enabled=False)) for the entropy bonus."
                     )
+        if sdpo_config.enabled and sdpo_config.grpo_weight == 0 and args is not None:
+            _warn_unused_grpo_options(args)
         if sdpo_config.enabled and sdpo_config.grpo_weight > 0 and args is not None:
             unsupported = {
                 "loss_type": (getattr(args, "loss_type", "dapo"), HYBRID_LOSS_TYPES),

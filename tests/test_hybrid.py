@@ -301,7 +301,10 @@ def test_per_group_weight_one_is_trls_grpo_with_truncated_completions_masked(tmp
 def test_the_hybrid_refuses_grpo_options_its_term_does_not_reproduce(tmp_path):
     with pytest.raises(ValueError, match="loss_type='cispo' is not supported by the SDPO hybrid"):
         make_trainer(tmp_path, SDPOConfig(grpo_weight=0.5), loss_type="cispo")
-    make_trainer(tmp_path, SDPOConfig(), loss_type="cispo")  # pure SDPO does not use it
+    with pytest.warns(
+        UserWarning, match=r"GRPOConfig sets loss_type='cispo', epsilon=0\.3, which only GRPO's loss"
+    ):
+        make_trainer(tmp_path, SDPOConfig(), loss_type="cispo", epsilon=0.3)  # pure SDPO does not use them
     with pytest.raises(
         ValueError, match=r"off_policy_mask_threshold=0\.01 is not supported by the SDPO hybrid"
     ):
