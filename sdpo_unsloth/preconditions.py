@@ -103,9 +103,11 @@ def group_size_error(batch: int, accumulation: int, num_generations: int, proces
     'num_generations (3) must divide the completions per step: pe'
     >>> group_size_error(4, 2, 4) is None
     True
+    >>> group_size_error(0, 2, 4) is None  # an empty batch divides by anything, but trains nothing
+    False
     """
     total = batch * accumulation * processes
-    if num_generations >= 2 and total % num_generations == 0:
+    if total >= 1 and num_generations >= 2 and total % num_generations == 0:
         return None
     groups = [g for g in range(2, total + 1) if total % g == 0]
     batches = [num_generations * k for k in range(1, 4)]
@@ -113,7 +115,7 @@ def group_size_error(batch: int, accumulation: int, num_generations: int, proces
         f"num_generations ({num_generations}) must divide the completions per step: per_device_train_batch_size x "
         f"gradient_accumulation_steps{' x processes' if processes > 1 else ''} = {total}, and be >= 2 (the "
         "generation batch must be divisible by num_generations). With this batch, num_generations can be "
-        f"{', '.join(map(str, groups)) or 'none (the batch is 1)'}; or keep {num_generations} and use a "
+        f"{', '.join(map(str, groups)) or f'none (the batch is {total})'}; or keep {num_generations} and use a "
         f"per_device_train_batch_size x gradient_accumulation_steps of {', '.join(map(str, batches))}, ..."
     )
 

@@ -8,6 +8,7 @@ Precedence: a flat knob you set > the config object you passed > `DEFAULTS` (+ t
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import warnings
 from pathlib import Path
@@ -21,7 +22,7 @@ from .preconditions import UsageError, group_size_error
 if TYPE_CHECKING:
     from trl import GRPOConfig
 
-__all__ = ["CHECKPOINT_SUBDIR", "DEFAULTS", "SDPO_DEFAULTS"]
+__all__ = ["CHECKPOINT_SUBDIR", "DEFAULTS", "SDPO_DEFAULTS", "check_arguments"]
 
 # Kit defaults for the knobs shared with GRPOConfig (used when neither a flat knob nor `grpo_config` sets
 # them). Group size and batch follow the seed's example; weight decay and clipping are the paper's. The
@@ -53,6 +54,68 @@ SDPO_DEFAULTS: dict[str, Any] = {"grpo_weight": 1.0, "hybrid_mode": "per_group"}
 
 
 CHECKPOINT_SUBDIR = "checkpoints"
+
+
+# train()'s numeric arguments: (type, smallest valid value, what the bound means or how to fix it). None is
+# always accepted (the config object's value or the default). A float bound of 0 is exclusive (> 0).
+_NUMBERS: dict[str, tuple[type, float, str]] = {
+    "max_steps": (int, 1, "optimizer steps; there is no epoch mode"),
+    "learning_rate": (float, 0, "e.g. 2e-4"),
+    "num_generations": (int, 2, "a group needs two completions to compare"),
+    "max_completion_length": (int, 1, "the completion token budget"),
+    "per_device_train_batch_size": (int, 1, "completions per micro-batch"),
+    "gradient_accumulation_steps": (int, 1, "micro-batches per optimizer step"),
+    "temperature": (float, 0, "sampling needs one, e.g. 1.0; the evaluation is already greedy"),
+    "seed": (int, 0, ""),
+    "lora_r": (int, 1, "the LoRA rank, e.g. 16"),
+    "lora_alpha": (int, 1, "leave it out to use lora_r"),
+    "max_seq_length": (int, 1, "prompt + completion tokens"),
+    "eval_size": (int, 0, "0 skips evaluation"),
+    "eval_batch_size": (int, 1, "prompts per generation batch in evaluation"),
+    "eval_steps": (int, 0, "0: score only before and after"),
+    "save_steps": (int, 0, "0 or None: no checkpoints"),
+    "logging_steps": (int, 1, "log every N steps"),
+}
+
+
+def _number_error(name: str, value: Any) -> str | None:
+    """Why `value` is not valid for train()'s numeric argument `name`, or None when it is."""
+    kind, low, meaning = _NUMBERS[name]
+    exclusive = kind is float and low == 0
+    rule = f"{'an integer' if kind is int else 'a number'} {'>' if exclusive else '>='} {low}"
+    rule += f" ({meaning})" if meaning else ""
+    if isinstance(value, str):
+        try:
+            kind(value)
+            fix = f"; pass {name}={value}, not the string {value!r}"
+        except ValueError:
+            fix = ""
+        return f"`{name}` must be {rule}, got {value!r}{fix}."
+    number = isinstance(value, int if kind is int else int | float) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value < low or (exclusive and value == low):
+        return f"`{name}` must be {rule}, got {value!r}."
+    return None
+
+
+def check_arguments(arguments: dict[str, Any]) -> None:
+    """train()'s arguments that can be checked before anything loads: numbers in range, export_formats a list.
+
+    >>> check_arguments({"lora_r": 0})
+    Traceback (most recent call last):
+    ...
+    sdpo_unsloth.preconditions.UsageError: `lora_r` must be an integer >= 1 (the LoRA rank, e.g. 16), got 0.
+    """
+    for name, value in arguments.items():
+        if name in _NUMBERS and value is not None:
+            error = _number_error(name, value)
+            if error:
+                raise UsageError(error)
+    formats = arguments.get("export_formats")
+    if isinstance(formats, str):
+        raise UsageError(
+            f"`export_formats` must be a list of formats, got the string {formats!r}; pass "
+            f"{[f.strip() for f in formats.split(',')]}."
+        )
 
 
 def _prompts_per_step(args: GRPOConfig) -> int:

@@ -47,3 +47,71 @@ def test_bad_config_values_name_the_key_and_type(tmp_path, text, message):
     with pytest.raises(cli.UserError) as error:  # the CLI prints it as one line, exit status 2
         _config_kwargs(tmp_path, text)
     assert message.format(tmp_path / "run.yaml") in str(error.value)
+
+
+# ------------------------------------------------------------------------------------------ train()'s numbers
+
+
+@pytest.fixture
+def nothing_loads(monkeypatch):
+    """train() fails the test if it gets as far as choosing a backend (the first thing that loads)."""
+    from sdpo_unsloth import api
+
+    def loaded(*args, **kwargs):
+        raise AssertionError("train() started loading before rejecting the argument")
+
+    monkeypatch.setattr(api, "bootstrap", loaded)
+
+
+@pytest.mark.parametrize(
+    ("arguments", "message"),
+    [
+        (
+            {"max_steps": -1},
+            "`max_steps` must be an integer >= 1 (optimizer steps; there is no epoch mode), got -1.",
+        ),
+        ({"max_steps": 0}, "`max_steps` must be an integer >= 1"),
+        ({"learning_rate": -1e-3}, "`learning_rate` must be a number > 0 (e.g. 2e-4), got -0.001."),
+        ({"learning_rate": float("nan")}, "`learning_rate` must be a number > 0"),
+        ({"temperature": 0.0}, "`temperature` must be a number > 0 (sampling needs one, e.g. 1.0"),
+        ({"per_device_train_batch_size": 0}, "`per_device_train_batch_size` must be an integer >= 1"),
+        ({"gradient_accumulation_steps": 0}, "`gradient_accumulation_steps` must be an integer >= 1"),
+        ({"max_completion_length": 0}, "`max_completion_length` must be an integer >= 1"),
+        ({"lora_r": 0}, "`lora_r` must be an integer >= 1 (the LoRA rank, e.g. 16), got 0."),
+        ({"lora_alpha": -4}, "`lora_alpha` must be an integer >= 1"),
+        ({"eval_batch_size": 0}, "`eval_batch_size` must be an integer >= 1"),
+        ({"save_steps": -3}, "`save_steps` must be an integer >= 0 (0 or None: no checkpoints), got -3."),
+        ({"seed": "7"}, "`seed` must be an integer >= 0, got '7'; pass seed=7, not the string '7'."),
+        ({"num_generations": "4"}, "pass num_generations=4, not the string '4'."),
+        ({"num_generations": 1}, "`num_generations` must be an integer >= 2"),
+        (
+            {"max_steps": 2.0},
+            "`max_steps` must be an integer >= 1 (optimizer steps; there is no epoch mode), got 2.0.",
+        ),
+        ({"max_steps": True}, "`max_steps` must be an integer >= 1"),
+        ({"eval_size": -1}, "`eval_size` must be an integer >= 0 (0 skips evaluation), got -1."),
+        (
+            {"export_formats": "lora"},
+            "`export_formats` must be a list of formats, got the string 'lora'; pass ['lora'].",
+        ),
+    ],
+)
+def test_bad_numbers_are_rejected_before_loading(tmp_path, nothing_loads, arguments, message):
+    from sdpo_unsloth.api import UsageError, train
+
+    with pytest.raises(UsageError) as error:
+        train(
+            "no-model",
+            [{"prompt": "1+1="}],
+            lambda prompts, completions, **_: [0.0],
+            str(tmp_path),
+            **arguments,
+        )
+    assert message in str(error.value)
+
+
+def test_an_empty_batch_is_not_a_valid_group_size():
+    from sdpo_unsloth.preconditions import group_size_error
+
+    # per_device_train_batch_size=0 made 0 completions per step, which every num_generations "divided"
+    assert group_size_error(0, 2, 4) is not None and group_size_error(4, 0, 2) is not None
