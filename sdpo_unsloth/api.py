@@ -357,7 +357,7 @@ def train(
         rows_needed=max(64, args.max_steps * _prompts_per_step(args)),
         seed=args.seed,
     )
-    resume_from = _resume_target(resume, checkpoint_dir)
+    resume_from = _resume_target(resume, checkpoint_dir, model=model, lora_r=lora_r, lora_alpha=lora_alpha)
     _check_folders(output, checkpoint_dir, export_formats)
 
     # model and the "before" score

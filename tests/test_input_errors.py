@@ -3,6 +3,8 @@ checkpoints (CPU, offline)."""
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 
 from sdpo_unsloth import cli
@@ -115,3 +117,124 @@ def test_an_empty_batch_is_not_a_valid_group_size():
 
     # per_device_train_batch_size=0 made 0 completions per step, which every num_generations "divided"
     assert group_size_error(0, 2, 4) is not None and group_size_error(4, 0, 2) is not None
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+
+def _rows(n: int = 24) -> list[dict]:
+    return [
+        {"prompt": [{"role": "user", "content": f"{i % 5}+{i // 5}="}], "answer": str(i)} for i in range(n)
+    ]
+
+
+def _digit(prompts, completions, **_):
+    return [float(any(ch.isdigit() for ch in str(c))) for c in completions]
+
+
+TINY = {
+    "max_steps": 2,
+    "num_generations": 4,
+    "per_device_train_batch_size": 4,
+    "gradient_accumulation_steps": 1,
+    "max_completion_length": 4,
+    "lora_r": 4,
+    "eval_size": 0,
+    "progress": False,
+    "plot": False,
+    "preflight": False,
+    "export_formats": (),
+    "seed": 7,
+}
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory, tiny_model_dir):
+    """A 2-step run with a checkpoint after each step (checkpoint-1, checkpoint-2)."""
+    from sdpo_unsloth.api import train
+
+    out = tmp_path_factory.mktemp("resume") / "run"
+    train(tiny_model_dir, _rows(), _digit, str(out), save_steps=1, **TINY)
+    return out
+
+
+@pytest.fixture
+def run_copy(trained_run, tmp_path):
+    copy = tmp_path / "run"
+    shutil.copytree(trained_run, copy)
+    return copy
+
+
+def _damage(folder, name: str, content: bytes | None) -> None:
+    if content is None:
+        (folder / name).unlink()
+    else:
+        (folder / name).write_bytes(content)
+
+
+@pytest.mark.parametrize(
+    ("name", "content", "message"),
+    [
+        ("trainer_state.json", b"{trunc", "trainer_state.json is unreadable (JSONDecodeError"),
+        ("adapter_model.safetensors", b"\0" * 10, "adapter_model.safetensors is unreadable"),
+        ("adapter_model.safetensors", None, "it has no adapter_model.safetensors"),
+        ("optimizer.pt", b"garbage", "optimizer.pt is unreadable (not a torch file)"),
+        ("optimizer.pt", None, "it has no optimizer.pt"),  # resumed silently with a fresh optimizer
+    ],
+)
+def test_a_damaged_checkpoint_names_itself_and_the_previous_one(run_copy, name, content, message):
+    from sdpo_unsloth.train_config import _resume_target
+
+    checkpoints = run_copy / "checkpoints"
+    _damage(checkpoints / "checkpoint-2", name, content)
+    with pytest.raises(ValueError) as error:
+        _resume_target(True, checkpoints)
+    text = str(error.value)
+    assert text.startswith(f"cannot resume from {checkpoints / 'checkpoint-2'}: {message}")
+    assert f"resume={str(checkpoints / 'checkpoint-1')!r}" in text
+    assert _resume_target(str(checkpoints / "checkpoint-1"), checkpoints) == str(checkpoints / "checkpoint-1")
+
+
+def test_a_damaged_only_checkpoint_says_there_is_no_older_one(run_copy):
+    from sdpo_unsloth.train_config import _resume_target
+
+    checkpoints = run_copy / "checkpoints"
+    shutil.rmtree(checkpoints / "checkpoint-1")
+    _damage(checkpoints / "checkpoint-2", "trainer_state.json", b"{trunc")
+    with pytest.raises(ValueError, match="there is no older checkpoint to resume from"):
+        _resume_target(True, checkpoints)
+
+
+def test_resuming_with_another_lora_rank_or_model_is_refused(run_copy, tiny_model_dir, tmp_path, monkeypatch):
+    from conftest import make_tiny_model, make_tiny_tokenizer
+
+    from sdpo_unsloth.api import UsageError, train
+    from sdpo_unsloth.train_config import _resume_target
+
+    checkpoint = run_copy / "checkpoints" / "checkpoint-2"
+    loads = []
+    monkeypatch.setattr("sdpo_unsloth.model.load_model", lambda *a, **k: loads.append(a) or 1 / 0)
+    with pytest.raises(UsageError) as error:
+        train(
+            tiny_model_dir,
+            _rows(),
+            _digit,
+            str(run_copy),
+            **{**TINY, "lora_r": 8, "max_steps": 3, "resume": True},
+        )
+    assert str(error.value).startswith(
+        f"checkpoint {checkpoint} was trained with lora_r=4 (this run: 8), lora_alpha=4 (this run: 8); resume with "
+        "the same settings"
+    )
+    bigger = tmp_path / "bigger"
+    tokenizer = make_tiny_tokenizer()
+    make_tiny_model(len(tokenizer), hidden=64).save_pretrained(bigger)
+    tokenizer.save_pretrained(bigger)
+    with pytest.raises(
+        UsageError, match=f"was trained with base model {tiny_model_dir} \\(this run: {bigger}\\)"
+    ):
+        train(str(bigger), _rows(), _digit, str(run_copy), **{**TINY, "max_steps": 3, "resume": True})
+    assert loads == []  # refused before the model loaded
+    moved = tmp_path / "moved"  # the same model in another folder resumes
+    shutil.copytree(tiny_model_dir, moved)
+    assert _resume_target(True, run_copy / "checkpoints", model=str(moved), lora_r=4) == str(checkpoint)
