@@ -1,6 +1,6 @@
 """Bad inputs caught before training starts, each with one error naming the problem and the fix.
 
-Checked here: an empty dataset; no `prompt` column; chat prompts with a tokenizer that has no chat
+Checked here: a model path that does not exist; an empty dataset; no `prompt` column; chat prompts with a tokenizer that has no chat
 template; a tokenizer with neither a pad nor an eos token (with an eos token, TRL pads with it); a
 prompt longer than `max_seq_length` leaves for the completion; `num_generations` not dividing the
 completions per optimizer step (the message lists the values that work); an output folder that
@@ -117,6 +117,29 @@ def group_size_error(batch: int, accumulation: int, num_generations: int, proces
         "generation batch must be divisible by num_generations). With this batch, num_generations can be "
         f"{', '.join(map(str, groups)) or f'none (the batch is {total})'}; or keep {num_generations} and use a "
         f"per_device_train_batch_size x gradient_accumulation_steps of {', '.join(map(str, batches))}, ..."
+    )
+
+
+def check_model_path(name: str, what: str = "model") -> None:
+    """A `name` written as a local path (/x, ./x, ../x, ~/x, a/b/c) names a folder that exists; hub names
+    ("org/name") pass. Without this, transformers reads a missing folder as a malformed hub id."""
+    if not isinstance(name, str | os.PathLike):
+        raise UsageError(
+            f"`{what}` must be a hub name, a model folder or 'embedded', got {type(name).__name__}."
+        )
+    text = os.fspath(name)
+    path = os.path.abspath(os.path.expanduser(text))
+    looks_local = (
+        text.startswith(("/", "./", "../", "~", ".\\", "..\\")) or text.count("/") >= 2 or "\\" in text
+    )
+    if not looks_local or os.path.exists(path):
+        return
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    raise UsageError(
+        f"`{what}` folder {path} does not exist ({parent} does; was it moved or misspelt?); pass an existing "
+        "model folder, a hub name such as 'Qwen/Qwen2.5-0.5B-Instruct', or 'embedded'."
     )
 
 

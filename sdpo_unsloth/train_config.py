@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from .bootstrap import bf16_supported
 from .checkpoints import checkpoint_damage, last_complete_checkpoint, previous_checkpoint
 from .config import SDPOConfig
-from .preconditions import UsageError, group_size_error
+from .preconditions import UsageError, check_model_path, group_size_error
 
 if TYPE_CHECKING:
     from trl import GRPOConfig
@@ -99,13 +99,16 @@ def _number_error(name: str, value: Any) -> str | None:
 
 
 def check_arguments(arguments: dict[str, Any]) -> None:
-    """train()'s arguments that can be checked before anything loads: numbers in range, export_formats a list.
+    """train()'s arguments that can be checked before anything loads: a model folder that exists, numbers in
+    range, export_formats a list.
 
     >>> check_arguments({"lora_r": 0})
     Traceback (most recent call last):
     ...
     sdpo_unsloth.preconditions.UsageError: `lora_r` must be an integer >= 1 (the LoRA rank, e.g. 16), got 0.
     """
+    if "model" in arguments:
+        check_model_path(arguments["model"])
     for name, value in arguments.items():
         if name in _NUMBERS and value is not None:
             error = _number_error(name, value)
@@ -203,7 +206,10 @@ def _model_config(name: str) -> dict[str, Any] | None:
     """The config.json of a local model folder or an already downloaded hub model (no network), or None."""
     from .model import _resolve_path
 
-    path = Path(_resolve_path(name)).expanduser() / "config.json"
+    try:
+        path = Path(_resolve_path(name)).expanduser() / "config.json"
+    except ValueError:  # a folder that no longer exists
+        return None
     if not path.is_file():
         try:
             from huggingface_hub import try_to_load_from_cache

@@ -238,3 +238,19 @@ def test_resuming_with_another_lora_rank_or_model_is_refused(run_copy, tiny_mode
     moved = tmp_path / "moved"  # the same model in another folder resumes
     shutil.copytree(tiny_model_dir, moved)
     assert _resume_target(True, run_copy / "checkpoints", model=str(moved), lora_r=4) == str(checkpoint)
+
+
+# ------------------------------------------------------------------------------------------ model path
+
+
+def test_a_missing_model_folder_is_named(tmp_path, nothing_loads):
+    from sdpo_unsloth.api import UsageError, train
+    from sdpo_unsloth.model import load_model
+
+    missing = tmp_path / "models" / "moved"
+    message = f"`model` folder {missing} does not exist ({tmp_path} does; was it moved or misspelt?)"
+    with pytest.raises(UsageError) as error:  # was HF's "Repo id must be in the form 'repo_name'..."
+        train(str(missing), [{"prompt": "1+1="}], _digit, str(tmp_path / "out"))
+    assert str(error.value).startswith(message)
+    with pytest.raises(UsageError, match="does not exist"):
+        load_model("./no/such/model", backend="transformers")
