@@ -1,20 +1,21 @@
 """Bad inputs caught before training starts, each with one error naming the problem and the fix.
 
-Checked here: a model path that does not exist; an empty dataset; no `prompt` column; chat prompts with a tokenizer that has no chat
+Checked here: a model path that does not exist; an empty dataset; no `prompt` column; a prompt that is
+neither a string nor chat messages, or rows that mix the two; chat prompts with a tokenizer that has no chat
 template; a tokenizer with neither a pad nor an eos token (with an eos token, TRL pads with it); a
 prompt longer than `max_seq_length` leaves for the completion; `num_generations` not dividing the
 completions per optimizer step (the message lists the values that work); an output folder that
 cannot be written. A disk that fills during a save is handled where checkpoints are written
 (`checkpoints.py`).
 
-The errors are `ValueError`s (`InputError`), so `train()` and the CLI report them as user mistakes.
+The errors are `ValueError`s (`InputError`; `UsageError` for an argument of `train`), so `train()` and the CLI report them as user mistakes.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -42,6 +43,47 @@ def check_dataset(dataset: Any, name: str = "train_dataset") -> None:
             f"`{name}` has no 'prompt' column (columns: {columns}); rename your question column to 'prompt' "
             "(a string, or chat messages [{'role': 'user', 'content': ...}])."
         )
+    if columns is not None and hasattr(dataset, "__len__"):
+        check_prompts(dataset["prompt"], name)
+
+
+def _prompt_problem(prompt: Any) -> str | None:
+    """What is wrong with one row's prompt, or None for a string or a list of chat messages."""
+    message = "[{'role': 'user', 'content': ...}]"
+    if prompt is None:
+        return "has no prompt (None: an empty cell, or a row without a 'prompt' key)"
+    if isinstance(prompt, str):
+        return None
+    if isinstance(prompt, Mapping):
+        return f"has one message (a dict) as its prompt; wrap it in a list: {message}"
+    if not _is_chat(prompt):
+        return f"has a {type(prompt).__name__} prompt; use a string or a list of chat messages {message}"
+    if not prompt:
+        return f"has an empty list of messages as its prompt; give at least one, e.g. {message}"
+    for j, msg in enumerate(prompt):
+        if not isinstance(msg, Mapping) or not isinstance(msg.get("role"), str) or msg.get("content") is None:
+            return f"has message {j} {msg!r:.80}, which lacks a 'role' or a 'content'; each message is like {message}"
+    return None
+
+
+def check_prompts(prompts: Sequence[Any], name: str = "train_dataset", where: Any = None) -> None:
+    """Every prompt is a string or a list of chat messages with 'role' and 'content', and all rows use the same
+    form; `where(i)` names row i in the errors (default "row i")."""
+    where = where or (lambda i: f"row {i}")
+    first: tuple[int, bool] | None = None
+    for i, prompt in enumerate(prompts):
+        problem = _prompt_problem(prompt)
+        if problem:
+            raise InputError(f"`{name}` {where(i)} {problem}.")
+        chat = _is_chat(prompt)
+        if first is None:
+            first = (i, chat)
+        elif chat != first[1]:
+            forms = {True: "chat messages", False: "plain text"}
+            raise InputError(
+                f"`{name}` mixes prompt forms: {where(first[0])} is {forms[first[1]]} but {where(i)} is {forms[chat]}; "
+                "use one form for every row (e.g. wrap each text as [{'role': 'user', 'content': text}])."
+            )
 
 
 def _text_tokenizer(processing_class: Any) -> Any:

@@ -254,3 +254,92 @@ def test_a_missing_model_folder_is_named(tmp_path, nothing_loads):
     assert str(error.value).startswith(message)
     with pytest.raises(UsageError, match="does not exist"):
         load_model("./no/such/model", backend="transformers")
+
+
+# ------------------------------------------------------------------------------------------ dataset rows
+
+
+def _resolve(dataset, rewards="addition", **options):
+    from sdpo_unsloth.data import resolve_inputs
+
+    return resolve_inputs(dataset, rewards, None, 0, rows_needed=8, seed=1, **options)
+
+
+def _chat(text: str) -> list[dict]:
+    return [{"role": "user", "content": text}]
+
+
+@pytest.mark.parametrize(
+    ("rows", "message"),
+    [
+        (  # was pyarrow's "cannot mix list and non-list, non-null values"
+            [{"prompt": _chat("1+1=")}] * 3 + [{"prompt": "2+2="}],
+            "`dataset` mixes prompt forms: row 0 is chat messages but row 3 is plain text; use one form",
+        ),
+        (
+            [{"prompt": "1+1="}, {"prompt": None}],
+            "`dataset` row 1 has no prompt (None: an empty cell, or a row without a 'prompt' key).",
+        ),
+        (  # was a KeyError inside TRL, mid-training
+            [{"prompt": _chat("1+1=")}, {"prompt": [{"role": "user", "text": "2+2="}]}],
+            "`dataset` row 1 has message 0 {'role': 'user', 'text': '2+2='}, which lacks a 'role' or a 'content'",
+        ),
+        (
+            [{"prompt": {"role": "user", "content": "1+1="}}],
+            "`dataset` row 0 has one message (a dict) as its prompt; wrap it in a list",
+        ),
+    ],
+)
+def test_bad_prompts_name_their_row(rows, message):
+    from sdpo_unsloth.api import UsageError
+
+    with pytest.raises(UsageError) as error:
+        _resolve(rows * 2)
+    assert str(error.value).startswith(message)
+
+
+def test_bad_prompts_in_files_name_the_row_and_line(tmp_path):
+    from sdpo_unsloth.api import UsageError
+
+    jsonl = tmp_path / "rows.jsonl"
+    jsonl.write_text('{"prompt": "1+1="}\n\n{"prompt": "2+2="}\n{not json}\n')
+    with pytest.raises(UsageError) as error:  # was a JSONDecodeError at "line 1", not naming the file
+        _resolve(str(jsonl))
+    assert str(error.value).startswith(f"line 4 of {jsonl} is not valid JSON (Expecting property name")
+    jsonl.write_text('{"prompt": "1+1="}\n\n{"prompt": [{"role": "user", "content": "2+2="}]}\n')
+    with pytest.raises(
+        UsageError, match=f"row 0 \\(line 1 of {jsonl}\\) is plain text but row 1 \\(line 3 of"
+    ):
+        _resolve(str(jsonl))
+    csv = tmp_path / "rows.csv"
+    csv.write_text(
+        "prompt,answer\n1+1=,2\n,4\n"
+    )  # a blank cell: was "You need to specify either text or ..."
+    with pytest.raises(UsageError, match="`dataset` row 1 has no prompt"):
+        _resolve(str(csv))
+
+
+def test_the_trainer_checks_prompts_too():
+    from datasets import Dataset
+
+    from sdpo_unsloth.preconditions import InputError, check_dataset
+
+    with pytest.raises(InputError, match="`train_dataset` row 1 has no prompt"):
+        check_dataset(Dataset.from_list([{"prompt": "a"}, {"prompt": None}]))
+
+
+def test_a_malformed_code_tests_row_is_named_before_training():
+    import json
+
+    from sdpo_unsloth.api import UsageError
+
+    good = json.dumps([{"function": "f", "args": [1], "expected": 2}])
+    rows = [{"prompt": f"Write f(x) returning x+1. Case {i}", "tests": good} for i in range(24)]
+    rows[10]["tests"] = '[{"function": "f", "args": 1, "expected": 2}]'  # args not a list
+    with pytest.raises(UsageError) as error:  # was "row 0" (the batch position), ~10 s into a 20-step run
+        _resolve(rows, "code")
+    assert str(error.value).startswith("`dataset` row 10, column 'tests': function test case 0 needs")
+    with pytest.raises(
+        UsageError, match="`dataset` has no 'tests' column, which the reward code_execution runs"
+    ):
+        _resolve([{"prompt": "x"}] * 4, "code")
