@@ -39,6 +39,7 @@ from .train_config import (
     _build_sdpo_config,
     _prompts_per_step,
     _resume_target,
+    check_arguments,
 )
 
 if TYPE_CHECKING:
@@ -340,6 +341,7 @@ def train(
     Raises:
         UsageError: a bad argument (the message names the problem and the fix).
     """
+    check_arguments(locals())  # before anything loads
     started = time.monotonic()
     chosen = bootstrap(None if backend == "auto" else backend)
     output = Path(output_dir).expanduser().resolve()
@@ -347,10 +349,6 @@ def train(
         Path(checkpoint_dir).expanduser().resolve() if checkpoint_dir else output / CHECKPOINT_SUBDIR
     )
     _check_export_formats(export_formats)
-    if eval_size is not None and eval_size < 0:
-        raise UsageError(f"`eval_size` must be >= 0, got {eval_size}.")
-    if eval_steps is not None and eval_steps < 0:
-        raise UsageError(f"`eval_steps` must be >= 0 (0: score only before and after), got {eval_steps}.")
     task_name = str(dataset) if _is_task(dataset) else None
     if max_completion_length is None and task_name and (grpo_config is None):
         max_completion_length = task_completion_length(task_name)
@@ -406,7 +404,7 @@ def train(
             checked_reward(func)
         except RewardError as exc:
             raise UsageError(str(exc)) from None
-    resume_from = _resume_target(resume, checkpoint_dir)
+    resume_from = _resume_target(resume, checkpoint_dir, model=model, lora_r=lora_r, lora_alpha=lora_alpha)
     _check_folders(output, checkpoint_dir, export_formats)
 
     # model and the "before" score

@@ -12,15 +12,19 @@ any point leaves either the previous checkpoints only, or those plus the new com
 - Rotation counts complete checkpoints only and always keeps the newest complete one.
 - A failed save (a full disk, a quota) removes its staging folder and raises `CheckpointError`,
   naming the checkpoint that is still intact.
+- `checkpoint_damage` reads a checkpoint's headers before a resume: a file cut short or overwritten, or a
+  missing optimizer state, is reported before the model loads.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
 import warnings
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -68,6 +72,55 @@ def last_complete_checkpoint(folder: str | os.PathLike[str], warn: bool = True) 
                 )
             return str(path)
         incomplete.append(path.name)
+    return None
+
+
+def _unreadable(file: Path) -> str | None:
+    """Why a checkpoint file cannot be loaded (cut short, overwritten), or None; reads headers only."""
+    try:
+        if file.suffix == ".json":
+            json.loads(file.read_text())
+        elif file.suffix == ".safetensors":
+            from safetensors import safe_open
+
+            with safe_open(str(file), framework="pt"):  # checks the header against the file's size
+                pass
+        elif not zipfile.is_zipfile(file):  # torch.save's format (optimizer.pt, scheduler.pt, rng_state.pth)
+            return "not a torch file"
+    except Exception as exc:  # each reader raises its own error types
+        return f"{type(exc).__name__}: {str(exc)[:120]}"
+    return None
+
+
+def checkpoint_damage(path: str | os.PathLike[str]) -> str | None:
+    """What stops a resume from the complete checkpoint `path` (a file cut short, the optimizer state or the
+    adapter missing), or None when it looks loadable."""
+    folder = Path(path)
+    required = [COMPLETE_MARK, "optimizer.pt"]
+    if (folder / "adapter_config.json").is_file() and not (folder / "adapter_model.bin").is_file():
+        required.append("adapter_model.safetensors")
+    missing = [name for name in required if not (folder / name).is_file()]
+    if missing:
+        return f"it has no {', '.join(missing)}"
+    for file in sorted(folder.iterdir()):
+        if (
+            file.suffix in (".json", ".safetensors", ".pt", ".pth", ".bin")
+            and file.name != "training_args.bin"
+        ):
+            problem = _unreadable(file)
+            if problem:
+                return f"{file.name} is unreadable ({problem})"
+    return None
+
+
+def previous_checkpoint(path: str | os.PathLike[str]) -> str | None:
+    """The newest complete, undamaged `checkpoint-N` beside `path` that is older than it, or None."""
+    match = _CHECKPOINT.match(Path(path).name)
+    if match is None:
+        return None
+    for step, older in reversed(_checkpoints(Path(path).parent)):
+        if step < int(match.group(1)) and is_complete(older) and checkpoint_damage(older) is None:
+            return str(older)
     return None
 
 

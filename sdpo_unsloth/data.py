@@ -10,12 +10,13 @@ import inspect
 import json
 import os
 import random
-from collections.abc import Mapping, Sequence
+import sys
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .preconditions import UsageError
+from .preconditions import UsageError, check_prompts
 
 if TYPE_CHECKING:
     from datasets import Dataset
@@ -64,7 +65,42 @@ def _task_rows(name: str, n: int, seed: int) -> list[dict[str, Any]]:
     return code_tasks(seed=seed)
 
 
-def _load_dataset_file(path: Path) -> Dataset:
+def _rows_dataset(rows: list[Any], name: str, where: Callable[[int], str] | None = None) -> Dataset:
+    """A Dataset from rows (dicts), each row's prompt checked first: Arrow cannot hold mixed prompt forms."""
+    from datasets import Dataset
+
+    where = where or (lambda i: f"row {i}")
+    for i, row in enumerate(rows):
+        if not isinstance(row, Mapping):
+            raise UsageError(
+                f"`{name}` {where(i)} is a {type(row).__name__}, not a row (a dict with a 'prompt')."
+            )
+    if any("prompt" in row for row in rows):  # else the missing column is reported below
+        try:
+            check_prompts([row.get("prompt") for row in rows], name, where)
+        except ValueError as exc:
+            raise UsageError(str(exc)) from None
+    return Dataset.from_list([dict(row) for row in rows])
+
+
+def _jsonl_rows(path: Path) -> tuple[list[Any], list[int]]:
+    """The rows of a JSON Lines file and the line each came from (blank lines skipped)."""
+    rows, lines = [], []
+    for number, line in enumerate(path.read_text().splitlines(), start=1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise UsageError(
+                f"line {number} of {path} is not valid JSON ({exc.msg} at column {exc.colno}): {line[:80]!r}; "
+                'fix or delete that line (each line holds one row, e.g. {"prompt": "..."}).'
+            ) from None
+        lines.append(number)
+    return rows, lines
+
+
+def _load_dataset_file(path: Path, name: str) -> Dataset:
     from datasets import Dataset, load_from_disk
 
     if path.is_dir():
@@ -74,12 +110,16 @@ def _load_dataset_file(path: Path) -> Dataset:
         return loaded
     suffix = path.suffix.lower()
     if suffix == ".jsonl":
-        return Dataset.from_list([json.loads(line) for line in path.read_text().splitlines() if line.strip()])
+        rows, lines = _jsonl_rows(path)
+        return _rows_dataset(rows, name, lambda i: f"row {i} (line {lines[i]} of {path})")
     if suffix == ".json":
-        data = json.loads(path.read_text())
+        try:
+            data = json.loads(path.read_text())
+        except json.JSONDecodeError as exc:
+            raise UsageError(f"{path} is not valid JSON ({exc}); fix the file.") from None
         if not isinstance(data, list):
             raise UsageError(f"{path} must hold a JSON list of rows (objects with a 'prompt' field).")
-        return Dataset.from_list(data)
+        return _rows_dataset(data, name, lambda i: f"row {i} of {path}")
     if suffix in (".csv", ".parquet"):
         return getattr(Dataset, f"from_{suffix[1:]}")(str(path))
     raise UsageError(
@@ -99,7 +139,7 @@ def _resolve_dataset(
             task = str(dataset)
             dataset = Dataset.from_list(_task_rows(task, rows_needed, seed))
         elif Path(dataset).exists():
-            dataset = _load_dataset_file(Path(dataset))
+            dataset = _load_dataset_file(Path(dataset), name)
         else:
             raise UsageError(
                 f"unknown {name} {str(dataset)!r}: use a built-in task ({', '.join(BUILTIN_TASKS)}, "
@@ -113,7 +153,7 @@ def _resolve_dataset(
     elif isinstance(dataset, Sequence) and not isinstance(dataset, Dataset):
         if not all(isinstance(row, Mapping) for row in dataset):
             raise UsageError(f"`{name}` as a list must hold dicts (rows with a 'prompt' key).")
-        dataset = Dataset.from_list([dict(row) for row in dataset])
+        dataset = _rows_dataset(list(dataset), name)
     elif not isinstance(dataset, Dataset):
         raise UsageError(
             f"`{name}` must be a datasets.Dataset, a list of dicts or a task name, got {type(dataset).__name__}."
@@ -125,6 +165,10 @@ def _resolve_dataset(
             f"`{name}` has no 'prompt' column (columns: {dataset.column_names}); rename your question column to "
             "'prompt' (a string, or chat messages [{'role': 'user', 'content': ...}])."
         )
+    try:
+        check_prompts(dataset["prompt"], name)  # a Dataset or file: None cells, malformed messages
+    except ValueError as exc:
+        raise UsageError(str(exc)) from None
     return dataset, task
 
 
@@ -213,6 +257,31 @@ def task_completion_length(task: str | None) -> int | None:
     return _TASK_COMPLETION_LENGTH[_task_key(task)] if task and _is_task(task) else None
 
 
+def _check_reward_columns(data: Dataset, reward_funcs: list[Any], name: str) -> None:
+    """The tests column of each code-execution reward, parsed for every row up front: one malformed row
+    would otherwise stop the run when its batch first comes up."""
+    if "sdpo_unsloth.rewards.code" not in sys.modules:  # no CodeExecutionReward can exist
+        return
+    from .rewards.code import CodeExecutionReward, parse_tests
+
+    for reward in reward_funcs:
+        if not isinstance(reward, CodeExecutionReward):
+            continue
+        column = reward.tests_column
+        if column not in data.column_names:
+            raise UsageError(
+                f"`{name}` has no '{column}' column, which the reward {reward.__name__} runs (JSON tests per row; "
+                f"columns: {data.column_names}); add it or pass CodeExecutionReward(tests_column=...)."
+            )
+        for i, spec in enumerate(data[column]):
+            try:
+                parse_tests(spec)
+            except ValueError as exc:
+                raise UsageError(
+                    f"`{name}` row {i}, column '{column}': {exc}; fix or drop that row."
+                ) from None
+
+
 @dataclass(frozen=True)
 class TrainInputs:
     """The resolved inputs of a run: the training rows, the held-out rows and the reward functions."""
@@ -230,6 +299,7 @@ def resolve_inputs(
     requested_eval = eval_size if eval_size is not None else 32
     data, task = _resolve_dataset(dataset, rows_needed + requested_eval, seed)
     reward_funcs = _resolve_rewards(rewards, task)
+    _check_reward_columns(data, reward_funcs, "dataset")
     if eval_dataset is not None:
         if eval_size is not None:
             raise UsageError("pass `eval_size` (rows split off dataset) or `eval_dataset`, not both.")
@@ -239,6 +309,7 @@ def resolve_inputs(
                 "to split eval_size rows off the task."
             )
         held, _ = _resolve_dataset(eval_dataset, 0, seed, name="eval_dataset")
+        _check_reward_columns(held, reward_funcs, "eval_dataset")
         eval_rows, train_data = [held[i] for i in range(len(held))], data
     else:
         eval_rows, train_data = _split(

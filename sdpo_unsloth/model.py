@@ -13,6 +13,7 @@ import torch
 
 from .adapters import TEACHER_ADAPTER, add_teacher_adapter
 from .bootstrap import bootstrap, pick_dtype
+from .preconditions import check_model_path
 
 DEFAULT_TARGET_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -56,6 +57,7 @@ def _resolve_path(model_name_or_path: str) -> str:
         from .embedded import embedded_model_path
 
         return embedded_model_path()
+    check_model_path(model_name_or_path)
     return model_name_or_path
 
 

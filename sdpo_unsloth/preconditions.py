@@ -1,20 +1,21 @@
 """Bad inputs caught before training starts, each with one error naming the problem and the fix.
 
-Checked here: an empty dataset; no `prompt` column; chat prompts with a tokenizer that has no chat
+Checked here: a model path that does not exist; an empty dataset; no `prompt` column; a prompt that is
+neither a string nor chat messages, or rows that mix the two; chat prompts with a tokenizer that has no chat
 template; a tokenizer with neither a pad nor an eos token (with an eos token, TRL pads with it); a
 prompt longer than `max_seq_length` leaves for the completion; `num_generations` not dividing the
 completions per optimizer step (the message lists the values that work); an output folder that
 cannot be written. A disk that fills during a save is handled where checkpoints are written
 (`checkpoints.py`).
 
-The errors are `ValueError`s (`InputError`), so `train()` and the CLI report them as user mistakes.
+The errors are `ValueError`s (`InputError`; `UsageError` for an argument of `train`), so `train()` and the CLI report them as user mistakes.
 """
 
 from __future__ import annotations
 
 import os
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 
@@ -42,6 +43,47 @@ def check_dataset(dataset: Any, name: str = "train_dataset") -> None:
             f"`{name}` has no 'prompt' column (columns: {columns}); rename your question column to 'prompt' "
             "(a string, or chat messages [{'role': 'user', 'content': ...}])."
         )
+    if columns is not None and hasattr(dataset, "__len__"):
+        check_prompts(dataset["prompt"], name)
+
+
+def _prompt_problem(prompt: Any) -> str | None:
+    """What is wrong with one row's prompt, or None for a string or a list of chat messages."""
+    message = "[{'role': 'user', 'content': ...}]"
+    if prompt is None:
+        return "has no prompt (None: an empty cell, or a row without a 'prompt' key)"
+    if isinstance(prompt, str):
+        return None
+    if isinstance(prompt, Mapping):
+        return f"has one message (a dict) as its prompt; wrap it in a list: {message}"
+    if not _is_chat(prompt):
+        return f"has a {type(prompt).__name__} prompt; use a string or a list of chat messages {message}"
+    if not prompt:
+        return f"has an empty list of messages as its prompt; give at least one, e.g. {message}"
+    for j, msg in enumerate(prompt):
+        if not isinstance(msg, Mapping) or not isinstance(msg.get("role"), str) or msg.get("content") is None:
+            return f"has message {j} {msg!r:.80}, which lacks a 'role' or a 'content'; each message is like {message}"
+    return None
+
+
+def check_prompts(prompts: Sequence[Any], name: str = "train_dataset", where: Any = None) -> None:
+    """Every prompt is a string or a list of chat messages with 'role' and 'content', and all rows use the same
+    form; `where(i)` names row i in the errors (default "row i")."""
+    where = where or (lambda i: f"row {i}")
+    first: tuple[int, bool] | None = None
+    for i, prompt in enumerate(prompts):
+        problem = _prompt_problem(prompt)
+        if problem:
+            raise InputError(f"`{name}` {where(i)} {problem}.")
+        chat = _is_chat(prompt)
+        if first is None:
+            first = (i, chat)
+        elif chat != first[1]:
+            forms = {True: "chat messages", False: "plain text"}
+            raise InputError(
+                f"`{name}` mixes prompt forms: {where(first[0])} is {forms[first[1]]} but {where(i)} is {forms[chat]}; "
+                "use one form for every row (e.g. wrap each text as [{'role': 'user', 'content': text}])."
+            )
 
 
 def _text_tokenizer(processing_class: Any) -> Any:
@@ -103,9 +145,11 @@ def group_size_error(batch: int, accumulation: int, num_generations: int, proces
     'num_generations (3) must divide the completions per step: pe'
     >>> group_size_error(4, 2, 4) is None
     True
+    >>> group_size_error(0, 2, 4) is None  # an empty batch divides by anything, but trains nothing
+    False
     """
     total = batch * accumulation * processes
-    if num_generations >= 2 and total % num_generations == 0:
+    if total >= 1 and num_generations >= 2 and total % num_generations == 0:
         return None
     groups = [g for g in range(2, total + 1) if total % g == 0]
     batches = [num_generations * k for k in range(1, 4)]
@@ -113,8 +157,31 @@ def group_size_error(batch: int, accumulation: int, num_generations: int, proces
         f"num_generations ({num_generations}) must divide the completions per step: per_device_train_batch_size x "
         f"gradient_accumulation_steps{' x processes' if processes > 1 else ''} = {total}, and be >= 2 (the "
         "generation batch must be divisible by num_generations). With this batch, num_generations can be "
-        f"{', '.join(map(str, groups)) or 'none (the batch is 1)'}; or keep {num_generations} and use a "
+        f"{', '.join(map(str, groups)) or f'none (the batch is {total})'}; or keep {num_generations} and use a "
         f"per_device_train_batch_size x gradient_accumulation_steps of {', '.join(map(str, batches))}, ..."
+    )
+
+
+def check_model_path(name: str, what: str = "model") -> None:
+    """A `name` written as a local path (/x, ./x, ../x, ~/x, a/b/c) names a folder that exists; hub names
+    ("org/name") pass. Without this, transformers reads a missing folder as a malformed hub id."""
+    if not isinstance(name, str | os.PathLike):
+        raise UsageError(
+            f"`{what}` must be a hub name, a model folder or 'embedded', got {type(name).__name__}."
+        )
+    text = os.fspath(name)
+    path = os.path.abspath(os.path.expanduser(text))
+    looks_local = (
+        text.startswith(("/", "./", "../", "~", ".\\", "..\\")) or text.count("/") >= 2 or "\\" in text
+    )
+    if not looks_local or os.path.exists(path):
+        return
+    parent = path
+    while not os.path.exists(parent):
+        parent = os.path.dirname(parent)
+    raise UsageError(
+        f"`{what}` folder {path} does not exist ({parent} does; was it moved or misspelt?); pass an existing "
+        "model folder, a hub name such as 'Qwen/Qwen2.5-0.5B-Instruct', or 'embedded'."
     )
 
 

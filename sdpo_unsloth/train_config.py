@@ -8,20 +8,22 @@ Precedence: a flat knob you set > the config object you passed > `DEFAULTS` (+ t
 from __future__ import annotations
 
 import dataclasses
+import json
+import math
 import os
 import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from .bootstrap import bf16_supported
-from .checkpoints import last_complete_checkpoint
+from .checkpoints import checkpoint_damage, last_complete_checkpoint, previous_checkpoint
 from .config import SDPOConfig
-from .preconditions import UsageError, group_size_error
+from .preconditions import UsageError, check_model_path, group_size_error
 
 if TYPE_CHECKING:
     from trl import GRPOConfig
 
-__all__ = ["CHECKPOINT_SUBDIR", "DEFAULTS", "SDPO_DEFAULTS"]
+__all__ = ["CHECKPOINT_SUBDIR", "DEFAULTS", "SDPO_DEFAULTS", "check_arguments"]
 
 # Kit defaults for the knobs shared with GRPOConfig (used when neither a flat knob nor `grpo_config` sets
 # them). Group size and batch follow the seed's example; weight decay and clipping are the paper's. The
@@ -53,6 +55,71 @@ SDPO_DEFAULTS: dict[str, Any] = {"grpo_weight": 1.0, "hybrid_mode": "per_group"}
 
 
 CHECKPOINT_SUBDIR = "checkpoints"
+
+
+# train()'s numeric arguments: (type, smallest valid value, what the bound means or how to fix it). None is
+# always accepted (the config object's value or the default). A float bound of 0 is exclusive (> 0).
+_NUMBERS: dict[str, tuple[type, float, str]] = {
+    "max_steps": (int, 1, "optimizer steps; there is no epoch mode"),
+    "learning_rate": (float, 0, "e.g. 2e-4"),
+    "num_generations": (int, 2, "a group needs two completions to compare"),
+    "max_completion_length": (int, 1, "the completion token budget"),
+    "per_device_train_batch_size": (int, 1, "completions per micro-batch"),
+    "gradient_accumulation_steps": (int, 1, "micro-batches per optimizer step"),
+    "temperature": (float, 0, "sampling needs one, e.g. 1.0; the evaluation is already greedy"),
+    "seed": (int, 0, ""),
+    "lora_r": (int, 1, "the LoRA rank, e.g. 16"),
+    "lora_alpha": (int, 1, "leave it out to use lora_r"),
+    "max_seq_length": (int, 1, "prompt + completion tokens"),
+    "eval_size": (int, 0, "0 skips evaluation"),
+    "eval_batch_size": (int, 1, "prompts per generation batch in evaluation"),
+    "eval_steps": (int, 0, "0: score only before and after"),
+    "save_steps": (int, 0, "0 or None: no checkpoints"),
+    "logging_steps": (int, 1, "log every N steps"),
+}
+
+
+def _number_error(name: str, value: Any) -> str | None:
+    """Why `value` is not valid for train()'s numeric argument `name`, or None when it is."""
+    kind, low, meaning = _NUMBERS[name]
+    exclusive = kind is float and low == 0
+    rule = f"{'an integer' if kind is int else 'a number'} {'>' if exclusive else '>='} {low}"
+    rule += f" ({meaning})" if meaning else ""
+    if isinstance(value, str):
+        try:
+            kind(value)
+            fix = f"; pass {name}={value}, not the string {value!r}"
+        except ValueError:
+            fix = ""
+        return f"`{name}` must be {rule}, got {value!r}{fix}."
+    number = isinstance(value, int if kind is int else int | float) and not isinstance(value, bool)
+    if not number or not math.isfinite(value) or value < low or (exclusive and value == low):
+        return f"`{name}` must be {rule}, got {value!r}."
+    return None
+
+
+def check_arguments(arguments: dict[str, Any]) -> None:
+    """train()'s arguments that can be checked before anything loads: a model folder that exists, numbers in
+    range, export_formats a list.
+
+    >>> check_arguments({"lora_r": 0})
+    Traceback (most recent call last):
+    ...
+    sdpo_unsloth.preconditions.UsageError: `lora_r` must be an integer >= 1 (the LoRA rank, e.g. 16), got 0.
+    """
+    if "model" in arguments:
+        check_model_path(arguments["model"])
+    for name, value in arguments.items():
+        if name in _NUMBERS and value is not None:
+            error = _number_error(name, value)
+            if error:
+                raise UsageError(error)
+    formats = arguments.get("export_formats")
+    if isinstance(formats, str):
+        raise UsageError(
+            f"`export_formats` must be a list of formats, got the string {formats!r}; pass "
+            f"{[f.strip() for f in formats.split(',')]}."
+        )
 
 
 def _prompts_per_step(args: GRPOConfig) -> int:
@@ -131,7 +198,85 @@ def _build_grpo_config(base: GRPOConfig | None, device: str, checkpoint_dir: Pat
         raise UsageError(f"invalid training settings: {exc}") from None
 
 
-def _resume_target(resume: bool | str, checkpoint_dir: Path) -> str | None:
+# config.json entries that set the shapes a LoRA adapter is trained on
+_SHAPE_KEYS = ("model_type", "hidden_size", "intermediate_size", "num_hidden_layers", "vocab_size")
+
+
+def _model_config(name: str) -> dict[str, Any] | None:
+    """The config.json of a local model folder or an already downloaded hub model (no network), or None."""
+    from .model import _resolve_path
+
+    try:
+        path = Path(_resolve_path(name)).expanduser() / "config.json"
+    except ValueError:  # a folder that no longer exists
+        return None
+    if not path.is_file():
+        try:
+            from huggingface_hub import try_to_load_from_cache
+
+            cached = try_to_load_from_cache(name, "config.json")
+        except Exception:  # not a hub name
+            cached = None
+        if not isinstance(cached, str):
+            return None
+        path = Path(cached)
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _check_same_lora(checkpoint: str, model: str | None, lora_r: int | None, lora_alpha: int | None) -> None:
+    """The checkpoint's adapter has this run's LoRA shape and base model; else a resume fails in loading with
+    hundreds of size mismatches."""
+    from .model import DEFAULT_TARGET_MODULES
+
+    try:
+        saved = json.loads((Path(checkpoint) / "adapter_config.json").read_text())
+    except (OSError, ValueError):
+        return  # not a LoRA checkpoint (a plain Trainer's), or checked by checkpoint_damage
+    base = saved.get("base_model_name_or_path")
+    differs = []
+    if lora_r is not None and saved.get("r") not in (None, lora_r):
+        differs.append(f"lora_r={saved['r']} (this run: {lora_r})")
+    alpha = lora_alpha or lora_r
+    if alpha is not None and saved.get("lora_alpha") not in (None, alpha):
+        differs.append(f"lora_alpha={saved['lora_alpha']} (this run: {alpha})")
+    targets = saved.get("target_modules")
+    if isinstance(targets, list) and set(targets) != set(DEFAULT_TARGET_MODULES):
+        differs.append(f"target_modules={sorted(targets)} (this run: {sorted(DEFAULT_TARGET_MODULES)})")
+    if model and base and base != model:
+        ours, theirs = _model_config(model), _model_config(base)
+        if ours and theirs and any(ours.get(k) != theirs.get(k) for k in _SHAPE_KEYS):
+            differs.append(f"base model {base} (this run: {model})")
+    if differs:
+        raise UsageError(
+            f"checkpoint {checkpoint} was trained with {', '.join(differs)}; resume with the same settings, or "
+            "train this configuration in a new output_dir."
+        )
+
+
+def _damage_error(checkpoint: str, damage: str) -> UsageError:
+    """The error for a checkpoint that cannot be resumed from, naming the next older usable one."""
+    older = previous_checkpoint(checkpoint)
+    fix = (
+        f"resume from the previous one with resume={older!r} (and delete {checkpoint})"
+        if older
+        else "there is no older checkpoint to resume from: delete it, or train from scratch in a new output_dir"
+    )
+    return UsageError(f"cannot resume from {checkpoint}: {damage}; {fix}.")
+
+
+def _resume_target(
+    resume: bool | str,
+    checkpoint_dir: Path,
+    *,
+    model: str | None = None,
+    lora_r: int | None = None,
+    lora_alpha: int | None = None,
+) -> str | None:
+    """The checkpoint a run resumes from, checked before the model loads: complete, readable, and saved with
+    this run's LoRA settings and base model."""
     if resume is False or resume is None:
         return None
     if resume is True:
@@ -141,14 +286,17 @@ def _resume_target(resume: bool | str, checkpoint_dir: Path) -> str | None:
                 f"resume=True but {checkpoint_dir} has no complete checkpoint; starting from scratch.",
                 stacklevel=3,
             )
-        return found
-    path = Path(resume)
-    if (path / "trainer_state.json").is_file():
-        return str(path)
-    found = last_complete_checkpoint(path)
-    if found is None:
-        raise UsageError(
-            f"resume={str(resume)!r} is neither a complete checkpoint (no trainer_state.json) nor a folder with one; "
-            "pass resume=True to pick the last complete checkpoint of this run."
-        )
+            return None
+    else:
+        path = Path(resume)
+        found = str(path) if (path / "trainer_state.json").is_file() else last_complete_checkpoint(path)
+        if found is None:
+            raise UsageError(
+                f"resume={str(resume)!r} is neither a complete checkpoint (no trainer_state.json) nor a folder "
+                "with one; pass resume=True to pick the last complete checkpoint of this run."
+            )
+    damage = checkpoint_damage(found)
+    if damage:
+        raise _damage_error(found, damage)
+    _check_same_lora(found, model, lora_r, lora_alpha)
     return found

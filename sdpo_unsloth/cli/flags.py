@@ -190,6 +190,66 @@ def _read_config(path: str) -> dict[str, Any]:
     return {str(k).replace("-", "_"): v for k, v in data.items()}
 
 
+def _expected(hint: Any) -> str:
+    """How a config value of type `hint` is written, for an error message."""
+    hints, optional = _split_union(hint)
+    plain = [h for h in hints if typing.get_origin(h) is not Literal]
+    words = [repr(v) for v in _literal_values(hints)]
+    kinds = {int: "an integer", float: "a number", str: "a string", bool: "true or false"}
+    names = [kinds.get(h, "a list") for h in plain if h in kinds or typing.get_origin(h)] + (
+        [f"one of {', '.join(words)}"] if words else []
+    )
+    names += ["null"] if optional else []
+    return " or ".join(names) if len(names) < 3 else f"{', '.join(names[:-1])} or {names[-1]}"
+
+
+def _config_value(name: str, hint: Any, value: Any, source: str) -> Any:
+    """`value` from a config file as the type `hint` says (YAML reads 2e-4 as the string '2e-4')."""
+    hints, optional = _split_union(hint)
+    plain = [h for h in hints if typing.get_origin(h) is not Literal]
+    literals = _literal_values(hints)
+    if value is None and optional:
+        return None
+    if isinstance(value, bool):
+        if bool in plain:
+            return value
+    elif value in literals:
+        return value
+    elif int in plain and (
+        isinstance(value, int) or (isinstance(value, str) and re.fullmatch(r"[+-]?\d+", value))
+    ):
+        return int(value)
+    elif float in plain and isinstance(value, int | float | str):
+        try:
+            return float(value)
+        except ValueError:
+            if str not in plain:  # a duration such as 11h30m is a string
+                raise UserError(
+                    f"`{name}` in {source} must be a number (e.g. 2.0e-4), got {value!r}."
+                ) from None
+    if str in plain and isinstance(value, str):
+        return value
+    sequence = next(
+        (h for h in plain if typing.get_origin(h) in (list, tuple, typing.get_origin(Sequence[str]))), None
+    )
+    if sequence is not None and isinstance(value, str | list | tuple):
+        inner = _literal_values(list(typing.get_args(sequence)))
+        items = tuple(
+            _comma_list()(value) if isinstance(value, str) else value
+        )  # "a,b" as on the command line
+        bad = [item for item in items if inner and item not in inner]
+        if bad:
+            raise UserError(f"`{name}` in {source} may hold {', '.join(map(str, inner))}; got {bad}.")
+        return items
+    if any(h not in (int, float, str, bool, sequence) for h in plain):
+        return value  # objects (a Dataset, callables) pass through to train(), which checks them
+    raise UserError(f"`{name}` in {source} must be {_expected(hint)}, got {value!r}.")
+
+
+def _config_values(values: dict[str, Any], hints: dict[str, Any], source: str) -> dict[str, Any]:
+    return {k: _config_value(k, hints[k], v, source) if k in hints else v for k, v in values.items()}
+
+
 def _train_kwargs(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
     from .. import api
 
@@ -200,11 +260,14 @@ def _train_kwargs(args: argparse.Namespace, names: list[str]) -> dict[str, Any]:
         raise UserError(
             f"unknown setting(s) {', '.join(unknown)} in {args.config}; valid: {', '.join(sorted(valid))}."
         )
+    kwargs = _config_values(kwargs, {name: hint for name, hint, _ in train_parameters()}, args.config)
     if isinstance(kwargs.get("sdpo_config"), dict):
         from ..config import SDPOConfig
 
+        hints = typing.get_type_hints(SDPOConfig)
+        source = f"{args.config} (sdpo_config)"
         try:
-            kwargs["sdpo_config"] = SDPOConfig(**kwargs["sdpo_config"])
+            kwargs["sdpo_config"] = SDPOConfig(**_config_values(kwargs["sdpo_config"], hints, source))
         except TypeError as exc:
             raise UserError(f"sdpo_config in {args.config}: {exc}") from None
     if isinstance(kwargs.get("grpo_config"), dict):
