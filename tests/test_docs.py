@@ -86,3 +86,27 @@ def test_relative_links_in_the_readme_and_docs_resolve():
             elif anchor and linked.suffix == ".md" and anchor not in heading_anchors(linked.read_text()):
                 broken.append(f"{name}: no such heading")
     assert not broken, "\n".join(broken)
+
+
+def test_train_help_names_every_built_in_task_and_its_completion_budget():
+    """`train()`'s docstring and `sdpo-unsloth train --help` list the built-in tasks `data.py` accepts (humaneval and
+    gym:<task> included) with their completion budgets, and no default a CLI user cannot type ("None: ...")."""
+    import argparse
+    import re
+
+    from sdpo_unsloth import cli
+    from sdpo_unsloth.api import train
+    from sdpo_unsloth.data import BUILTIN_TASKS, GYM_PREFIX, task_completion_length
+
+    parser, _ = cli.build_parser()
+    (commands,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    flags = {action.dest: " ".join(action.help.split()) for action in commands.choices["train"]._actions}
+    entries = re.split(r"\n {8}(\w+): ", train.__doc__.split("Args:")[1].split("Returns:")[0])[1:]
+    docs = {name: " ".join(text.split()) for name, text in zip(entries[::2], entries[1::2], strict=True)}
+    tasks = [*BUILTIN_TASKS, f"{GYM_PREFIX}<task>"]
+    for text in (flags["dataset"], docs["dataset"], flags["rewards"], docs["rewards"]):
+        assert all(task in text for task in tasks), text
+    for text in (flags["max_completion_length"], docs["max_completion_length"]):
+        for task in tasks:
+            assert f"{task} {task_completion_length(task.replace('<task>', 'x'))}" in text, (task, text)
+    assert "None:" not in flags["save_steps"], flags["save_steps"]
