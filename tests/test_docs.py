@@ -56,3 +56,57 @@ def test_the_panel_method_the_readme_calls_the_default_is_train_s_default():
     default = inspect.signature(learning_report.readme_block).parameters["default"].default
     _, grpo_weight, hybrid_mode, own_success = learning.method_spec(default, {"learning_rate": 5e-4})
     assert {"grpo_weight": grpo_weight, "hybrid_mode": hybrid_mode} == SDPO_DEFAULTS and not own_success
+
+
+def heading_anchors(text: str) -> set[str]:
+    """GitHub's anchors for a Markdown file's headings: lower case, punctuation dropped, spaces to hyphens."""
+    import re
+
+    anchors = set()
+    for heading in re.findall(r"^#+\s+(.+?)\s*$", text, flags=re.M):
+        anchors.add(re.sub(r"[^\w\- ]", "", heading.lower()).replace(" ", "-"))
+    return anchors
+
+
+def test_relative_links_in_the_readme_and_docs_resolve():
+    """Every `[text](target)` in README.md and docs/*.md that is not a URL names a file that exists, relative to
+    the linking file (inside docs/ that is without a `docs/` prefix), and an `#anchor` names one of its headings."""
+    import re
+
+    broken = []
+    for source in [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]:
+        for target in re.findall(r"\]\(([^)\s]+)\)", source.read_text()):
+            if re.match(r"[a-z]+:", target):  # https:, mailto:
+                continue
+            path, _, anchor = target.partition("#")
+            linked = source.parent / path if path else source
+            name = f"{source.relative_to(ROOT)} -> {target}"
+            if not linked.exists():
+                broken.append(f"{name}: no such file")
+            elif anchor and linked.suffix == ".md" and anchor not in heading_anchors(linked.read_text()):
+                broken.append(f"{name}: no such heading")
+    assert not broken, "\n".join(broken)
+
+
+def test_train_help_names_every_built_in_task_and_its_completion_budget():
+    """`train()`'s docstring and `sdpo-unsloth train --help` list the built-in tasks `data.py` accepts (humaneval and
+    gym:<task> included) with their completion budgets, and no default a CLI user cannot type ("None: ...")."""
+    import argparse
+    import re
+
+    from sdpo_unsloth import cli
+    from sdpo_unsloth.api import train
+    from sdpo_unsloth.data import BUILTIN_TASKS, GYM_PREFIX, task_completion_length
+
+    parser, _ = cli.build_parser()
+    (commands,) = [action for action in parser._actions if isinstance(action, argparse._SubParsersAction)]
+    flags = {action.dest: " ".join(action.help.split()) for action in commands.choices["train"]._actions}
+    entries = re.split(r"\n {8}(\w+): ", train.__doc__.split("Args:")[1].split("Returns:")[0])[1:]
+    docs = {name: " ".join(text.split()) for name, text in zip(entries[::2], entries[1::2], strict=True)}
+    tasks = [*BUILTIN_TASKS, f"{GYM_PREFIX}<task>"]
+    for text in (flags["dataset"], docs["dataset"], flags["rewards"], docs["rewards"]):
+        assert all(task in text for task in tasks), text
+    for text in (flags["max_completion_length"], docs["max_completion_length"]):
+        for task in tasks:
+            assert f"{task} {task_completion_length(task.replace('<task>', 'x'))}" in text, (task, text)
+    assert "None:" not in flags["save_steps"], flags["save_steps"]

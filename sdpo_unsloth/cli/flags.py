@@ -93,15 +93,16 @@ def _add_flag(parser: argparse.ArgumentParser, name: str, hint: Any, help_text: 
     options: dict[str, Any] = {"help": help_text, "default": argparse.SUPPRESS}
     if name == "rewards":
         options["help"] = (
-            "comma list of built-in rewards (addition, code) or module:function / file.py:function "
-            "(a class is instantiated); default: the built-in task's reward"
+            "comma list of built-in rewards (addition, code, humaneval, gym:<task>) or module:function / "
+            "file.py:function (a class is instantiated); default: the built-in task's reward"
         )
         parser.add_argument(flag, type=_comma_list(), metavar="NAMES", **options)
         return True
     if name == "dataset":
         options["help"] = (
-            "a built-in task (addition, code), or a .json/.jsonl/.csv/.parquet file or save_to_disk "
-            "folder with a 'prompt' column; other columns go to the rewards (default: addition)"
+            "a built-in task (addition, code, humaneval, gym:<task>?key=value&...), or a "
+            ".json/.jsonl/.csv/.parquet file or save_to_disk folder with a 'prompt' column; other columns go "
+            "to the rewards (default: addition)"
         )
         parser.add_argument(flag, metavar="TASK|FILE", **options)
         return True
