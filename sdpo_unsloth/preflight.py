@@ -134,9 +134,9 @@ class PreflightReport:
             f"SDPO preflight on {self.prompts} prompts x {self.num_generations} samples "
             f"(max_completion_length={self.max_completion_length}):"
         ]
-        lines += [f"  {label + ':':29s} {value}" for label, value in rows]
-        if self.grpo_weight > 0:
+        if self.grpo_weight > 0:  # what the GRPO term learns from
             rows.insert(1, ("groups with a reward spread", f"{self.groups_with_reward_spread:.0%}"))
+        lines += [f"  {label + ':':29s} {value}" for label, value in rows]
         if self.nothing_to_learn:
             lines.append(
                 f"Verdict: {NOTHING_TO_LEARN}: no sample succeeded and the reward gave no feedback, so SDPO has no "

@@ -111,6 +111,7 @@ def test_successes_become_demonstrations(tiny_model_dir):
         and "grpo_weight=0.0" in text
         and "SDPO has a signal" not in text
     )
+    assert "groups with a reward spread:  100%" in text and "samples distilled:            0%" in text
 
 
 def test_pure_sdpo_distils_every_sample_with_a_teacher(tiny):
