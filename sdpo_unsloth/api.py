@@ -315,8 +315,8 @@ def train(
             The starting score and the scores so far are kept in each checkpoint, so a resumed run still
             compares with the first session's starting score.
         save_steps: write a checkpoint every N steps (keeps the last 2); default: no checkpoints.
-        resume: True resumes from the last complete checkpoint in the checkpoint folder (if any); a path
-            resumes from that checkpoint.
+        resume: True (CLI: --resume alone) resumes from the last complete checkpoint in the checkpoint folder
+            (if any); a path (--resume PATH) resumes from that checkpoint.
         checkpoint_dir: where checkpoints go (default output_dir/checkpoints); e.g. a mounted Drive folder,
             so a recycled runtime keeps them. Checkpoints appear there only when complete.
         time_budget: wall time for this call, e.g. 11h30m, 90m or seconds: before the next step would cross
