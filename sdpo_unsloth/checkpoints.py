@@ -79,7 +79,7 @@ def _unreadable(file: Path) -> str | None:
     """Why a checkpoint file cannot be loaded (cut short, overwritten), or None; reads headers only."""
     try:
         if file.suffix == ".json":
-            json.loads(file.read_text())
+            json.loads(file.read_text(encoding="utf-8"))
         elif file.suffix == ".safetensors":
             from safetensors import safe_open
 

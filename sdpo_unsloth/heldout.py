@@ -151,8 +151,16 @@ def guarded_score(
     try:
         return evaluate(graded)
     except Exception as exc:
+        from .rewards.protocol import RewardTimeout
+
         graded.clear()
         error = f"{type(exc).__name__}: {exc}"
+        if isinstance(exc, RewardTimeout):  # its message speaks of training; here the run goes on
+            error = (
+                f"RewardTimeout: reward '{exc.reward}' did not return within {exc.seconds or 0:g} s "
+                "(reward_timeout); the call still runs in a background thread (Python cannot stop one): end the "
+                "process after this run (the CLI does)"
+            )
         which = "final" if final else "held-out"
         errors.append({"step": step, "evaluation": which, "error": error})
         goes_on = (

@@ -61,7 +61,10 @@ def _prompt_problem(prompt: Any) -> str | None:
     if not prompt:
         return f"has an empty list of messages as its prompt; give at least one, e.g. {message}"
     for j, msg in enumerate(prompt):
-        if not isinstance(msg, Mapping) or not isinstance(msg.get("role"), str) or msg.get("content") is None:
+        no_content = (
+            msg.get("content") is None and not msg.get("tool_calls") if isinstance(msg, Mapping) else True
+        )
+        if not isinstance(msg, Mapping) or not isinstance(msg.get("role"), str) or no_content:
             return f"has message {j} {msg!r:.80}, which lacks a 'role' or a 'content'; each message is like {message}"
     return None
 

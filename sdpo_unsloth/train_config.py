@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import numbers
 import os
 import warnings
 from pathlib import Path
@@ -92,7 +93,9 @@ def _number_error(name: str, value: Any) -> str | None:
         except ValueError:
             fix = ""
         return f"`{name}` must be {rule}, got {value!r}{fix}."
-    number = isinstance(value, int if kind is int else int | float) and not isinstance(value, bool)
+    number = isinstance(value, numbers.Integral if kind is int else numbers.Real) and not isinstance(
+        value, bool
+    )
     if not number or not math.isfinite(value) or value < low or (exclusive and value == low):
         return f"`{name}` must be {rule}, got {value!r}."
     return None
@@ -221,7 +224,7 @@ def _model_config(name: str) -> dict[str, Any] | None:
             return None
         path = Path(cached)
     try:
-        return json.loads(path.read_text())
+        return json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
 
@@ -232,7 +235,7 @@ def _check_same_lora(checkpoint: str, model: str | None, lora_r: int | None, lor
     from .model import DEFAULT_TARGET_MODULES
 
     try:
-        saved = json.loads((Path(checkpoint) / "adapter_config.json").read_text())
+        saved = json.loads((Path(checkpoint) / "adapter_config.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return  # not a LoRA checkpoint (a plain Trainer's), or checked by checkpoint_damage
     base = saved.get("base_model_name_or_path")

@@ -136,3 +136,22 @@ def test_a_common_completion_that_may_answer_the_question_does_not_warn(tmp_path
         tmp_path, [0.5, 0.5, 0.5], completions=[graded] * 3, category=ConstantAnswerWarning
     )
     assert messages == [] and monitor.constant is None
+
+
+def test_an_evaluation_timeout_says_the_run_goes_on():
+    """RewardTimeout's own message speaks of a stopped training step; in an evaluation the run goes on, and the
+    warning says so, with the reward, its timeout, and that the hung call still runs."""
+    from sdpo_unsloth.heldout import EvaluationWarning, guarded_score
+    from sdpo_unsloth.rewards.protocol import RewardTimeout
+
+    def hangs(graded):
+        raise RewardTimeout("training stopped before this step's update", "judge", 30.0)
+
+    errors: list = []
+    with pytest.warns(EvaluationWarning) as caught:
+        assert guarded_score(hangs, [("x", 1.0)], 4, errors, final=True) is None
+    text = str(caught[0].message)
+    assert "reward 'judge' did not return within 30 s" in text and "still runs in a background thread" in text
+    assert "training stopped" not in text and "exported anyway" in text
+    assert errors[0]["step"] == 4 and errors[0]["evaluation"] == "final"
+    assert errors[0]["error"].startswith("RewardTimeout: reward 'judge' did not return within 30 s")

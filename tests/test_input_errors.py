@@ -343,3 +343,25 @@ def test_a_malformed_code_tests_row_is_named_before_training():
         UsageError, match="`dataset` has no 'tests' column, which the reward code_execution runs"
     ):
         _resolve([{"prompt": "x"}] * 4, "code")
+
+
+def test_numpy_numbers_and_tool_call_messages_are_valid_input():
+    """Numbers from a sweep (numpy scalars) are numbers; an assistant message that calls a tool has no content."""
+    import numpy as np
+
+    from sdpo_unsloth.preconditions import check_prompts
+    from sdpo_unsloth.train_config import check_arguments
+
+    check_arguments(
+        {"max_steps": np.int64(30), "learning_rate": np.float32(2e-4), "temperature": np.float64(0.7)}
+    )
+    call = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [{"type": "function", "function": {"name": "f"}}],
+    }
+    check_prompts([[{"role": "user", "content": "2*3?"}, call, {"role": "tool", "content": "6"}]])
+    with pytest.raises(
+        ValueError, match="lacks a 'role' or a 'content'"
+    ):  # without the tool call it still fails
+        check_prompts([[{"role": "user", "content": "2*3?"}, {"role": "assistant", "content": None}]])

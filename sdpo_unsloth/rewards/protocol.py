@@ -56,7 +56,12 @@ class RewardError(ValueError):
 
 
 class RewardTimeout(RewardError):
-    """A reward call ran past its timeout; training stopped before the step's update."""
+    """A reward call ran past its timeout; training stopped before the step's update. `reward` and `seconds`
+    name the reward and its timeout."""
+
+    def __init__(self, message: str, reward: str = "", seconds: float | None = None):
+        super().__init__(message)
+        self.reward, self.seconds = reward, seconds
 
 
 class NoSignalWarning(UserWarning):
@@ -306,7 +311,9 @@ class CheckedReward:
                 f"reward '{self.__name__}' did not return within {self.timeout:g} s (reward_timeout); training "
                 "stopped before this step's update and nothing was saved for it. The call cannot be killed (it "
                 "runs in a thread): exit this process. Make the reward faster or raise reward_timeout, then resume "
-                "from the last checkpoint."
+                "from the last checkpoint.",
+                self.__name__,
+                self.timeout,
             )
         if self.on_slow is not None and time.monotonic() - start >= self.slow_after:
             self.on_slow(self.__name__, -1.0)  # done: clear the note
@@ -329,7 +336,9 @@ class AsyncCheckedReward(CheckedReward):
             raise RewardTimeout(
                 f"reward '{self.__name__}' did not return within {self.timeout:g} s (reward_timeout); training "
                 "stopped before this step's update and nothing was saved for it. Make the reward faster or raise "
-                "reward_timeout, then resume from the last checkpoint."
+                "reward_timeout, then resume from the last checkpoint.",
+                self.__name__,
+                self.timeout,
             ) from None
         except Exception as exc:
             raise self._raised(exc, kwargs) from exc
