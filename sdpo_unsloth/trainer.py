@@ -35,7 +35,7 @@ from .config import SDPOConfig  # noqa: E402
 from .diagnostics import diagnostic_callbacks  # noqa: E402
 from .heads import OutputHead, check_output_head, output_head  # noqa: E402
 from .preconditions import check_trainer_inputs  # noqa: E402
-from .rewards.protocol import CheckedReward, checked_reward, combine_feedback  # noqa: E402
+from .rewards.protocol import CheckedReward, NoSignalWarning, checked_reward, combine_feedback  # noqa: E402
 from .steps import StepStats, align_old_logps, hybrid_weights  # noqa: E402
 from .teacher import Reprompt, build_reprompt, plan_reprompts  # noqa: E402
 from .teacher_state import TeacherState, _prepare_model, _TeacherCallback  # noqa: E402
@@ -150,6 +150,11 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
             else f
             for f in funcs
         ]
+        if len(funcs) > 1:  # None from one reward where another scores is TRL's multi-task pattern
+            for reward in self._checked_rewards:
+                if isinstance(reward, CheckedReward):
+                    reward.warn_all_none = False
+        self._warned_no_signal = False
         check_trainer_inputs(args, kwargs.get("train_dataset"), kwargs.get("processing_class"))
         model, self._teacher_adapter = _prepare_model(model, sdpo_config, peft_config)
         super().__init__(model=model, reward_funcs=self._checked_rewards, args=args, **kwargs)
@@ -270,6 +275,16 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
             for i, score in enumerate(reward.last_scores):
                 if score is not None:
                     totals[i] = (totals[i] or 0.0) + weight * score
+        if n and len(weights) > 1 and all(total is None for total in totals) and not self._warned_no_signal:
+            self._warned_no_signal = True
+            names = ", ".join(f"'{reward.__name__}'" for reward in self._checked_rewards)
+            warnings.warn(
+                f"no reward ({names}) scored any of the {n} completions of a generation batch (None from each): "
+                "they give no training signal. Return 0.0 for a wrong answer and None only for a completion a "
+                "reward cannot judge. (Said once.)",
+                NoSignalWarning,
+                stacklevel=2,
+            )
         return [float("nan") if total is None else total for total in totals]
 
     # ------------------------------------------------------------------ per-step bookkeeping

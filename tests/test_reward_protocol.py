@@ -281,3 +281,42 @@ def test_an_awaitable_from_a_plain_call_is_named():
 
     with pytest.raises(RewardError, match="'sneaky' returned an awaitable"):
         CheckedReward(sneaky)(["p"], ["a"])
+
+
+def test_several_rewards_warn_only_when_none_scores_a_completion(tmp_path):
+    """TRL's multi-task pattern: a reward returns None for rows it does not cover and another scores them. That
+    is no missing signal; a batch that no reward scores is. Through trainer.train()."""
+    import warnings
+
+    import torch
+    from conftest import make_tiny_model, make_tiny_tokenizer
+    from test_trainer import dataset, grpo_args
+
+    from sdpo_unsloth import SDPOConfig, SDPOTrainer
+    from sdpo_unsloth.rewards.protocol import NoSignalWarning
+
+    def maths(prompts, completions, **kwargs):
+        return [1.0] * len(completions)
+
+    def code(prompts, completions, **kwargs):
+        return [None] * len(completions)  # no code row in these batches
+
+    def trainer(name, rewards):
+        tokenizer = make_tiny_tokenizer()
+        torch.manual_seed(0)
+        return SDPOTrainer(
+            model=make_tiny_model(len(tokenizer)),
+            args=grpo_args(tmp_path / name, max_steps=1),
+            sdpo_config=SDPOConfig(),
+            processing_class=tokenizer,
+            reward_funcs=rewards,
+            train_dataset=dataset(),
+        )
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", NoSignalWarning)
+        trainer("covered", [maths, code]).train()
+    with pytest.warns(
+        NoSignalWarning, match="no reward \\('code', 'code'\\) scored any of the 8 completions"
+    ):
+        trainer("uncovered", [code, code]).train()

@@ -8,7 +8,9 @@ completion. Three ways to also give SDPO's teacher feedback:
 3. a function returning `RewardResult(score, feedback)` per completion.
 
 `None` means "cannot score this completion" (TRL skips it); a call that scores none of its completions
-warns once (`NoSignalWarning`): those completions teach nothing. Anything else that is not one finite
+warns once (`NoSignalWarning`): those completions teach nothing. With several rewards the trainer warns
+instead when no reward scored any completion of a batch (one reward's None where another scores is TRL's
+multi-task pattern). Anything else that is not one finite
 number per completion is an error that names the reward and the fix: TRL itself silently scores
 NaN as 0, broadcasts a 1-element list, and turns one `inf` into NaN weights. A reward that raises is
 reported with its error; a `TypeError` from the call itself (a parameter that is not a dataset column, no
@@ -154,6 +156,9 @@ class CheckedReward:
         self.__name__ = reward_name(func)
         self.last_scores: list[float | None] = []
         self.last_feedback: list[str] = []
+        # Off when other rewards share the run: one that scores None where another scores is TRL's multi-task
+        # pattern, so the trainer warns only when no reward scored a completion (`SDPOTrainer._total_rewards`).
+        self.warn_all_none = True
         self.warned_no_signal = False
 
     def __call__(
@@ -266,7 +271,7 @@ class CheckedReward:
                 feedback[i] = feedback[i] or note
         self.last_scores = scores
         self.last_feedback = [note or "" for note in feedback]
-        if n and all(score is None for score in scores) and not self.warned_no_signal:
+        if n and self.warn_all_none and all(score is None for score in scores) and not self.warned_no_signal:
             self.warned_no_signal = True
             warnings.warn(
                 f"reward '{name}' returned None for all {n} completions of a call: None means 'cannot score', so "
