@@ -175,7 +175,7 @@ def _save_progress(trainer: Any, exc: RewardError, single_process: bool) -> Rewa
     failed = ""
     if not is_complete(path) and single_process:
         try:
-            trainer._save_checkpoint(trainer.model, trial=None)
+            trainer.save_completed_steps()
         except Exception as save_error:  # the reward error stays the one raised
             failed = f" (saving it failed: {save_error})"
     if not is_complete(path):

@@ -21,12 +21,15 @@ from __future__ import annotations
 import errno
 import json
 import os
+import random
 import re
 import shutil
 import warnings
 import zipfile
 from pathlib import Path
 from typing import Any
+
+from transformers import TrainerCallback
 
 from .faults import fault_point
 
@@ -243,6 +246,37 @@ class AtomicCheckpoints:
 GENERATION_FILE = "sdpo_generation-{rank}.pt"  # one per process, inside a checkpoint saved mid-generation
 
 
+def random_states() -> tuple:
+    """Python's, NumPy's and torch's (CPU and every CUDA device) global random states."""
+    import numpy as np
+    import torch
+
+    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    return random.getstate(), np.random.get_state(), torch.random.get_rng_state(), cuda
+
+
+def set_random_states(states: tuple) -> None:
+    """Restore what `random_states()` returned."""
+    import numpy as np
+    import torch
+
+    random.setstate(states[0])
+    np.random.set_state(states[1])
+    torch.random.set_rng_state(states[2])
+    if states[3] is not None:
+        torch.cuda.set_rng_state_all(states[3])
+
+
+class StepEndRandom(TrainerCallback):
+    """Keeps the random states of the last optimizer step's end, for `GenerationBuffer.save_completed_steps`."""
+
+    def __init__(self, trainer: Any):
+        self.trainer = trainer
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.trainer._step_end_random = random_states()
+
+
 class GenerationBuffer:
     """Trainer mixin: a checkpoint saved between two generations keeps TRL's generation buffer.
 
@@ -256,15 +290,42 @@ class GenerationBuffer:
     def _generate_every(self) -> int:
         return self.args.steps_per_generation * self.num_iterations
 
+    def save_completed_steps(self) -> None:
+        """A checkpoint of the last completed optimizer step, written after training stopped inside the next one
+        (a reward error): with the random states that step ended with, so a resumed run samples what the
+        uninterrupted run sampled next (the Trainer saves the states current at the save)."""
+        ended = getattr(self, "_step_end_random", None)
+        current = random_states()
+        try:
+            if ended is not None:
+                set_random_states(ended)
+            self._save_checkpoint(self.model, trial=None)
+        finally:
+            set_random_states(current)
+
+    def _generation_setup(self) -> list[int]:
+        """What the buffer's layout depends on: a resumed run with other values cannot use it."""
+        args = self.args
+        return [
+            self.accelerator.num_processes,
+            args.per_device_train_batch_size,
+            args.gradient_accumulation_steps,
+            args.steps_per_generation,
+            self.num_iterations,
+        ]
+
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         buffered = getattr(self, "_buffered_inputs", None)
-        if buffered is not None and self._step % self._generate_every() != 0:
+        # the micro-steps of the completed optimizer steps (a reward error mid-step saves with `_step` past them;
+        # the buffer then still holds their generation, as the failed one was never stored)
+        done = self._step - self._step % self.args.gradient_accumulation_steps
+        if buffered is not None and done % self._generate_every() != 0:
             import torch
 
             folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, GENERATION_FILE.format(rank=self.accelerator.process_index))
-            torch.save({"step": self._step, "buffered_inputs": buffered}, path)
+            torch.save({"step": done, "setup": self._generation_setup(), "buffered_inputs": buffered}, path)
         super()._save_checkpoint(model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
@@ -274,17 +335,33 @@ class GenerationBuffer:
         path = os.path.join(
             resume_from_checkpoint, GENERATION_FILE.format(rank=self.accelerator.process_index)
         )
-        if os.path.exists(path):
-            saved = torch.load(path, map_location=self.accelerator.device, weights_only=True)
+        saved = (
+            torch.load(path, map_location=self.accelerator.device, weights_only=True)
+            if os.path.exists(path)
+            else None
+        )
+        usable = saved is not None and saved.get("setup") == self._generation_setup()
+        processes = self.accelerator.num_processes
+        if processes > 1:  # every process restores its buffer, or none does (generation gathers across them)
+            votes = self.accelerator.reduce(
+                torch.tensor([int(usable)], device=self.accelerator.device), "sum"
+            )
+            usable = int(votes.item()) == processes
+        if usable:
             self._step, self._buffered_inputs = saved["step"], saved["buffered_inputs"]
             return
         steps = _checkpoint_step(resume_from_checkpoint)
         micro_steps = None if steps is None else steps * self.args.gradient_accumulation_steps
-        if micro_steps is not None and micro_steps % self._generate_every() != 0:
+        if saved is not None or (micro_steps is not None and micro_steps % self._generate_every() != 0):
+            why = (
+                "saved by a run with other batch settings or process count"
+                if saved is not None
+                else f"saved without its buffer ({GENERATION_FILE.format(rank='N')})"
+            )
             warnings.warn(
-                f"{resume_from_checkpoint} was saved inside a generation batch (step {steps}; one generation serves "
-                f"{self._generate_every()} micro-steps) without its buffer ({GENERATION_FILE.format(rank='N')}): "
-                "the resumed run generates that batch again, so its next updates differ from the uninterrupted run's.",
+                f"{resume_from_checkpoint} was saved inside a generation batch (step {steps}) and its buffered "
+                f"rollouts cannot be used here ({why}): the resumed run generates that batch again, so its next "
+                "updates differ from the uninterrupted run's.",
                 stacklevel=2,
             )
 

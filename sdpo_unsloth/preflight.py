@@ -191,19 +191,13 @@ def _snapshot(trainer: Any) -> dict[str, Any]:
 @contextlib.contextmanager
 def _random_states_kept() -> Iterator[None]:
     """Restores Python's, NumPy's and torch's (CPU and CUDA) global random states after the block."""
-    import numpy as np
-    import torch
+    from .checkpoints import random_states, set_random_states
 
-    states = (random.getstate(), np.random.get_state(), torch.random.get_rng_state())
-    cuda = torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None
+    states = random_states()
     try:
         yield
     finally:
-        random.setstate(states[0])
-        np.random.set_state(states[1])
-        torch.random.set_rng_state(states[2])
-        if cuda is not None:
-            torch.cuda.set_rng_state_all(cuda)
+        set_random_states(states)
 
 
 def _split(batch: Mapping[str, Any], n: int, size: int) -> list[dict[str, Any]]:

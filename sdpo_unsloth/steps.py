@@ -77,12 +77,12 @@ class StepStats:
 
         In training, the counts of the optimizer step's micro-batches that come from the same generation
         batch as this one (TRL buffers them all), scaled to the step's number of micro-batches. Where the
-        step lies within one generation batch, or spans whole ones, that is exact: the step's loss is then the
-        mean over its sequences whatever the split into micro-batches. Where it spans a generation batch in
-        part (gradient_accumulation_steps not a multiple of steps_per_generation), the micro-batches of the
-        batch not yet generated are estimated by those at hand, so every micro-batch weighs alike, as TRL's
-        "dapo" normaliser does. The Trainer does not divide by the accumulation steps (GRPOTrainer sets
-        `compute_loss_func`).
+        step lies within one generation batch that is exact: the step's loss is the mean over its sequences
+        whatever the split into micro-batches. Where it spans several (gradient_accumulation_steps above
+        steps_per_generation), the counts of a batch not generated yet are unknown, so each batch's count is
+        scaled to the step, an estimate that is exact when the batches have equal counts (every micro-batch
+        weighs alike then), as TRL's "dapo" normaliser does with tokens. The Trainer does not divide by the
+        accumulation steps (GRPOTrainer sets `compute_loss_func`).
         """
         buffered = getattr(self, "_buffered_inputs", None) or []
         if not self.model.training or not any(batch is inputs for batch in buffered):

@@ -377,6 +377,49 @@ def test_resume_inside_a_generation_batch_equals_an_uninterrupted_run(tmp_path, 
     late = make_trainer(tmp_path / "d", sdpo, max_steps=4, **options)
     with pytest.warns(UserWarning, match="saved inside a generation batch"):
         late._load_from_checkpoint(str(run / "checkpoint-3"))
+    other = make_trainer(tmp_path / "e", sdpo, max_steps=4, **{**options, "per_device_train_batch_size": 8})
+    with pytest.warns(UserWarning, match="other batch settings or process count"):
+        other._load_from_checkpoint(str(run / "checkpoint-1"))  # its buffer has another layout: not used
+    assert other._buffered_inputs is None and other._step == 0
+
+
+class FailsOnCall(HasDigit):
+    """HasDigit that raises on its `n`-th call (an API error mid-run)."""
+
+    def __init__(self, n: int | None):
+        super().__init__()
+        self.n, self.calls = n, 0
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        if self.calls == self.n:
+            raise ConnectionError("the judge's API is down")
+        return super().__call__(*args, **kwargs)
+
+
+def test_a_checkpoint_saved_after_a_reward_error_mid_step_resumes_exactly(tmp_path):
+    """gradient_accumulation_steps 3 over generation batches of 2 micro-batches: the third generation starts in
+    the middle of step 2. A reward error there leaves TRL's micro-step counter past step 1, whose last
+    micro-batch is the second half of the second generation: the checkpoint of step 1 (what train() writes on a
+    reward error) keeps that buffer, and resuming from it gives the uninterrupted run's weights."""
+    from sdpo_unsloth.rewards import RewardError
+
+    options = dict(per_device_train_batch_size=4, gradient_accumulation_steps=3, steps_per_generation=2)
+    sdpo = SDPOConfig(teacher_update_rate=0.3)
+    straight = make_trainer(tmp_path / "a", sdpo, reward=FailsOnCall(None), max_steps=3, **options)
+    straight.train()
+    broken = make_trainer(tmp_path / "b", sdpo, reward=FailsOnCall(3), max_steps=3, **options)
+    with pytest.raises(RewardError, match="the judge's API is down"):
+        broken.train()
+    assert broken.state.global_step == 1 and broken._step == 4  # one micro-batch of step 2 ran
+    broken.save_completed_steps()  # what train() does on a reward error
+    checkpoint = tmp_path / "b" / "run" / "checkpoint-1"
+    resumed = make_trainer(tmp_path / "c", sdpo, reward=FailsOnCall(None), max_steps=3, **options)
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    for adapter in ("default", TEACHER):
+        a, b = adapter_tensors(straight.model, adapter), adapter_tensors(resumed.model, adapter)
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], rtol=1e-5, atol=1e-6)
 
 
 def test_non_finite_gradient_refuses_the_step(tmp_path):
