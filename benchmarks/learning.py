@@ -23,7 +23,8 @@ defaults to 1: W x GRPO on every sample + SDPO on the failed ones); `grpo@LR` / 
 `sdpo+self` (any SDPO method) shows a success its own completion as the demonstration; `pgrare`, `spread`
 and `pgtrunc` are experiments on the per-group hybrid (rare_success_weights, spread_weights,
 truncated_rows_distilled), patched into the trainer for their own runs. A suffix `~alpha=A`, `~ema=R` (the
-teacher's update rate) or `~topk=K|full` overrides that SDPO setting for the run (e.g. `pg~alpha=1`).
+teacher's update rate) or `~topk=K|full` overrides that SDPO setting for the run (e.g. `pg~alpha=1`), and
+`~scale=group|batch|none` TRL's advantage scaling (GRPOConfig.scale_rewards).
 """
 
 from __future__ import annotations
@@ -101,7 +102,7 @@ def method_spec(method: str, s: dict) -> tuple[float, float | None, str, bool]:
 
     `NAME+self` shows a successful sample its own completion as the demonstration
     (`dont_reprompt_on_self_success=False`); `NAME@LR` overrides the learning rate; `~alpha=A`, `~ema=R`,
-    `~topk=K|full` override an SDPO setting (`settings_of`)."""
+    `~topk=K|full` override an SDPO setting, `~scale=group|batch|none` GRPOConfig.scale_rewards (`settings_of`)."""
     name, _, lr = report.knobs(method)[0].partition("@")
     lr_value = float(lr) if lr else s["learning_rate"]
     name, plus, flag = name.partition("+")
@@ -130,6 +131,9 @@ def settings_of(method: str, s: dict) -> dict:
     s = dict(s)
     for name, value in report.knobs(method)[1].items():
         setting = report.KNOBS[name]
+        if setting == "scale_rewards":
+            s[setting] = value
+            continue
         s[setting] = (
             None if value == "full" else int(value) if setting == "distillation_topk" else float(value)
         )
@@ -290,6 +294,7 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
         "sdpo_alpha": s["alpha"],
         "teacher_update_rate": s["teacher_update_rate"],
         **({"distillation_topk": s["distillation_topk"]} if "~topk=" in method else {}),
+        **({"scale_rewards": s["scale_rewards"]} if "~scale=" in method else {}),
     }
     t0 = time.perf_counter()
     model, tokenizer = _load(s, seed, teacher=not grpo)
@@ -331,6 +336,7 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
         report_to=[],
         save_strategy="no",
         **LEARNING_RUN,
+        **({"scale_rewards": s["scale_rewards"]} if "scale_rewards" in s else {}),
         seed=seed,
         data_seed=seed,
     )

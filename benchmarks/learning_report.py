@@ -125,6 +125,7 @@ KNOBS = {
     "alpha": "alpha",
     "ema": "teacher_update_rate",
     "topk": "distillation_topk",
+    "scale": "scale_rewards",  # GRPOConfig: TRL's advantage scaling (group, batch, none)
 }  # `~name=value` -> setting
 
 
