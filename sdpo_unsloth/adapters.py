@@ -21,12 +21,22 @@ STUDENT_ADAPTER = "default"  # unsloth's vLLM weight sync assumes this name
 TEACHER_ADAPTER = "sdpo_teacher"
 
 
+def _of_adapter(name: str, adapter: str) -> bool:
+    """Whether parameter `name` belongs to `adapter`: a path component names it (`...lora_A.default.weight`, and
+    an embedding's `...lora_embedding_A.default`, which ends with it)."""
+    return f".{adapter}." in f"{name}."
+
+
+def _renamed(name: str, source: str, target: str) -> str:
+    """The name of adapter `target`'s tensor that matches adapter `source`'s tensor `name`."""
+    return ".".join(target if part == source else part for part in name.split("."))
+
+
 def _adapter_parameters(model: torch.nn.Module, adapter: str) -> dict[str, torch.nn.Parameter]:
-    marker = f".{adapter}."
     return {
         name: param
         for name, param in model.named_parameters()
-        if marker in name and ("lora_" in name or "modules_to_save" in name)
+        if _of_adapter(name, adapter) and ("lora_" in name or "modules_to_save" in name)
     }
 
 
@@ -204,7 +214,7 @@ def copy_adapter(model: torch.nn.Module, source: str, target: str) -> None:
     dst = _adapter_parameters(model, target)
     with torch.no_grad():
         for name, param in src.items():
-            dst[name.replace(f".{source}.", f".{target}.")].copy_(param)
+            dst[_renamed(name, source, target)].copy_(param)
 
 
 def ema_update(model: torch.nn.Module, *, teacher: str, student: str, rate: float) -> float:
@@ -224,7 +234,7 @@ def ema_update(model: torch.nn.Module, *, teacher: str, student: str, rate: floa
     squared = 0.0
     with torch.no_grad():
         for name, param in src.items():
-            target = dst[name.replace(f".{student}.", f".{teacher}.")]
+            target = dst[_renamed(name, student, teacher)]
             delta = (param.detach().to(target.dtype) - target) * rate
             target.add_(delta)
             squared += float(delta.float().pow(2).sum())
@@ -252,9 +262,8 @@ def add_teacher_adapter(model: Any, name: str = TEACHER_ADAPTER) -> None:
         model.add_adapter(name, config)
         copy_adapter(model, STUDENT_ADAPTER, name)
     model.set_adapter(STUDENT_ADAPTER)  # marks the student trainable; the teacher is frozen after it
-    marker = f".{name}."
     for param_name, param in model.named_parameters():
-        if marker in param_name:
+        if _of_adapter(param_name, name):
             param.requires_grad_(False)
     if adapter_parameter_count(model, name) != adapter_parameter_count(model, STUDENT_ADAPTER):
         raise RuntimeError(f"teacher adapter '{name}' does not mirror the student adapter's tensors")

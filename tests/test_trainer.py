@@ -710,3 +710,29 @@ def test_the_teacher_prompt_carries_the_tool_schemas_of_the_student_prompt(tmp_p
             inputs["sdpo_teacher_prompt_ids"][row][inputs["sdpo_teacher_prompt_mask"][row].bool()]
         )
         assert '"name": "multiply"' in student and '"name": "multiply"' in teacher
+
+
+def test_the_ema_teacher_follows_a_lora_on_the_embeddings(tmp_path):
+    """An embedding's LoRA tensors are named `...lora_embedding_A.default` (the adapter name ends the path):
+    the teacher copy, the EMA and the frozen flags must find them as they find `...lora_A.default.weight`."""
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        make_tiny_model(len(make_tiny_tokenizer()), tied=False),
+        LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"]),
+    )
+    trainer = make_trainer(tmp_path, SDPOConfig(teacher_update_rate=1.0), model=model, max_steps=2)
+    embedding = [n for n, _ in trainer.model.named_parameters() if "lora_embedding_A" in n]
+    assert any(n.endswith(f".{TEACHER}") for n in embedding)
+    assert all(not p.requires_grad for n, p in trainer.model.named_parameters() if n.endswith(f".{TEACHER}"))
+    start = {n: p.detach().clone() for n, p in trainer.model.named_parameters() if "lora_embedding" in n}
+    trainer.train()
+    params = dict(trainer.model.named_parameters())
+    moved = 0.0
+    for name in start:
+        if name.endswith(".default"):  # rate 1: the teacher is the student after every step
+            teacher = name[: -len("default")] + TEACHER
+            torch.testing.assert_close(params[teacher], params[name], rtol=0, atol=0)
+            moved = max(moved, float((params[name] - start[name]).abs().max()))
+    assert moved > 0  # the student's embedding LoRA trained
