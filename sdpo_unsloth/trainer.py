@@ -368,7 +368,10 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
             distill_weights[start : start + n], dtype=torch.float32, device=device
         )
         # For the per-token diagnostics: TRL shuffles the batch before splitting it, so rows carry their index.
-        self.sdpo_last_plans, output["sdpo_sample_index"] = (plans, rewards), torch.arange(n, device=device)
+        # Training's only: an evaluation between two steps that share a generation batch must not replace them.
+        output["sdpo_sample_index"] = torch.arange(n, device=device)
+        if mode == "train":
+            self.sdpo_last_plans = (plans, rewards)
         active = [plan.active and length > 0 for plan, length in zip(plans, lengths, strict=True)]
         if cfg.grpo_weight > 0 and cfg.hybrid_mode == "failures":  # a success is not distilled: no teacher
             active = [a and d > 0 for a, d in zip(active, distill_weights[start : start + n], strict=True)]
@@ -680,12 +683,13 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
                 self._add_stat("sdpo/is_clip_frac", float((raw[taught] > cfg.is_clip).sum()), count)
             if terms.support_kl is not None:
                 self._add_stat("sdpo/teacher_student_kl", float(terms.support_kl[taught].sum()), count)
-            self.sdpo_last_terms = {
-                "rows": rows.nonzero().flatten(),
-                "mask": distill_mask,
-                "student_logp": scatter(student_logp),
-                "teacher_logp": scatter(terms.teacher_logp),
-            }
+            if mode == "train":  # for the per-token diagnostics, which show training's micro-batches
+                self.sdpo_last_terms = {
+                    "rows": rows.nonzero().flatten(),
+                    "mask": distill_mask,
+                    "student_logp": scatter(student_logp),
+                    "teacher_logp": scatter(terms.teacher_logp),
+                }
         self._end_micro_batch(mode)
         return loss
 

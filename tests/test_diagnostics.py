@@ -8,6 +8,7 @@ import sys
 import types
 from types import SimpleNamespace
 
+import pytest
 import torch
 from conftest import make_tiny_model, make_tiny_tokenizer
 from datasets import Dataset
@@ -191,3 +192,54 @@ def test_table_goes_to_wandb_and_trackio_as_trl_logs_completions(monkeypatch):
     logged.clear()
     TokenDiagnostics(trainer)._report(records, 1)
     assert [name for name, _ in logged] == ["trackio"]
+
+
+class EchoFeedback:
+    """Always 0; the feedback names the question it was asked, so a record's attribution can be checked."""
+
+    __name__ = "echo"
+
+    def __init__(self):
+        self.last_feedback: list[str] = []
+
+    def __call__(self, prompts, completions, **kwargs):
+        self.last_feedback = [f"QUESTION WAS {p[-1]['content']}" for p in prompts]
+        return [0.0] * len(prompts)
+
+
+@pytest.mark.parametrize("eval_rows", [4, 2], ids=["same_size", "smaller_eval_batch"])
+def test_an_evaluation_between_steps_of_one_generation_leaves_the_records_their_own_plans(
+    tmp_path, eval_rows
+):
+    """num_iterations=2 with an evaluation after every step: the step after an evaluation trains on the buffered
+    training batch; its records paired those rows with the evaluation's plans (feedback of an EVAL question), and
+    with a smaller evaluation batch the page crashed training (IndexError)."""
+    tokenizer = make_tiny_tokenizer()
+    train = [{"prompt": [{"role": "user", "content": f"T{a}+{b}="}]} for a in range(4) for b in range(4)]
+    evals = [{"prompt": [{"role": "user", "content": f"EVAL{a}?"}]} for a in range(eval_rows // 2)]
+    torch.manual_seed(0)
+    trainer = SDPOTrainer(
+        model=make_tiny_model(len(tokenizer)),
+        processing_class=tokenizer,
+        reward_funcs=[EchoFeedback()],
+        args=grpo_args(
+            tmp_path,
+            gradient_accumulation_steps=1,
+            max_steps=2,
+            num_iterations=2,
+            eval_strategy="steps",
+            eval_steps=1,
+            per_device_eval_batch_size=eval_rows,
+            num_generations_eval=2,
+        ),
+        sdpo_config=SDPOConfig(diagnostics_samples=4),
+        train_dataset=Dataset.from_list(train),
+        eval_dataset=Dataset.from_list(evals),
+    )
+    trainer.train()
+    lines = (tmp_path / "run" / "diagnostics" / "diagnostics.jsonl").read_text().splitlines()
+    records = [json.loads(line) for line in lines]
+    assert {r["step"] for r in records} == {1, 2}
+    for record in records:
+        question = record["prompt"].split("user\n")[1].split("<|im_end|>")[0]
+        assert record["feedback"] == f"QUESTION WAS {question}", record
