@@ -153,7 +153,17 @@ class NoOpWatchdog(TrainerCallback):
                 "tokens can learn with most completions cut: this warns only when the rewards are 0.)",
             ),
         }
+        # Only a generation logs the rollout metrics: with num_iterations > 1 (or steps_per_generation above the
+        # accumulation) a step without them neither extends nor breaks a streak.
+        measured = {
+            "all_masked": masked is not None,
+            "gap_zero": gap is not None,
+            "rewards_constant": reward_std is not None,
+            "truncated": clipped is not None,
+        }
         for cause, (holds, message) in checks.items():
+            if not measured.get(cause, True):
+                continue
             if not holds:
                 self._streaks.pop(cause, None)
                 continue

@@ -115,6 +115,15 @@ def test_every_sample_masked_warns(tmp_path):
     assert any("success_reward_threshold=1" in m and "last_feedback" in m for m in messages)
 
 
+def test_a_generation_serving_two_steps_keeps_the_streaks(tmp_path):
+    """With num_iterations=2 only every other step generates and logs the rollout metrics (reward_std,
+    sdpo/frac_masked): the steps between must not reset the streaks, or nothing ever warns."""
+    fired, _, _ = run(
+        tmp_path, reward=EvenFirstChar(constant=0.0, feedback=False), num_iterations=2, max_steps=2 * STEPS
+    )
+    assert {"all_masked", "rewards_constant"} <= fired
+
+
 def test_constant_rewards_warn(tmp_path):
     fired, messages, _ = run(tmp_path, reward=EvenFirstChar(constant=0.0))  # feedback keeps samples active
     assert fired == {"rewards_constant"}
