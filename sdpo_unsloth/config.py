@@ -135,7 +135,10 @@ class SDPOConfig:
     feedback_template: str = field(default=DEFAULT_FEEDBACK_TEMPLATE, metadata=_help("Field {feedback}."))
     max_reprompt_length: int = field(
         default=1024,
-        metadata=_help("Token budget of the teacher prompt; the demonstration is truncated to fit."),
+        metadata=_help(
+            "Token budget of the teacher prompt; the demonstration is truncated to fit. Where the question and "
+            "template alone fill it, the sample uses its own feedback (or has no teacher), with a warning."
+        ),
     )
     max_feedback_chars: int = field(
         default=2000, metadata=_help("Feedback strings are cut to this many characters before reprompting.")

@@ -155,6 +155,7 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
                 if isinstance(reward, CheckedReward):
                     reward.warn_all_none = False
         self._warned_no_signal = False
+        self._warned_reprompt_budget = False
         check_trainer_inputs(args, kwargs.get("train_dataset"), kwargs.get("processing_class"))
         model, self._teacher_adapter = _prepare_model(model, sdpo_config, peft_config)
         super().__init__(model=model, reward_funcs=self._checked_rewards, args=args, **kwargs)
@@ -240,12 +241,17 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
             return [self._env_tools[name] for name in envs]
         return [getattr(self, "tools", None)] * n
 
-    def _fit_teacher_prompt(self, reprompt: Reprompt, source: Any, tools: list | None = None) -> list[int]:
+    def _fit_teacher_prompt(
+        self, reprompt: Reprompt, source: Any, tools: list | None = None
+    ) -> list[int] | None:
         """Tokenise (with the sample's tool schemas, as its student prompt); when over `max_reprompt_length`, cut
-        the demonstration (never the template)."""
+        the demonstration (never the template). None when the demonstration had to be cut to nothing: the
+        template and the question alone fill the budget, and 'Correct solution:' followed by nothing teaches
+        nothing."""
         cfg = self.sdpo_config
         demo = reprompt.demo
         ids = self._render_teacher_prompt(reprompt, tools)
+        given = reprompt
         for _ in range(3):
             excess = len(ids) - cfg.max_reprompt_length
             if excess <= 0 or not demo:
@@ -261,6 +267,8 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
                 feedback_template=cfg.feedback_template,
             )
             ids = self._render_teacher_prompt(reprompt, tools)
+        if given.demo is not None and given.demo.strip() and not (demo or "").strip():
+            return None
         return ids
 
     def _total_rewards(self, n: int) -> list[float]:
@@ -378,9 +386,32 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
         pad_id = self._tokenizer.pad_token_id
         rows = []
         tools = self._sample_tools(n)
-        for plan, prompt, is_active, row_tools in zip(plans, prompts, active, tools, strict=True):
+        dropped = 0
+        for i, (plan, prompt, row_tools) in enumerate(zip(plans, prompts, tools, strict=True)):
             # Placeholder for a sample without a teacher: it gets no loss and no teacher forward.
-            rows.append(self._fit_teacher_prompt(plan, prompt, row_tools) if is_active else [pad_id])
+            row = self._fit_teacher_prompt(plan, prompt, row_tools) if active[i] else [pad_id]
+            if row is None:  # no room for the demonstration: the sample's own feedback alone, else no teacher
+                dropped += 1
+                plans[i] = plan_reprompts(
+                    [prompt],
+                    [texts[i]],
+                    [float("-inf")],
+                    [feedback[i]],
+                    group_size=1,
+                    can_demonstrate=[False],
+                    **cfg.reprompt_options(),
+                )[0]
+                active[i] = plans[i].active
+                row = self._fit_teacher_prompt(plans[i], prompt, row_tools) if active[i] else [pad_id]
+            rows.append(row)
+        if dropped and not self._warned_reprompt_budget:
+            self._warned_reprompt_budget = True
+            warnings.warn(
+                f"{dropped} of {n} teacher prompts had no room for their demonstration: the question and the "
+                f"reprompt template alone fill max_reprompt_length={cfg.max_reprompt_length} tokens. Those samples "
+                "use their own feedback, or get no teacher. Raise SDPOConfig.max_reprompt_length. (Said once.)",
+                stacklevel=2,
+            )
         width = max(len(r) for r in rows)
         ids = torch.full((n, width), pad_id, dtype=torch.long)
         mask = torch.zeros((n, width), dtype=torch.long)

@@ -736,3 +736,43 @@ def test_the_ema_teacher_follows_a_lora_on_the_embeddings(tmp_path):
             torch.testing.assert_close(params[teacher], params[name], rtol=0, atol=0)
             moved = max(moved, float((params[name] - start[name]).abs().max()))
     assert moved > 0  # the student's embedding LoRA trained
+
+
+class FirstOfGroupWins:
+    """The first sample of each group of 4 succeeds; the others fail with feedback naming the answer."""
+
+    __name__ = "first_of_group"
+
+    def __init__(self):
+        self.last_feedback: list[str] = []
+
+    def __call__(self, prompts, completions, answer, **kwargs):
+        scores = [1.0 if i % 4 == 0 else 0.0 for i in range(len(completions))]
+        self.last_feedback = [
+            "" if s else f"Wrong. The answer is {a}." for s, a in zip(scores, answer, strict=True)
+        ]
+        return scores
+
+
+def test_a_demonstration_with_no_room_falls_back_to_the_feedback(tmp_path):
+    """When the question and the reprompt template alone fill max_reprompt_length, the demonstration is cut to
+    nothing: the teacher saw 'Correct solution:' followed by nothing (and not the feedback, dropped because a
+    demonstration existed). The sample now uses its own feedback, and the user is told."""
+    trainer = make_trainer(
+        tmp_path, SDPOConfig(max_reprompt_length=40), reward=FirstOfGroupWins(), per_device_train_batch_size=8
+    )
+    with pytest.warns(UserWarning, match="had no room for their demonstration"):
+        inputs = first_inputs(trainer)
+    rows = inputs["sdpo_sample_mask"].nonzero().flatten().tolist()
+    assert len(rows) == 6  # the 6 failures (2 groups of 4, one success each), the successes have no teacher
+    for row in rows:
+        ids = inputs["sdpo_teacher_prompt_ids"][row][inputs["sdpo_teacher_prompt_mask"][row].bool()]
+        text = trainer.processing_class.decode(ids)
+        assert "Wrong. The answer is" in text and "Correct solution:" not in text
+    roomy = make_trainer(
+        tmp_path / "roomy", SDPOConfig(), reward=FirstOfGroupWins(), per_device_train_batch_size=8
+    )
+    inputs = first_inputs(roomy)  # the default budget keeps the demonstration
+    row = inputs["sdpo_sample_mask"].nonzero().flatten().tolist()[0]
+    ids = inputs["sdpo_teacher_prompt_ids"][row][inputs["sdpo_teacher_prompt_mask"][row].bool()]
+    assert "Correct solution:" in roomy.processing_class.decode(ids)
