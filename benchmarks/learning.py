@@ -295,6 +295,7 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
         "teacher_update_rate": s["teacher_update_rate"],
         **({"distillation_topk": s["distillation_topk"]} if "~topk=" in method else {}),
         **({"scale_rewards": s["scale_rewards"]} if "~scale=" in method else {}),
+        "split": "distinct",  # held-out questions kept out of training (earlier runs: no key)
     }
     t0 = time.perf_counter()
     model, tokenizer = _load(s, seed, teacher=not grpo)
@@ -432,6 +433,16 @@ Reproduce (CPU; raw JSON lines: `docs/panel/`; reruns skip finished runs):
 """
 
 
+def earlier_split(path: str) -> bool:
+    """Whether the panel file at `path` holds runs on the split before held-out questions were kept out of
+    training (their evaluation rows carry no "split" key)."""
+    if not os.path.exists(path):
+        return False
+    with open(path, encoding="utf-8") as handle:
+        rows = [json.loads(line) for line in handle if line.strip()]
+    return any(r.get("kind") == "eval" and "split" not in r for r in rows)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tasks = split_tasks(args.tasks)
@@ -441,6 +452,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.report_only:
         s = settings(args)
+        if earlier_split(args.out):
+            raise SystemExit(
+                f"{args.out} holds runs on the earlier held-out split, whose held-out gym questions were also in "
+                "the training rows (sdpo_unsloth.data._split now keeps them apart): new runs are not comparable "
+                "with them. Write them to a new file (--out)."
+            )
         _, done = report.load(args.out)
         emit(args.out, {"kind": "command", "argv": sys.argv[1:] if argv is None else list(argv)})
         loaded: dict[str, PanelTask] = {}

@@ -11,6 +11,7 @@ import json
 import os
 import random
 import sys
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -172,8 +173,16 @@ def _resolve_dataset(
     return dataset, task
 
 
+def prompt_key(prompt: Any) -> str:
+    """A row's question as one string (the prompt, or its chat messages as JSON): equal questions, equal keys."""
+    return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, default=str)
+
+
 def _split(data: Dataset, n_eval: int, seed: int) -> tuple[list[dict[str, Any]], Dataset]:
-    """`n_eval` seeded-random rows for evaluation, the rest (in order) for training."""
+    """`n_eval` seeded-random rows with distinct questions for evaluation; the rest (in order) for training,
+    without any row that asks a held-out question. Generated tasks repeat questions (reasoning-gym's small
+    configurations do, often): a held-out question that is also trained on, with feedback naming its answer,
+    measures memory, not learning. Warns when fewer distinct questions than `n_eval` can be held out."""
     if n_eval >= len(data):
         raise UsageError(
             f"`eval_size` ({n_eval}) must be smaller than the dataset ({len(data)} rows); lower eval_size or use 0 "
@@ -181,9 +190,35 @@ def _split(data: Dataset, n_eval: int, seed: int) -> tuple[list[dict[str, Any]],
         )
     if not n_eval:
         return [], data
+    keys = [prompt_key(p) for p in data["prompt"]]
+    distinct = len(set(keys))
     order = list(range(len(data)))
     random.Random(seed).shuffle(order)
-    return [data[i] for i in order[:n_eval]], data.select(sorted(order[n_eval:]))
+    # at most half the distinct questions are held out: the rest must stay for training
+    wanted = min(n_eval, distinct // 2)
+    held: list[int] = []
+    seen: set[str] = set()
+    for i in order:
+        if len(held) == wanted:
+            break
+        if keys[i] not in seen:
+            seen.add(keys[i])
+            held.append(i)
+    train = [i for i in range(len(data)) if keys[i] not in seen]
+    if not held or not train:
+        raise UsageError(
+            f"the dataset has {distinct} distinct question(s) in {len(data)} rows: too few to hold {n_eval} out and "
+            "train on the others. Use a task configuration with more distinct questions, or eval_size=0."
+        )
+    if len(held) < n_eval:
+        warnings.warn(
+            f"only {len(held)} distinct questions are held out for evaluation (eval_size={n_eval}): the dataset has "
+            f"{distinct} distinct questions in {len(data)} rows, and half are kept for training. Held-out questions "
+            "never appear in training. Scores on few questions are noisy: use a task configuration with more "
+            "distinct questions (e.g. a larger value range).",
+            stacklevel=3,
+        )
+    return [data[i] for i in held], data.select(train)
 
 
 def _import_reward(spec: str) -> Any:
@@ -311,6 +346,15 @@ def resolve_inputs(
         held, _ = _resolve_dataset(eval_dataset, 0, seed, name="eval_dataset")
         _check_reward_columns(held, reward_funcs, "eval_dataset")
         eval_rows, train_data = [held[i] for i in range(len(held))], data
+        trained = {prompt_key(p) for p in data["prompt"]}
+        shared = sum(prompt_key(row["prompt"]) in trained for row in eval_rows)
+        if shared:
+            warnings.warn(
+                f"{shared} of the {len(eval_rows)} `eval_dataset` rows ask a question that is also in the training "
+                "data: their scores measure memory, not learning (a generated task seeded one apart repeats most "
+                "rows). Drop them from one of the two, or let train() split eval_size rows off the dataset.",
+                stacklevel=2,
+            )
     else:
         eval_rows, train_data = _split(
             data, eval_size if eval_size is not None else min(32, len(data) // 4), seed

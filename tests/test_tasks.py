@@ -22,6 +22,10 @@ def test_gym_names_carry_the_task_config():
     assert parse_gym_name(ARITHMETIC) == ("basic_arithmetic", {"max_terms": 2, "max_digits": 1})
     with pytest.raises(ValueError, match="key=value"):
         parse_gym_name("gym:basic_arithmetic?max_terms")
+    with pytest.raises(ValueError, match="values are JSON, write allow_parentheses=false"):
+        parse_gym_name("gym:basic_arithmetic?allow_parentheses=False")  # was the truthy string "False"
+    with pytest.raises(ValueError, match="'max_terms' is given twice"):
+        parse_gym_name("gym:basic_arithmetic?max_terms=2&max_terms=3")
     with pytest.raises(UsageError, match=r"no task 'arithmetics'.*basic_arithmetic"):
         _resolve_dataset("gym:arithmetics", 4, 0)
     with pytest.raises(UsageError, match=r"rejected the config.*bogus"):
@@ -146,3 +150,44 @@ def test_humaneval_tasks_run_in_the_sandbox_with_feedback():
     assert reward.last_feedback[:2] == ["", ""]
     (builtin,) = _resolve_rewards(None, "humaneval")
     assert isinstance(builtin, HumanEvalReward)
+
+
+def test_held_out_questions_never_appear_in_training():
+    """reasoning-gym's small configurations repeat questions; a held-out question that is also trained on (with
+    feedback naming its answer) measured memory. count_bits up to 16 has 17 distinct questions in 100 rows."""
+    import warnings
+
+    from sdpo_unsloth.data import _split, prompt_key
+
+    data, _ = _resolve_dataset("gym:count_bits?max_n=16", 100, 0)
+    distinct = {prompt_key(p) for p in data["prompt"]}
+    assert len(distinct) < 40  # the case: many repeats
+    with pytest.warns(UserWarning, match=r"only \d+ distinct questions are held out"):
+        held, train = _split(data, 32, 0)
+    held_keys = [prompt_key(row["prompt"]) for row in held]
+    assert len(set(held_keys)) == len(held_keys) == len(distinct) // 2  # distinct, half of them
+    assert not set(held_keys) & {prompt_key(p) for p in train["prompt"]}
+    assert len(train) > 0
+    data, _ = _resolve_dataset(ARITHMETIC, 200, 1)  # a larger space: the held-out size asked for, no warning
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        held, train = _split(data, 16, 1)
+    assert len(held) == 16 and not {prompt_key(r["prompt"]) for r in held} & {
+        prompt_key(p) for p in train["prompt"]
+    }
+
+
+def test_an_eval_dataset_sharing_training_questions_warns():
+    from sdpo_unsloth.data import resolve_inputs
+
+    rows = [{"prompt": f"{i}+1=", "answer": str(i + 1)} for i in range(12)]
+
+    def reward(prompts, completions, **kwargs):
+        return [0.0] * len(completions)
+
+    with pytest.warns(
+        UserWarning, match="2 of the 3 `eval_dataset` rows ask a question that is also in the training"
+    ):
+        resolve_inputs(
+            rows, [reward], [*rows[:2], {"prompt": "99+1=", "answer": "100"}], None, rows_needed=8, seed=0
+        )

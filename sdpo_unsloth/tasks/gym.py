@@ -72,6 +72,13 @@ def parse_gym_name(name: str) -> tuple[str, dict[str, Any]]:
         key, sep, text = pair.partition("=")
         if not sep or not key:
             raise ValueError(f"bad task setting {pair!r} in {name!r}: write key=value pairs joined by '&'.")
+        if key in config:
+            raise ValueError(f"task setting {key!r} is given twice in {name!r}; give it once.")
+        json_word = {"True": "true", "False": "false", "None": "null"}.get(text)
+        if json_word:  # Python's spelling: kept as text, "False" would be a true value
+            raise ValueError(
+                f"task setting {key}={text} in {name!r}: values are JSON, write {key}={json_word}."
+            )
         try:
             config[key] = json.loads(text)
         except ValueError:
