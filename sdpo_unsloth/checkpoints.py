@@ -29,8 +29,6 @@ import zipfile
 from pathlib import Path
 from typing import Any
 
-from transformers import TrainerCallback
-
 from .faults import fault_point
 
 STAGING_DIR = ".sdpo-staging"
@@ -267,14 +265,17 @@ def set_random_states(states: tuple) -> None:
         torch.cuda.set_rng_state_all(states[3])
 
 
-class StepEndRandom(TrainerCallback):
-    """Keeps the random states of the last optimizer step's end, for `GenerationBuffer.save_completed_steps`."""
+def step_end_random(trainer: Any) -> Any:
+    """A callback that keeps the random states of the last optimizer step's end on `trainer`, for
+    `GenerationBuffer.save_completed_steps`. (Built here, not at import: importing this module must not import
+    transformers before `bootstrap()` has chosen the backend.)"""
+    from transformers import TrainerCallback
 
-    def __init__(self, trainer: Any):
-        self.trainer = trainer
+    class StepEndRandom(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            trainer._step_end_random = random_states()
 
-    def on_step_end(self, args, state, control, **kwargs):
-        self.trainer._step_end_random = random_states()
+    return StepEndRandom()
 
 
 class GenerationBuffer:

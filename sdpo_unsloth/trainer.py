@@ -30,7 +30,7 @@ from transformers.cache_utils import DynamicLayer  # noqa: E402
 from . import loss as sdpo_loss  # noqa: E402
 from .adapters import adapter_scope, checkpointing_off, dropout_off  # noqa: E402
 from .budget import TimeBudget  # noqa: E402
-from .checkpoints import AtomicCheckpoints, GenerationBuffer, StepEndRandom  # noqa: E402
+from .checkpoints import AtomicCheckpoints, GenerationBuffer, step_end_random  # noqa: E402
 from .config import SDPOConfig  # noqa: E402
 from .diagnostics import diagnostic_callbacks  # noqa: E402
 from .heads import OutputHead, check_output_head, output_head  # noqa: E402
@@ -175,7 +175,7 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
         if sdpo_config.enabled:
             self._head = self._checked_head()
         self.add_callback(_TeacherCallback(self))
-        self.add_callback(StepEndRandom(self))  # for a checkpoint written after a reward error
+        self.add_callback(step_end_random(self))  # for a checkpoint written after a reward error
         budget = sdpo_config.time_budget_seconds
         self.time_budget = TimeBudget(budget) if budget is not None else None  # stops with a checkpoint
         if self.time_budget is not None:

@@ -39,6 +39,24 @@ def test_import_is_cheap(tmp_path):
     assert out.stdout.strip() == "[]"
 
 
+def test_the_cli_and_the_entry_modules_import_no_trainer_library_before_the_backend(tmp_path):
+    """The CLI builds its parser from train()'s signature, importing api and what api imports; a module-level
+    `from transformers import ...` there (checkpoints.py had one) imported transformers and peft before unsloth
+    for every CLI run on a GPU, and `doctor` then blamed the user's import order."""
+    out = run(
+        """
+        import sys
+        import sdpo_unsloth.api, sdpo_unsloth.model, sdpo_unsloth.preflight, sdpo_unsloth.exporter
+        from sdpo_unsloth.cli.parser import build_parser
+        build_parser()
+        print(sorted(m for m in ("trl", "transformers", "peft", "unsloth") if m in sys.modules))
+        """,
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
+
+
 def test_wrong_import_order_warns_once_with_the_fix(tmp_path):
     out = run(
         """
