@@ -47,8 +47,9 @@ if TYPE_CHECKING:
 
 
 def __getattr__(name: str) -> Any:
+    # No bootstrap here: train, preflight, load_model and export choose the backend from their own `backend=`
+    # argument (their modules import no trainer library), and the trainer module bootstraps when imported.
     if name in _LAZY:
-        bootstrap()
         value = getattr(import_module(_LAZY[name]), name)
         globals()[name] = value
         return value

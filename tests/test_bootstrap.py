@@ -57,6 +57,22 @@ def test_the_cli_and_the_entry_modules_import_no_trainer_library_before_the_back
     assert out.stdout.strip() == "[]"
 
 
+def test_looking_up_train_leaves_the_backend_to_its_argument(tmp_path):
+    """`sdpo_unsloth.train` (and preflight, load_model, export) looked up by name chose the backend in auto mode
+    (unsloth on a GPU), so their own backend="transformers" then raised "cannot switch"."""
+    out = run(
+        """
+        import sdpo_unsloth
+        from sdpo_unsloth.bootstrap import current_backend
+        functions = [sdpo_unsloth.train, sdpo_unsloth.preflight, sdpo_unsloth.load_model, sdpo_unsloth.export]
+        print(current_backend(), all(callable(f) for f in functions))
+        """,
+        tmp_path,
+    )
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "None True"
+
+
 def test_wrong_import_order_warns_once_with_the_fix(tmp_path):
     out = run(
         """
