@@ -162,10 +162,15 @@ def current_backend() -> Backend | None:
 
 
 def bf16_supported() -> bool:
-    """Whether the current CUDA device computes in bf16 (a T4 does not). Ask only when a GPU is present."""
+    """Whether the current CUDA device computes in bf16 natively (compute capability 8.0+; a T4, 7.5, does not).
+    Ask only when a GPU is present. torch's `is_bf16_supported()` also counts emulation, and says True on a T4,
+    where emulated bf16 is slow: fp16 is the T4's precision."""
     import torch
 
-    return bool(torch.cuda.is_bf16_supported())
+    try:
+        return bool(torch.cuda.is_bf16_supported(including_emulation=False))
+    except TypeError:  # a torch without the argument counted native support only
+        return bool(torch.cuda.is_bf16_supported())
 
 
 def pick_dtype(device: str, requested: torch.dtype | str | None = None) -> torch.dtype:

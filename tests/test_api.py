@@ -178,7 +178,8 @@ def test_flat_knobs_override_the_config_objects(tmp_path):
 
 
 def test_device_settings_pick_fp16_on_a_t4(monkeypatch):
-    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: False)
+    # torch on a T4 (sm_75): bf16 "supported" by emulation (the default), not natively
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda including_emulation=True: including_emulation)
     t4 = _device_settings("cuda")
     assert (t4["bf16"], t4["fp16"], t4["optim"], t4["gradient_checkpointing"]) == (
         False,
