@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import contextlib
 import inspect
 from collections.abc import Sequence
 from typing import Any
@@ -36,11 +37,22 @@ def greedy_completions(
         raise ValueError(f"`batch_size` must be >= 1, got {batch_size}")
     if tokenizer.pad_token_id is None:
         raise ValueError("the tokenizer has no pad token; set `tokenizer.pad_token` before evaluating")
+    from .adapters import dropout_off
+
     was_training, padding_side = model.training, tokenizer.padding_side
-    model.eval()
-    tokenizer.padding_side = "left"
+    # bitsandbytes repacks 4-bit weights on CPU for inference at an eval-mode forward, and nothing packs them
+    # back: LoRA gradients through them are wrong afterwards. Such a model generates in training mode with its
+    # dropout off (the same greedy completions).
+    cpu_4bit = any(type(p).__name__ == "Params4bit" and p.device.type == "cpu" for p in model.parameters())
     batches = []
-    try:
+    with contextlib.ExitStack() as restore:
+        restore.callback(model.train, was_training)
+        restore.callback(setattr, tokenizer, "padding_side", padding_side)
+        if cpu_4bit:
+            restore.enter_context(dropout_off(model))
+        else:
+            model.eval()
+        tokenizer.padding_side = "left"
         device = next(model.parameters()).device
         for start in range(0, len(rows), batch_size):
             batch = rows[start : start + batch_size]
@@ -54,9 +66,6 @@ def greedy_completions(
             completion_ids = out[:, enc["input_ids"].shape[1] :]
             decoded = tokenizer.batch_decode(completion_ids, skip_special_tokens=True)
             batches.append((batch, decoded, completion_ids))
-    finally:
-        tokenizer.padding_side = padding_side
-        model.train(was_training)
     return batches
 
 

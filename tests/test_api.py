@@ -475,3 +475,40 @@ def test_an_async_reward_scores_the_evaluations_too(tmp_path, tiny_model_dir):
         **{**TINY, "max_steps": 1, "preflight": False, "plot": False, "export_formats": ()},
     )
     assert result.before == 0.55 and result.after == 0.55
+
+
+def test_evaluating_a_4bit_model_on_cpu_leaves_its_gradients_as_they_were(tiny_model_dir):
+    """An eval-mode forward makes bitsandbytes repack 4-bit weights for CPU inference (on CPUs with
+    avx512_bf16), and the LoRA gradients through them were wrong afterwards: train() evaluates before training,
+    so every step of a `load_in_4bit=True` CPU run was. Evaluation now generates such a model in training mode
+    with dropout off."""
+    from sdpo_unsloth.evaluate import greedy_completions
+    from sdpo_unsloth.model import load_model
+
+    torch.manual_seed(0)
+    model, tokenizer = load_model(
+        tiny_model_dir,
+        load_in_4bit=True,
+        backend="transformers",
+        teacher_adapter=None,
+        gradient_checkpointing=False,
+    )
+    ids = tokenizer(["1+1=2", "2+2=4"], return_tensors="pt", padding=True)
+    model.train()
+
+    def lora_grads():
+        model.zero_grad()
+        model(**ids, labels=ids["input_ids"]).loss.backward()
+        return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+    with torch.no_grad():  # a trained-like adapter, so gradients reach every LoRA tensor
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    before = lora_grads()
+    assert before
+    (batch,) = greedy_completions(model, tokenizer, [{"prompt": "3+3="}], max_new_tokens=2, batch_size=1)
+    assert model.training and len(batch[1]) == 1
+    after = lora_grads()
+    for name, grad in before.items():
+        torch.testing.assert_close(after[name], grad, rtol=1e-4, atol=1e-6)
