@@ -99,7 +99,8 @@ def bootstrap(backend: str | None = None) -> Backend:
     global _resolved
     requested = backend or os.environ.get("SDPO_UNSLOTH_BACKEND", "auto")
     if requested not in BACKENDS:
-        raise ValueError(f"`backend` must be one of {', '.join(BACKENDS)}, got {requested!r}.")
+        where = "`backend`" if backend else "the environment variable SDPO_UNSLOTH_BACKEND"
+        raise ValueError(f"{where} must be one of {', '.join(BACKENDS)}, got {requested!r}.")
     if _resolved is not None:
         if requested not in ("auto", _resolved.name):
             raise RuntimeError(

@@ -5,13 +5,14 @@ Callable from Python (a notebook) as well as from `sdpo-unsloth doctor`.
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 from collections.abc import Sequence
 from importlib import metadata as importlib_metadata
 from typing import Any
 
-from .bootstrap import bf16_supported
+from .bootstrap import BACKENDS, bf16_supported
 
 # The training stack, with the versions `tests/gpu` and the GPU benchmark passed with (H200 in fp16,
 # docs/benchmarks.md); `package_versions` reports these packages in this order.
@@ -245,8 +246,16 @@ def doctor(model: str | None = None, *, dtype: str = "auto", **shape: Any) -> st
     else:
         lines.append("device         cpu (no CUDA GPU)")
     backend = current_backend()
+    forced = os.environ.get("SDPO_UNSLOTH_BACKEND", "auto")
     if backend is not None:
         lines.append(f"backend        {backend.name} ({backend.reason})")
+    elif forced not in BACKENDS:
+        lines.append(
+            f"backend        SDPO_UNSLOTH_BACKEND={forced!r} is not a backend ({', '.join(BACKENDS)}): training "
+            "would stop at its first step; fix or unset it"
+        )
+    elif forced != "auto":
+        lines.append(f"backend        {forced} (SDPO_UNSLOTH_BACKEND)")
     elif gpu and versions["unsloth"]:
         lines.append("backend        unsloth (CUDA GPU and unsloth installed)")
     else:

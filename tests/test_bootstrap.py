@@ -135,6 +135,19 @@ def test_environment_override_and_bad_value(tmp_path):
     assert out.stdout.strip() == "requested", out.stderr
     out = run("import sdpo_unsloth; sdpo_unsloth.bootstrap('cuda')", tmp_path)
     assert "`backend` must be one of auto, unsloth, transformers, got 'cuda'" in out.stderr
+    misspelt = {"SDPO_UNSLOTH_BACKEND": "Transformers"}
+    out = run("import sdpo_unsloth; sdpo_unsloth.bootstrap()", tmp_path, env=misspelt)
+    assert (
+        "the environment variable SDPO_UNSLOTH_BACKEND must be one of" in out.stderr
+    )  # names where it came from
+    out = run("from sdpo_unsloth.cli import main; main(['doctor'])", tmp_path, env=misspelt)
+    assert "SDPO_UNSLOTH_BACKEND='Transformers' is not a backend" in out.stdout, out.stderr
+    out = run(
+        "from sdpo_unsloth.cli import main; main(['doctor'])",
+        tmp_path,
+        env={"SDPO_UNSLOTH_BACKEND": "transformers"},
+    )
+    assert "backend        transformers (SDPO_UNSLOTH_BACKEND)" in out.stdout, out.stderr
 
 
 def test_backend_cannot_switch_after_the_first_choice(tmp_path):
