@@ -99,10 +99,19 @@ def _cache_is_valid(cache: Path) -> bool:
     if not marker.is_file():
         return False
     try:
-        data = json.loads(marker.read_text())
+        data = json.loads(marker.read_text(encoding="utf-8"))
     except (OSError, json.JSONDecodeError):
         return False
-    return data.get("version") == _CACHE_VERSION and data.get("gguf") == GGUF_FILENAME
+    if data.get("version") != _CACHE_VERSION or data.get("gguf") != GGUF_FILENAME:
+        return False
+    try:  # a weights file cut short or overwritten (a full disk, a killed copy): its header says so
+        from safetensors import safe_open
+
+        with safe_open(str(cache / "model.safetensors"), "pt") as weights:
+            weights.keys()
+    except Exception:
+        return False
+    return True
 
 
 def _fix_special_tokens(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> None:
@@ -168,6 +177,8 @@ def _convert(gguf: Path, cache: Path) -> None:
         tmp.chmod(0o755)  # mkdtemp makes it private; the cache is an ordinary model directory
         del model
         stale: Path | None = None
+        if _cache_is_valid(cache):  # another process finished converting meanwhile: keep its cache
+            return
         if cache.exists():  # a broken or outdated cache: move it aside, swap the new one in
             stale = Path(tempfile.mkdtemp(prefix=f".{cache.name}.stale-", dir=cache.parent))
             os.replace(cache, stale / "old")

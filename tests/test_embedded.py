@@ -53,11 +53,20 @@ def test_default_cache_dir_honours_env(monkeypatch, tmp_path):
         (None, False),
         ("not json", False),
         ({"version": embedded._CACHE_VERSION, "gguf": embedded.GGUF_FILENAME}, True),
+        ("truncated weights", False),  # the marker is right, the weights file was cut short
         ({"version": embedded._CACHE_VERSION - 1, "gguf": embedded.GGUF_FILENAME}, False),
         ({"version": embedded._CACHE_VERSION, "gguf": "other.gguf"}, False),
     ],
 )
 def test_cache_validity_marker(tmp_path, marker, valid):
+    import torch
+    from safetensors.torch import save_file
+
+    weights = tmp_path / "model.safetensors"
+    save_file({"w": torch.zeros(256)}, str(weights))
+    if marker == "truncated weights":
+        marker = {"version": embedded._CACHE_VERSION, "gguf": embedded.GGUF_FILENAME}
+        weights.write_bytes(weights.read_bytes()[:-100])
     if marker is not None:
         text = marker if isinstance(marker, str) else json.dumps(marker)
         (tmp_path / embedded._MARKER).write_text(text)
