@@ -101,18 +101,20 @@ def test_summary_reports_every_seed_mean_spread_and_where_sdpo_is_below(tmp_path
     assert "**60.0** ± 10.0" in table
 
 
-def test_the_notes_quote_the_distinct_split_runs_as_their_report_prints_them(tmp_path):
-    """docs/panel/notes.md quotes the count_bits runs on the split that keeps held-out questions out of training
-    (docs/panel/split2.jsonl): every table row and verdict line the report prints for them is in the notes."""
-    proc = _learning("--report-only", "--out", str(ROOT / "docs" / "panel" / "split2.jsonl"), cwd=tmp_path)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith(("| count_bits", "- count_bits"))]
-    assert len(lines) >= 4  # three methods and a verdict
+@pytest.mark.parametrize(
+    ("records", "task"), [("split2.jsonl", "count_bits"), ("split3.jsonl", "basic_arithmetic")], ids=str
+)
+def test_the_notes_quote_the_distinct_split_runs_as_their_report_prints_them(tmp_path, records, task):
+    """docs/panel/notes.md quotes the gym runs on the split that keeps held-out questions out of training
+    (docs/panel/split*.jsonl): every table row and verdict line the report prints for them is in the notes, and
+    the README quotes the three means."""
+    proc = _learning("--report-only", "--out", str(ROOT / "docs" / "panel" / records), cwd=tmp_path)
+    lines = [line for line in proc.stdout.splitlines() if line.startswith((f"| {task} |", f"- {task} "))]
+    assert len(lines) == 4  # three methods and a verdict
     notes = (ROOT / "docs" / "panel" / "notes.md").read_text()
     for line in lines:
         assert line in notes, line
     means = {row.split(" | ")[1]: row.split("**")[1] for row in lines if row.startswith("|")}
-    readme = (ROOT / "README.md").read_text()
-    quoted = (
-        f"pure SDPO {means['SDPO']}%, GRPO {means['GRPO']}%, the\ndefault {means['per-group hybrid w=1']}%"
-    )
-    assert quoted in readme
+    readme = " ".join((ROOT / "README.md").read_text().split())
+    quoted = f"{task}: pure SDPO {means['SDPO']}%, GRPO {means['GRPO']}%, the default {means['per-group hybrid w=1']}%"
+    assert quoted in readme, quoted
