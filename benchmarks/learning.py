@@ -265,6 +265,7 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
     import sdpo_unsloth.steps
     import sdpo_unsloth.trainer
     from sdpo_unsloth import SDPOConfig, SDPOTrainer
+    from sdpo_unsloth.bootstrap import bf16_supported
 
     if not s["gpu"]:
         torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
@@ -332,8 +333,8 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
         max_completion_length=budget,
         gradient_checkpointing=False,
         use_cpu=not s["gpu"],
-        bf16=s["gpu"] and torch.cuda.is_bf16_supported(),
-        fp16=s["gpu"] and not torch.cuda.is_bf16_supported(),
+        bf16=s["gpu"] and bf16_supported(),
+        fp16=s["gpu"] and not bf16_supported(),
         report_to=[],
         save_strategy="no",
         **LEARNING_RUN,

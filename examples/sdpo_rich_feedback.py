@@ -30,6 +30,7 @@ from pathlib import Path
 # Import sdpo_unsloth before trl/transformers: it picks the backend (unsloth on a GPU when installed).
 from sdpo_unsloth import SDPOConfig, SDPOTrainer, export, load_model
 from sdpo_unsloth.api import DEFAULTS
+from sdpo_unsloth.bootstrap import bf16_supported
 from sdpo_unsloth.rewards.code import CodeExecutionReward
 from sdpo_unsloth.tasks.code import TASK_TYPES, code_tasks
 
@@ -81,7 +82,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     on_gpu = torch.cuda.is_available()
-    bf16 = on_gpu and torch.cuda.is_bf16_supported()
+    bf16 = on_gpu and bf16_supported()  # native bf16 (a T4: fp16)
     completion_length = args.max_completion_length or (256 if on_gpu else 48)
     if not on_gpu:
         print(

@@ -35,6 +35,7 @@ else:  # unsloth needs a CUDA GPU (on CPU it imports without PatchFastRL), so it
 
 from sdpo_unsloth import SDPOConfig, SDPOTrainer, export, load_model  # Import SECOND
 from sdpo_unsloth.api import DEFAULTS
+from sdpo_unsloth.bootstrap import bf16_supported
 from sdpo_unsloth.tasks.addition import AdditionReward, addition_dataset
 
 # isort: split
@@ -111,7 +112,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     on_gpu = torch.cuda.is_available()
-    bf16 = on_gpu and torch.cuda.is_bf16_supported()
+    bf16 = on_gpu and bf16_supported()  # native bf16 (a T4: fp16)
 
     # 4-bit base + LoRA r16 student + EMA teacher adapter; unsloth's loader when it is the backend.
     model, tokenizer = load_model(
