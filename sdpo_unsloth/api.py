@@ -497,19 +497,10 @@ def train(
         )
 
     # evaluate and export (main process); a failed evaluation costs its score, never the trained student
-    trained = trainer.accelerator.unwrap_model(trainer.model)
     graded: list[tuple[str, float | None]] = []
     after = None
-    if monitor is not None:
-        after = guarded_score(
-            lambda graded: evaluate_model(
-                trained, tokenizer, inputs.eval_rows, reward, graded=graded, **eval_kwargs
-            ),
-            graded,
-            trainer.state.global_step,
-            monitor.errors,
-            final=True,
-        )
+    if monitor is not None:  # the same held-out evaluation as during training
+        after = guarded_score(monitor.evaluate, graded, trainer.state.global_step, monitor.errors, final=True)
         before = monitor.before  # a resumed run's starting score comes from its checkpoint
     if after is not None:
         monitor.check(trainer.state.global_step, after, graded)
