@@ -365,10 +365,8 @@ def train(
         grpo_weight=grpo_weight,
         hybrid_mode=hybrid_mode,
         time_budget=time_budget,
-        reward_timeout=reward_timeout or None,  # 0: no limit, set below
+        reward_timeout=reward_timeout,  # 0: no limit
     )
-    if reward_timeout == 0:
-        sdpo = dataclasses.replace(sdpo, reward_timeout=None)
     if gradient_checkpointing is None and grpo_config is not None:
         gradient_checkpointing = grpo_config.gradient_checkpointing if chosen.device == "cuda" else False
     args = _build_grpo_config(

@@ -88,7 +88,7 @@ class StepStats:
         if not self.model.training or not any(batch is inputs for batch in buffered):
             return self._across_processes(_teacher_count(inputs))  # evaluation, or a direct call
         per_generation = self.args.steps_per_generation
-        every = per_generation * self.num_iterations
+        every = self._generate_every()  # micro-steps one generation batch serves (GenerationBuffer)
         accumulation = getattr(
             self, "current_gradient_accumulation_steps", self.args.gradient_accumulation_steps
         )

@@ -154,7 +154,10 @@ def _build_sdpo_config(base: SDPOConfig | None, **flat: Any) -> SDPOConfig:
     for name, value in flat.items():
         if value is None:
             continue
-        if name == "distillation_topk" and value == "full":
+        if (name, value) in (
+            ("distillation_topk", "full"),
+            ("reward_timeout", 0),
+        ):  # "full" vocab; 0: no limit
             value = None
         values[name] = value
     return SDPOConfig(**values)
