@@ -421,14 +421,18 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
         output["sdpo_teacher_prompt_ids"] = ids.to(device)
         output["sdpo_teacher_prompt_mask"] = mask.to(device)
         output["sdpo_sample_mask"] = torch.tensor(active, dtype=torch.float32, device=device)
-        all_active = [p.active and c for p, c in zip(all_plans, group[4], strict=True)]
+        # The rows as the loss sees them (a demonstration with no room already replaced), over all processes;
+        # distilled: a teacher and a distillation weight (the hybrid gives GRPO the rest).
+        rows_seen = [
+            (p.has_demo, p.has_feedback, a, a and d > 0)
+            for p, a, d in zip(plans, active, distill_weights[start : start + n], strict=True)
+        ]
+        if self.accelerator.num_processes > 1:
+            rows_seen = gather_object(rows_seen)
         metrics = self._metrics[mode]
-        metrics["sdpo/frac_with_demo"].append(sum(p.has_demo for p in all_plans) / len(all_plans))
-        metrics["sdpo/frac_with_feedback"].append(sum(p.has_feedback for p in all_plans) / len(all_plans))
-        metrics["sdpo/frac_masked"].append(1.0 - sum(all_active) / len(all_plans))
-        # what the loss distils: a teacher and a distillation weight (the hybrid gives GRPO the rest)
-        distilled = sum(a and d > 0 for a, d in zip(all_active, distill_weights, strict=True))
-        metrics["sdpo/frac_distilled"].append(distilled / len(all_plans))
+        for i, name in enumerate(("frac_with_demo", "frac_with_feedback", "frac_masked", "frac_distilled")):
+            share = sum(row[i] for row in rows_seen) / len(rows_seen)
+            metrics[f"sdpo/{name}"].append(1.0 - share if name == "frac_masked" else share)
         return output
 
     def _completion_hidden(

@@ -765,6 +765,13 @@ def test_a_demonstration_with_no_room_falls_back_to_the_feedback(tmp_path):
         inputs = first_inputs(trainer)
     rows = inputs["sdpo_sample_mask"].nonzero().flatten().tolist()
     assert len(rows) == 6  # the 6 failures (2 groups of 4, one success each), the successes have no teacher
+    logged = {k: v[-1] for k, v in trainer._metrics["train"].items() if k.startswith("sdpo/frac")}
+    assert logged == {  # the metrics count the rows as the loss sees them, the demonstrations dropped
+        "sdpo/frac_with_demo": 0.0,
+        "sdpo/frac_with_feedback": 0.75,
+        "sdpo/frac_masked": 0.25,
+        "sdpo/frac_distilled": 0.75,
+    }
     for row in rows:
         ids = inputs["sdpo_teacher_prompt_ids"][row][inputs["sdpo_teacher_prompt_mask"][row].bool()]
         text = trainer.processing_class.decode(ids)
