@@ -301,3 +301,26 @@ def test_demo_one_step_on_the_embedded_model(tmp_path, capsys):
     for name in ("adapter/adapter_model.safetensors", "merged/model.safetensors", "reward_curve.png"):
         assert (tmp_path / "demo" / name).is_file(), name
     assert Path(summary["merged_dir"]).name == "merged"
+
+
+@pytest.mark.skipif(bool(_MISSING), reason="embedded model needs " + ", ".join(_MISSING))
+def test_demo_without_held_out_problems_trains_and_says_it_did_not_score(tmp_path, capsys):
+    """`--eval-size 0` trains on every problem and skips the score (it said `eval_dataset` is empty, a parameter the
+    demo's user never gave); a negative size is refused before anything loads."""
+    code, out, err = run(capsys, "demo", "--eval-size", "-1", "--output-dir", str(tmp_path / "bad"))
+    assert code != 0 and "--eval-size -1" in err and not (tmp_path / "bad").exists()
+    code, out, err = run(
+        capsys,
+        "demo",
+        "--max-steps",
+        "1",
+        "--eval-size",
+        "0",
+        "--no-merge",
+        "--quiet",
+        "--output-dir",
+        str(tmp_path / "d"),
+    )
+    assert code == 0, err
+    assert "not scored (--eval-size 0)" in out and "held-out accuracy after:  not measured" in out
+    assert (tmp_path / "d" / "adapter" / "adapter_model.safetensors").is_file()

@@ -85,6 +85,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from ..api import train
     from ..bootstrap import bootstrap
     from ..config import SDPOConfig
+    from ..preconditions import UsageError
     from ..tasks.addition import addition_dataset
 
     settings = demo_settings()
@@ -96,22 +97,32 @@ def cmd_demo(args: argparse.Namespace) -> int:
     settings.update({k: v for k, v in overrides.items() if v is not None})
     if args.seed is not None:
         settings["seed"] = args.seed
-    held = addition_dataset(settings["held_size"], seed=settings["held_seed"])
+    if settings["held_size"] < 0:
+        raise UsageError(f"--eval-size {settings['held_size']}: give 0 (no held-out score) or more problems.")
+    held = (
+        addition_dataset(settings["held_size"], seed=settings["held_seed"]) if settings["held_size"] else []
+    )
     train_rows = addition_dataset(settings["train_size"], seed=settings["train_seed"], exclude=held)
     knobs = {k: v for k, v in settings.items() if k not in DEMO_DATA_KEYS}
     model = knobs.pop("model", "embedded")
     steps = settings["max_steps"]
+    scored = (
+        f"scored on {len(held)} held-out problems by greedy decoding"
+        if held
+        else "not scored (--eval-size 0)"
+    )
     print(
         f"SDPO demo: SmolLM2-135M-Instruct (embedded, no download) trained on one-digit addition on "
         f"{bootstrap().device}: {steps} step{'s' if steps != 1 else ''} over {len(train_rows)} problems, "
-        f"{settings['num_generations']} samples each, scored on {len(held)} held-out problems by greedy decoding."
+        f"{settings['num_generations']} samples each, {scored}."
     )
     result = train(
         model,
         train_rows,
         "addition",
         output_dir=args.output_dir,
-        eval_dataset=held,
+        eval_dataset=held or None,
+        eval_size=None if held else 0,
         export_formats=("lora",) if args.no_merge else ("lora", "merged_16bit"),
         progress=not args.quiet,
         sdpo_config=SDPOConfig(distillation_add_tail=settings.get("tail", True)),
