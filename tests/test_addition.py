@@ -33,6 +33,9 @@ def _operands(row: dict) -> tuple[int, int]:
         ("The answer is 19.", 19),
         ("12+7=19", 12),  # first integer: echoing the question is wrong
         ("-3", -3),
+        ("7.9", 7.9),  # not 7: a decimal is not its integer part
+        ("\u22123", -3),  # the typographic minus
+        ("3.0", 3),
         ("007", 7),
         ("", None),
         ("To add these numbers, we", None),

@@ -47,7 +47,7 @@ EXAMPLES: tuple[tuple[int, int], ...] = ()
 # SmolLM2 writes one token per digit; "The answer is 17." is 7 tokens, then <|im_end|>.
 MAX_NEW_TOKENS = 8
 
-_INT = re.compile(r"-?\d+")
+_NUMBER = re.compile(r"[-\u2212]?\d+(?:\.\d+)?")  # a decimal counts whole: "7.9" is not 7; U+2212 is a minus
 
 
 @dataclass(frozen=True)
@@ -180,7 +180,7 @@ def _user_text(prompt: Sequence[dict[str, str]] | str) -> str:
 
 
 def answer_mark(completion: str, row: dict[str, Any]) -> float:
-    """1.0 when the completion's first integer is the row's answer, else 0.0: how `evaluate` scores a row.
+    """1.0 when the completion's first number is the row's answer, else 0.0: how `evaluate` scores a row.
 
     >>> answer_mark("The answer is 12.", {"answer": 12}), answer_mark("12 or 13", {"answer": 13})
     (1.0, 0.0)
@@ -188,8 +188,9 @@ def answer_mark(completion: str, row: dict[str, Any]) -> float:
     return float(parse_answer(completion) == int(row["answer"]))
 
 
-def parse_answer(completion: str | Sequence[dict[str, str]]) -> int | None:
-    """The first integer in the completion, or ``None`` when it has none.
+def parse_answer(completion: str | Sequence[dict[str, str]]) -> int | float | None:
+    """The first number in the completion (an int, or a float when it has a fractional part), or ``None`` when it
+    has none. A sentence's full stop is not a decimal point; a decimal is not read as its integer part.
 
     >>> parse_answer("19")
     19
@@ -199,12 +200,17 @@ def parse_answer(completion: str | Sequence[dict[str, str]]) -> int | None:
     -3
     >>> parse_answer("To add these numbers") is None
     True
+    >>> parse_answer("7.9"), parse_answer("The sum is 7."), parse_answer("7.0"), parse_answer("\u22123")
+    (7.9, 7, 7, -3)
     """
-    match = _INT.search(completion_text(completion))
-    return int(match.group()) if match else None
+    match = _NUMBER.search(completion_text(completion))
+    if not match:
+        return None
+    value = float(match.group().replace("\u2212", "-"))
+    return int(value) if value.is_integer() else value
 
 
-def feedback_for(predicted: int | None, answer: int) -> str:
+def feedback_for(predicted: int | float | None, answer: int) -> str:
     """Feedback for SDPO's teacher: ``""`` when correct, else the right answer and what went wrong.
 
     >>> feedback_for(7, 7)
@@ -222,7 +228,7 @@ def feedback_for(predicted: int | None, answer: int) -> str:
 
 
 class AdditionReward:
-    """1.0 when the first integer of the completion equals ``answer``, else 0.0, with feedback.
+    """1.0 when the first number of the completion equals ``answer``, else 0.0, with feedback.
 
     Follows the reward protocol: TRL's signature, one float per completion, and ``last_feedback``
     (one string per completion, ``""`` when correct) set by every call.

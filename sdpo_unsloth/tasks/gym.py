@@ -16,7 +16,7 @@ Answer extraction. Small instruct models answer in sentences ("The answer is 7."
 are strict (mostly exact match, with partial credit when the expected answer is inside a longer one).
 The reward tries, in order: the last ``<answer>...</answer>`` tag (only that one when present), else
 the last number (when the expected answer is a number), the last line (trailing period dropped) and
-the raw text, and keeps the best verifier score. Feedback on a miss names the expected and the given
+the raw text, and keeps the best verifier score (a typographic minus, U+2212, reads as ``-``). Feedback on a miss names the expected and the given
 answer ("Wrong. The answer is 7, not 5.") plus the verifier's partial score when it gave one.
 """
 
@@ -163,9 +163,12 @@ def answer_candidates(text: str, expected: str) -> list[str]:
     ['12']
     >>> answer_candidates("5 - 3 = 2, then 2 - 6 = -4.", "-4")
     ['-4', '5 - 3 = 2, then 2 - 6 = -4', '5 - 3 = 2, then 2 - 6 = -4.']
+    >>> answer_candidates("So it is \u22124", "-4")[0]
+    '-4'
     >>> answer_candidates("It is blue.\\nblue", "red")
     ['blue', 'It is blue.\\nblue']
     """
+    text = text.replace("\u2212", "-")  # the typographic minus: "\u22124" is -4, not 4
     tags = _ANSWER_TAG.findall(text)
     if tags:
         return [tags[-1].strip()]
