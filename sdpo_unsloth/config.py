@@ -15,8 +15,8 @@ from typing import Any, Literal
 from .adapters import TEACHER_ADAPTER
 
 TeacherMode = Literal["ema", "frozen", "live", "trust_region"]
-HybridMode = Literal["fixed", "per_group", "failures"]
-HYBRID_MODES: tuple[str, ...] = ("fixed", "per_group", "failures")
+HybridMode = Literal["fixed", "per_group", "failed_groups", "failures"]
+HYBRID_MODES: tuple[str, ...] = ("fixed", "per_group", "failed_groups", "failures")
 TEACHER_MODES: tuple[str, ...] = ("ema", "frozen", "live", "trust_region")
 
 DEFAULT_REPROMPT_TEMPLATE = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."
@@ -156,7 +156,9 @@ class SDPOConfig:
         metadata=_help(
             "How the hybrid's weight w applies. fixed: every sequence mixes w * GRPO + (1-w) * SDPO. "
             "per_group: w only in prompt groups whose rewards differ (GRPO has a signal there); groups with "
-            "equal rewards (e.g. all failed, with feedback) get pure distillation. failures: loss = w * L_GRPO "
+            "equal rewards (all failed, with feedback, or all succeeded) get pure distillation. failed_groups: as "
+            "per_group, but a group whose samples all succeeded gets no update (distilling a success towards a "
+            "sibling's lowers what worked); only all-failed groups are distilled. failures: loss = w * L_GRPO "
             "on every sequence + L_SDPO on the failed ones only (reward below success_reward_threshold): a "
             "success is reinforced by GRPO and not distilled, a failure gets both. Needs grpo_weight > 0."
         ),

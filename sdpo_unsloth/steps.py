@@ -21,11 +21,15 @@ def hybrid_weights(
     """Per-sample (GRPO weight, distillation weight) of the hybrid.
 
     fixed: (w, 1 - w) everywhere; per_group: (w, 1 - w) in prompt groups whose rewards differ, (0, 1) in the
-    others (equal rewards give GRPO no signal); failures: w on every sample, distillation 1 on samples below
+    others (equal rewards give GRPO no signal); failed_groups: as per_group, except that a sample at or above
+    `success_threshold` in a group of equal rewards (all succeeded) gets (0, 0), no update: distilling it
+    towards a sibling's success lowers what worked; failures: w on every sample, distillation 1 on samples below
     `success_threshold` and 0 on successes (they are reinforced by GRPO, not distilled).
 
     >>> hybrid_weights([1.0, 0.0, 0.0, 0.0], 2, weight=0.9, mode="per_group")
     ([0.9, 0.9, 0.0, 0.0], [0.09999999999999998, 0.09999999999999998, 1.0, 1.0])
+    >>> hybrid_weights([1.0, 1.0, 0.0, 0.0, 1.0, 0.0], 2, weight=1.0, mode="failed_groups")
+    ([0.0, 0.0, 0.0, 0.0, 1.0, 1.0], [0.0, 0.0, 1.0, 1.0, 0.0, 0.0])
     >>> hybrid_weights([1.0, 0.0], 2, weight=0.5, mode="fixed")
     ([0.5, 0.5], [0.5, 0.5])
     >>> hybrid_weights([1.0, 0.0, 0.0, 0.0], 2, weight=1.0, mode="failures")
@@ -34,14 +38,19 @@ def hybrid_weights(
     if mode == "failures":
         return [weight] * len(rewards), [0.0 if r >= success_threshold else 1.0 for r in rewards]
     if mode == "fixed":
-        grpo = [weight] * len(rewards)
-    else:
-        grpo = []
-        for start in range(0, len(rewards), group_size):
-            scores = [r for r in rewards[start : start + group_size] if math.isfinite(r)]
-            differ = len(scores) > 1 and max(scores) > min(scores)
-            grpo += [weight if differ else 0.0] * group_size
-    return grpo, [1.0 - g for g in grpo]
+        return [weight] * len(rewards), [1.0 - weight] * len(rewards)
+    grpo: list[float] = []
+    distill: list[float] = []
+    for start in range(0, len(rewards), group_size):
+        group = rewards[start : start + group_size]
+        scores = [r for r in group if math.isfinite(r)]
+        differ = len(scores) > 1 and max(scores) > min(scores)
+        grpo += [weight if differ else 0.0] * len(group)
+        if differ or mode != "failed_groups":
+            distill += [1.0 - weight if differ else 1.0] * len(group)
+        else:
+            distill += [0.0 if r >= success_threshold else 1.0 for r in group]
+    return grpo, distill
 
 
 def align_old_logps(old: torch.Tensor, inputs: dict[str, Any]) -> torch.Tensor:

@@ -612,8 +612,10 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
             loss   = L_GRPO + L_SDPO     (without the hybrid: g_i = 0, d_i = 1)
 
         (g_i, d_i) per `hybrid_mode` (`steps.hybrid_weights`): "fixed" (w, 1 - w) for every sequence;
-        "per_group" that in prompt groups whose rewards differ and (0, 1) in the others; "failures" (w, 1) for
-        failed sequences and (w, 0) for successes, which then have no teacher.
+        "per_group" that in prompt groups whose rewards differ and (0, 1) in the others; "failed_groups" as
+        "per_group" but (0, 0) for the successes of a group that all succeeded (they keep their teacher, so the
+        normaliser is per_group's); "failures" (w, 1) for failed sequences and (w, 0) for successes, which then
+        have no teacher.
 
         with n_teacher taken over the whole optimizer step (`_window_counts`), so any split into
         micro-batches gives the same update.
@@ -692,7 +694,7 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
         distill_grid = scatter(per_token_distill)
         if (
             hybrid
-        ):  # per sequence: g_i * GRPO_i + d_i * SDPO_i (`hybrid_weights`: d_i = 1 - g_i unless "failures")
+        ):  # per sequence: g_i * GRPO_i + d_i * SDPO_i (`hybrid_weights`: d_i = 1 - g_i but for successes)
             mix = inputs["sdpo_grpo_weight"][rows][:, None].to(distill_grid.dtype)  # [B_r, 1]
             distill_grid = distill_grid * inputs["sdpo_distill_weight"][rows][:, None].to(distill_grid.dtype)
         loss = sdpo_loss.sequence_mean_loss(distill_grid, distill_mask, normalizer=max(n_teacher, 1.0))

@@ -165,7 +165,17 @@ def test_hybrid_update_equals_a_hand_computation(tmp_path, mode, weight):
         assert not any(inputs["sdpo_sample_mask"][r] for r in range(8) if success[r])  # no teacher for it
     assert inputs["sdpo_grpo_weight"].tolist() == expected_mix
     assert inputs["sdpo_distill_weight"].tolist() == pytest.approx(expected_distill)
+    _assert_update_is_the_hand_computed_step(
+        model, inputs, student0, update, expected_mix, expected_distill, lr
+    )
 
+
+def _assert_update_is_the_hand_computed_step(
+    model, inputs, student0, update, expected_mix, expected_distill, lr
+):
+    """`update` (one SGD step, no clipping) is -lr x the gradient of mean_i g_i GRPO_i (on-policy: -A_i token mean)
+    + the sum of d_i x the token-mean JSD of the sequences with a teacher / their number."""
+    rows_n = len(expected_mix)
     with torch.no_grad():  # back to the weights the step saw
         for n, p in model.named_parameters():
             if ".default." in n:
@@ -173,7 +183,7 @@ def test_hybrid_update_equals_a_hand_computation(tmp_path, mode, weight):
     model.zero_grad()
     model.train()
     grpo_terms, sdpo_terms = [], []
-    for row in range(8):
+    for row in range(rows_n):
         length = int(inputs["completion_mask"][row].sum())
         completion = inputs["completion_ids"][row, :length]
         prompt = inputs["prompt_ids"][row][inputs["prompt_mask"][row].bool()]
@@ -197,6 +207,74 @@ def test_hybrid_update_equals_a_hand_computation(tmp_path, mode, weight):
             torch.testing.assert_close(update[n], -lr * p.grad, rtol=1e-3, atol=1e-7)
             moved = max(moved, float(update[n].abs().max()))
     assert moved > 1e-5
+
+
+class ThreeKindsOfGroup:
+    """Per prompt group in batch order: the first group's first sample succeeds (a reward spread), the second group
+    all succeed, the third all fail with feedback."""
+
+    __name__ = "three_kinds"
+
+    def __call__(self, prompts, completions, answer, **kwargs):
+        keys = [repr(p) for p in prompts]  # chat prompts are lists
+        order = list(dict.fromkeys(keys))
+        scores = []
+        for i, key in enumerate(keys):
+            kind = order.index(key)
+            scores.append(float(kind == 1 or (kind == 0 and keys.index(key) == i)))
+        self.last_feedback = [
+            "" if s else f"Wrong. The answer is {a}." for s, a in zip(scores, answer, strict=True)
+        ]
+        return scores
+
+
+def test_failed_groups_update_equals_a_hand_computation(tmp_path):
+    """hybrid_mode="failed_groups", one SGD step through trainer.train(): the group with a reward spread gets the
+    GRPO term at the stated weight and no distillation, the all-failed group with feedback pure distillation, and
+    the all-successful group nothing (per_group distils it towards a sibling's success); the update equals -lr x
+    the gradient of the hand-computed loss."""
+    lr, weight = 1.0, 1.0
+    trainer = make_trainer(
+        tmp_path,
+        SDPOConfig(
+            grpo_weight=weight, hybrid_mode="failed_groups", distillation_topk=None, teacher_update_rate=0.0
+        ),
+        reward=ThreeKindsOfGroup(),
+        per_device_train_batch_size=12,
+        gradient_accumulation_steps=1,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=lr,
+        max_grad_norm=0.0,
+        loss_type="grpo",
+    )
+    model = trainer.model
+    student0 = {n: p.detach().clone() for n, p in model.named_parameters() if ".default." in n}
+    trainer.train()
+    update = {n: p.detach() - student0[n] for n, p in model.named_parameters() if ".default." in n}
+    inputs = trainer._buffered_inputs[0]
+    kinds = {}
+    for row in range(12):
+        key = repr(inputs["prompt_ids"][row][inputs["prompt_mask"][row].bool()].tolist())
+        kinds.setdefault(key, []).append(row)
+    assert len(kinds) == 3
+    rewards = trainer.sdpo_last_plans[
+        1
+    ]  # in generation order; TRL shuffled the rows, which carry their index
+    by_kind = {}
+    for rows in kinds.values():
+        scores = [rewards[int(inputs["sdpo_sample_index"][r])] for r in rows]
+        by_kind["spread" if len(set(scores)) > 1 else "succeeded" if scores[0] == 1.0 else "failed"] = rows
+    assert sorted(by_kind) == ["failed", "spread", "succeeded"]
+    expected_mix = [weight if row in by_kind["spread"] else 0.0 for row in range(12)]
+    expected_distill = [1.0 if row in by_kind["failed"] else 0.0 for row in range(12)]
+    assert inputs["sdpo_grpo_weight"].tolist() == expected_mix
+    assert inputs["sdpo_distill_weight"].tolist() == pytest.approx(expected_distill)
+    assert all(inputs["sdpo_sample_mask"][r] for r in by_kind["failed"])  # feedback: a teacher
+    assert any(inputs["sdpo_sample_mask"][r] for r in by_kind["succeeded"])  # a sibling's demo, weight 0
+    _assert_update_is_the_hand_computed_step(
+        model, inputs, student0, update, expected_mix, expected_distill, lr
+    )
 
 
 class OneWinnerPerGroup:
