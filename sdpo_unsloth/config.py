@@ -17,6 +17,10 @@ from .adapters import TEACHER_ADAPTER
 TeacherMode = Literal["ema", "frozen", "live", "trust_region"]
 HybridMode = Literal["fixed", "per_group", "failed_groups", "failures"]
 HYBRID_MODES: tuple[str, ...] = ("fixed", "per_group", "failed_groups", "failures")
+GROUP_HYBRIDS: dict[str, tuple[str, str]] = {  # mode -> (its name in messages, where it distils)
+    "per_group": ("per-group", "where a group's rewards are equal (all failed, or all succeeded)"),
+    "failed_groups": ("failed-groups", "only in groups where every sample failed"),
+}
 TEACHER_MODES: tuple[str, ...] = ("ema", "frozen", "live", "trust_region")
 
 DEFAULT_REPROMPT_TEMPLATE = "{prompt}{solution}{feedback}\n\nCorrectly solve the original question."

@@ -9,9 +9,9 @@ evaluation as its before/after scores, logs `eval/heldout_score` (log history, `
 
 with b the starting score in [0, 1] and n the held-out rows (the binomial standard error of a score of n
 rows; the floor keeps it from vanishing near 0 and 1). The message names the setting that helps for the
-configuration that is training: pure SDPO on a task where some samples succeed gets the per-group hybrid
-(GRPO's signal where a group's rewards differ, distillation where they do not; see docs/benchmarks.md,
-"learning-panel"), a hybrid gets a lower learning rate or pure GRPO.
+configuration that is training: pure SDPO on a task where some samples succeed gets train()'s default hybrid
+(`default_hybrid`: GRPO's signal where a group's rewards differ; see docs/benchmarks.md, "learning-panel"), a
+hybrid gets a lower learning rate or pure GRPO.
 
 A score can also rise for the wrong reason: a student that gives one completion ("The answer is 2.") to every
 question scores the share of questions whose answer is that constant (53% on the learning panel's count_bits).
@@ -80,14 +80,27 @@ def constant_completion(graded: list[tuple[str, float | None]]) -> tuple[str, in
     return (text, count) if count >= SAME_SHARE * len(graded) and len(scores) > 1 else None
 
 
+def default_hybrid() -> str:
+    """train()'s default hybrid, named with the settings that select it (SDPOConfig, train() and the CLI)."""
+    from .config import GROUP_HYBRIDS
+    from .train_config import SDPO_DEFAULTS
+
+    weight, mode = SDPO_DEFAULTS["grpo_weight"], SDPO_DEFAULTS["hybrid_mode"]
+    name, distils = GROUP_HYBRIDS[mode]
+    return (
+        f"the {name} hybrid, train()'s default (GRPO where a group's rewards differ, distillation {distils}; "
+        f"SDPOConfig(grpo_weight={weight}, hybrid_mode='{mode}'), train(..., grpo_weight={weight}, "
+        f"hybrid_mode='{mode}'), CLI --grpo-weight {weight:g} --hybrid-mode {mode})"
+    )
+
+
 def constant_advice(sdpo: Any) -> str:
     """The setting that helps against a constant answer, for the configuration that is training."""
     if sdpo.enabled and sdpo.grpo_weight == 0:
         return (
             "Pure SDPO distils the teacher's view of the answer it was told; where answers take few values "
-            "(counts, yes/no) the student can learn the feedback's wording and one number. Use the per-group "
-            "hybrid (train()'s default; SDPOConfig(grpo_weight=1.0, hybrid_mode='per_group'), CLI --grpo-weight 1 "
-            "--hybrid-mode per_group), or a lower learning_rate."
+            f"(counts, yes/no) the student can learn the feedback's wording and one number. Use {default_hybrid()}, "
+            "or a lower learning_rate."
         )
     return (
         "Lower learning_rate, and check the reward on a few completions: a verifier that gives partial credit "
@@ -110,6 +123,8 @@ def significant_drop(before: float, score: float, rows: int) -> bool:
 
 def advice(sdpo: Any, zero_std: list[float]) -> str:
     """The setting that helps, from the SDPO config and TRL's `frac_reward_zero_std` values so far."""
+    from .config import GROUP_HYBRIDS
+
     spread = [1.0 - float(v) for v in zero_std]
     varied = sum(spread) / len(spread) if spread else None
     share = f" ({varied:.0%} of prompt groups had rewards that differ)" if varied is not None else ""
@@ -120,19 +135,17 @@ def advice(sdpo: Any, zero_std: list[float]) -> str:
     if sdpo.grpo_weight == 0 and (varied is None or varied > 0):
         return (
             f"Some samples succeed on this task{share}: there the teacher's view (the answer it was told) can teach "
-            "the student the feedback's wording instead of the task. Use the per-group hybrid, which trains with "
-            "GRPO where a group's rewards differ and distils only where they do not: "
-            "SDPOConfig(grpo_weight=1.0, hybrid_mode='per_group') (train(..., grpo_weight=1.0, "
-            "hybrid_mode='per_group'); CLI --grpo-weight 1 --hybrid-mode per_group)."
+            f"the student the feedback's wording instead of the task. Use {default_hybrid()}."
         )
-    if sdpo.grpo_weight < 1.0 or sdpo.hybrid_mode != "per_group":
+    if sdpo.grpo_weight < 1.0 or sdpo.hybrid_mode not in GROUP_HYBRIDS:
         return (
-            f"The distillation term still weighs on groups where GRPO has a signal{share}: use "
-            "grpo_weight=1.0 with hybrid_mode='per_group', or lower learning_rate."
+            f"The distillation term still weighs on groups where GRPO has a signal{share}: use {default_hybrid()}, "
+            "or lower learning_rate."
         )
+    name, distils = GROUP_HYBRIDS[sdpo.hybrid_mode]
     return (
-        "This is the per-group hybrid (TRL's GRPO loss where a group's rewards differ, distillation where every "
-        "sample failed). Lower learning_rate; or plain GRPO (SDPOConfig(enabled=False)); or pure SDPO "
+        f"This is the {name} hybrid (TRL's GRPO loss where a group's rewards differ, distillation {distils}). "
+        "Lower learning_rate; or plain GRPO (SDPOConfig(enabled=False)); or pure SDPO "
         "(grpo_weight=0), which distils a group's success to its failed siblings instead of reinforcing it "
         "(check its completions: its higher count_bits score on the learning panel was a constant answer, "
         "docs/benchmarks.md)."

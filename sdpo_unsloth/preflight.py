@@ -42,6 +42,8 @@ NOTHING_TO_LEARN = "nothing to learn from"
 
 
 def _fixes(max_completion_length: int, clipped: float | None) -> list[str]:
+    from .heldout import default_hybrid
+
     budget = f"a larger completion budget (max_completion_length={max_completion_length} now"
     budget += f"; {clipped:.0%} of the samples were cut off)" if clipped else ")"
     return [
@@ -49,8 +51,7 @@ def _fixes(max_completion_length: int, clipped: float | None) -> list[str]:
         "the right answer or what went wrong: then every failed sample gets a teacher",
         "easier prompts, so that some samples succeed and become demonstrations",
         budget,
-        "the per-group hybrid (grpo_weight=1.0, hybrid_mode='per_group'; train()'s default) if the reward gives "
-        "partial credit, so GRPO learns from its differences",
+        f"{default_hybrid()} if the reward gives partial credit, so GRPO learns from its differences",
     ]
 
 
@@ -75,13 +76,13 @@ class PreflightReport:
         with_feedback: share of samples whose teacher sees the reward's feedback.
         no_teacher: share of samples with neither a demonstration nor feedback (no SDPO loss on them).
         distilled: share of samples the distillation term trains: a teacher and a distillation weight > 0 (the
-            per-group hybrid trains a group whose rewards differ with GRPO, not with its teachers).
+            group hybrids train a group whose rewards differ with GRPO, not with its teachers).
         groups_with_reward_spread: share of groups whose rewards differ (what GRPO learns from).
         teacher_student_kl: mean per-token KL(student || teacher) on the distilled samples (None: none).
         distill_loss: mean per-token SDPO divergence on those samples (None: none).
         clipped: share of completions cut off at `max_completion_length` (None: not measured).
         max_completion_length: the completion budget used.
-        grpo_weight: the GRPO weight of the run (0: pure SDPO; 1: the per-group hybrid, `train()`'s default, or
+        grpo_weight: the GRPO weight of the run (0: pure SDPO; 1: a group hybrid, as `train()`'s default, or
             SDPO disabled).
         nothing_to_learn: no sample is distilled, and (with grpo_weight > 0) no group has a reward spread.
     """
@@ -165,7 +166,7 @@ class PreflightReport:
         )
         if self.distilled == 0 and self.no_teacher < 1.0:
             text += (
-                " The samples with a teacher all have distillation weight 0 (the per-group hybrid trains a group "
+                " The samples with a teacher all have distillation weight 0 (a group hybrid trains a group "
                 "whose rewards differ with GRPO only), so their teachers are not used and the KL is not measured. "
                 "To distil them too: pure SDPO, SDPOConfig(grpo_weight=0.0)."
             )
@@ -308,7 +309,7 @@ def preflight(
         max_completion_length: completion budget (default: the task's, else 128).
         temperature: sampling temperature.
         seed: seeds the prompt choice and the sampling.
-        sdpo_config: SDPO settings (default: `train()`'s, the per-group hybrid): threshold, feedback rules,
+        sdpo_config: SDPO settings (default: `train()`'s hybrid): threshold, feedback rules,
             divergence, hybrid (a group whose rewards differ gives GRPO a signal).
         lora_r, load_in_4bit, max_seq_length, backend: as in `train`, when `model` is a name.
 

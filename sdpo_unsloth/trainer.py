@@ -68,10 +68,12 @@ def _warn_unused_grpo_options(args: Any) -> None:
         if n in defaults and getattr(args, n) != defaults[n]
     ]
     if changed:
+        from .heldout import default_hybrid
+
         warnings.warn(
             f"GRPOConfig sets {', '.join(changed)}, which only GRPO's loss reads; pure SDPO (grpo_weight=0) has no "
-            "GRPO term, so they have no effect. For them to apply use the hybrid (SDPOConfig(grpo_weight=1.0, "
-            "hybrid_mode='per_group'), train()'s default) or plain GRPO (SDPOConfig(enabled=False)).",
+            f"GRPO term, so they have no effect. For them to apply use {default_hybrid()}, or plain GRPO "
+            "(SDPOConfig(enabled=False)).",
             stacklevel=3,
         )
 

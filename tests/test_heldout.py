@@ -13,6 +13,7 @@ from test_watchdog import EOS, EvenFirstChar
 
 from sdpo_unsloth import SDPOConfig, SDPOTrainer
 from sdpo_unsloth.heldout import ConstantAnswerWarning, HeldOutMonitor, RegressionWarning, significant_drop
+from sdpo_unsloth.train_config import SDPO_DEFAULTS
 
 STEPS = 4
 
@@ -59,7 +60,7 @@ def monitored_run(
     return trainer, monitor, calls, messages
 
 
-def test_a_falling_score_warns_once_and_names_the_per_group_hybrid(tmp_path):
+def test_a_falling_score_warns_once_and_names_the_default_hybrid(tmp_path):
     trainer, monitor, calls, messages = monitored_run(tmp_path, [0.45, 0.2, 0.1])
     assert monitor.scores == [(1, 0.45), (2, 0.2), (3, 0.1)]
     assert calls == [1, 2, 3]  # every step but the last, which train() scores itself
@@ -69,7 +70,8 @@ def test_a_falling_score_warns_once_and_names_the_per_group_hybrid(tmp_path):
     assert logged == [(1, 0.45), (2, 0.2), (3, 0.1)]
     assert len(messages) == 1  # at step 2 (0.5 -> 0.2 on 32 rows), not again at step 3
     assert "0.500 before, 0.200 after 2 steps" in messages[0]
-    assert "hybrid_mode='per_group'" in messages[0] and "prompt groups had rewards that differ" in messages[0]
+    assert f"hybrid_mode='{SDPO_DEFAULTS['hybrid_mode']}'" in messages[0]
+    assert "prompt groups had rewards that differ" in messages[0]
 
 
 def test_a_score_within_noise_does_not_warn(tmp_path):
@@ -80,12 +82,20 @@ def test_a_score_within_noise_does_not_warn(tmp_path):
     assert monitor.warned
 
 
-def test_the_advice_follows_the_configuration(tmp_path):
-    sdpo = SDPOConfig(diagnostics_samples=0, warn_noop=False, grpo_weight=1.0, hybrid_mode="per_group")
+@pytest.mark.parametrize(
+    ("mode", "distils"),
+    [
+        ("per_group", "where a group's rewards are equal"),
+        ("failed_groups", "only in groups where every sample failed"),
+    ],
+)
+def test_the_advice_follows_the_configuration(tmp_path, mode, distils):
+    """A group hybrid at weight 1 that lowers the score is told what it is (where it distils) and what else to try."""
+    sdpo = SDPOConfig(diagnostics_samples=0, warn_noop=False, grpo_weight=1.0, hybrid_mode=mode)
     _, _, _, messages = monitored_run(tmp_path, [0.1, 0.1, 0.1], sdpo=sdpo)
+    assert len(messages) == 1 and f"distillation {distils}" in messages[0]
     assert (
-        len(messages) == 1
-        and "Lower learning_rate" in messages[0]
+        "Lower learning_rate" in messages[0]
         and "grpo_weight=0" in messages[0]
         and "enabled=False" in messages[0]
     )
@@ -108,7 +118,7 @@ def test_significant_drop(before, score, rows, expected):
 def test_one_completion_for_most_questions_warns_once_with_it(tmp_path):
     """Inside the real loop: varied completions say nothing; 'The answer is 2.' for 21 of 32 rows, right on 17
     and wrong on 4 (the panel's count_bits, pure SDPO seed 2), warns once (a rising score does not hide it),
-    naming the completion and, for pure SDPO, the per-group hybrid."""
+    naming the completion and, for pure SDPO, train()'s default hybrid."""
     varied = [(f"{i} has {i % 3} ones.", float(i % 2)) for i in range(32)]
     constant = [("The answer is 2.", 1.0)] * 17 + [("The answer is 2.", 0.0)] * 4 + [("1", 0.0)] * 11
     _, monitor, _, messages = monitored_run(
@@ -120,7 +130,7 @@ def test_one_completion_for_most_questions_warns_once_with_it(tmp_path):
     )
     assert len(messages) == 1 and monitor.constant == (2, "The answer is 2.", 21)
     assert "same completion to 21 of 32 held-out questions after 2 steps: 'The answer is 2.'" in messages[0]
-    assert "score (0.560)" in messages[0] and "hybrid_mode='per_group'" in messages[0]
+    assert "score (0.560)" in messages[0] and f"hybrid_mode='{SDPO_DEFAULTS['hybrid_mode']}'" in messages[0]
 
 
 @pytest.mark.parametrize(

@@ -11,6 +11,7 @@ import torch
 
 from sdpo_unsloth.model import load_model
 from sdpo_unsloth.preflight import NOTHING_TO_LEARN, PreflightError, preflight
+from sdpo_unsloth.train_config import SDPO_DEFAULTS
 
 
 def rows(n: int = 8) -> list[dict]:
@@ -59,7 +60,9 @@ def test_no_success_and_no_feedback_is_nothing_to_learn(tiny):
     text = report.summary()
     assert NOTHING_TO_LEARN in text and "add feedback to the reward" in text
     assert (
-        "easier prompts" in text and "max_completion_length=4" in text and "hybrid_mode='per_group'" in text
+        "easier prompts" in text
+        and "max_completion_length=4" in text
+        and f"hybrid_mode='{SDPO_DEFAULTS['hybrid_mode']}'" in text
     )
     after = weights(model)
     assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
