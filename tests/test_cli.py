@@ -309,18 +309,8 @@ def test_demo_without_held_out_problems_trains_and_says_it_did_not_score(tmp_pat
     demo's user never gave); a negative size is refused before anything loads."""
     code, out, err = run(capsys, "demo", "--eval-size", "-1", "--output-dir", str(tmp_path / "bad"))
     assert code != 0 and "--eval-size -1" in err and not (tmp_path / "bad").exists()
-    code, out, err = run(
-        capsys,
-        "demo",
-        "--max-steps",
-        "1",
-        "--eval-size",
-        "0",
-        "--no-merge",
-        "--quiet",
-        "--output-dir",
-        str(tmp_path / "d"),
-    )
+    quick = ("--max-steps", "1", "--no-merge", "--quiet", "--output-dir", str(tmp_path / "d"))
+    code, out, err = run(capsys, "demo", "--eval-size", "0", *quick)
     assert code == 0, err
     assert "not scored (--eval-size 0)" in out and "held-out accuracy after:  not measured" in out
     assert (tmp_path / "d" / "adapter" / "adapter_model.safetensors").is_file()

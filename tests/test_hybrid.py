@@ -121,6 +121,28 @@ class FirstOfFirstPrompt:
         return scores
 
 
+def _one_sgd_step(tmp_path, weight, mode, reward, batch, lr):
+    """One optimizer step (SGD, no clipping: the update is exactly -lr x grad) of the hybrid through
+    trainer.train(): (trainer, model, the student adapter before, its update, the step's inputs)."""
+    trainer = make_trainer(
+        tmp_path,
+        SDPOConfig(grpo_weight=weight, hybrid_mode=mode, distillation_topk=None, teacher_update_rate=0.0),
+        reward=reward,
+        per_device_train_batch_size=batch,
+        gradient_accumulation_steps=1,
+        max_steps=1,
+        optim="sgd",
+        learning_rate=lr,
+        max_grad_norm=0.0,
+        loss_type="grpo",
+    )
+    model = trainer.model
+    student0 = {n: p.detach().clone() for n, p in model.named_parameters() if ".default." in n}
+    trainer.train()
+    update = {n: p.detach() - student0[n] for n, p in model.named_parameters() if ".default." in n}
+    return trainer, model, student0, update, trainer._buffered_inputs[0]
+
+
 @pytest.mark.parametrize(("mode", "weight"), [("per_group", 0.75), ("failures", 1.0), ("failures", 0.5)])
 def test_hybrid_update_equals_a_hand_computation(tmp_path, mode, weight):
     """One SGD step through trainer.train(), the update equals -lr x grad of the hand-computed loss.
@@ -129,23 +151,7 @@ def test_hybrid_update_equals_a_hand_computation(tmp_path, mode, weight):
     pure distillation. failures: every sample w GRPO; the success no distillation (and no teacher), every
     failure SDPO as well (the all-failed group: GRPO's advantages are 0 there, so pure distillation)."""
     lr = 1.0
-    trainer = make_trainer(
-        tmp_path,
-        SDPOConfig(grpo_weight=weight, hybrid_mode=mode, distillation_topk=None, teacher_update_rate=0.0),
-        reward=FirstOfFirstPrompt(),
-        per_device_train_batch_size=8,
-        gradient_accumulation_steps=1,
-        max_steps=1,
-        optim="sgd",
-        learning_rate=lr,
-        max_grad_norm=0.0,  # no clipping: the update is exactly -lr * grad
-        loss_type="grpo",
-    )
-    model = trainer.model
-    student0 = {n: p.detach().clone() for n, p in model.named_parameters() if ".default." in n}
-    trainer.train()
-    update = {n: p.detach() - student0[n] for n, p in model.named_parameters() if ".default." in n}
-    inputs = trainer._buffered_inputs[0]
+    _, model, student0, update, inputs = _one_sgd_step(tmp_path, weight, mode, FirstOfFirstPrompt(), 8, lr)
 
     groups = {}
     for row in range(8):
@@ -234,25 +240,9 @@ def test_failed_groups_update_equals_a_hand_computation(tmp_path):
     the all-successful group nothing (per_group distils it towards a sibling's success); the update equals -lr x
     the gradient of the hand-computed loss."""
     lr, weight = 1.0, 1.0
-    trainer = make_trainer(
-        tmp_path,
-        SDPOConfig(
-            grpo_weight=weight, hybrid_mode="failed_groups", distillation_topk=None, teacher_update_rate=0.0
-        ),
-        reward=ThreeKindsOfGroup(),
-        per_device_train_batch_size=12,
-        gradient_accumulation_steps=1,
-        max_steps=1,
-        optim="sgd",
-        learning_rate=lr,
-        max_grad_norm=0.0,
-        loss_type="grpo",
+    trainer, model, student0, update, inputs = _one_sgd_step(
+        tmp_path, weight, "failed_groups", ThreeKindsOfGroup(), 12, lr
     )
-    model = trainer.model
-    student0 = {n: p.detach().clone() for n, p in model.named_parameters() if ".default." in n}
-    trainer.train()
-    update = {n: p.detach() - student0[n] for n, p in model.named_parameters() if ".default." in n}
-    inputs = trainer._buffered_inputs[0]
     kinds = {}
     for row in range(12):
         key = repr(inputs["prompt_ids"][row][inputs["prompt_mask"][row].bool()].tolist())
