@@ -18,7 +18,8 @@ CPU (embedded SmolLM2-135M-Instruct; DEMO_SETTINGS unless a flag overrides it, f
     python benchmarks/learning.py --report-only --out /tmp/panel.jsonl --start /tmp/start.jsonl --write
 
 Methods: `grpo`, `sdpo`, `hybridW` (SDPOConfig(grpo_weight=W)), `pgW` (the same with hybrid_mode="per_group",
-W defaults to 1: GRPO in groups whose rewards differ, SDPO in the others), `failW` (hybrid_mode="failures", W
+W defaults to 1: GRPO in groups whose rewards differ, SDPO in the others), `fgW` (hybrid_mode="failed_groups":
+the same, but an all-successful group is not distilled), `failW` (hybrid_mode="failures", W
 defaults to 1: W x GRPO on every sample + SDPO on the failed ones); `grpo@LR` / `sdpo@LR` override lr;
 `sdpo+self` (any SDPO method) shows a success its own completion as the demonstration; `pgrare`, `spread`
 and `pgtrunc` are experiments on the per-group hybrid (rare_success_weights, spread_weights,
@@ -59,7 +60,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tasks", default="addition", help="comma list: addition, code, gym:<task>?k=v&...")
     p.add_argument("--methods", default="grpo,sdpo", help="comma list: grpo, sdpo, hybridW, method@lr")
     p.add_argument("--seeds", default="0,1,2")
-    p.add_argument("--out", default="/tmp/learning.jsonl", help="JSON lines, appended")
+    p.add_argument(
+        "--out",
+        default="/tmp/learning.jsonl",
+        help="JSON lines, appended; --report-only: one or more, comma-separated",
+    )
     p.add_argument("--model", default=None, help="default: DEMO_SETTINGS.model ('embedded')")
     p.add_argument("--4bit", dest="four_bit", action="store_true", help="load the base in 4 bit (QLoRA)")
     p.add_argument("--gpu", action="store_true", help="train on the GPU (default: CPU, fp32)")
@@ -119,10 +124,12 @@ def method_spec(method: str, s: dict) -> tuple[float, float | None, str, bool]:
         return lr_value, 1.0, "per_group", own
     if name.startswith("pg"):
         return lr_value, float(name[len("pg") :] or 1.0), "per_group", own
+    if name.startswith("fg"):
+        return lr_value, float(name[len("fg") :] or 1.0), "failed_groups", own
     if name.startswith("fail"):
         return lr_value, float(name[len("fail") :] or 1.0), "failures", own
     raise SystemExit(
-        f"unknown method {method!r}: use grpo, sdpo, hybridW, pgW, failW, the experiments pgrare, spread and pgtrunc, optionally +self (SDPO methods) and @lr"
+        f"unknown method {method!r}: use grpo, sdpo, hybridW, pgW, fgW, failW, the experiments pgrare, spread and pgtrunc, optionally +self (SDPO methods) and @lr"
     )
 
 
@@ -250,9 +257,22 @@ def start_only(s: dict, tasks: list[str], out: str) -> None:
                 "held": len(task.held),
                 "max_completion_length": s["max_completion_length"],
                 "acc": acc,
+                "split": "distinct",
                 "eval_s": round(time.perf_counter() - t0, 1),
             },
         )
+
+
+LOGGED = (
+    "step",
+    "reward",
+    "reward_std",
+    "frac_reward_zero_std",
+    "completions/mean_length",
+    "completions/clipped_ratio",
+)
+"""Per-step training logs kept in a run's "log" record, with SDPO's `sdpo/frac_*` shares (which rows were
+distilled, had a demonstration or feedback)."""
 
 
 def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
@@ -371,6 +391,12 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
     trainer.add_callback(_Eval())
     trainer.train()
     rewards = [h["reward"] for h in trainer.state.log_history if "reward" in h]
+    steps = [
+        {k: v for k, v in h.items() if k in LOGGED or k.startswith("sdpo/frac")}
+        for h in trainer.state.log_history
+        if "reward" in h
+    ]
+    emit(out, {**key, "kind": "log", "steps": steps})  # what each step trained on (report.load skips it)
     train_s = time.perf_counter() - t_train - eval_time[0]
     emit(
         out,
@@ -385,7 +411,20 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
     )
 
 
-def section(summary: dict, meta: dict, starts: list[dict], notes: str, command: str, shares: str) -> str:
+EARLIER = """
+### The earlier split, as recorded
+
+Runs recorded before `_split` kept held-out questions out of training. The tables above keep those whose split
+that change left the same rows (`learning_tasks.split_unchanged`); here are all of them, on their own footing
+(see the notes).
+
+{history}
+"""
+
+
+def section(
+    summary: dict, meta: dict, starts: list[dict], notes: str, command: str, shares: str, history: str = ""
+) -> str:
     from sdpo_unsloth.tasks.addition import DEMO_SETTINGS
 
     d = dict(DEMO_SETTINGS)
@@ -404,7 +443,8 @@ LoRA r={d["lora_r"]}, AdamW wd 0.01, grad clip 1.0; SDPO = `DEMO_SETTINGS` (alph
 {d["distillation_topk"]} + tail, {d["teacher_mode"]} teacher {d["teacher_update_rate"]:g}); GRPO =
 `SDPOConfig(enabled=False)` on the same `SDPOTrainer`. No per-task tuning. Rows per task: the library's own
 `train(dataset=...)` resolution (100 rows, 40 for code), {m["held"]} held out (at most half the rows: 20 for
-code) with a split that does not depend on the training seed. Score = mean held-out reward of greedy
+code) with a split that does not depend on the training seed; a training row that asks a held-out question is
+dropped, so no held-out question is trained on. Score = mean held-out reward of greedy
 completions under the task's own reward (addition: accuracy; reasoning-gym: the task's verifier, 1 for a
 correct answer and for some tasks a small partial credit such as 0.01 for a wrong one; code: the fraction of
 hidden tests passed), at step 0 and every few steps. Spread = sample sd over seeds.
@@ -425,7 +465,7 @@ the best score of the same completion, "The answer is X.", for every held-out ro
 ![learning panel](learning_curves.png)
 
 {notes.strip()}
-
+{EARLIER.format(history=history) if history else ""}
 Reproduce (CPU; raw JSON lines: `docs/panel/`; reruns skip finished runs):
 
 ```
@@ -434,26 +474,20 @@ Reproduce (CPU; raw JSON lines: `docs/panel/`; reruns skip finished runs):
 """
 
 
-def earlier_split(path: str) -> bool:
-    """Whether the panel file at `path` holds runs on the split before held-out questions were kept out of
-    training (their evaluation rows carry no "split" key)."""
-    if not os.path.exists(path):
-        return False
-    with open(path, encoding="utf-8") as handle:
-        rows = [json.loads(line) for line in handle if line.strip()]
-    return any(r.get("kind") == "eval" and "split" not in r for r in rows)
-
-
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     tasks = split_tasks(args.tasks)
+    if "," in args.out and not args.report_only:
+        raise SystemExit(
+            f"--out {args.out!r}: runs go to one file; several (comma-separated) only with --report-only"
+        )
     if args.start_only:
         emit(args.out, {"kind": "command", "argv": sys.argv[1:] if argv is None else list(argv)})
         start_only(settings(args), tasks, args.out)
         return 0
     if not args.report_only:
         s = settings(args)
-        if earlier_split(args.out):
+        if report.earlier_split(report.records(args.out, every=True)):
             raise SystemExit(
                 f"{args.out} holds runs on the earlier held-out split, whose held-out gym questions were also in "
                 "the training rows (sdpo_unsloth.data._split now keeps them apart): new runs are not comparable "
@@ -484,7 +518,8 @@ def main(argv: list[str] | None = None) -> int:
             curves,
             summary,
             PLOT,
-            f"GRPO (blue), SDPO (red), per-group hybrid (orange: train()'s default)\nSmolLM2-135M-Instruct, CPU, {m['max_steps']} steps, "
+            f"GRPO (blue), SDPO (red), per-group hybrid (orange: train()'s default), failed-groups hybrid (black)\n"
+            f"SmolLM2-135M-Instruct, CPU, {m['max_steps']} steps, "
             f"{m['max_completion_length']}-token budget (thin: per seed, thick: mean)",
         )
         notes = Path(args.notes).read_text() if args.notes else ""
@@ -496,7 +531,10 @@ def main(argv: list[str] | None = None) -> int:
             for run in runs
         )
         write_section(
-            "learning-panel", section(summary, meta, starts, notes, command, report.shares_table(args.out))
+            "learning-panel",
+            section(
+                summary, meta, starts, notes, command, report.shares_table(args.out), report.history(args.out)
+            ),
         )
         write_section(
             "panel-evidence", report.readme_block(summary, constants=report.constants(args.out)), doc=README

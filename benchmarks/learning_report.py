@@ -10,25 +10,30 @@ import json
 import statistics
 from pathlib import Path
 
-from learning_tasks import short_name
+from learning_tasks import short_name, split_tasks, split_unchanged
 
 COLORS = {
     "grpo": "tab:blue",
     "sdpo": "tab:red",
     "hybrid": "tab:purple",
     "pg": "tab:orange",
+    "fg": "black",
     "pg-seqmean": "tab:gray",
     "fail": "tab:green",
     "pgrare": "tab:cyan",
     "spread": "tab:pink",
     "pgtrunc": "tab:olive",
 }
+PANEL = ("panel.jsonl", "split2.jsonl", "split3.jsonl", "split4.jsonl", "split5.jsonl", "fg.jsonl")
+"""The panel's records in docs/panel/: the README's table and docs/benchmarks.md are `--report-only` of all of them
+(panel.jsonl is on the earlier split, the others on the distinct one: see `records`)."""
 ORDER = {"grpo": 0, "sdpo": 1, "fail": 2}
 NAMES = {  # method prefix -> what it is (learning.py's method_spec)
     "hybrid": "hybrid fixed w={w}",
     "pg-seqmean": "per-group w=1, old GRPO normaliser",
     "pgrare": "per-group, distil groups with < half successes",
     "pg": "per-group hybrid w={w}",
+    "fg": "failed-groups hybrid w={w}",
     "spread": "per-group, GRPO share = the group's reward range",
     "pgtrunc": "per-group, truncated completions distilled only",
     "fail": "GRPO + SDPO on failures w={w}",
@@ -39,16 +44,58 @@ def run_key(r: dict) -> tuple[str, str, int]:
     return (r.get("task", "addition"), r["method"], r["seed"])
 
 
-def records(path: str | Path) -> list[dict]:
-    """The JSON lines of `path` (none if it does not exist yet)."""
-    return [json.loads(line) for line in Path(path).read_text().splitlines()] if Path(path).exists() else []
+def earlier_split(rows: list[dict]) -> bool:
+    """Whether a file's records were measured before `_split` kept held-out questions out of training (its
+    evaluation and screen records carry no "split")."""
+    return any("split" not in r for r in rows if r["kind"] in ("eval", "start"))
 
 
-def load(out: str | Path) -> tuple[dict, dict]:
-    """curves[(task, method, seed)] = {step: score} for finished runs; meta[...] = the done record."""
+def records(path: str | Path, every: bool = False) -> list[dict]:
+    """The JSON lines of `path`, or of several files named comma-separated (none for a file not written yet).
+
+    A file on the earlier split (`earlier_split`) keeps only the tasks whose split that change left the same
+    (`learning_tasks.split_unchanged`), and its command lines are narrowed to them (`every`: all its lines as
+    recorded, for the history)."""
+    found: list[dict] = []
+    for name in str(path).split(","):
+        if not Path(name).exists():
+            continue
+        rows = [json.loads(line) for line in Path(name).read_text().splitlines() if line.strip()]
+        if every or not earlier_split(rows):
+            found += rows
+            continue
+        scored = [r for r in rows if r["kind"] in ("eval", "start")]
+        held = {(r.get("task", "addition"), r["held"]) for r in scored if "held" in r}
+        changed = {task for task, n in held if not split_unchanged(task, n)}
+        for r in rows:
+            if r["kind"] == "command":
+                r = _narrowed(r, changed, Path(name))
+            if r and r.get("task", "addition") not in changed:
+                found.append(r)
+    return found
+
+
+def _narrowed(command: dict, changed: set[str], path: Path) -> dict | None:
+    """An earlier-split file's command line with the tasks whose split changed left out (None if none is left)
+    and a new `--out` beside the file: learning.py adds no runs to a file on the earlier split."""
+    argv = list(command["argv"])
+    if "--tasks" in argv:
+        at = argv.index("--tasks") + 1
+        kept = [t for t in split_tasks(argv[at]) if t not in changed]
+        if not kept:
+            return None
+        argv[at] = ",".join(kept)
+    if "--out" in argv:
+        argv[argv.index("--out") + 1] = str(path.with_name(path.stem + "-rerun.jsonl"))
+    return {**command, "argv": argv}
+
+
+def load(out: str | Path, every: bool = False) -> tuple[dict, dict]:
+    """curves[(task, method, seed)] = {step: score} for finished runs; meta[...] = the done record (`every`: see
+    `records`)."""
     curves: dict = {}
     meta: dict = {}
-    for r in records(out):
+    for r in records(out, every):
         if r["kind"] not in ("eval", "done"):
             continue
         k = run_key(r)
@@ -76,30 +123,32 @@ def untrained_score(out: str | Path, key: dict) -> float | None:
     return None
 
 
-def constants(out: str | Path) -> dict[str, tuple[float, str]]:
+def constants(out: str | Path, every: bool = False) -> dict[str, tuple[float, str]]:
     """{task: (score, answer)}: the constant-answer baselines recorded in `out` (`learning_tasks.constant_baseline`:
     the best held-out score of "The answer is X." for every row)."""
     found: dict[str, tuple[float, str]] = {}
-    for r in records(out):
+    for r in records(out, every):
         if r["kind"] == "constant":
             found.setdefault(r["task"], (r["acc"], r["answer"]))
     return found
 
 
-def final_shares(out: str | Path) -> dict[tuple[str, str, int], tuple[int, float, float]]:
+def final_shares(
+    out: str | Path, every: bool = False
+) -> dict[tuple[str, str, int], tuple[int, float, float]]:
     """{(task, method, seed): (step, score, top_share)} at each run's last evaluation that recorded `top_share`
     (the share of held-out rows given the most common completion; runs measured before it have none)."""
     found: dict = {}
-    for r in records(out):
+    for r in records(out, every):
         if r["kind"] == "eval" and "top_share" in r and r["step"] > 0:
             found[run_key(r)] = (r["step"], r["acc"], r["top_share"])
     return found
 
 
-def shares_table(out: str | Path) -> str:
+def shares_table(out: str | Path, every: bool = False) -> str:
     """Markdown: per run with `top_share` records, its final score, the share of held-out rows given its most common
     completion and the task's constant-answer baseline."""
-    shares, fixed = final_shares(out), constants(out)
+    shares, fixed = final_shares(out, every), constants(out, every)
     if not shares:
         return "(no run recorded its completions)"
     lines = [
@@ -146,7 +195,7 @@ def family(method: str) -> str:
     name = knobs(method)[0].partition("@")[0].partition("+")[0]
     if name in ("pg-seqmean", "pgrare", "pgtrunc"):
         return name
-    return next((k for k in ("hybrid", "pg", "fail") if name.startswith(k)), name)
+    return next((k for k in ("hybrid", "pg", "fg", "fail") if name.startswith(k)), name)
 
 
 def label(method: str) -> str:
@@ -279,6 +328,10 @@ def readme_block(
     """The README's panel table and verdict, generated from the same records as docs/benchmarks.md; with
     `constants` ({task: (score, answer)}) a column of the best constant answer's score."""
     columns = (("grpo", "GRPO"), ("sdpo", "pure SDPO"), (default, "per-group hybrid (`train()`'s default)"))
+    options = [("fg", "failed-groups hybrid (option)")]  # a column once some task has its runs
+    columns += tuple(
+        c for c in options if any(r["method"] == c[0] for rows in summary.values() for r in rows)
+    )
     constants = constants or {}
     lines = [
         "| task | untrained | one constant answer | " + " | ".join(name for _, name in columns) + " |",
@@ -337,7 +390,7 @@ def _color(method: str) -> tuple[str, str]:
     name, _, lr = plain.partition("@")
     name, plus, _ = name.partition("+")
     kind = family(method)
-    weight = name[len(kind) :] if kind in ("pg", "fail") else ""
+    weight = name[len(kind) :] if kind in ("pg", "fg", "fail") else ""
     if plus:
         return "tab:brown", "--"
     if weight and float(weight) != 1.0:
@@ -386,6 +439,22 @@ def plot(curves: dict, summary: dict[str, list[dict]], path: Path, title: str) -
     path.parent.mkdir(exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
+
+
+def history(out: str | Path) -> str:
+    """Markdown: every run of the files in `out` that are on the earlier split, as recorded (table, verdicts and
+    final completions), or "" if none is."""
+    parts = []
+    for name in str(out).split(","):
+        if not (Path(name).exists() and earlier_split(records(name, every=True))):
+            continue
+        summary = summarise(*load(name, every=True))
+        parts.append(
+            f"`{Path(name).name}`, every run as recorded:\n\n{table(summary)}\n\n"
+            + "\n".join(verdicts(summary))
+            + f"\n\nWhat those students say at the end:\n\n{shares_table(name, every=True)}"
+        )
+    return "\n\n".join(parts)
 
 
 def commands(path: str | Path) -> list[list[str]]:

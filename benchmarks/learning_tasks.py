@@ -15,6 +15,8 @@ on the training seed: every run of a task is scored on the same rows.
 
 from __future__ import annotations
 
+import functools
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,6 +41,24 @@ def load_task(name: str, held_size: int) -> PanelTask:
         raise SystemExit(f"{name!r} is not a built-in task: use addition, code or gym:<task>?key=value&...")
     held, train = _split(data, min(held_size, len(data) // 2), SPLIT_SEED)
     return PanelTask(name, held, [train[i] for i in range(len(train))], _resolve_rewards(None, task)[0])
+
+
+@functools.cache
+def split_unchanged(name: str, held: int) -> bool:
+    """Whether runs recorded before `_split` kept held-out questions out of training (it drew `held` seeded-random
+    rows, repeated questions or not) were scored and trained on the rows the current split gives `name`.
+
+    The current split holds out the first `held` distinct questions in the same seeded order and drops every other
+    row asking one of them: if it keeps `held` rows out and trains on all the others, no question repeated among
+    them, so it skipped no row and both splits are the same rows (addition and code: yes; count_bits up to 16: no).
+    """
+    from sdpo_unsloth.data import _resolve_dataset
+
+    rows = len(_resolve_dataset(name, POOL, SPLIT_SEED)[0])
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the split warns when it holds out fewer than asked: counted below
+        task = load_task(name, held)
+    return (len(task.held), len(task.train)) == (held, rows - held)
 
 
 def score(

@@ -27,8 +27,9 @@ def test_readme_figures_match_the_code():
 
 
 def test_readme_panel_table_is_generated_from_the_panel_records():
-    """The README's learning-panel numbers are `learning_report.readme_block` of docs/panel/panel.jsonl, the records
-    docs/benchmarks.md is written from (`benchmarks/learning.py --report-only --write` rewrites both)."""
+    """The README's learning-panel numbers are `learning_report.readme_block` of the panel's records (docs/panel/,
+    `learning_report.PANEL`), from which docs/benchmarks.md is written (`benchmarks/learning.py --report-only --write`
+    rewrites both)."""
     import sys
 
     sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -36,10 +37,29 @@ def test_readme_panel_table_is_generated_from_the_panel_records():
 
     readme = (ROOT / "README.md").read_text()
     block = readme.split("<!-- panel-evidence:begin -->\n")[1].split("\n<!-- panel-evidence:end -->")[0]
-    records = ROOT / "docs" / "panel" / "panel.jsonl"
+    records = ",".join(str(ROOT / "docs" / "panel" / name) for name in learning_report.PANEL)
     curves, meta = learning_report.load(records)
     constants = learning_report.constants(records)
     assert block == learning_report.readme_block(learning_report.summarise(curves, meta), constants=constants)
+
+
+def test_the_benchmarks_panel_section_tables_every_panel_run_and_the_earlier_split_apart():
+    """docs/benchmarks.md's learning panel is the report of the same records: its table and verdicts, and, apart,
+    every run of the earlier split as recorded."""
+    import sys
+
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import learning_report
+
+    text = (ROOT / "docs" / "benchmarks.md").read_text()
+    block = text.split("<!-- learning-panel:begin -->\n")[1].split("\n<!-- learning-panel:end -->")[0]
+    records = ",".join(str(ROOT / "docs" / "panel" / name) for name in learning_report.PANEL)
+    summary = learning_report.summarise(*learning_report.load(records))
+    main, earlier = block.split("### The earlier split, as recorded")
+    assert learning_report.table(summary) in main
+    for line in learning_report.verdicts(summary):
+        assert line in main, line
+    assert learning_report.history(records) in earlier
 
 
 def test_the_panel_method_the_readme_calls_the_default_is_train_s_default():

@@ -101,20 +101,53 @@ def test_summary_reports_every_seed_mean_spread_and_where_sdpo_is_below(tmp_path
     assert "**60.0** ± 10.0" in table
 
 
-@pytest.mark.parametrize(
-    ("records", "task"), [("split2.jsonl", "count_bits"), ("split3.jsonl", "basic_arithmetic")], ids=str
-)
-def test_the_notes_quote_the_distinct_split_runs_as_their_report_prints_them(tmp_path, records, task):
-    """docs/panel/notes.md quotes the gym runs on the split that keeps held-out questions out of training
-    (docs/panel/split*.jsonl): every table row and verdict line the report prints for them is in the notes, and
-    the README quotes the three means."""
-    proc = _learning("--report-only", "--out", str(ROOT / "docs" / "panel" / records), cwd=tmp_path)
-    lines = [line for line in proc.stdout.splitlines() if line.startswith((f"| {task} |", f"- {task} "))]
-    assert len(lines) == 4  # three methods and a verdict
-    notes = (ROOT / "docs" / "panel" / "notes.md").read_text()
-    for line in lines:
-        assert line in notes, line
-    means = {row.split(" | ")[1]: row.split("**")[1] for row in lines if row.startswith("|")}
-    readme = " ".join((ROOT / "README.md").read_text().split())
-    quoted = f"{task}: pure SDPO {means['SDPO']}%, GRPO {means['GRPO']}%, the default {means['per-group hybrid w=1']}%"
-    assert quoted in readme, quoted
+def test_split_unchanged_tells_which_earlier_split_runs_still_hold_out_what_train_holds_out():
+    """Runs recorded before held-out questions were kept out of training count only for tasks whose split did not
+    change: addition (100 distinct problems) and code (40 distinct tasks) yes; count_bits up to 16 (16 distinct
+    questions in 100 rows) and the panel's basic_arithmetic (repeated questions) no."""
+    pytest.importorskip("reasoning_gym")
+    from learning_tasks import split_unchanged
+
+    assert split_unchanged("addition", 32) and split_unchanged("code", 20)
+    assert not split_unchanged("gym:count_bits?max_n=16", 32)
+    basic = 'gym:basic_arithmetic?min_terms=2&max_terms=2&max_digits=1&operators=["+","-"]&allow_parentheses=false&allow_negation=false'
+    assert not split_unchanged(basic, 32)
+
+
+def test_a_report_over_several_files_keeps_only_runs_on_the_distinct_split(tmp_path):
+    """Several files, comma-separated: a file on the earlier split (no "split" key) keeps the tasks whose split did
+    not change, and its command lines are narrowed to them and pointed at a new file; a distinct-split file counts
+    whole."""
+    pytest.importorskip("reasoning_gym")
+    bits = "gym:count_bits?max_n=16"
+    earlier = [{"kind": "command", "argv": ["--tasks", f"addition,{bits}", "--out", "/x/panel.jsonl"]}]
+    earlier += [
+        {**r, "held": 32} for r in _records("addition", "grpo", [0.5]) + _records(bits, "grpo", [0.9])
+    ]
+    earlier.append({"kind": "constant", "task": bits, "acc": 0.5, "answer": "2"})
+    distinct = [{**r, "held": 32, "split": "distinct"} for r in _records("code", "sdpo", [0.6])]
+    first, second = tmp_path / "panel.jsonl", tmp_path / "split2.jsonl"
+    first.write_text("".join(json.dumps(r) + "\n" for r in earlier))
+    second.write_text("".join(json.dumps(r) + "\n" for r in distinct))
+    both = f"{first},{second}"
+    curves, _ = report.load(both)
+    assert sorted(curves) == [("addition", "grpo", 0), ("code", "sdpo", 0)]
+    assert report.constants(both) == {}
+    assert report.commands(both) == [["--tasks", "addition", "--out", str(tmp_path / "panel-rerun.jsonl")]]
+    assert sorted(report.load(second)[0]) == [("code", "sdpo", 0)]
+
+
+def test_runs_are_not_added_to_a_file_on_the_earlier_split_nor_to_several(tmp_path):
+    """New runs on the distinct split would sit beside runs they cannot be compared with: learning.py refuses, as it
+    refuses to train into several files at once."""
+    import learning
+
+    earlier = tmp_path / "panel.jsonl"
+    earlier.write_text(
+        "".join(json.dumps({**r, "held": 32}) + "\n" for r in _records("addition", "grpo", [0.5]))
+    )
+    with pytest.raises(SystemExit, match="earlier held-out split"):
+        learning.main(["--tasks", "addition", "--out", str(earlier)])
+    with pytest.raises(SystemExit, match="one file"):
+        learning.main(["--tasks", "addition", "--out", f"{earlier},{tmp_path / 'b.jsonl'}"])
+    assert len(earlier.read_text().splitlines()) == 3  # nothing written
