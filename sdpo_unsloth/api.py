@@ -294,7 +294,9 @@ def train(
             1.0 with hybrid_mode "per_group": GRPO where a prompt group's rewards differ, SDPO's distillation
             in the other groups (docs/benchmarks.md, "learning-panel"); an `sdpo_config` you pass keeps its own.
         hybrid_mode: "per_group" (grpo_weight only in prompt groups whose rewards differ, pure distillation
-            elsewhere; the default) or "fixed" (grpo_weight on every sample; the default with grpo_weight=0).
+            elsewhere; the default), "failed_groups" (the same, but a group that all succeeded is not distilled),
+            "failures" (GRPO on every sample, distillation on the failed ones) or "fixed" (grpo_weight on every
+            sample; the default with grpo_weight=0).
         lora_r: LoRA rank of the student.
         lora_alpha: LoRA alpha (default: lora_r).
         load_in_4bit: nf4 base weights; default True on a CUDA GPU, False on CPU (bitsandbytes' CPU

@@ -14,7 +14,8 @@ configuration that is training: pure SDPO on a task where some samples succeed g
 hybrid gets a lower learning rate or pure GRPO.
 
 A score can also rise for the wrong reason: a student that gives one completion ("The answer is 2.") to every
-question scores the share of questions whose answer is that constant (53% on the learning panel's count_bits).
+question scores the share of questions whose answer is that constant (53% on the learning panel's first
+count_bits split).
 When one completion is given to at least `SAME_SHARE` of the held-out rows and is scored right on some of them
 and wrong on others (so it does not depend on the question: a right answer to each would score alike),
 `ConstantAnswerWarning` says so, once, with the completion and the setting that helps.
@@ -147,8 +148,8 @@ def advice(sdpo: Any, zero_std: list[float]) -> str:
         f"This is the {name} hybrid (TRL's GRPO loss where a group's rewards differ, distillation {distils}). "
         "Lower learning_rate; or plain GRPO (SDPOConfig(enabled=False)); or pure SDPO "
         "(grpo_weight=0), which distils a group's success to its failed siblings instead of reinforcing it "
-        "(check its completions: its higher count_bits score on the learning panel was a constant answer, "
-        "docs/benchmarks.md)."
+        "(it led on the learning panel's lcm and lost on basic_arithmetic; check its completions for one "
+        "constant answer, docs/benchmarks.md)."
     )
 
 
