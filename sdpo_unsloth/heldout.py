@@ -36,6 +36,9 @@ from typing import Any
 
 from transformers import TrainerCallback
 
+from .config import GROUP_HYBRIDS
+from .train_config import default_hybrid
+
 MIN_DROP = 0.05
 NOISE_SIGMAS = 2.0
 FLOOR_VAR = 0.0625  # the variance of a score at 0.067 / 0.933: at most ~4x a score's SE near 0 or 1
@@ -81,20 +84,6 @@ def constant_completion(graded: list[tuple[str, float | None]]) -> tuple[str, in
     return (text, count) if count >= SAME_SHARE * len(graded) and len(scores) > 1 else None
 
 
-def default_hybrid() -> str:
-    """train()'s default hybrid, named with the settings that select it (SDPOConfig, train() and the CLI)."""
-    from .config import GROUP_HYBRIDS
-    from .train_config import SDPO_DEFAULTS
-
-    weight, mode = SDPO_DEFAULTS["grpo_weight"], SDPO_DEFAULTS["hybrid_mode"]
-    name, distils = GROUP_HYBRIDS[mode]
-    return (
-        f"the {name} hybrid, train()'s default (GRPO where a group's rewards differ, distillation {distils}; "
-        f"SDPOConfig(grpo_weight={weight}, hybrid_mode='{mode}'), train(..., grpo_weight={weight}, "
-        f"hybrid_mode='{mode}'), CLI --grpo-weight {weight:g} --hybrid-mode {mode})"
-    )
-
-
 def constant_advice(sdpo: Any) -> str:
     """The setting that helps against a constant answer, for the configuration that is training."""
     if sdpo.enabled and sdpo.grpo_weight == 0:
@@ -124,8 +113,6 @@ def significant_drop(before: float, score: float, rows: int) -> bool:
 
 def advice(sdpo: Any, zero_std: list[float]) -> str:
     """The setting that helps, from the SDPO config and TRL's `frac_reward_zero_std` values so far."""
-    from .config import GROUP_HYBRIDS
-
     spread = [1.0 - float(v) for v in zero_std]
     varied = sum(spread) / len(spread) if spread else None
     share = f" ({varied:.0%} of prompt groups had rewards that differ)" if varied is not None else ""

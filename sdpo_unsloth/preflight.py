@@ -42,7 +42,7 @@ NOTHING_TO_LEARN = "nothing to learn from"
 
 
 def _fixes(max_completion_length: int, clipped: float | None) -> list[str]:
-    from .heldout import default_hybrid
+    from .train_config import default_hybrid
 
     budget = f"a larger completion budget (max_completion_length={max_completion_length} now"
     budget += f"; {clipped:.0%} of the samples were cut off)" if clipped else ")"

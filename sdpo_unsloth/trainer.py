@@ -68,7 +68,7 @@ def _warn_unused_grpo_options(args: Any) -> None:
         if n in defaults and getattr(args, n) != defaults[n]
     ]
     if changed:
-        from .heldout import default_hybrid
+        from .train_config import default_hybrid
 
         warnings.warn(
             f"GRPOConfig sets {', '.join(changed)}, which only GRPO's loss reads; pure SDPO (grpo_weight=0) has no "

@@ -16,8 +16,9 @@ Answer extraction. Small instruct models answer in sentences ("The answer is 7."
 are strict (mostly exact match, with partial credit when the expected answer is inside a longer one).
 The reward tries, in order: the last ``<answer>...</answer>`` tag (only that one when present), else
 the last number (when the expected answer is a number), the last line (trailing period dropped) and
-the raw text, and keeps the best verifier score (a typographic minus, U+2212, reads as ``-``). Feedback on a miss names the expected and the given
-answer ("Wrong. The answer is 7, not 5.") plus the verifier's partial score when it gave one.
+the raw text, and keeps the best verifier score (a typographic minus, U+2212, reads as ``-``). Feedback
+on a miss names the expected and the given answer ("Wrong. The answer is 7, not 5.") plus the
+verifier's partial score when it gave one.
 """
 
 from __future__ import annotations
