@@ -57,6 +57,18 @@ GRPO_ONLY_OPTIONS = (
 )
 
 
+def _trim_left_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded rows without the columns that are padding in every row.
+
+    Teacher prompts are padded to the generation batch's longest one, often a row that this forward does not
+    run (under the group hybrids, a sibling with a demonstration and distillation weight 0). Exact: each row is
+    contiguous and right-aligned, and RoPE scores depend on relative positions only (the same values up to float
+    rounding).
+    """
+    width = ids.size(1) - int(mask.sum(dim=1).max()) if mask.numel() else 0
+    return ids[:, width:], mask[:, width:]
+
+
 def _warn_unused_grpo_options(args: Any) -> None:
     """Pure SDPO has no GRPO term: say so once when GRPOConfig sets options only that term reads."""
     import dataclasses
@@ -478,7 +490,9 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
         Dropout is off (the targets are deterministic); the student adapter is restored afterwards.
         """
         cfg = self.sdpo_config
-        prompt = (inputs["sdpo_teacher_prompt_ids"][rows], inputs["sdpo_teacher_prompt_mask"][rows])
+        prompt = _trim_left_padding(
+            inputs["sdpo_teacher_prompt_ids"][rows], inputs["sdpo_teacher_prompt_mask"][rows]
+        )
         completion = (inputs["completion_ids"][rows], inputs["completion_mask"][rows])
         mode = cfg.teacher_mode
         with dropout_off(model):

@@ -121,12 +121,14 @@ class FirstOfFirstPrompt:
         return scores
 
 
-def _one_sgd_step(tmp_path, weight, mode, reward, batch, lr):
+def _one_sgd_step(tmp_path, weight, mode, reward, batch, lr, **sdpo):
     """One optimizer step (SGD, no clipping: the update is exactly -lr x grad) of the hybrid through
     trainer.train(): (trainer, model, the student adapter before, its update, the step's inputs)."""
     trainer = make_trainer(
         tmp_path,
-        SDPOConfig(grpo_weight=weight, hybrid_mode=mode, distillation_topk=None, teacher_update_rate=0.0),
+        SDPOConfig(
+            grpo_weight=weight, hybrid_mode=mode, distillation_topk=None, teacher_update_rate=0.0, **sdpo
+        ),
         reward=reward,
         per_device_train_batch_size=batch,
         gradient_accumulation_steps=1,
@@ -385,3 +387,52 @@ def test_the_hybrid_refuses_grpo_options_its_term_does_not_reproduce(tmp_path):
         with pytest.raises(ValueError, match="use_adaptive_entropy=True"):
             make_trainer(tmp_path, sdpo, use_adaptive_entropy=True)
     make_trainer(tmp_path, SDPOConfig(enabled=False), entropy_coef=0.5)  # plain GRPO keeps it
+
+
+class LongFeedbackInTheSpreadGroup(FirstOfFirstPrompt):
+    """FirstOfFirstPrompt, with long feedback for the failures next to the success."""
+
+    def __call__(self, prompts, completions, answer, **kwargs):
+        scores = super().__call__(prompts, completions, answer, **kwargs)
+        self.last_feedback = [
+            f + " Count again, digit by digit." * 8 if p == prompts[0] else f
+            for f, p in zip(self.last_feedback, prompts, strict=True)
+        ]
+        return scores
+
+
+def test_teacher_forward_runs_without_the_padding_of_rows_it_does_not_distil(tmp_path, monkeypatch):
+    """train()'s default (per_group, w=1): the spread group's failures see a demonstration and long feedback, the
+    longest teacher prompts of the batch, but distil nothing; the all-failed group's teacher runs on its own
+    prompts' width, and the update is still the hand-computed one (each row unpadded)."""
+    from sdpo_unsloth import SDPOTrainer
+
+    widths: list[tuple[int, bool]] = []
+    original = SDPOTrainer._teacher_forward
+
+    def spy(self, model, prompt, completion):
+        widths.append((prompt[0].size(1), bool(prompt[1][:, 0].any())))
+        return original(self, model, prompt, completion)
+
+    monkeypatch.setattr(SDPOTrainer, "_teacher_forward", spy)
+    lr = 1.0
+    _, model, student0, update, inputs = _one_sgd_step(
+        tmp_path,
+        1.0,
+        "per_group",
+        LongFeedbackInTheSpreadGroup(),
+        8,
+        lr,
+        environment_feedback_only_without_solution=False,
+    )
+    distill = inputs["sdpo_distill_weight"].tolist()
+    assert sorted(distill) == [0.0] * 4 + [1.0] * 4
+    has_teacher = inputs["sdpo_sample_mask"].bool()
+    lengths = inputs["sdpo_teacher_prompt_mask"].sum(dim=1)
+    distilled = has_teacher & (inputs["sdpo_distill_weight"] > 0)
+    longest_distilled = int(lengths[distilled].max())
+    assert int(lengths[has_teacher].max()) > longest_distilled  # a demonstration row sets the batch's width
+    assert widths == [(longest_distilled, True)]  # one teacher forward, no all-padding column
+    _assert_update_is_the_hand_computed_step(
+        model, inputs, student0, update, [1.0 - d for d in distill], distill, lr
+    )
