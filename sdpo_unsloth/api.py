@@ -27,7 +27,7 @@ from typing import TYPE_CHECKING, Any, Literal
 from .bootstrap import Backend, bootstrap
 from .checkpoints import is_complete, last_complete_checkpoint
 from .config import HybridMode, SDPOConfig, TeacherMode
-from .data import BUILTIN_TASKS, TrainInputs, _is_task, resolve_inputs, task_completion_length
+from .data import BUILTIN_TASKS, TASK_MIN_ROWS, TrainInputs, _is_task, resolve_inputs, task_completion_length
 from .evaluate import evaluate_model
 from .preconditions import UsageError, check_prompt_lengths, check_tokenizer, check_writable
 from .report import _jsonable, _plot_rewards, _use_compact_progress
@@ -305,7 +305,8 @@ def train(
         gradient_checkpointing: default True on GPU, False on CPU.
         backend: "auto" (unsloth on a CUDA GPU when installed), "unsloth" or "transformers".
         eval_size: rows held out for the before/after score (greedy decoding, scored by the first reward;
-            default: a quarter of the data, at most 32; 0 skips evaluation).
+            default: a quarter of the data, at most 32; 0 skips evaluation). For a built-in task they depend on
+            `seed` and `eval_size` only: runs of any `max_steps` are scored on the same questions.
         eval_dataset: held-out rows to score instead (a Dataset, list of dicts or file, with the columns
             the first reward reads); then all of `dataset` trains.
         eval_batch_size: prompts per generation batch in evaluation.
@@ -398,7 +399,7 @@ def train(
         rewards,
         eval_dataset,
         eval_size,
-        rows_needed=max(64, args.max_steps * _prompts_per_step(args)),
+        rows_needed=max(TASK_MIN_ROWS, args.max_steps * _prompts_per_step(args)),
         seed=args.seed,
     )
     for func in inputs.reward_funcs:  # a reward class passed for an instance fails here, not after loading

@@ -173,6 +173,10 @@ def _resolve_dataset(
     return dataset, task
 
 
+# Training rows a built-in task gets at least (`train()` asks for more when max_steps needs them).
+TASK_MIN_ROWS = 64
+
+
 def prompt_key(prompt: Any) -> str:
     """A row's question as one string (the prompt, or its chat messages as JSON): equal questions, equal keys."""
     return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, default=str)
@@ -330,7 +334,11 @@ class TrainInputs:
 def resolve_inputs(
     dataset: Any, rewards: Any, eval_dataset: Any, eval_size: int | None, *, rows_needed: int, seed: int
 ) -> TrainInputs:
-    """The dataset, rewards and evaluation rows of `train()` (see its `Args:` for the accepted forms)."""
+    """The dataset, rewards and evaluation rows of `train()` (see its `Args:` for the accepted forms).
+
+    A built-in task is generated with `rows_needed` training rows plus the held-out ones; the held-out rows
+    depend on the seed and `eval_size` only, not on `rows_needed` (the run's length).
+    """
     requested_eval = eval_size if eval_size is not None else 32
     data, task = _resolve_dataset(dataset, rows_needed + requested_eval, seed)
     reward_funcs = _resolve_rewards(rewards, task)
@@ -355,6 +363,13 @@ def resolve_inputs(
                 "rows). Drop them from one of the two, or let train() split eval_size rows off the dataset.",
                 stacklevel=2,
             )
+    elif task is not None and rows_needed > TASK_MIN_ROWS:
+        # A built-in task generates rows for the run's length; its held-out rows come from the rows of the
+        # shortest run, so runs of any length (same seed) are scored on the same questions.
+        base, _ = _resolve_dataset(dataset, TASK_MIN_ROWS + requested_eval, seed)
+        eval_rows, _ = _split(base, eval_size if eval_size is not None else min(32, len(base) // 4), seed)
+        held = {prompt_key(row["prompt"]) for row in eval_rows}
+        train_data = data.select([i for i, p in enumerate(data["prompt"]) if prompt_key(p) not in held])
     else:
         eval_rows, train_data = _split(
             data, eval_size if eval_size is not None else min(32, len(data) // 4), seed

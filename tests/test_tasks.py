@@ -191,3 +191,21 @@ def test_an_eval_dataset_sharing_training_questions_warns():
         resolve_inputs(
             rows, [reward], [*rows[:2], {"prompt": "99+1=", "answer": "100"}], None, rows_needed=8, seed=0
         )
+
+
+@pytest.mark.parametrize("task", ["addition", "gym:count_bits?max_n=255", ARITHMETIC])
+@pytest.mark.parametrize("eval_size", [None, 12])
+def test_the_held_out_rows_of_a_built_in_task_do_not_depend_on_the_run_length(task, eval_size):
+    """train() asks for max_steps x prompts-per-step rows (at least 64): a longer run scores the same questions,
+    and trains on none of them."""
+    from sdpo_unsloth.data import TASK_MIN_ROWS, prompt_key, resolve_inputs
+
+    runs = [
+        resolve_inputs(task, None, None, eval_size, rows_needed=n, seed=3) for n in (TASK_MIN_ROWS, 40 * 8)
+    ]
+    short, long = runs
+    assert [r["prompt"] for r in short.eval_rows] == [r["prompt"] for r in long.eval_rows]
+    assert len(short.eval_rows) == (eval_size or 24)  # 64 + 32 rows, a quarter held out
+    held = {prompt_key(r["prompt"]) for r in long.eval_rows}
+    trained = [prompt_key(p) for p in long.train_data["prompt"]]
+    assert len(trained) > len(short.train_data) and not held & set(trained)
