@@ -326,7 +326,9 @@ class GenerationBuffer:
             folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
             os.makedirs(folder, exist_ok=True)
             path = os.path.join(folder, GENERATION_FILE.format(rank=self.accelerator.process_index))
-            torch.save({"step": done, "setup": self._generation_setup(), "buffered_inputs": buffered}, path)
+            saved = {"step": done, "setup": self._generation_setup(), "buffered_inputs": buffered}
+            saved["plans"] = _plans_json(getattr(self, "sdpo_last_plans", None))
+            torch.save(saved, path)
         super()._save_checkpoint(model, trial)
 
     def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
@@ -350,6 +352,8 @@ class GenerationBuffer:
             usable = int(votes.item()) == processes
         if usable:
             self._step, self._buffered_inputs = saved["step"], saved["buffered_inputs"]
+            # the per-token diagnostics of the buffer's remaining steps name each sample's reward and reprompt
+            self.sdpo_last_plans = _plans_from_json(saved.get("plans"))
             return
         steps = _checkpoint_step(resume_from_checkpoint)
         micro_steps = None if steps is None else steps * self.args.gradient_accumulation_steps
@@ -365,6 +369,28 @@ class GenerationBuffer:
                 "updates differ from the uninterrupted run's.",
                 stacklevel=2,
             )
+
+
+def _plans_json(plans: Any) -> str | None:
+    """`SDPOTrainer.sdpo_last_plans` (reprompts and rewards of the buffered generation batch) as JSON: the
+    buffer file is read back with `weights_only=True`, which loads no dataclass."""
+    if plans is None:
+        return None
+    reprompts, rewards = plans
+    rows = [[p.prompt, p.demo, p.feedback] for p in reprompts]
+    return json.dumps({"reprompts": rows, "rewards": [float(r) for r in rewards]}, default=str)
+
+
+def _plans_from_json(text: str | None) -> Any:
+    if text is None:  # a checkpoint written before the plans were saved: diagnostics without them
+        return None
+    from .teacher import Reprompt
+
+    data = json.loads(text)
+    reprompts = [
+        Reprompt(prompt=prompt, demo=demo, feedback=feedback) for prompt, demo, feedback in data["reprompts"]
+    ]
+    return reprompts, data["rewards"]
 
 
 def _checkpoint_step(folder: str) -> int | None:

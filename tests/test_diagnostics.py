@@ -243,3 +243,29 @@ def test_an_evaluation_between_steps_of_one_generation_leaves_the_records_their_
     for record in records:
         question = record["prompt"].split("user\n")[1].split("<|im_end|>")[0]
         assert record["feedback"] == f"QUESTION WAS {question}", record
+
+
+def test_a_run_resumed_inside_a_generation_batch_writes_the_records_of_the_uninterrupted_run(tmp_path):
+    """steps_per_generation=2, a checkpoint after step 1: the resumed step 2 trains on the saved buffer, and its
+    records name each sample's reward, demonstration and feedback as the uninterrupted run's do (they had no
+    reward, demonstration or feedback: the reprompt plans were not part of the checkpoint)."""
+    options = dict(
+        max_steps=2, steps_per_generation=2, gradient_accumulation_steps=1, per_device_train_batch_size=8
+    )
+    sdpo = SDPOConfig(diagnostics_samples=8)
+    straight = tiny_trainer(tmp_path / "a", sdpo, **options)
+    straight.train()
+    first = tiny_trainer(tmp_path / "b", sdpo, save_strategy="steps", save_steps=1, **options)
+    first.train()
+    resumed = tiny_trainer(tmp_path / "c", sdpo, **options)
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "run" / "checkpoint-1"))
+
+    def step_two(folder):
+        lines = (folder / "run" / "diagnostics" / "diagnostics.jsonl").read_text().splitlines()
+        keys = ("sample", "reward", "demonstration", "feedback", "completion", "teacher_prompt")
+        return [{k: r[k] for k in keys} for r in map(json.loads, lines) if r["step"] == 2]
+
+    expected = step_two(tmp_path / "a")
+    assert expected and all(r["demonstration"] is not None or r["feedback"] for r in expected)
+    assert {r["reward"] for r in expected} - {None}  # rewards are named (a failure scores 0.0)
+    assert step_two(tmp_path / "c") == expected
