@@ -241,6 +241,12 @@ def record_constant(task: PanelTask, out: str) -> None:
         )
 
 
+def gym_scoring(task: str) -> dict[str, str]:
+    """A gym task's records say that a number was right or wrong (`GymReward`); earlier runs have no such key:
+    the task's default verifier gave partial credit for an answer containing the expected one."""
+    return {"gym_scoring": "exact numbers"} if task.startswith("gym:") else {}
+
+
 def start_only(s: dict, tasks: list[str], out: str) -> None:
     """Score the untrained model on every task's held-out rows (one model load)."""
     model, tokenizer = _load(s, 0, teacher=False)
@@ -258,6 +264,7 @@ def start_only(s: dict, tasks: list[str], out: str) -> None:
                 "max_completion_length": s["max_completion_length"],
                 "acc": acc,
                 "split": "distinct",
+                **gym_scoring(name),
                 "eval_s": round(time.perf_counter() - t0, 1),
             },
         )
@@ -317,6 +324,7 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
         **({"distillation_topk": s["distillation_topk"]} if "~topk=" in method else {}),
         **({"scale_rewards": s["scale_rewards"]} if "~scale=" in method else {}),
         "split": "distinct",  # held-out questions kept out of training (earlier runs: no key)
+        **gym_scoring(task.name),
     }
     t0 = time.perf_counter()
     model, tokenizer = _load(s, seed, teacher=not grpo)

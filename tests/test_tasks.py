@@ -52,7 +52,7 @@ def test_gym_dataset_is_the_tasks_own_and_brings_its_reward():
         ("basic_arithmetic", "", 0.0, "Wrong. The answer is {answer}; the reply gave no answer."),
         ("spell_backward", "{answer}", 1.0, ""),
         ("spell_backward", "zzz", 0.0, "Wrong. The answer is {answer}, not zzz."),
-        ("spell_backward", "{answer}!\n\n", None, "verifier gave it"),  # partial credit
+        ("spell_backward", "{answer}!\n\n", None, "verifier gave it"),  # its own verifier's partial credit
     ],
 )
 def test_gym_reward_uses_the_verifier_and_explains_misses(task, reply, score, feedback):
@@ -69,6 +69,27 @@ def test_gym_reward_uses_the_verifier_and_explains_misses(task, reply, score, fe
         assert got == score
     assert feedback.format(answer=row["answer"]) in reward.last_feedback[0]
     assert (reward.last_feedback[0] == "") == (got == 1.0)
+
+
+def test_a_number_that_only_contains_the_answer_is_wrong():
+    """lcm keeps reasoning-gym's default verifier: an answer containing the expected one scored
+    len(expected) / len(answer) ("14" for 4: 0.5; a sentence echoing the question's numbers: a few hundredths).
+    A number is right or wrong; number_substring_credit=True gives the verifier's partial credit back."""
+    rows = gym_dataset("lcm", 40, seed=0, config={"max_value": 20})
+    row = next(r for r in rows if len(r["answer"]) == 2)
+    expected = row["answer"]
+    replies = [
+        f"The LCM is 1{expected}.",  # another number containing the answer
+        f"The LCM of {expected} and {expected} is 7.",  # the answer echoed, then a wrong one
+        f"The LCM is {expected}.",
+    ]
+    completions = [[{"role": "assistant", "content": r}] for r in replies]
+    kwargs = dict(prompts=[row["prompt"]] * 3, completions=completions, **columns([row] * 3))
+    strict = GymReward()
+    assert strict(**kwargs) == [0.0, 0.0, 1.0]
+    assert "verifier gave it" not in strict.last_feedback[0]
+    lenient = GymReward(number_substring_credit=True)(**kwargs)
+    assert lenient[0] == pytest.approx(2 / 3) and 0 < lenient[1] < 0.1 and lenient[2] == 1.0
 
 
 def test_gym_reward_caps_feedback_and_names_missing_columns():

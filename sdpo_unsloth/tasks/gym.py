@@ -19,6 +19,16 @@ the last number (when the expected answer is a number), the last line (trailing 
 the raw text, and keeps the best verifier score (a typographic minus, U+2212, reads as ``-``). Feedback
 on a miss names the expected and the given answer ("Wrong. The answer is 7, not 5.") plus the
 verifier's partial score when it gave one.
+
+Numbers are right or wrong. reasoning-gym's default verifier (``ProceduralDataset.score_answer``, kept by
+a third of its tasks, lcm and gcd among them) gives ``len(expected) / len(answer)`` when the expected answer
+is a substring of the given one: "14" scores 0.5 for 4, and a sentence that echoes the question's numbers
+scores 0.01-0.05 for lcm(14, 14) = 14. On the untrained embedded model that was 27 of 64 sampled lcm answers
+and 28 of 64 gcd answers, and a quarter of lcm's prompt groups had a reward spread without a single right
+answer: GRPO trained on those as on a success (its advantages are scaled by the group's spread). So where
+the expected answer is a number and the task keeps that default verifier, `GymReward` scores 1 for the
+right answer and 0 otherwise (``number_substring_credit=True`` restores the verifier's partial credit). Tasks
+with their own ``score_answer`` keep its scores.
 """
 
 from __future__ import annotations
@@ -190,6 +200,15 @@ def _shown(value: str, limit: int) -> str:
     return value if _PLAIN.fullmatch(value) else repr(value)  # model text never poses as instructions
 
 
+def _substring_credit(data: Any, expected: str) -> bool:
+    """Whether `data` scores a numeric `expected` answer with reasoning-gym's default verifier, whose only
+    partial credit is for containing the expected answer."""
+    from reasoning_gym.dataset import ProceduralDataset
+
+    default = getattr(type(data), "score_answer", None) is ProceduralDataset.score_answer
+    return default and _NUMBER.fullmatch(expected.strip()) is not None
+
+
 class GymReward:
     """The reasoning-gym task's own verifier as a reward, with feedback naming the expected answer.
 
@@ -208,10 +227,11 @@ class GymReward:
 
     __name__ = "gym_verifier"
 
-    def __init__(self, max_feedback_chars: int = 400):
+    def __init__(self, max_feedback_chars: int = 400, number_substring_credit: bool = False):
         if max_feedback_chars < 40:
             raise ValueError(f"`max_feedback_chars` must be >= 40, got {max_feedback_chars}")
         self.max_feedback_chars = max_feedback_chars
+        self.number_substring_credit = number_substring_credit
         self.last_feedback: list[str] = []
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float]:
@@ -235,6 +255,8 @@ class GymReward:
             text = _text(completion)
             scored = [(float(data.score_answer(c, entry)), c) for c in answer_candidates(text, expected)]
             score, given = max(scored, key=lambda pair: pair[0], default=(0.0, ""))
+            if score < 1.0 and not self.number_substring_credit and _substring_credit(data, expected):
+                score = 0.0  # the right digits inside another number or a sentence: wrong (module docstring)
             scores.append(score)
             feedback.append("" if score >= 1.0 else self._feedback(expected, given, score))
         self.last_feedback = feedback
