@@ -430,8 +430,26 @@ that change left the same rows (`learning_tasks.split_unchanged`); here are all 
 """
 
 
+LENIENT = """
+### Gym tasks scored with substring credit, as recorded
+
+Runs recorded before `GymReward` scored numbers as right or wrong: the task's default verifier gave an answer
+containing the expected number len(expected) / len(answer) ("14" for 4: 0.5), in training and in the held-out
+score. The tables above hold only runs scored the new way; here are the earlier ones, on their own footing.
+
+{lenient}
+"""
+
+
 def section(
-    summary: dict, meta: dict, starts: list[dict], notes: str, command: str, shares: str, history: str = ""
+    summary: dict,
+    meta: dict,
+    starts: list[dict],
+    notes: str,
+    command: str,
+    shares: str,
+    history: str = "",
+    lenient: str = "",
 ) -> str:
     from sdpo_unsloth.tasks.addition import DEMO_SETTINGS
 
@@ -453,9 +471,9 @@ LoRA r={d["lora_r"]}, AdamW wd 0.01, grad clip 1.0; SDPO = `DEMO_SETTINGS` (alph
 `train(dataset=...)` resolution (100 rows, 40 for code), {m["held"]} held out (at most half the rows: 20 for
 code) with a split that does not depend on the training seed; a training row that asks a held-out question is
 dropped, so no held-out question is trained on. Score = mean held-out reward of greedy
-completions under the task's own reward (addition: accuracy; reasoning-gym: the task's verifier, 1 for a
-correct answer and for some tasks a small partial credit such as 0.01 for a wrong one; code: the fraction of
-hidden tests passed), at step 0 and every few steps. Spread = sample sd over seeds.
+completions under the task's own reward (addition: accuracy; reasoning-gym: `GymReward`, the task's verifier
+with a number scored as right or wrong, so the accuracy for these tasks; code: the fraction of hidden tests
+passed), at step 0 and every few steps. Spread = sample sd over seeds.
 
 Starting scores of the candidate tasks (untrained model, `--start-only`):
 
@@ -473,7 +491,7 @@ the best score of the same completion, "The answer is X.", for every held-out ro
 ![learning panel](learning_curves.png)
 
 {notes.strip()}
-{EARLIER.format(history=history) if history else ""}
+{LENIENT.format(lenient=lenient) if lenient else ""}{EARLIER.format(history=history) if history else ""}
 Reproduce (CPU; raw JSON lines: `docs/panel/`; reruns skip finished runs):
 
 ```
@@ -495,7 +513,12 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.report_only:
         s = settings(args)
-        if report.earlier_split(report.records(args.out, every=True)):
+        if report.lenient_gym(report.records(args.out, "every")):
+            raise SystemExit(
+                f"{args.out} holds gym runs scored with the verifier's substring credit (GymReward now scores a "
+                "number as right or wrong): new runs are not comparable with them. Write them to a new file (--out)."
+            )
+        if report.earlier_split(report.records(args.out, "every")):
             raise SystemExit(
                 f"{args.out} holds runs on the earlier held-out split, whose held-out gym questions were also in "
                 "the training rows (sdpo_unsloth.data._split now keeps them apart): new runs are not comparable "
@@ -541,7 +564,14 @@ def main(argv: list[str] | None = None) -> int:
         write_section(
             "learning-panel",
             section(
-                summary, meta, starts, notes, command, report.shares_table(args.out), report.history(args.out)
+                summary,
+                meta,
+                starts,
+                notes,
+                command,
+                report.shares_table(args.out),
+                report.history(args.out),
+                report.lenient_history(args.out),
             ),
         )
         write_section(

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import statistics
 from pathlib import Path
+from typing import Any
 
 from learning_tasks import short_name, split_tasks, split_unchanged
 
@@ -24,9 +25,19 @@ COLORS = {
     "spread": "tab:pink",
     "pgtrunc": "tab:olive",
 }
-PANEL = ("panel.jsonl", "split2.jsonl", "split3.jsonl", "split4.jsonl", "split5.jsonl", "fg.jsonl")
+PANEL = (
+    "panel.jsonl",
+    "split2.jsonl",
+    "split3.jsonl",
+    "split4.jsonl",
+    "split5.jsonl",
+    "fg.jsonl",
+    "fail.jsonl",
+    "exact.jsonl",
+)
 """The panel's records in docs/panel/: the README's table and docs/benchmarks.md are `--report-only` of all of them
-(panel.jsonl is on the earlier split, the others on the distinct one: see `records`)."""
+(panel.jsonl is on the earlier split, the others on the distinct one; exact.jsonl holds the gym runs scored with a
+number right or wrong, the others' gym runs had the verifier's substring credit: see `records`)."""
 ORDER = {"grpo": 0, "sdpo": 1, "fail": 2}
 NAMES = {  # method prefix -> what it is (learning.py's method_spec)
     "hybrid": "hybrid fixed w={w}",
@@ -50,52 +61,83 @@ def earlier_split(rows: list[dict]) -> bool:
     return any("split" not in r for r in rows if r["kind"] in ("eval", "start"))
 
 
-def records(path: str | Path, every: bool = False) -> list[dict]:
+def lenient_gym(rows: list[dict]) -> set[str]:
+    """The gym tasks of a file whose runs were scored with the task verifier's substring credit (a number containing
+    the expected one scored len(expected) / len(answer)): their records carry no "gym_scoring" (`learning.gym_scoring`)."""
+    return {
+        r["task"]
+        for r in rows
+        if r["kind"] in ("eval", "done", "start")
+        and r.get("task", "").startswith("gym:")
+        and "gym_scoring" not in r
+    }
+
+
+VIEWS = ("current", "every", "lenient")
+
+
+def records(path: str | Path, view: str = "current") -> list[dict]:
     """The JSON lines of `path`, or of several files named comma-separated (none for a file not written yet).
 
-    A file on the earlier split (`earlier_split`) keeps only the tasks whose split that change left the same
-    (`learning_tasks.split_unchanged`), and its command lines are narrowed to them (`every`: all its lines as
-    recorded, for the history)."""
+    view "current": what the panel reports. A file on the earlier split (`earlier_split`) keeps only the tasks
+    whose split that change left the same (`learning_tasks.split_unchanged`), every file drops its gym tasks
+    scored with substring credit (`lenient_gym`), and command lines are narrowed to the tasks kept. "every": all
+    lines as recorded. "lenient": only the substring-credit gym runs of files on the distinct split.
+    """
+    if view not in VIEWS:
+        raise ValueError(f"view {view!r}: one of {VIEWS}")
     found: list[dict] = []
     for name in str(path).split(","):
         if not Path(name).exists():
             continue
         rows = [json.loads(line) for line in Path(name).read_text().splitlines() if line.strip()]
-        if every or not earlier_split(rows):
+        if view == "every":
             found += rows
             continue
-        scored = [r for r in rows if r["kind"] in ("eval", "start")]
-        held = {(r.get("task", "addition"), r["held"]) for r in scored if "held" in r}
-        changed = {task for task, n in held if not split_unchanged(task, n)}
+        earlier, lenient = earlier_split(rows), lenient_gym(rows)
+        if view == "lenient":
+            if earlier or not lenient:
+                continue
+            kept = lenient.__contains__
+        else:
+            changed = set(lenient)
+            if earlier:
+                scored = [r for r in rows if r["kind"] in ("eval", "start")]
+                held = {(r.get("task", "addition"), r["held"]) for r in scored if "held" in r}
+                changed |= {task for task, n in held if not split_unchanged(task, n)}
+            if not changed:
+                found += rows
+                continue
+            kept = lambda task, changed=changed: task not in changed  # noqa: E731
         for r in rows:
             if r["kind"] == "command":
-                r = _narrowed(r, changed, Path(name))
-            if r and r.get("task", "addition") not in changed:
+                r = _narrowed(r, kept, Path(name))
+            if r and (r["kind"] == "command" or kept(r.get("task", "addition"))):
                 found.append(r)
     return found
 
 
-def _narrowed(command: dict, changed: set[str], path: Path) -> dict | None:
-    """An earlier-split file's command line with the tasks whose split changed left out (None if none is left)
-    and a new `--out` beside the file: learning.py adds no runs to a file on the earlier split."""
+def _narrowed(command: dict, kept: Any, path: Path) -> dict | None:
+    """A command line with only the tasks `kept` accepts (None if none is left) and a new `--out` beside the file:
+    learning.py adds no runs to a file on the earlier split or with substring-credit gym runs."""
     argv = list(command["argv"])
     if "--tasks" in argv:
         at = argv.index("--tasks") + 1
-        kept = [t for t in split_tasks(argv[at]) if t not in changed]
-        if not kept:
+        tasks = [t for t in split_tasks(argv[at]) if kept(t)]
+        if not tasks:
             return None
-        argv[at] = ",".join(kept)
+        argv[at] = ",".join(tasks)
     if "--out" in argv:
         argv[argv.index("--out") + 1] = str(path.with_name(path.stem + "-rerun.jsonl"))
     return {**command, "argv": argv}
 
 
-def load(out: str | Path, every: bool = False) -> tuple[dict, dict]:
-    """curves[(task, method, seed)] = {step: score} for finished runs; meta[...] = the done record (`every`: see
+def load(out: str | Path, view: str = "current") -> tuple[dict, dict]:
+    """curves[(task, method, seed)] = {step: score} for finished runs; meta[...] = the done record (`view`: see
     `records`)."""
     curves: dict = {}
     meta: dict = {}
-    for r in records(out, every):
+    for r in records(out, view):
         if r["kind"] not in ("eval", "done"):
             continue
         k = run_key(r)
@@ -123,32 +165,32 @@ def untrained_score(out: str | Path, key: dict) -> float | None:
     return None
 
 
-def constants(out: str | Path, every: bool = False) -> dict[str, tuple[float, str]]:
+def constants(out: str | Path, view: str = "current") -> dict[str, tuple[float, str]]:
     """{task: (score, answer)}: the constant-answer baselines recorded in `out` (`learning_tasks.constant_baseline`:
     the best held-out score of "The answer is X." for every row)."""
     found: dict[str, tuple[float, str]] = {}
-    for r in records(out, every):
+    for r in records(out, view):
         if r["kind"] == "constant":
             found.setdefault(r["task"], (r["acc"], r["answer"]))
     return found
 
 
 def final_shares(
-    out: str | Path, every: bool = False
+    out: str | Path, view: str = "current"
 ) -> dict[tuple[str, str, int], tuple[int, float, float]]:
     """{(task, method, seed): (step, score, top_share)} at each run's last evaluation that recorded `top_share`
     (the share of held-out rows given the most common completion; runs measured before it have none)."""
     found: dict = {}
-    for r in records(out, every):
+    for r in records(out, view):
         if r["kind"] == "eval" and "top_share" in r and r["step"] > 0:
             found[run_key(r)] = (r["step"], r["acc"], r["top_share"])
     return found
 
 
-def shares_table(out: str | Path, every: bool = False) -> str:
+def shares_table(out: str | Path, view: str = "current") -> str:
     """Markdown: per run with `top_share` records, its final score, the share of held-out rows given its most common
     completion and the task's constant-answer baseline."""
-    shares, fixed = final_shares(out, every), constants(out, every)
+    shares, fixed = final_shares(out, view), constants(out, view)
     if not shares:
         return "(no run recorded its completions)"
     lines = [
@@ -446,15 +488,28 @@ def history(out: str | Path) -> str:
     final completions), or "" if none is."""
     parts = []
     for name in str(out).split(","):
-        if not (Path(name).exists() and earlier_split(records(name, every=True))):
+        if not (Path(name).exists() and earlier_split(records(name, "every"))):
             continue
-        summary = summarise(*load(name, every=True))
+        summary = summarise(*load(name, "every"))
         parts.append(
             f"`{Path(name).name}`, every run as recorded:\n\n{table(summary)}\n\n"
             + "\n".join(verdicts(summary))
-            + f"\n\nWhat those students say at the end:\n\n{shares_table(name, every=True)}"
+            + f"\n\nWhat those students say at the end:\n\n{shares_table(name, 'every')}"
         )
     return "\n\n".join(parts)
+
+
+def lenient_history(out: str | Path) -> str:
+    """Markdown: the gym runs of the distinct-split files in `out` scored with substring credit (`lenient_gym`), as
+    recorded (table, verdicts and final completions), or "" if there are none."""
+    summary = summarise(*load(out, "lenient"))
+    if not summary:
+        return ""
+    return (
+        f"{table(summary)}\n\n"
+        + "\n".join(verdicts(summary))
+        + f"\n\nWhat those students say at the end:\n\n{shares_table(out, 'lenient')}"
+    )
 
 
 def commands(path: str | Path) -> list[list[str]]:

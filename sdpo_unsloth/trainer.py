@@ -61,9 +61,9 @@ def _trim_left_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Ten
     """Left-padded rows without the columns that are padding in every row.
 
     Teacher prompts are padded to the generation batch's longest one, often a row that this forward does not
-    run (under the group hybrids, a sibling with a demonstration and distillation weight 0). Exact: each row is
-    contiguous and right-aligned, and RoPE scores depend on relative positions only (the same values up to float
-    rounding).
+    run (under the group hybrids, a sibling with a demonstration and distillation weight 0). The hidden states are
+    the same up to float rounding: each row is contiguous and right-aligned, and RoPE scores depend on relative
+    positions only.
     """
     width = ids.size(1) - int(mask.sum(dim=1).max()) if mask.numel() else 0
     return ids[:, width:], mask[:, width:]

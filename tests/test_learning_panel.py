@@ -151,3 +151,38 @@ def test_runs_are_not_added_to_a_file_on_the_earlier_split_nor_to_several(tmp_pa
     with pytest.raises(SystemExit, match="one file"):
         learning.main(["--tasks", "addition", "--out", f"{earlier},{tmp_path / 'b.jsonl'}"])
     assert len(earlier.read_text().splitlines()) == 3  # nothing written
+
+
+def test_gym_runs_scored_with_substring_credit_are_reported_apart(tmp_path):
+    """GymReward scores a number as right or wrong now; a gym run recorded before (no "gym_scoring") is not in the
+    panel's tables, commands or constants but in its own history, and learning.py adds no runs to its file."""
+    import learning
+
+    bits = "gym:count_bits?max_n=255"
+    old = [{"kind": "command", "argv": ["--tasks", f"addition,{bits}", "--out", "/x/split2.jsonl"]}]
+    old += [{**r, "held": 32, "split": "distinct"} for r in _records("addition", "grpo", [0.5])]
+    old += [{**r, "held": 32, "split": "distinct"} for r in _records(bits, "grpo", [0.9])]
+    old.append({"kind": "constant", "task": bits, "held": 32, "acc": 0.5, "answer": "2"})
+    new = [{"kind": "command", "argv": ["--tasks", bits, "--out", "/x/exact.jsonl"]}]
+    new += [
+        {**r, "held": 32, "split": "distinct", "gym_scoring": "exact numbers"}
+        for r in _records(bits, "sdpo", [0.3])
+    ]
+    new.append({"kind": "constant", "task": bits, "held": 32, "acc": 0.25, "answer": "3"})
+    first, second = tmp_path / "split2.jsonl", tmp_path / "exact.jsonl"
+    first.write_text("".join(json.dumps(r) + "\n" for r in old))
+    second.write_text("".join(json.dumps(r) + "\n" for r in new))
+    both = f"{first},{second}"
+    assert sorted(report.load(both)[0]) == [("addition", "grpo", 0), (bits, "sdpo", 0)]
+    assert report.constants(both) == {bits: (0.25, "3")}
+    assert report.commands(both) == [
+        ["--tasks", "addition", "--out", str(tmp_path / "split2-rerun.jsonl")],
+        ["--tasks", bits, "--out", "/x/exact.jsonl"],
+    ]
+    assert sorted(report.load(both, "lenient")[0]) == [(bits, "grpo", 0)]
+    history = report.lenient_history(both)
+    assert "count_bits" in history and "90.0" in history and "30.0" not in history
+    assert report.lenient_history(str(second)) == ""
+    with pytest.raises(SystemExit, match="substring credit"):
+        learning.main(["--tasks", "addition", "--out", str(first)])
+    assert len(first.read_text().splitlines()) == len(old)  # nothing written

@@ -25,7 +25,8 @@ a third of its tasks, lcm and gcd among them) gives ``len(expected) / len(answer
 is a substring of the given one: "14" scores 0.5 for 4, and a sentence that echoes the question's numbers
 scores 0.01-0.05 for lcm(14, 14) = 14. On the untrained embedded model that was 27 of 64 sampled lcm answers
 and 28 of 64 gcd answers, and a quarter of lcm's prompt groups had a reward spread without a single right
-answer: GRPO trained on those as on a success (its advantages are scaled by the group's spread). So where
+answer (benchmarks/investigations/gym_substring_credit.py): GRPO trained on those as on a success (its
+advantages are scaled by the group's spread). So where
 the expected answer is a number and the task keeps that default verifier, `GymReward` scores 1 for the
 right answer and 0 otherwise (``number_substring_credit=True`` restores the verifier's partial credit). Tasks
 with their own ``score_answer`` keep its scores.
