@@ -177,12 +177,18 @@ def test_gym_runs_scored_with_substring_credit_are_reported_apart(tmp_path):
     assert report.constants(both) == {bits: (0.25, "3")}
     assert report.commands(both) == [
         ["--tasks", "addition", "--out", str(tmp_path / "split2-rerun.jsonl")],
-        ["--tasks", bits, "--out", "/x/exact.jsonl"],
+        ["--tasks", bits, "--out", str(second)],  # where the records are, not where they were written
     ]
     assert sorted(report.load(both, "lenient")[0]) == [(bits, "grpo", 0)]
     history = report.lenient_history(both)
     assert "count_bits" in history and "90.0" in history and "30.0" not in history
     assert report.lenient_history(str(second)) == ""
+    assert report.lenient_tasks(both) == [bits]
+    alone = report.readme_block(
+        report.summarise(*report.load(str(first))), lenient=report.lenient_tasks(str(first))
+    )
+    assert "Not yet measured with numbers scored right or wrong: count_bits" in alone
+    assert "Not yet measured" not in report.readme_block(report.summarise(*report.load(both)), lenient=[bits])
     with pytest.raises(SystemExit, match="substring credit"):
         learning.main(["--tasks", "addition", "--out", str(first)])
     assert len(first.read_text().splitlines()) == len(old)  # nothing written
