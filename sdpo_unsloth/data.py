@@ -182,21 +182,27 @@ def prompt_key(prompt: Any) -> str:
     return prompt if isinstance(prompt, str) else json.dumps(prompt, sort_keys=True, default=str)
 
 
-def _split(data: Dataset, n_eval: int, seed: int) -> tuple[list[dict[str, Any]], Dataset]:
+def _split(
+    data: Dataset, n_eval: int, seed: int, pool: Dataset | None = None
+) -> tuple[list[dict[str, Any]], Dataset]:
     """`n_eval` seeded-random rows with distinct questions for evaluation; the rest (in order) for training,
     without any row that asks a held-out question. Generated tasks repeat questions (reasoning-gym's small
     configurations do, often): a held-out question that is also trained on, with feedback naming its answer,
-    measures memory, not learning. Warns when fewer distinct questions than `n_eval` can be held out."""
-    if n_eval >= len(data):
+    measures memory, not learning. Warns when fewer distinct questions than `n_eval` can be held out.
+
+    `pool`: the rows the held-out ones are drawn from, when not `data` (a built-in task's shortest run: see
+    `resolve_inputs`); `data` still loses every row that asks one of them."""
+    pool = data if pool is None else pool
+    if n_eval >= len(pool):
         raise UsageError(
-            f"`eval_size` ({n_eval}) must be smaller than the dataset ({len(data)} rows); lower eval_size or use 0 "
+            f"`eval_size` ({n_eval}) must be smaller than the dataset ({len(pool)} rows); lower eval_size or use 0 "
             "to skip evaluation."
         )
     if not n_eval:
         return [], data
-    keys = [prompt_key(p) for p in data["prompt"]]
+    keys = [prompt_key(p) for p in pool["prompt"]]
     distinct = len(set(keys))
-    order = list(range(len(data)))
+    order = list(range(len(pool)))
     random.Random(seed).shuffle(order)
     # at most half the distinct questions are held out: the rest must stay for training
     wanted = min(n_eval, distinct // 2)
@@ -208,21 +214,22 @@ def _split(data: Dataset, n_eval: int, seed: int) -> tuple[list[dict[str, Any]],
         if keys[i] not in seen:
             seen.add(keys[i])
             held.append(i)
-    train = [i for i in range(len(data)) if keys[i] not in seen]
+    data_keys = keys if pool is data else [prompt_key(p) for p in data["prompt"]]
+    train = [i for i, key in enumerate(data_keys) if key not in seen]
     if not held or not train:
         raise UsageError(
-            f"the dataset has {distinct} distinct question(s) in {len(data)} rows: too few to hold {n_eval} out and "
+            f"the dataset has {distinct} distinct question(s) in {len(pool)} rows: too few to hold {n_eval} out and "
             "train on the others. Use a task configuration with more distinct questions, or eval_size=0."
         )
     if len(held) < n_eval:
         warnings.warn(
             f"only {len(held)} distinct questions are held out for evaluation (eval_size={n_eval}): the dataset has "
-            f"{distinct} distinct questions in {len(data)} rows, and half are kept for training. Held-out questions "
+            f"{distinct} distinct questions in {len(pool)} rows, and half are kept for training. Held-out questions "
             "never appear in training. Scores on few questions are noisy: use a task configuration with more "
             "distinct questions (e.g. a larger value range).",
             stacklevel=3,
         )
-    return [data[i] for i in held], data.select(train)
+    return [pool[i] for i in held], data.select(train)
 
 
 def _import_reward(spec: str) -> Any:
@@ -363,15 +370,12 @@ def resolve_inputs(
                 "rows). Drop them from one of the two, or let train() split eval_size rows off the dataset.",
                 stacklevel=2,
             )
-    elif task is not None and rows_needed > TASK_MIN_ROWS:
+    else:
         # A built-in task generates rows for the run's length; its held-out rows come from the rows of the
         # shortest run, so runs of any length (same seed) are scored on the same questions.
-        base, _ = _resolve_dataset(dataset, TASK_MIN_ROWS + requested_eval, seed)
-        eval_rows, _ = _split(base, eval_size if eval_size is not None else min(32, len(base) // 4), seed)
-        held = {prompt_key(row["prompt"]) for row in eval_rows}
-        train_data = data.select([i for i, p in enumerate(data["prompt"]) if prompt_key(p) not in held])
-    else:
-        eval_rows, train_data = _split(
-            data, eval_size if eval_size is not None else min(32, len(data) // 4), seed
-        )
+        pool = data
+        if task is not None and rows_needed > TASK_MIN_ROWS:
+            pool, _ = _resolve_dataset(dataset, TASK_MIN_ROWS + requested_eval, seed)
+        n_eval = eval_size if eval_size is not None else min(32, len(pool) // 4)
+        eval_rows, train_data = _split(data, n_eval, seed, pool=pool)
     return TrainInputs(task=task, train_data=train_data, eval_rows=eval_rows, reward_funcs=reward_funcs)
