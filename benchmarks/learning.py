@@ -513,12 +513,13 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if not args.report_only:
         s = settings(args)
-        if report.lenient_gym(report.records(args.out, "every")):
+        recorded = report.records(args.out, "every")
+        if report.lenient_gym(recorded):
             raise SystemExit(
                 f"{args.out} holds gym runs scored with the verifier's substring credit (GymReward now scores a "
                 "number as right or wrong): new runs are not comparable with them. Write them to a new file (--out)."
             )
-        if report.earlier_split(report.records(args.out, "every")):
+        if report.earlier_split(recorded):
             raise SystemExit(
                 f"{args.out} holds runs on the earlier held-out split, whose held-out gym questions were also in "
                 "the training rows (sdpo_unsloth.data._split now keeps them apart): new runs are not comparable "
