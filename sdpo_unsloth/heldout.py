@@ -111,6 +111,10 @@ def significant_drop(before: float, score: float, rows: int) -> bool:
     return before - score > max(MIN_DROP, noise)
 
 
+# batches with no group whose rewards differ before `advice` calls the task out of the model's reach
+NO_SIGNAL_BATCHES = 4
+
+
 def advice(sdpo: Any, zero_std: list[float]) -> str:
     """The setting that helps, from the SDPO config and TRL's `frac_reward_zero_std` values so far."""
     spread = [1.0 - float(v) for v in zero_std]
@@ -119,6 +123,14 @@ def advice(sdpo: Any, zero_std: list[float]) -> str:
     if not sdpo.enabled:
         return (
             "Lower learning_rate, or check the reward on a few completions (the task may reward a shortcut)."
+        )
+    if varied == 0 and len(spread) >= NO_SIGNAL_BATCHES:
+        return (
+            f"No prompt group had rewards that differ in {len(spread)} generation batches: no sample scored above "
+            "its siblings, so GRPO's term was zero and every update came from distilling the feedback. Where the "
+            "feedback names the answer and the model cannot work it out, the student learns the training "
+            "questions' answers, not the task. Plain GRPO (SDPOConfig(enabled=False)) would not have changed the "
+            "model: start from an easier version of the task or a larger model, so that some samples succeed."
         )
     if sdpo.grpo_weight == 0 and (varied is None or varied > 0):
         return (

@@ -19,7 +19,7 @@ STEPS = 4
 
 
 def monitored_run(
-    tmp_path, scores, sdpo=None, before=0.5, rows=32, completions=None, category=RegressionWarning
+    tmp_path, scores, sdpo=None, before=0.5, rows=32, completions=None, category=RegressionWarning, reward=None
 ):
     """Train STEPS tiny steps with a monitor every step whose evaluation returns `scores` (and puts
     `completions`, one list of (completion, score) per evaluation, into its `graded`) in turn; the messages of
@@ -38,7 +38,7 @@ def monitored_run(
         ),
         sdpo_config=sdpo or SDPOConfig(diagnostics_samples=0, warn_noop=False),
         processing_class=tokenizer,
-        reward_funcs=[EvenFirstChar()],
+        reward_funcs=[reward or EvenFirstChar()],
         train_dataset=Dataset.from_list(data),
     )
     queue = list(scores)
@@ -99,6 +99,30 @@ def test_the_advice_follows_the_configuration(tmp_path, mode, distils):
         and "grpo_weight=0" in messages[0]
         and "enabled=False" in messages[0]
     )
+
+
+@pytest.mark.parametrize(
+    "sdpo",
+    [
+        SDPOConfig(diagnostics_samples=0, warn_noop=False),  # pure SDPO
+        SDPOConfig(diagnostics_samples=0, warn_noop=False, grpo_weight=1.0, hybrid_mode="per_group"),
+    ],
+)
+def test_the_advice_when_no_sample_ever_succeeds(tmp_path, sdpo):
+    """Every sample fails (reward 0, with feedback): no group's rewards differ, so every update is distillation of
+    the feedback and GRPO would not have moved. The advice says so instead of naming a hybrid as the cure."""
+    _, monitor, _, messages = monitored_run(
+        tmp_path, [0.45, 0.45, 0.45], sdpo=sdpo, reward=EvenFirstChar(constant=0.0)
+    )
+    assert messages == []
+    with pytest.warns(RegressionWarning) as caught:
+        monitor.check(STEPS, 0.1)  # the final score, as train() passes it: 4 batches, none with a signal
+    messages = [str(w.message) for w in caught]
+    assert len(messages) == 1
+    assert "in 4 generation batches" in messages[0]
+    assert "No prompt group had rewards that differ" in messages[0]
+    assert "enabled=False" in messages[0] and "easier version of the task" in messages[0]
+    assert "still weighs on groups where GRPO has a signal" not in messages[0]
 
 
 @pytest.mark.parametrize(
