@@ -50,7 +50,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import learning_report as report  # noqa: E402
 from common import LEARNING_RUN, write_section  # noqa: E402
-from learning_tasks import PanelTask, constant_baseline, load_task, score, split_tasks, top_share  # noqa: E402
+from learning_tasks import (  # noqa: E402
+    PanelTask,
+    constant_baseline,
+    echo_share,
+    load_task,
+    score,
+    split_tasks,
+    top_share,
+)
 
 README = ROOT / "README.md"  # its panel table: write_section("panel-evidence", ..., doc=README)
 
@@ -228,6 +236,13 @@ def _load(s: dict, seed: int, teacher: bool):
     )
 
 
+def shares(task: PanelTask, graded: list) -> dict:
+    """An evaluation's `top_share` (the most common completion's share of the rows) and, for a task with answers,
+    `echo_share` (the rows answered with a number of their own question)."""
+    echo = echo_share(task, graded)
+    return {"top_share": top_share(graded), **({"echo_share": echo} if echo is not None else {})}
+
+
 def record_constant(task: PanelTask, out: str) -> None:
     """Append the task's constant-answer baseline to `out` unless it is there (no model: the task's reward alone)."""
     if report.constant_score(out, task.name) is None and (constant := constant_baseline(task)) is not None:
@@ -336,7 +351,7 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
     if before is None:
         graded: list = []
         acc = score(model, tokenizer, task, budget, graded)
-        emit(out, {**key, "kind": "eval", "step": 0, "acc": acc, "t": 0.0, "top_share": top_share(graded)})
+        emit(out, {**key, "kind": "eval", "step": 0, "acc": acc, "t": 0.0, **shares(task, graded)})
     else:
         emit(out, {**key, "kind": "eval", "step": 0, "acc": before, "t": 0.0, "reused": True})
     sdpo = (
@@ -395,7 +410,7 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
                 t = round(time.perf_counter() - t_train - eval_time[0], 1)
                 emit(
                     out,
-                    {**key, "kind": "eval", "step": step, "acc": acc, "t": t, "top_share": top_share(graded)},
+                    {**key, "kind": "eval", "step": step, "acc": acc, "t": t, **shares(task, graded)},
                 )
 
     trainer.add_callback(_Eval())
