@@ -136,10 +136,8 @@ def method_spec(method: str, s: dict) -> tuple[float, float | None, str, bool]:
         return lr_value, float(name[len("fg") :] or 1.0), "failed_groups", own
     if name.startswith("fail"):
         return lr_value, float(name[len("fail") :] or 1.0), "failures", own
-    if name.startswith("adv"):
-        return lr_value, float(name[len("adv") :] or 1.0), "by_advantage", own
     raise SystemExit(
-        f"unknown method {method!r}: use grpo, sdpo, hybridW, pgW, fgW, failW, advW, the experiments pgrare, spread and pgtrunc, optionally +self (SDPO methods) and @lr"
+        f"unknown method {method!r}: use grpo, sdpo, hybridW, pgW, fgW, failW, the experiments pgrare, spread and pgtrunc, optionally +self (SDPO methods) and @lr"
     )
 
 

@@ -21,7 +21,6 @@ COLORS = {
     "fg": "black",
     "pg-seqmean": "tab:gray",
     "fail": "tab:green",
-    "adv": "tab:brown",
     "pgrare": "tab:cyan",
     "spread": "tab:pink",
     "pgtrunc": "tab:olive",
@@ -46,7 +45,6 @@ NAMES = {  # method prefix -> what it is (learning.py's method_spec)
     "pgrare": "per-group, distil groups with < half successes",
     "pg": "per-group hybrid w={w}",
     "fg": "failed-groups hybrid w={w}",
-    "adv": "by-advantage hybrid w={w}",
     "spread": "per-group, GRPO share = the group's reward range",
     "pgtrunc": "per-group, truncated completions distilled only",
     "fail": "GRPO + SDPO on failures w={w}",
@@ -248,7 +246,7 @@ def family(method: str) -> str:
     name = knobs(method)[0].partition("@")[0].partition("+")[0]
     if name in ("pg-seqmean", "pgrare", "pgtrunc"):
         return name
-    return next((k for k in ("hybrid", "pg", "fg", "fail", "adv") if name.startswith(k)), name)
+    return next((k for k in ("hybrid", "pg", "fg", "fail") if name.startswith(k)), name)
 
 
 def label(method: str) -> str:

@@ -295,9 +295,8 @@ def train(
             in the other groups (docs/benchmarks.md, "learning-panel"); an `sdpo_config` you pass keeps its own.
         hybrid_mode: "per_group" (grpo_weight only in prompt groups whose rewards differ, pure distillation
             elsewhere; the default), "failed_groups" (the same, but a group that all succeeded is not distilled),
-            "failures" (GRPO on every sample, distillation on the failed ones), "by_advantage" (where a group's
-            rewards differ, GRPO on the samples above its mean and distillation on the others; equal groups as
-            per_group) or "fixed" (grpo_weight on every sample; the default with grpo_weight=0).
+            "failures" (GRPO on every sample, distillation on the failed ones) or "fixed" (grpo_weight on every
+            sample; the default with grpo_weight=0).
         lora_r: LoRA rank of the student.
         lora_alpha: LoRA alpha (default: lora_r).
         load_in_4bit: nf4 base weights; default True on a CUDA GPU, False on CPU (bitsandbytes' CPU

@@ -15,8 +15,8 @@ from typing import Any, Literal
 from .adapters import TEACHER_ADAPTER
 
 TeacherMode = Literal["ema", "frozen", "live", "trust_region"]
-HybridMode = Literal["fixed", "per_group", "failed_groups", "failures", "by_advantage"]
-HYBRID_MODES: tuple[str, ...] = ("fixed", "per_group", "failed_groups", "failures", "by_advantage")
+HybridMode = Literal["fixed", "per_group", "failed_groups", "failures"]
+HYBRID_MODES: tuple[str, ...] = ("fixed", "per_group", "failed_groups", "failures")
 GROUP_HYBRIDS: dict[str, tuple[str, str]] = {  # mode -> (its name in messages, where it distils)
     "per_group": ("per-group", "where a group's rewards are equal (all failed, or all succeeded)"),
     "failed_groups": ("failed-groups", "only in groups where every sample failed"),
@@ -164,11 +164,7 @@ class SDPOConfig:
             "per_group, but a group whose samples all succeeded gets no update (distilling a success towards a "
             "sibling's lowers what worked); only all-failed groups are distilled. failures: loss = w * L_GRPO "
             "on every sequence + L_SDPO on the failed ones only (reward below success_reward_threshold): a "
-            "success is reinforced by GRPO and not distilled, a failure gets both. by_advantage: one signal per sample: "
-            "in a group whose rewards differ, GRPO (weight w) on the samples above the group's mean reward and "
-            "distillation on the others (no negative advantage: a failure is pulled towards its teacher, which "
-            "sees a sibling's success, instead of pushed away from what it wrote); groups with equal rewards as "
-            "per_group. Needs grpo_weight > 0."
+            "success is reinforced by GRPO and not distilled, a failure gets both. Needs grpo_weight > 0."
         ),
     )
     sampled_token: bool = field(

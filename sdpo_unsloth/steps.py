@@ -24,10 +24,7 @@ def hybrid_weights(
     others (equal rewards give GRPO no signal); failed_groups: as per_group, except that a sample at or above
     `success_threshold` in a group of equal rewards (all succeeded) gets (0, 0), no update: distilling it
     towards a sibling's success lowers what worked; failures: w on every sample, distillation 1 on samples below
-    `success_threshold` and 0 on successes (they are reinforced by GRPO, not distilled); by_advantage: in a group whose
-    rewards differ, (w, 0) for a sample above the group's mean reward (positive advantage) and (0, 1) for the
-    others (at or below the mean, or not finite), so no sample is pushed down by a negative advantage; (0, 1)
-    in groups of equal rewards, as per_group.
+    `success_threshold` and 0 on successes (they are reinforced by GRPO, not distilled).
 
     >>> hybrid_weights([1.0, 0.0, 0.0, 0.0], 2, weight=0.9, mode="per_group")
     ([0.9, 0.9, 0.0, 0.0], [0.09999999999999998, 0.09999999999999998, 1.0, 1.0])
@@ -37,8 +34,6 @@ def hybrid_weights(
     ([0.5, 0.5], [0.5, 0.5])
     >>> hybrid_weights([1.0, 0.0, 0.0, 0.0], 2, weight=1.0, mode="failures")
     ([1.0, 1.0, 1.0, 1.0], [0.0, 1.0, 1.0, 1.0])
-    >>> hybrid_weights([1.0, 0.0, 0.0, 0.0, 0.5, 0.2, 0.2, 0.1], 4, weight=1.0, mode="by_advantage")
-    ([1.0, 0.0, 0.0, 0.0, 1.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 1.0, 1.0])
     """
     if mode == "failures":
         return [weight] * len(rewards), [0.0 if r >= success_threshold else 1.0 for r in rewards]
@@ -50,12 +45,6 @@ def hybrid_weights(
         group = rewards[start : start + group_size]
         scores = [r for r in group if math.isfinite(r)]
         differ = len(scores) > 1 and max(scores) > min(scores)
-        if mode == "by_advantage":
-            mean = sum(scores) / len(scores) if differ else math.inf
-            above = [math.isfinite(r) and r > mean for r in group]
-            grpo += [weight if a else 0.0 for a in above]
-            distill += [0.0 if a else 1.0 for a in above]
-            continue
         grpo += [weight if differ else 0.0] * len(group)
         if differ or mode != "failed_groups":
             distill += [1.0 - weight if differ else 1.0] * len(group)

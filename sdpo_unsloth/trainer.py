@@ -395,10 +395,7 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
         if mode == "train":
             self.sdpo_last_plans = (plans, rewards)
         active = [plan.active and length > 0 for plan, length in zip(plans, lengths, strict=True)]
-        if cfg.grpo_weight > 0 and cfg.hybrid_mode in (
-            "failures",
-            "by_advantage",
-        ):  # a sample not distilled: no teacher
+        if cfg.grpo_weight > 0 and cfg.hybrid_mode == "failures":  # a success is not distilled: no teacher
             active = [a and d > 0 for a, d in zip(active, distill_weights[start : start + n], strict=True)]
         pad_id = self._tokenizer.pad_token_id
         rows = []
@@ -634,8 +631,7 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
         "per_group" that in prompt groups whose rewards differ and (0, 1) in the others; "failed_groups" as
         "per_group" but (0, 0) for the successes of a group that all succeeded (they keep their teacher, so the
         normaliser is per_group's); "failures" (w, 1) for failed sequences and (w, 0) for successes, which then
-        have no teacher; "by_advantage" (w, 0) for sequences above their group's mean reward where the group's rewards
-        differ (no teacher) and (0, 1) for the others.
+        have no teacher.
 
         with n_teacher taken over the whole optimizer step (`_window_counts`), so any split into
         micro-batches gives the same update.

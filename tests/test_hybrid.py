@@ -145,18 +145,13 @@ def _one_sgd_step(tmp_path, weight, mode, reward, batch, lr, **sdpo):
     return trainer, model, student0, update, trainer._buffered_inputs[0]
 
 
-@pytest.mark.parametrize(
-    ("mode", "weight"),
-    [("per_group", 0.75), ("failures", 1.0), ("failures", 0.5), ("by_advantage", 1.0), ("by_advantage", 0.5)],
-)
+@pytest.mark.parametrize(("mode", "weight"), [("per_group", 0.75), ("failures", 1.0), ("failures", 0.5)])
 def test_hybrid_update_equals_a_hand_computation(tmp_path, mode, weight):
     """One SGD step through trainer.train(), the update equals -lr x grad of the hand-computed loss.
 
     per_group: the group with a reward spread gets w GRPO + (1 - w) SDPO, the all-failed group with feedback
     pure distillation. failures: every sample w GRPO; the success no distillation (and no teacher), every
-    failure SDPO as well (the all-failed group: GRPO's advantages are 0 there, so pure distillation).
-    by_advantage: the success (above its group's mean) w GRPO and no teacher, its failed siblings pure
-    distillation (no negative advantage), the all-failed group pure distillation."""
+    failure SDPO as well (the all-failed group: GRPO's advantages are 0 there, so pure distillation)."""
     lr = 1.0
     _, model, student0, update, inputs = _one_sgd_step(tmp_path, weight, mode, FirstOfFirstPrompt(), 8, lr)
 
@@ -172,11 +167,6 @@ def test_hybrid_update_equals_a_hand_computation(tmp_path, mode, weight):
     if mode == "per_group":
         expected_mix = [weight if row in spread[0] else 0.0 for row in range(8)]
         expected_distill = [1.0 - m for m in expected_mix]
-    elif mode == "by_advantage":
-        expected_mix = [weight if success[row] else 0.0 for row in range(8)]
-        expected_distill = [0.0 if success[row] else 1.0 for row in range(8)]
-        assert not any(inputs["sdpo_sample_mask"][r] for r in range(8) if success[r])  # no teacher for it
-        assert all(inputs["sdpo_sample_mask"][r] for r in range(8) if not success[r])  # its siblings have one
     else:
         expected_mix = [weight] * 8
         expected_distill = [0.0 if success[row] else 1.0 for row in range(8)]
