@@ -21,9 +21,9 @@ Methods: `grpo`, `sdpo`, `hybridW` (SDPOConfig(grpo_weight=W)), `pgW` (the same 
 W defaults to 1: GRPO in groups whose rewards differ, SDPO in the others), `fgW` (hybrid_mode="failed_groups":
 the same, but an all-successful group is not distilled), `failW` (hybrid_mode="failures", W
 defaults to 1: W x GRPO on every sample + SDPO on the failed ones); `grpo@LR` / `sdpo@LR` override lr;
-`sdpo+self` (any SDPO method) shows a success its own completion as the demonstration; `pgrare`, `spread`
-and `pgtrunc` are experiments on the per-group hybrid (rare_success_weights, spread_weights,
-truncated_rows_distilled), patched into the trainer for their own runs. A suffix `~alpha=A`, `~ema=R` (the
+`sdpo+self` (any SDPO method) shows a success its own completion as the demonstration; `pgrare`, `spread`,
+`pgtrunc` and `adv` are experiments on the per-group hybrid (rare_success_weights, spread_weights,
+truncated_rows_distilled, advantage_weights), patched into the trainer for their own runs. A suffix `~alpha=A`, `~ema=R` (the
 teacher's update rate) or `~topk=K|full` overrides that SDPO setting for the run (e.g. `pg~alpha=1`), and
 `~scale=group|batch|none` TRL's advantage scaling (GRPOConfig.scale_rewards).
 """
@@ -128,7 +128,12 @@ def method_spec(method: str, s: dict) -> tuple[float, float | None, str, bool]:
         return lr_value, 0.0, "fixed", own
     if name.startswith("hybrid"):
         return lr_value, float(name[len("hybrid") :] or 0.9), "fixed", own
-    if name in ("pgrare", "spread", "pgtrunc"):  # experiments on the per-group hybrid, patched in by run_one
+    if name in (
+        "pgrare",
+        "spread",
+        "pgtrunc",
+        "adv",
+    ):  # experiments on the per-group hybrid, patched in by run_one
         return lr_value, 1.0, "per_group", own
     if name.startswith("pg"):
         return lr_value, float(name[len("pg") :] or 1.0), "per_group", own
@@ -137,7 +142,7 @@ def method_spec(method: str, s: dict) -> tuple[float, float | None, str, bool]:
     if name.startswith("fail"):
         return lr_value, float(name[len("fail") :] or 1.0), "failures", own
     raise SystemExit(
-        f"unknown method {method!r}: use grpo, sdpo, hybridW, pgW, fgW, failW, the experiments pgrare, spread and pgtrunc, optionally +self (SDPO methods) and @lr"
+        f"unknown method {method!r}: use grpo, sdpo, hybridW, pgW, fgW, failW, the experiments pgrare, spread, pgtrunc and adv, optionally +self (SDPO methods) and @lr"
     )
 
 
@@ -191,7 +196,30 @@ def rare_success_weights(rewards, group_size, *, weight, mode, success_threshold
     return grpo, distill
 
 
-EXPERIMENTS = {"pgrare": rare_success_weights, "spread": spread_weights}  # family -> trainer.hybrid_weights
+def advantage_weights(rewards, group_size, *, weight, mode, success_threshold=1.0):
+    """Experiment `adv` (patched into the trainer for that run only): in a group whose rewards differ, GRPO on the
+    samples above the group's mean reward (w, 0) and distillation on the others (0, 1), so no sample is pushed
+    down by a negative advantage; groups of equal rewards (0, 1), as the per-group hybrid.
+
+    >>> advantage_weights([1.0, 0.0, 0.0, 0.0, 0.5, 0.5], 2, weight=1.0, mode="per_group")
+    ([1.0, 0.0, 0.0, 0.0, 0.0, 0.0], [0.0, 1.0, 1.0, 1.0, 1.0, 1.0])
+    """
+    grpo, distill = [], []
+    for start in range(0, len(rewards), group_size):
+        group = rewards[start : start + group_size]
+        scores = [r for r in group if math.isfinite(r)]
+        mean = sum(scores) / len(scores) if len(scores) > 1 and max(scores) > min(scores) else math.inf
+        above = [math.isfinite(r) and r > mean for r in group]
+        grpo += [weight if a else 0.0 for a in above]
+        distill += [0.0 if a else 1.0 for a in above]
+    return grpo, distill
+
+
+EXPERIMENTS = {
+    "pgrare": rare_success_weights,
+    "spread": spread_weights,
+    "adv": advantage_weights,
+}  # family -> trainer.hybrid_weights
 _ORIGINAL: dict = {}  # the trainer's own methods, restored for runs that are not an experiment
 
 

@@ -19,7 +19,14 @@ STEPS = 4
 
 
 def monitored_run(
-    tmp_path, scores, sdpo=None, before=0.5, rows=32, completions=None, category=RegressionWarning, reward=None
+    tmp_path,
+    scores,
+    sdpo=None,
+    before=0.5,
+    rows=32,
+    completions=None,
+    category=RegressionWarning,
+    reward=None,
 ):
     """Train STEPS tiny steps with a monitor every step whose evaluation returns `scores` (and puts
     `completions`, one list of (completion, score) per evaluation, into its `graded`) in turn; the messages of
