@@ -17,9 +17,21 @@ from .adapters import TEACHER_ADAPTER
 TeacherMode = Literal["ema", "frozen", "live", "trust_region"]
 HybridMode = Literal["fixed", "per_group", "failed_groups", "failures"]
 HYBRID_MODES: tuple[str, ...] = ("fixed", "per_group", "failed_groups", "failures")
-GROUP_HYBRIDS: dict[str, tuple[str, str]] = {  # mode -> (its name in messages, where it distils)
-    "per_group": ("per-group", "where a group's rewards are equal (all failed, or all succeeded)"),
-    "failed_groups": ("failed-groups", "only in groups where every sample failed"),
+HYBRIDS: dict[str, tuple[str, str]] = {  # mode -> (its name in messages, what it trains), at grpo_weight 1
+    "per_group": (
+        "per-group",
+        "TRL's GRPO loss where a group's rewards differ, distillation where a group's rewards are equal (all "
+        "failed, or all succeeded)",
+    ),
+    "failed_groups": (
+        "failed-groups",
+        "TRL's GRPO loss where a group's rewards differ, distillation only in groups where every sample failed",
+    ),
+    "failures": (
+        "GRPO + SDPO on failures",
+        "TRL's GRPO loss on every sample, and distillation on every failed sample, towards a teacher shown a "
+        "sibling's success or the feedback",
+    ),
 }
 TEACHER_MODES: tuple[str, ...] = ("ema", "frozen", "live", "trust_region")
 

@@ -10,7 +10,7 @@ evaluation as its before/after scores, logs `eval/heldout_score` (log history, `
 with b the starting score in [0, 1] and n the held-out rows (the binomial standard error of a score of n
 rows; the floor keeps it from vanishing near 0 and 1). The message names the setting that helps for the
 configuration that is training: pure SDPO on a task where some samples succeed gets train()'s default hybrid
-(`default_hybrid`: GRPO's signal where a group's rewards differ; see docs/benchmarks.md, "learning-panel"), a
+(`default_hybrid`: GRPO's signal wherever it has one; see docs/benchmarks.md, "learning-panel"), a
 hybrid gets a lower learning rate or pure GRPO.
 
 A score can also rise for the wrong reason: a student that gives one completion ("The answer is 2.") to every
@@ -36,7 +36,7 @@ from typing import Any
 
 from transformers import TrainerCallback
 
-from .config import GROUP_HYBRIDS
+from .config import HYBRIDS
 from .train_config import default_hybrid
 
 MIN_DROP = 0.05
@@ -137,18 +137,18 @@ def advice(sdpo: Any, zero_std: list[float]) -> str:
             f"Some samples succeed on this task{share}: there the teacher's view (the answer it was told) can teach "
             f"the student the feedback's wording instead of the task. Use {default_hybrid()}."
         )
-    if sdpo.grpo_weight < 1.0 or sdpo.hybrid_mode not in GROUP_HYBRIDS:
+    if sdpo.grpo_weight < 1.0 or sdpo.hybrid_mode not in HYBRIDS:
         return (
             f"The distillation term still weighs on groups where GRPO has a signal{share}: use {default_hybrid()}, "
             "or lower learning_rate."
         )
-    name, distils = GROUP_HYBRIDS[sdpo.hybrid_mode]
+    name, trains = HYBRIDS[sdpo.hybrid_mode]
     return (
-        f"This is the {name} hybrid (TRL's GRPO loss where a group's rewards differ, distillation {distils}). "
+        f"This is the {name} hybrid ({trains}). "
         "Lower learning_rate; or plain GRPO (SDPOConfig(enabled=False)); or pure SDPO "
         "(grpo_weight=0), which distils a group's success to its failed siblings instead of reinforcing it "
-        "(it led on the learning panel's lcm and lost on basic_arithmetic; check its completions for one "
-        "constant answer, docs/benchmarks.md)."
+        "(it led on the learning panel's lcm, where its students answer with one of the question's numbers, "
+        "and lost on basic_arithmetic; check its completions for one constant answer, docs/benchmarks.md)."
     )
 
 

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 
 from .bootstrap import bf16_supported
 from .checkpoints import checkpoint_damage, last_complete_checkpoint, previous_checkpoint
-from .config import GROUP_HYBRIDS, SDPOConfig
+from .config import HYBRIDS, SDPOConfig
 from .preconditions import UsageError, check_model_path, group_size_error
 
 if TYPE_CHECKING:
@@ -60,9 +60,9 @@ SDPO_DEFAULTS: dict[str, Any] = {"grpo_weight": 1.0, "hybrid_mode": "per_group"}
 def default_hybrid() -> str:
     """train()'s default hybrid, named with the settings that select it (SDPOConfig, train() and the CLI)."""
     weight, mode = SDPO_DEFAULTS["grpo_weight"], SDPO_DEFAULTS["hybrid_mode"]
-    name, distils = GROUP_HYBRIDS[mode]
+    name, trains = HYBRIDS[mode]
     return (
-        f"the {name} hybrid, train()'s default (GRPO where a group's rewards differ, distillation {distils}; "
+        f"the {name} hybrid, train()'s default ({trains}; "
         f"SDPOConfig(grpo_weight={weight}, hybrid_mode='{mode}'), train(..., grpo_weight={weight}, "
         f"hybrid_mode='{mode}'), CLI --grpo-weight {weight:g} --hybrid-mode {mode})"
     )

@@ -94,6 +94,7 @@ def test_a_score_within_noise_does_not_warn(tmp_path):
     [
         ("per_group", "where a group's rewards are equal"),
         ("failed_groups", "only in groups where every sample failed"),
+        ("failures", "on every failed sample"),
     ],
 )
 def test_the_advice_follows_the_configuration(tmp_path, mode, distils):
