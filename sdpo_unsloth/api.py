@@ -218,6 +218,17 @@ def _export_all(
 # ------------------------------------------------------------------------------------------ train
 
 
+def _question_text(row: Mapping[str, Any]) -> str:
+    """A row's question: its prompt's last user message (a chat prompt), or the prompt text."""
+    prompt = row.get("prompt", "")
+    if isinstance(prompt, str):
+        return prompt
+    users = [
+        str(m.get("content") or "") for m in prompt if isinstance(m, Mapping) and m.get("role") == "user"
+    ]
+    return users[-1] if users else ""
+
+
 def train(
     model: str = "embedded",
     dataset: Dataset | Sequence[Mapping[str, Any]] | str = "addition",
@@ -475,6 +486,7 @@ def train(
             before,
             len(inputs.eval_rows),
             every,
+            questions=[_question_text(row) for row in inputs.eval_rows],
         )
         trainer.add_callback(monitor)
     if not progress:  # with the bar off, the Trainer would print each log dict instead

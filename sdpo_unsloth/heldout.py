@@ -18,7 +18,10 @@ question scores the share of questions whose answer is that constant (53% on the
 count_bits split).
 When one completion is given to at least `SAME_SHARE` of the held-out rows and is scored right on some of them
 and wrong on others (so it does not depend on the question: a right answer to each would score alike),
-`ConstantAnswerWarning` says so, once, with the completion and the setting that helps.
+`ConstantAnswerWarning` says so, once, with the completion and the setting that helps. Likewise a student that
+answers with a number of the question itself (lcm of 14 and 7: 14) scores the share of questions whose answer is
+one of their numbers: when at least `ECHO_SHARE` of the rows end so, right on some and wrong on others,
+`EchoAnswerWarning` says so, once (`train()` passes each held-out row's question).
 
 An evaluation that fails (a reward that raises, e.g. an LLM judge's API returning 503) costs its score only:
 `guarded_score` warns (`EvaluationWarning`, naming the error) and records it, and training and the export go
@@ -29,6 +32,7 @@ a checkpoint carries them and a resumed run's monitor picks them up again.
 from __future__ import annotations
 
 import math
+import re
 import warnings
 from collections import Counter
 from collections.abc import Callable
@@ -48,6 +52,8 @@ BEFORE_KEY = "eval/heldout_before"  # the starting score, logged at step 0 (kept
 SCORE_KEY = "eval/heldout_score"  # a score during training
 
 SAME_SHARE = 0.5  # a constant: one completion for at least this share of the held-out rows
+ECHO_SHARE = 0.75  # an echo: at least this share of the rows answered with a number of their own question
+_NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
 MIN_ROWS = 8  # fewer rows say nothing about a constant
 
 
@@ -59,6 +65,11 @@ class EvaluationWarning(UserWarning):
     """A held-out evaluation failed: its score is missing, training and the export go on."""
 
 
+class EchoAnswerWarning(UserWarning):
+    """Most held-out answers are a number that the question itself states, right on some and wrong on others: the
+    student repeats the question instead of working the answer out."""
+
+
 class ConstantAnswerWarning(UserWarning):
     """One completion answers at least half the held-out questions, right on some and wrong on others: the
     student learned a constant, not the task."""
@@ -67,6 +78,30 @@ class ConstantAnswerWarning(UserWarning):
 def most_common_completion(graded: list[tuple[str, float | None]]) -> tuple[str, int]:
     """The completion (stripped) given to most rows of `graded` ((completion, score) per row), and to how many."""
     return Counter(t.strip() for t, _ in graded).most_common(1)[0]
+
+
+def echo_answers(graded: list[tuple[str, float | None]], questions: list[str]) -> tuple[int, int] | None:
+    """(rows, right ones) of the held-out rows whose completion ends on a number that their question states, when
+    they are at least `ECHO_SHARE` of the rows (of at least `MIN_ROWS`) and their scores differ; else None.
+    `graded`: (completion, score) per row; `questions`: each row's question text, in the same order.
+
+    >>> rows = [("LCM of 14 and 7?", "It is 14.", 1.0), ("LCM of 3 and 4?", "It is 4.", 0.0)] * 4
+    >>> echo_answers([(c, s) for _, c, s in rows], [q for q, _, _ in rows])
+    (8, 4)
+    >>> echo_answers([("It is 12.", 1.0)] * 8, ["LCM of 3 and 4?"] * 8) is None  # computed, not repeated
+    True
+    """
+    if len(graded) < MIN_ROWS or len(questions) != len(graded):
+        return None
+    scores = []
+    for (completion, score), question in zip(graded, questions, strict=True):
+        said = _NUMBER.findall(completion)
+        if said and float(said[-1]) in {float(n) for n in _NUMBER.findall(question)}:
+            scores.append(score)
+    known = [x for x in scores if x is not None]
+    if len(scores) < ECHO_SHARE * len(graded) or len(set(known)) < 2:
+        return None
+    return len(scores), sum(1 for x in known if x >= 1.0)
 
 
 def constant_completion(graded: list[tuple[str, float | None]]) -> tuple[str, int] | None:
@@ -202,7 +237,15 @@ class HeldOutMonitor(TrainerCallback):
     them (`before`, `scores`) at the start of training.
     """
 
-    def __init__(self, trainer: Any, evaluate: Any, before: float | None, rows: int, every: int):
+    def __init__(
+        self,
+        trainer: Any,
+        evaluate: Any,
+        before: float | None,
+        rows: int,
+        every: int,
+        questions: list[str] | None = None,
+    ):
         if every < 0:
             raise ValueError(f"eval_steps must be >= 0, got {every}")
         self.trainer = trainer
@@ -215,6 +258,8 @@ class HeldOutMonitor(TrainerCallback):
         self.warned = False
         # (step, completion, how many rows got it) of the first constant answer seen
         self.constant: tuple[int, str, int] | None = None
+        self.questions = questions  # each held-out row's question text, for `echo_answers`
+        self.echo: tuple[int, int, int] | None = None  # (step, rows, right ones) of the first echo seen
 
     def on_train_begin(self, args, state, control, **kwargs):
         if state.global_step == 0:  # a fresh run: keep the starting score with the run's history
@@ -250,6 +295,9 @@ class HeldOutMonitor(TrainerCallback):
         if graded and self.constant is None:
             found = warn_constant(graded, score, step, self.trainer.sdpo_config)
             self.constant = (step, *found) if found is not None else None
+        if graded and self.questions and self.echo is None and self.constant is None:
+            echoed = warn_echo(graded, self.questions, score, step)
+            self.echo = (step, *echoed) if echoed is not None else None
         if self.warned or self.before is None or not significant_drop(self.before, score, self.rows):
             return
         self.warned = True
@@ -263,6 +311,28 @@ class HeldOutMonitor(TrainerCallback):
             RegressionWarning,
             stacklevel=2,
         )
+
+
+def warn_echo(
+    graded: list[tuple[str, float | None]], questions: list[str], score: float, step: int
+) -> tuple[int, int] | None:
+    """Warn (`EchoAnswerWarning`) when `echo_answers` finds most held-out answers repeating their question's
+    numbers in an evaluation after `step` steps that scored `score`; returns (rows, right ones) or None."""
+    found = echo_answers(graded, questions)
+    if found is None:
+        return None
+    count, right = found
+    warnings.warn(
+        f"the student ends {count} of {len(graded)} held-out answers on a number that its own question states, "
+        f"after {step} steps (right on {right} of them): it repeats the question's numbers instead of working the "
+        f"answer out, and its held-out score ({score:.3f}) is largely the share of questions whose answer happens "
+        "to be one of them. On the learning panel's lcm every method ended this way (docs/benchmarks.md). Read a "
+        "few completions; give the reasoning room to finish (max_completion_length: a sample cut at the budget is "
+        "scored on the last number it mentioned), or start from an easier version of the task.",
+        EchoAnswerWarning,
+        stacklevel=3,
+    )
+    return found
 
 
 def warn_constant(

@@ -326,6 +326,34 @@ def test_train_warns_when_one_completion_answers_most_held_out_rows(
     assert seen == ([8, 8] if eval_steps is None else [8])  # halfway + final, or the final alone
 
 
+def test_train_warns_when_most_held_out_answers_repeat_their_question(tmp_path, tiny_model_dir, monkeypatch):
+    """train() hands each held-out row's question to the monitor: completions that end on a number of their own
+    question ("3+1=" -> "It is 3."), right on half the rows, warn once (EchoAnswerWarning), naming how many rows
+    and how many of them were right."""
+    import re
+
+    import sdpo_unsloth.api as api
+    from sdpo_unsloth.heldout import EchoAnswerWarning
+
+    real = api.evaluate_model
+
+    def echoed_texts(model, tokenizer, eval_rows, *args, graded=None, **kwargs):
+        score = real(model, tokenizer, eval_rows, *args, graded=graded, **kwargs)
+        if graded is not None:
+            firsts = [re.findall(r"\d+", row["prompt"][-1]["content"])[0] for row in eval_rows]
+            graded[:] = [(f"It is {first}.", float(i % 2)) for i, first in enumerate(firsts)]
+        return score
+
+    monkeypatch.setattr(api, "evaluate_model", echoed_texts)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(tiny_model_dir, rows(), HasDigit(), str(tmp_path / "run"), **{**TINY, "eval_size": 8})
+    echoes = [str(w.message) for w in caught if issubclass(w.category, EchoAnswerWarning)]
+    assert len(echoes) == 1
+    assert "ends 8 of 8 held-out answers on a number that its own question states" in echoes[0]
+    assert "right on 4 of them" in echoes[0]
+
+
 def test_a_failing_evaluation_costs_its_score_not_the_trained_student(tmp_path, tiny_model_dir):
     """An LLM judge that fails (503) in every evaluation after the first: the halfway score is skipped with a
     warning, the final one is None, and the adapter is exported all the same, with the errors recorded."""

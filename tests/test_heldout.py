@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -12,7 +13,13 @@ from test_trainer import grpo_args
 from test_watchdog import EOS, EvenFirstChar
 
 from sdpo_unsloth import SDPOConfig, SDPOTrainer
-from sdpo_unsloth.heldout import ConstantAnswerWarning, HeldOutMonitor, RegressionWarning, significant_drop
+from sdpo_unsloth.heldout import (
+    ConstantAnswerWarning,
+    EchoAnswerWarning,
+    HeldOutMonitor,
+    RegressionWarning,
+    significant_drop,
+)
 from sdpo_unsloth.train_config import SDPO_DEFAULTS
 
 STEPS = 4
@@ -27,6 +34,7 @@ def monitored_run(
     completions=None,
     category=RegressionWarning,
     reward=None,
+    questions=None,
 ):
     """Train STEPS tiny steps with a monitor every step whose evaluation returns `scores` (and puts
     `completions`, one list of (completion, score) per evaluation, into its `graded`) in turn; the messages of
@@ -58,7 +66,7 @@ def monitored_run(
             graded.extend(said.pop(0))
         return queue.pop(0)
 
-    monitor = HeldOutMonitor(trainer, evaluate, before, rows, every=1)
+    monitor = HeldOutMonitor(trainer, evaluate, before, rows, every=1, questions=questions)
     trainer.add_callback(monitor)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -197,3 +205,39 @@ def test_an_evaluation_timeout_says_the_run_goes_on():
     assert "training stopped" not in text and "exported anyway" in text
     assert errors[0]["step"] == 4 and errors[0]["evaluation"] == "final"
     assert errors[0]["error"].startswith("RewardTimeout: reward 'judge' did not return within 30 s")
+
+
+LCM = [(a, b) for a in range(2, 10) for b in (2, 3, 4, 5)]  # 32 questions
+
+
+@pytest.mark.parametrize(
+    ("said", "scored", "warns"),
+    [
+        (lambda a, b: a, lambda a, b: float(a % b == 0), True),  # the first number: right where b divides a
+        (
+            lambda a, b: a * b // math.gcd(a, b),
+            lambda a, b: 1.0,
+            False,
+        ),  # computed: not a number of the question
+        (lambda a, b: max(a, b), lambda a, b: 1.0, False),  # repeated but always right (it may be the task)
+    ],
+)
+def test_answers_that_repeat_the_question_warn_once(tmp_path, said, scored, warns):
+    """Inside the real loop: held-out answers that end on a number of their own question, right on some rows and
+    wrong on others, warn once (EchoAnswerWarning); computed answers, or repeated ones that are always right, do
+    not."""
+    questions = [f"Find the LCM of {a} and {b}." for a, b in LCM]
+    graded = [(f"The LCM is {said(a, b)}.", scored(a, b)) for a, b in LCM]
+    _, monitor, _, messages = monitored_run(
+        tmp_path, [0.3, 0.3, 0.3], completions=[graded] * 3, category=EchoAnswerWarning, questions=questions
+    )
+    assert len(messages) == int(warns)
+    if warns:
+        right = sum(1 for _, s in graded if s == 1.0)
+        assert monitor.echo == (1, 32, right)
+        assert (
+            f"ends 32 of 32 held-out answers on a number that its own question states, after 1 steps (right on {right} of them)"
+            in messages[0]
+        )
+    else:
+        assert monitor.echo is None
