@@ -16,7 +16,6 @@ on the training seed: every run of a task is scored on the same rows.
 from __future__ import annotations
 
 import functools
-import re
 import warnings
 from dataclasses import dataclass
 from typing import Any
@@ -62,9 +61,6 @@ def split_unchanged(name: str, held: int) -> bool:
     return (len(task.held), len(task.train)) == (held, rows - held)
 
 
-NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
-
-
 def score(
     model: Any, tokenizer: Any, task: PanelTask, max_new_tokens: int, graded: list | None = None
 ) -> float:
@@ -92,27 +88,29 @@ def top_share(graded: list[tuple[str, Any]]) -> float:
 
 
 def echo_share(task: PanelTask, graded: list[tuple[str, Any]]) -> float | None:
-    """The share of the held-out rows whose completion ends on a number that its question states (the last number,
-    as `GymReward` reads an answer without a tag): a student that learned to repeat the question's numbers
-    (lcm of 14 and 7: 14) scores that share's right ones. None for rows without an `answer` column.
+    """The share of the held-out rows whose completion ends on a number that its question states
+    (`sdpo_unsloth.heldout.repeats_question`, the check of `EchoAnswerWarning`). None for rows without an
+    `answer` column.
 
     >>> rows = [{"prompt": [{"role": "user", "content": f"LCM of {a} and {b}?"}], "answer": "0"} for a, b in [(14, 7), (3, 4)]]
     >>> echo_share(PanelTask("t", rows, [], None), [("It is 14.", 1.0), ("3 and 4 give 12.", 1.0)])
     0.5
     """
+    from sdpo_unsloth.heldout import repeats_question
+
     rows = task.held
     if not rows or "answer" not in rows[0] or len(graded) != len(rows):
         return None
-    echoes = 0
-    for row, (completion, _) in zip(rows, graded, strict=True):
-        said = NUMBER.findall(str(completion))
-        echoes += bool(said) and float(said[-1]) in question_numbers(row)
+    echoes = sum(
+        repeats_question(str(completion), question_text(row))
+        for row, (completion, _) in zip(rows, graded, strict=True)
+    )
     return echoes / len(rows)
 
 
-def question_numbers(row: dict) -> list[float]:
-    """The numbers in a row's last prompt message."""
-    return [float(n) for n in NUMBER.findall(str(row["prompt"][-1]["content"]))]
+def question_text(row: dict) -> str:
+    """A row's last prompt message."""
+    return str(row["prompt"][-1]["content"])
 
 
 def constant_baseline(task: PanelTask) -> tuple[float, str] | None:

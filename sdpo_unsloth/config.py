@@ -28,7 +28,7 @@ HYBRIDS: dict[str, tuple[str, str]] = {  # mode -> (its name in messages, what i
         "TRL's GRPO loss where a group's rewards differ, distillation only in groups where every sample failed",
     ),
     "failures": (
-        "GRPO + SDPO on failures",
+        "failures",
         "TRL's GRPO loss on every sample, and distillation on every failed sample, towards a teacher shown a "
         "sibling's success or the feedback",
     ),

@@ -80,6 +80,25 @@ def most_common_completion(graded: list[tuple[str, float | None]]) -> tuple[str,
     return Counter(t.strip() for t, _ in graded).most_common(1)[0]
 
 
+def question_numbers(text: str) -> set[float]:
+    """The numbers a text states.
+
+    >>> sorted(question_numbers("LCM of 14 and -7.5?"))
+    [-7.5, 14.0]
+    """
+    return {float(n) for n in _NUMBER.findall(text)}
+
+
+def repeats_question(completion: str, question: str) -> bool:
+    """Whether `completion` ends on a number (its last) that `question` states.
+
+    >>> repeats_question("So the LCM is 14.", "LCM of 14 and 7?"), repeats_question("It is 28.", "LCM of 14 and 4?")
+    (True, False)
+    """
+    said = _NUMBER.findall(completion)
+    return bool(said) and float(said[-1]) in question_numbers(question)
+
+
 def echo_answers(graded: list[tuple[str, float | None]], questions: list[str]) -> tuple[int, int] | None:
     """(rows, right ones) of the held-out rows whose completion ends on a number that their question states, when
     they are at least `ECHO_SHARE` of the rows (of at least `MIN_ROWS`) and their scores differ; else None.
@@ -93,11 +112,11 @@ def echo_answers(graded: list[tuple[str, float | None]], questions: list[str]) -
     """
     if len(graded) < MIN_ROWS or len(questions) != len(graded):
         return None
-    scores = []
-    for (completion, score), question in zip(graded, questions, strict=True):
-        said = _NUMBER.findall(completion)
-        if said and float(said[-1]) in {float(n) for n in _NUMBER.findall(question)}:
-            scores.append(score)
+    scores = [
+        score
+        for (completion, score), question in zip(graded, questions, strict=True)
+        if repeats_question(completion, question)
+    ]
     known = [x for x in scores if x is not None]
     if len(scores) < ECHO_SHARE * len(graded) or len(set(known)) < 2:
         return None

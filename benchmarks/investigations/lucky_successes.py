@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -32,7 +31,9 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SDPO_UNSLOTH_BACKEND", "transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: learning_tasks
 
-NUMBER = re.compile(r"-?\d+(?:\.\d+)?")
+from learning_tasks import question_text
+
+from sdpo_unsloth.heldout import question_numbers as heldout_numbers
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -47,12 +48,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def question(row: dict) -> str:
-    return str(row["prompt"][-1]["content"])
-
-
 def question_numbers(row: dict) -> list[float]:
-    return [float(n) for n in NUMBER.findall(question(row))]
+    return sorted(heldout_numbers(question_text(row)))
 
 
 def is_echo(row: dict) -> bool:
@@ -117,7 +114,7 @@ def analyse(model, tokenizer, name: str, args: argparse.Namespace) -> dict:
         "largest_number": round(largest_number_score(task.held), 3),
         "examples": [
             {
-                "question": question(sampled[i])[-60:],
+                "question": question_text(sampled[i])[-60:],
                 "answer": columns["answer"][i],
                 "cut": cut[i],
                 "completion": texts[i][-160:],
