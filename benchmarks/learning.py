@@ -593,8 +593,8 @@ def main(argv: list[str] | None = None) -> int:
             curves,
             summary,
             PLOT,
-            f"GRPO (blue), SDPO (red), per-group hybrid (orange: train()'s default), failed-groups hybrid (black), "
-            "GRPO + SDPO on failures (green)\n"
+            f"GRPO (blue), SDPO (red), per-group hybrid (orange), failed-groups hybrid (black), "
+            f"GRPO + SDPO on failures (green); train()'s default: {report.HYBRID_NAMES[report.default_method()]}\n"
             f"SmolLM2-135M-Instruct, CPU, {m['max_steps']} steps, "
             f"{m['max_completion_length']}-token budget (thin: per seed, thick: mean)",
         )

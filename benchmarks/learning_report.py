@@ -35,10 +35,11 @@ PANEL = (
     "fg.jsonl",
     "fail.jsonl",
     "exact.jsonl",
+    "exact2.jsonl",
 )
 """The panel's records in docs/panel/: the README's table and docs/benchmarks.md are `--report-only` of all of them
-(panel.jsonl is on the earlier split, the others on the distinct one; exact.jsonl holds the gym runs scored with a
-number right or wrong, the others' gym runs had the verifier's substring credit: see `records`)."""
+(panel.jsonl is on the earlier split, the others on the distinct one; exact.jsonl and exact2.jsonl hold the gym runs
+scored with a number right or wrong, the others' gym runs had the verifier's substring credit: see `records`)."""
 ORDER = {"grpo": 0, "sdpo": 1, "fail": 2}
 NAMES = {  # method prefix -> what it is (learning.py's method_spec)
     "hybrid": "hybrid fixed w={w}",
@@ -324,11 +325,28 @@ def _mean_after(row: dict, seeds: list[int]) -> float:
     return statistics.mean(row["per_seed"][k][1] for k in seeds)
 
 
-def default_vs_baselines(rows: list[dict], default: str = "pg") -> dict | None:
-    """The kit default (`default`) against GRPO and pure SDPO on the seeds all three have run, or None.
+HYBRID_METHODS = {
+    "per_group": "pg",
+    "failed_groups": "fg",
+    "failures": "fail",
+}  # hybrid_mode -> method prefix
+HYBRID_NAMES = {"pg": "per-group hybrid", "fg": "failed-groups hybrid", "fail": "GRPO + SDPO on failures"}
+
+
+def default_method() -> str:
+    """The panel method that is `train()`'s default hybrid (`SDPO_DEFAULTS`): "pg", "fg" or "fail"."""
+    from sdpo_unsloth.train_config import SDPO_DEFAULTS
+
+    return HYBRID_METHODS[SDPO_DEFAULTS["hybrid_mode"]]
+
+
+def default_vs_baselines(rows: list[dict], default: str | None = None) -> dict | None:
+    """The kit default (`default`, else `default_method()`) against GRPO and pure SDPO on the seeds all three have
+    run, or None.
 
     The target (issue: SDPO that never loses to GRPO): the default's mean >= GRPO's, and >= pure SDPO's where
     pure SDPO's mean is above GRPO's."""
+    default = default or default_method()
     by = {r["method"]: r for r in rows}
     if not all(m in by for m in ("grpo", "sdpo", default)):
         return None
@@ -347,9 +365,10 @@ def default_vs_baselines(rows: list[dict], default: str = "pg") -> dict | None:
     }
 
 
-def verdicts(summary: dict[str, list[dict]], default: str = "pg") -> list[str]:
-    """One line per task: SDPO's mean after training against GRPO's, and the kit default (`default`) against
-    both (each on the seeds the runs have in common)."""
+def verdicts(summary: dict[str, list[dict]], default: str | None = None) -> list[str]:
+    """One line per task: SDPO's mean after training against GRPO's, and the kit default (`default`, else
+    `default_method()`) against both (each on the seeds the runs have in common)."""
+    default = default or default_method()
     lines = []
     for task, rows in summary.items():
         by = {r["method"]: r for r in rows}
@@ -377,15 +396,22 @@ def verdicts(summary: dict[str, list[dict]], default: str = "pg") -> list[str]:
 
 def readme_block(
     summary: dict[str, list[dict]],
-    default: str = "pg",
+    default: str | None = None,
     constants: dict[str, tuple[float, str]] | None = None,
     lenient: list[str] | None = None,
 ) -> str:
     """The README's panel table and verdict, generated from the same records as docs/benchmarks.md; with
     `constants` ({task: (score, answer)}) a column of the best constant answer's score; `lenient`: the gym tasks
     measured only with the verifier's substring credit (`lenient_gym`), named below the table."""
-    columns = (("grpo", "GRPO"), ("sdpo", "pure SDPO"), (default, "per-group hybrid (`train()`'s default)"))
-    options = [("fg", "failed-groups hybrid (option)")]  # a column once some task has its runs
+    default = default or default_method()
+    columns = (
+        ("grpo", "GRPO"),
+        ("sdpo", "pure SDPO"),
+        (default, f"{HYBRID_NAMES[default]} (`train()`'s default)"),
+    )
+    options = [
+        (m, f"{name} (option)") for m, name in HYBRID_NAMES.items() if m != default
+    ]  # once it has runs
     columns += tuple(
         c for c in options if any(r["method"] == c[0] for rows in summary.values() for r in rows)
     )
