@@ -67,7 +67,8 @@ def test_the_benchmarks_panel_section_tables_every_panel_run_and_the_earlier_spl
 
 
 def test_the_panel_method_the_readme_calls_the_default_is_train_s_default():
-    """`readme_block` labels the panel's `pg` runs "`train()`'s default": that is `SDPO_DEFAULTS`."""
+    """`readme_block` labels the runs of `learning_report.default_method()` "`train()`'s default" (its `default`
+    argument left out): that method is `SDPO_DEFAULTS`."""
     import inspect
     import sys
 
@@ -77,7 +78,8 @@ def test_the_panel_method_the_readme_calls_the_default_is_train_s_default():
 
     from sdpo_unsloth.train_config import SDPO_DEFAULTS
 
-    default = inspect.signature(learning_report.readme_block).parameters["default"].default
+    assert inspect.signature(learning_report.readme_block).parameters["default"].default is None
+    default = learning_report.default_method()
     _, grpo_weight, hybrid_mode, own_success = learning.method_spec(default, {"learning_rate": 5e-4})
     assert {"grpo_weight": grpo_weight, "hybrid_mode": hybrid_mode} == SDPO_DEFAULTS and not own_success
 
