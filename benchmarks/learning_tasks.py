@@ -113,6 +113,33 @@ def question_text(row: dict) -> str:
     return str(row["prompt"][-1]["content"])
 
 
+def sample_completions(
+    model: Any, tokenizer: Any, rows: list[dict], n: int, max_new_tokens: int, temperature: float
+) -> tuple[list[str], list[bool]]:
+    """`n` sampled completions per row, in row order (the panel's generation: chat template, left padding), and
+    whether each ran to `max_new_tokens` without ending (cut at the budget)."""
+    import torch
+
+    texts_in = [
+        tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in rows
+    ]
+    tokenizer.padding_side = "left"
+    batch = tokenizer(texts_in, return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model.generate(
+            **batch,
+            do_sample=True,
+            temperature=temperature,
+            max_new_tokens=max_new_tokens,
+            num_return_sequences=n,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    generated = out[:, batch["input_ids"].shape[1] :]
+    ends = {tokenizer.eos_token_id, tokenizer.pad_token_id}
+    cut = [not any(int(t) in ends for t in row) for row in generated]
+    return tokenizer.batch_decode(generated, skip_special_tokens=True), cut
+
+
 def constant_baseline(task: PanelTask) -> tuple[float, str] | None:
     """The best held-out score of one fixed completion, "The answer is X." for every row, over the held-out
     answers X, scored by the task's own reward: what a student that ignores the question can reach.

@@ -45,29 +45,14 @@ def groups_of(scores: list[float], size: int) -> list[list[float]]:
 
 
 def analyse(model, tokenizer, name: str, args: argparse.Namespace) -> dict:
-    import torch
-    from learning_tasks import load_task
+    from learning_tasks import load_task, sample_completions
 
     from sdpo_unsloth.tasks.gym import GymReward
 
     task = load_task(name, 32)
     rows = task.train[: args.prompts]
     n = args.generations
-    texts_in = [
-        tokenizer.apply_chat_template(r["prompt"], tokenize=False, add_generation_prompt=True) for r in rows
-    ]
-    tokenizer.padding_side = "left"
-    batch = tokenizer(texts_in, return_tensors="pt", padding=True)
-    with torch.no_grad():
-        out = model.generate(
-            **batch,
-            do_sample=True,
-            temperature=args.temperature,
-            max_new_tokens=args.max_completion_length,
-            num_return_sequences=n,
-            pad_token_id=tokenizer.pad_token_id,
-        )
-    texts = tokenizer.batch_decode(out[:, batch["input_ids"].shape[1] :], skip_special_tokens=True)
+    texts, _ = sample_completions(model, tokenizer, rows, n, args.max_completion_length, args.temperature)
     columns = {k: [r[k] for r in rows for _ in range(n)] for k in rows[0] if k != "prompt"}
     prompts = [r["prompt"] for r in rows for _ in range(n)]
     lenient = GymReward(number_substring_credit=True)(prompts=prompts, completions=texts, **columns)
