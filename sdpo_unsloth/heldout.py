@@ -345,7 +345,7 @@ def warn_echo(
         f"the student ends {count} of {len(graded)} held-out answers on a number that its own question states, "
         f"after {step} steps (right on {right} of them): it repeats the question's numbers instead of working the "
         f"answer out, and its held-out score ({score:.3f}) is largely the share of questions whose answer happens "
-        "to be one of them. On the learning panel's lcm every method ended this way (docs/benchmarks.md). Read a "
+        "to be one of them. On the learning panel's lcm GRPO and pure SDPO both ended this way (docs/benchmarks.md). Read a "
         "few completions; give the reasoning room to finish (max_completion_length: a sample cut at the budget is "
         "scored on the last number it mentioned), or start from an easier version of the task.",
         EchoAnswerWarning,
