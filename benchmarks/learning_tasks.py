@@ -97,20 +97,16 @@ def echo_share(task: PanelTask, graded: list[tuple[str, Any]]) -> float | None:
     0.5
     """
     from sdpo_unsloth.heldout import repeats_question
+    from sdpo_unsloth.rewards.protocol import question_text
 
     rows = task.held
     if not rows or "answer" not in rows[0] or len(graded) != len(rows):
         return None
     echoes = sum(
-        repeats_question(str(completion), question_text(row))
+        repeats_question(str(completion), question_text(row["prompt"]))
         for row, (completion, _) in zip(rows, graded, strict=True)
     )
     return echoes / len(rows)
-
-
-def question_text(row: dict) -> str:
-    """A row's last prompt message."""
-    return str(row["prompt"][-1]["content"])
 
 
 def sample_completions(

@@ -31,7 +31,7 @@ from .data import BUILTIN_TASKS, TASK_MIN_ROWS, TrainInputs, _is_task, resolve_i
 from .evaluate import evaluate_model
 from .preconditions import UsageError, check_prompt_lengths, check_tokenizer, check_writable
 from .report import _jsonable, _plot_rewards, _use_compact_progress
-from .rewards.protocol import RewardError, checked_reward
+from .rewards.protocol import RewardError, checked_reward, question_text
 from .train_config import (
     CHECKPOINT_SUBDIR,
     DEFAULTS,
@@ -216,17 +216,6 @@ def _export_all(
 
 
 # ------------------------------------------------------------------------------------------ train
-
-
-def _question_text(row: Mapping[str, Any]) -> str:
-    """A row's question: its prompt's last user message (a chat prompt), or the prompt text."""
-    prompt = row.get("prompt", "")
-    if isinstance(prompt, str):
-        return prompt
-    users = [
-        str(m.get("content") or "") for m in prompt if isinstance(m, Mapping) and m.get("role") == "user"
-    ]
-    return users[-1] if users else ""
 
 
 def train(
@@ -486,7 +475,7 @@ def train(
             before,
             len(inputs.eval_rows),
             every,
-            questions=[_question_text(row) for row in inputs.eval_rows],
+            questions=[question_text(row["prompt"]) for row in inputs.eval_rows],
         )
         trainer.add_callback(monitor)
     if not progress:  # with the bar off, the Trainer would print each log dict instead

@@ -31,9 +31,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("SDPO_UNSLOTH_BACKEND", "transformers")
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: learning_tasks
 
-from learning_tasks import question_text
-
 from sdpo_unsloth.heldout import question_numbers as heldout_numbers
+from sdpo_unsloth.rewards.protocol import question_text
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
@@ -49,7 +48,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def question_numbers(row: dict) -> list[float]:
-    return sorted(heldout_numbers(question_text(row)))
+    return sorted(heldout_numbers(question_text(row["prompt"])))
 
 
 def is_echo(row: dict) -> bool:
@@ -96,7 +95,7 @@ def analyse(model, tokenizer, name: str, args: argparse.Namespace) -> dict:
         "largest_number": round(largest_number_score(task.held), 3),
         "examples": [
             {
-                "question": question_text(sampled[i])[-60:],
+                "question": question_text(sampled[i]["prompt"])[-60:],
                 "answer": columns["answer"][i],
                 "cut": cut[i],
                 "completion": texts[i][-160:],

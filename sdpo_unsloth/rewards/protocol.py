@@ -70,6 +70,18 @@ class NoSignalWarning(UserWarning):
     """A reward scored none of a call's completions (None for each): they give no training signal."""
 
 
+def question_text(prompt: str | Sequence[Mapping[str, Any]]) -> str:
+    """The question of a prompt: a string, or the last user message of a chat prompt ("" if it has none).
+
+    >>> question_text([{"role": "system", "content": "Add."}, {"role": "user", "content": "2+3="}])
+    '2+3='
+    """
+    if isinstance(prompt, str):
+        return prompt
+    users = [str(m.get("content") or "") for m in prompt if m.get("role") == "user"]
+    return users[-1] if users else ""
+
+
 def completion_text(completion: str | Sequence[Mapping[str, Any]]) -> str:
     """The text of a completion: a string, or the assistant contents of a chat message list.
 

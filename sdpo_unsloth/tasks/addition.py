@@ -24,7 +24,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any
 
-from ..rewards.protocol import completion_text
+from ..rewards.protocol import completion_text, question_text
 
 if TYPE_CHECKING:
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -150,7 +150,7 @@ def addition_dataset(
         raise ValueError(f"`n` must be >= 0, got {n}")
     low = 0 if min_digits == 1 else 10 ** (min_digits - 1)
     high = 10**digits - 1
-    taken = {_user_text(row["prompt"]) for row in exclude}
+    taken = {question_text(row["prompt"]) for row in exclude}
     taken |= {_question(x, y, question_template) for x, y in examples}  # never ask a worked example
     available = (high - low + 1) ** 2 - len(taken)
     if n > available:
@@ -170,13 +170,6 @@ def addition_dataset(
         prompt.append({"role": "user", "content": question})
         rows.append({"prompt": prompt, "answer": str(a + b)})
     return rows
-
-
-def _user_text(prompt: Sequence[dict[str, str]] | str) -> str:
-    if isinstance(prompt, str):
-        return prompt
-    users = [m["content"] for m in prompt if m.get("role") == "user"]
-    return users[-1] if users else ""
 
 
 def answer_mark(completion: str, row: dict[str, Any]) -> float:
