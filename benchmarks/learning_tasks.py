@@ -109,6 +109,23 @@ def echo_share(task: PanelTask, graded: list[tuple[str, Any]]) -> float | None:
     return echoes / len(rows)
 
 
+def print_for_each_task(analyse: Any, args: Any) -> int:
+    """For each task of `args.tasks`, print `analyse(model, tokenizer, task name, args)` as a JSON line: the
+    untrained embedded model in eval mode, torch seeded with `args.seed` (the investigation scripts' main)."""
+    import json
+
+    import torch
+
+    from sdpo_unsloth.embedded import load_embedded
+
+    torch.manual_seed(args.seed)
+    model, tokenizer = load_embedded()
+    model.eval()
+    for name in split_tasks(args.tasks):
+        print(json.dumps(analyse(model, tokenizer, name, args), ensure_ascii=False), flush=True)
+    return 0
+
+
 def sample_completions(
     model: Any, tokenizer: Any, rows: list[dict], n: int, max_new_tokens: int, temperature: float
 ) -> tuple[list[str], list[bool]]:

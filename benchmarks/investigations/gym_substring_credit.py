@@ -17,7 +17,6 @@ spread, so such a group trains as if it had a success), then a few of the credit
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from pathlib import Path
@@ -76,18 +75,9 @@ def analyse(model, tokenizer, name: str, args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = parse_args(argv)
-    import torch
-    from learning_tasks import split_tasks
+    from learning_tasks import print_for_each_task
 
-    from sdpo_unsloth.embedded import load_embedded
-
-    torch.manual_seed(args.seed)
-    model, tokenizer = load_embedded()
-    model.eval()
-    for name in split_tasks(args.tasks):
-        print(json.dumps(analyse(model, tokenizer, name, args), ensure_ascii=False), flush=True)
-    return 0
+    return print_for_each_task(analyse, parse_args(argv))
 
 
 if __name__ == "__main__":
