@@ -599,6 +599,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{m['max_completion_length']}-token budget (thin: per seed, thick: mean)",
         )
         notes = Path(args.notes).read_text() if args.notes else ""
+        lenient = report.lenient_summary(args.out)  # the substring-credit runs: their section and README note
         starts = report.starts(args.start) if args.start else []
         screens = report.commands(args.start) if args.start else []
         runs = [*screens, *report.commands(args.out), sys.argv[1:] if argv is None else list(argv)]
@@ -616,13 +617,13 @@ def main(argv: list[str] | None = None) -> int:
                 command,
                 report.shares_table(args.out),
                 report.history(args.out),
-                report.lenient_history(args.out),
+                report.lenient_history(args.out, lenient),
             ),
         )
         write_section(
             "panel-evidence",
             report.readme_block(
-                summary, constants=report.constants(args.out), lenient=report.lenient_tasks(args.out)
+                summary, constants=report.constants(args.out), lenient=report.lenient_tasks(args.out, lenient)
             ),
             doc=README,
         )

@@ -546,15 +546,22 @@ def history(out: str | Path) -> str:
     return "\n\n".join(parts)
 
 
-def lenient_tasks(out: str | Path) -> list[str]:
-    """The gym tasks with finished runs scored with substring credit in the distinct-split files of `out`."""
-    return list(summarise(*load(out, "lenient")))
+def lenient_summary(out: str | Path) -> dict[str, list[dict]]:
+    """`summarise` of the gym runs scored with substring credit in the distinct-split files of `out`."""
+    return summarise(*load(out, "lenient"))
 
 
-def lenient_history(out: str | Path) -> str:
+def lenient_tasks(out: str | Path, summary: dict[str, list[dict]] | None = None) -> list[str]:
+    """The gym tasks with finished runs scored with substring credit in the distinct-split files of `out`
+    (`summary`: their `lenient_summary`, when already made)."""
+    return list(lenient_summary(out) if summary is None else summary)
+
+
+def lenient_history(out: str | Path, summary: dict[str, list[dict]] | None = None) -> str:
     """Markdown: the gym runs of the distinct-split files in `out` scored with substring credit (`lenient_gym`), as
-    recorded (table, verdicts and final completions), or "" if there are none."""
-    summary = summarise(*load(out, "lenient"))
+    recorded (table, verdicts and final completions), or "" if there are none (`summary`: their
+    `lenient_summary`, when already made)."""
+    summary = lenient_summary(out) if summary is None else summary
     if not summary:
         return ""
     return (
