@@ -115,7 +115,8 @@ def method_spec(method: str, s: dict) -> tuple[float, float | None, str, bool]:
 
     `NAME+self` shows a successful sample its own completion as the demonstration
     (`dont_reprompt_on_self_success=False`); `NAME@LR` overrides the learning rate; `~alpha=A`, `~ema=R`,
-    `~topk=K|full` override an SDPO setting, `~scale=group|batch|none` GRPOConfig.scale_rewards (`settings_of`)."""
+    `~topk=K|full` override an SDPO setting, `~scale=group|batch|none` GRPOConfig.scale_rewards, `~reveal=0` keeps
+    the expected answer out of a gym task's feedback (GymReward.reveal_answer) (`settings_of`)."""
     name, _, lr = report.knobs(method)[0].partition("@")
     lr_value = float(lr) if lr else s["learning_rate"]
     name, plus, flag = name.partition("+")
@@ -153,6 +154,9 @@ def settings_of(method: str, s: dict) -> dict:
         setting = report.KNOBS[name]
         if setting == "scale_rewards":
             s[setting] = value
+            continue
+        if setting == "reveal_answer":
+            s[setting] = value not in ("0", "false", "no")
             continue
         s[setting] = (
             None if value == "full" else int(value) if setting == "distillation_topk" else float(value)
@@ -366,10 +370,17 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
         "teacher_update_rate": s["teacher_update_rate"],
         **({"distillation_topk": s["distillation_topk"]} if "~topk=" in method else {}),
         **({"scale_rewards": s["scale_rewards"]} if "~scale=" in method else {}),
+        **({"reveal_answer": s["reveal_answer"]} if "~reveal=" in method else {}),
         "split": "distinct",  # held-out questions kept out of training (earlier runs: no key)
         **gym_scoring(task.name),
     }
     t0 = time.perf_counter()
+    if "reveal_answer" in s:
+        if not hasattr(task.reward, "reveal_answer"):
+            raise SystemExit(
+                f"~reveal= needs a reasoning-gym task (GymReward); {task.name} has {task.reward!r}"
+            )
+        task.reward.reveal_answer = s["reveal_answer"]
     model, tokenizer = _load(s, seed, teacher=not grpo)
     budget = s["max_completion_length"]
     record_constant(task, out)

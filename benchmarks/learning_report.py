@@ -229,6 +229,7 @@ KNOBS = {
     "ema": "teacher_update_rate",
     "topk": "distillation_topk",
     "scale": "scale_rewards",  # GRPOConfig: TRL's advantage scaling (group, batch, none)
+    "reveal": "reveal_answer",  # GymReward: 0 = feedback without the expected answer
 }  # `~name=value` -> setting
 
 

@@ -230,3 +230,28 @@ def test_the_held_out_rows_of_a_built_in_task_do_not_depend_on_the_run_length(ta
     held = {prompt_key(r["prompt"]) for r in long.eval_rows}
     trained = [prompt_key(p) for p in long.train_data["prompt"]]
     assert len(trained) > len(short.train_data) and not held & set(trained)
+
+
+def test_gym_reward_can_keep_the_answer_out_of_its_feedback():
+    rows = gym_dataset("basic_arithmetic", 1, seed=0, config={"max_terms": 2, "max_digits": 1})
+    expected = rows[0]["answer"]
+    wrong = str(int(expected) + 1)
+    kwargs = dict(
+        prompts=[rows[0]["prompt"]] * 3,
+        completions=[f"The answer is {wrong}.", "", f"The answer is {expected}."],
+        **columns(rows * 3),
+    )
+    told = GymReward()
+    scores = told(**kwargs)
+    assert scores == [0.0, 0.0, 1.0]
+    assert told.last_feedback[:2] == [
+        f"Wrong. The answer is {expected}, not {wrong}.",
+        f"Wrong. The answer is {expected}; the reply gave no answer.",
+    ]
+    hidden = GymReward(reveal_answer=False)
+    assert hidden(**kwargs) == scores
+    assert hidden.last_feedback == [
+        f"Wrong: {wrong} is not the answer.",
+        "Wrong: the reply gave no answer.",
+        "",
+    ]

@@ -18,7 +18,8 @@ The reward tries, in order: the last ``<answer>...</answer>`` tag (only that one
 the last number (when the expected answer is a number), the last line (trailing period dropped) and
 the raw text, and keeps the best verifier score (a typographic minus, U+2212, reads as ``-``). Feedback
 on a miss names the expected and the given answer ("Wrong. The answer is 7, not 5.") plus the
-verifier's partial score when it gave one.
+verifier's partial score when it gave one; ``reveal_answer=False`` leaves the expected answer out ("Wrong:
+5 is not the answer."), so the teacher learns only that the attempt failed.
 
 Numbers are right or wrong. reasoning-gym's default verifier (``ProceduralDataset.score_answer``, kept by
 a third of its tasks, lcm and gcd among them) gives ``len(expected) / len(answer)`` when the expected answer
@@ -228,11 +229,17 @@ class GymReward:
 
     __name__ = "gym_verifier"
 
-    def __init__(self, max_feedback_chars: int = 400, number_substring_credit: bool = False):
+    def __init__(
+        self,
+        max_feedback_chars: int = 400,
+        number_substring_credit: bool = False,
+        reveal_answer: bool = True,
+    ):
         if max_feedback_chars < 40:
             raise ValueError(f"`max_feedback_chars` must be >= 40, got {max_feedback_chars}")
         self.max_feedback_chars = max_feedback_chars
         self.number_substring_credit = number_substring_credit
+        self.reveal_answer = reveal_answer
         self.last_feedback: list[str] = []
 
     def __call__(self, prompts: Sequence[Any], completions: Sequence[Any], **columns: Any) -> list[float]:
@@ -264,11 +271,14 @@ class GymReward:
         return scores
 
     def _feedback(self, expected: str, given: str, score: float) -> str:
-        answer = _shown(expected, self.max_feedback_chars // 2)
-        if not given:
-            note = f"Wrong. The answer is {answer}; the reply gave no answer."
+        shown = _shown(given, 80)
+        if not self.reveal_answer:
+            note = f"Wrong: {shown} is not the answer." if given else "Wrong: the reply gave no answer."
         else:
-            note = f"Wrong. The answer is {answer}, not {_shown(given, 80)}."
+            answer = _shown(expected, self.max_feedback_chars // 2)
+            note = f"Wrong. The answer is {answer}" + (
+                f", not {shown}." if given else "; the reply gave no answer."
+            )
         if score > 0:
             note += f" The task's verifier gave it {score:.2f} of 1 (it wants exactly the answer)."
         return note[: self.max_feedback_chars]
