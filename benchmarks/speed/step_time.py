@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tests"))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # benchmarks/: the shared `common` module
 from common import ADDITION_PROMPTS, STEP_TIME_RUN, AlwaysWrong, HalfGroupsSucceed
 
+import sdpo_unsloth.trainer
 from sdpo_unsloth.train_config import SDPO_DEFAULTS
 
 
@@ -65,12 +66,15 @@ def build(model_name: str):
     return load_embedded()
 
 
-METHODS = {  # name -> SDPOConfig kwargs (+ the trainer's share_teacher_prompts, default True)
+METHODS = {  # name -> SDPOConfig kwargs (+ the run's share_teacher_prompts and trim_teacher_prompts, default True)
     "GRPO": {"enabled": False},
     "SDPO": {},
     "SDPO, teacher prompt per row": {"share_teacher_prompts": False},  # before the shared teacher prompt
     "per-group hybrid": SDPO_DEFAULTS,  # train()'s default
+    # before the teacher forward dropped the columns that are padding in every row it runs
+    "per-group hybrid, untrimmed teacher prompt": {**SDPO_DEFAULTS, "trim_teacher_prompts": False},
 }
+TRIM = sdpo_unsloth.trainer._trim_left_padding
 MIXES = {"worst case": AlwaysWrong, "half the groups succeed": HalfGroupsSucceed}
 
 
@@ -82,6 +86,10 @@ def run(model_name: str, sdpo: dict, reward: object, steps: int, completion: int
 
     sdpo = dict(sdpo)
     share = sdpo.pop("share_teacher_prompts", True)
+    trim = sdpo.pop("trim_teacher_prompts", True)
+    # The untrimmed variant restores the earlier behaviour for its own run: every teacher row padded to the
+    # generation batch's longest teacher prompt.
+    sdpo_unsloth.trainer._trim_left_padding = TRIM if trim else (lambda ids, mask: (ids, mask))
     torch.manual_seed(0)
     model, tokenizer = build(model_name)
     rows = ADDITION_PROMPTS
@@ -124,7 +132,8 @@ def main() -> None:
             f"| {args.model}, {mix} | {args.completion} | {args.steps} | {g:.3f} s | {median['SDPO']:.3f} s "
             f"| **{median['SDPO'] / g:.2f}x** | {median['SDPO, teacher prompt per row'] / g:.2f}x "
             f"| {median['per-group hybrid']:.3f} s "
-            f"| **{median['per-group hybrid'] / g:.2f}x** |"
+            f"| **{median['per-group hybrid'] / g:.2f}x** "
+            f"| {median['per-group hybrid, untrimmed teacher prompt'] / g:.2f}x |"
         )
         print(rows[-1], flush=True)
     if args.write:
@@ -146,9 +155,13 @@ def main() -> None:
             "(`share_teacher_prompts = False`, the behaviour before rows that share a reprompt ran it once), "
             "in the same run. Both mixes give every failed sibling the same reprompt (feedback that names the "
             "answer, or the same demonstration): the best case for sharing; per-sample feedback (the code "
-            "task's) shares nothing. Target (issue: fast where users wait): worst case <= 1.15x on CPU.\n\n"
+            "task's) shares nothing. *Hybrid, untrimmed*: the per-group hybrid with its teacher rows padded to the "
+            "generation batch's longest teacher prompt (the behaviour before the teacher forward dropped the columns "
+            "that are padding in every row it runs; in the half-success mix the longest is a demonstration row that "
+            "distils nothing), in the same run. Target (issue: fast where users wait): worst case <= 1.15x on CPU.\n\n"
             "| model, reward mix | completion tokens | steps | GRPO step | SDPO step | SDPO / GRPO "
-            "| prompt per row / GRPO | per-group hybrid step | hybrid / GRPO |\n|---|---|---|---|---|---|---|---|---|"
+            "| prompt per row / GRPO | per-group hybrid step | hybrid / GRPO | hybrid, untrimmed / GRPO |\n"
+            "|---|---|---|---|---|---|---|---|---|---|"
         )
         for row in rows:
             write_section("step-time", header + "\n" + row, append_row=row)
