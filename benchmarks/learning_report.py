@@ -356,7 +356,10 @@ def default_vs_baselines(rows: list[dict], default: str | None = None) -> dict |
         return None
     dm, gm, sm = (_mean_after(by[m], seeds) for m in (default, "grpo", "sdpo"))
     needs_sdpo = sm > gm
+    binding = "sdpo" if needs_sdpo else "grpo"
     return {
+        "binding": binding,  # the baseline the target compares the default with on this task
+        "per_seed_gap": [by[default]["per_seed"][k][1] - by[binding]["per_seed"][k][1] for k in seeds],
         "seeds": seeds,
         "default": dm,
         "grpo": gm,
@@ -442,9 +445,11 @@ def readme_block(
             met.append(short_name(task))
         else:
             short = "GRPO" if v["default"] < v["grpo"] - 1e-9 else "pure SDPO"
+            gaps = "/".join(f"{100 * d:+.1f}" for d in v["per_seed_gap"])
             missed.append(
                 f"{short_name(task)} ({pct(v['default'])} vs GRPO {pct(v['grpo'])}, pure SDPO {pct(v['sdpo'])}: "
-                f"below {short}; seeds {','.join(map(str, v['seeds']))})"
+                f"below {short}; seeds {','.join(map(str, v['seeds']))}, the default minus "
+                f"{'pure SDPO' if v['binding'] == 'sdpo' else 'GRPO'} per seed {gaps} points)"
             )
     lines += [
         "",

@@ -101,6 +101,23 @@ def test_summary_reports_every_seed_mean_spread_and_where_sdpo_is_below(tmp_path
     assert "**60.0** ± 10.0" in table
 
 
+def test_the_readme_verdict_names_each_seeds_gap_to_the_baseline_the_target_binds(tmp_path):
+    records = (
+        _records("code", "grpo", [0.5, 0.6])
+        + _records("code", "sdpo", [0.7, 0.8])
+        + _records("code", report.default_method(), [0.6, 0.85])
+        + _records("addition", "grpo", [0.5, 0.5])
+        + _records("addition", "sdpo", [0.25, 0.25])
+        + _records("addition", report.default_method(), [0.25, 0.75])
+    )
+    out = tmp_path / "runs.jsonl"
+    out.write_text("".join(json.dumps(r) + "\n" for r in records))
+    block = report.readme_block(report.summarise(*report.load(out)))
+    # code: pure SDPO beat GRPO, so it binds (0.6 - 0.7, 0.85 - 0.8); addition: met (0.5 >= GRPO's 0.5)
+    assert "the default minus pure SDPO per seed -10.0/+5.0 points" in block
+    assert "Met on addition" in block
+
+
 def test_split_unchanged_tells_which_earlier_split_runs_still_hold_out_what_train_holds_out():
     """Runs recorded before held-out questions were kept out of training count only for tasks whose split did not
     change: addition (100 distinct problems) and code (40 distinct tasks) yes; count_bits up to 16 (16 distinct
