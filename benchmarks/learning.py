@@ -116,7 +116,8 @@ def method_spec(method: str, s: dict) -> tuple[float, float | None, str, bool]:
     `NAME+self` shows a successful sample its own completion as the demonstration
     (`dont_reprompt_on_self_success=False`); `NAME@LR` overrides the learning rate; `~alpha=A`, `~ema=R`,
     `~topk=K|full` override an SDPO setting, `~scale=group|batch|none` GRPOConfig.scale_rewards, `~reveal=0` keeps
-    the expected answer out of a gym task's feedback (GymReward.reveal_answer) (`settings_of`)."""
+    the expected answer out of a gym task's feedback (GymReward.reveal_answer), `~teacher=M` SDPOConfig.teacher_mode
+    (`settings_of`)."""
     name, _, lr = report.knobs(method)[0].partition("@")
     lr_value = float(lr) if lr else s["learning_rate"]
     name, plus, flag = name.partition("+")
@@ -148,11 +149,11 @@ def method_spec(method: str, s: dict) -> tuple[float, float | None, str, bool]:
 
 
 def settings_of(method: str, s: dict) -> dict:
-    """The panel settings `s` with the method's `~name=value` overrides (alpha, ema, topk) applied."""
+    """The panel settings `s` with the method's `~name=value` overrides (`report.KNOBS`) applied."""
     s = dict(s)
     for name, value in report.knobs(method)[1].items():
         setting = report.KNOBS[name]
-        if setting == "scale_rewards":
+        if setting in ("scale_rewards", "teacher_mode"):
             s[setting] = value
             continue
         if setting == "reveal_answer":
@@ -371,6 +372,7 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
         **({"distillation_topk": s["distillation_topk"]} if "~topk=" in method else {}),
         **({"scale_rewards": s["scale_rewards"]} if "~scale=" in method else {}),
         **({"reveal_answer": s["reveal_answer"]} if "~reveal=" in method else {}),
+        **({"teacher_mode": s["teacher_mode"]} if "~teacher=" in method else {}),
         "split": "distinct",  # held-out questions kept out of training (earlier runs: no key)
         **gym_scoring(task.name),
     }

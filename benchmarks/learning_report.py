@@ -230,6 +230,7 @@ KNOBS = {
     "topk": "distillation_topk",
     "scale": "scale_rewards",  # GRPOConfig: TRL's advantage scaling (group, batch, none)
     "reveal": "reveal_answer",  # GymReward: 0 = feedback without the expected answer
+    "teacher": "teacher_mode",  # SDPOConfig.teacher_mode: ema (default), frozen, live, trust_region
 }  # `~name=value` -> setting
 
 
