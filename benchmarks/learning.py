@@ -116,8 +116,8 @@ def method_spec(method: str, s: dict) -> tuple[float, float | None, str, bool]:
     `NAME+self` shows a successful sample its own completion as the demonstration
     (`dont_reprompt_on_self_success=False`); `NAME@LR` overrides the learning rate; `~alpha=A`, `~ema=R`,
     `~topk=K|full` override an SDPO setting, `~scale=group|batch|none` GRPOConfig.scale_rewards, `~reveal=0` keeps
-    the expected answer out of a gym task's feedback (GymReward.reveal_answer), `~teacher=M` SDPOConfig.teacher_mode
-    (`settings_of`)."""
+    the expected answer out of a gym task's feedback (GymReward.reveal_answer), `~teacher=M` SDPOConfig.teacher_mode,
+    `~sampled=1` SDPOConfig.sampled_token (`settings_of`)."""
     name, _, lr = report.knobs(method)[0].partition("@")
     lr_value = float(lr) if lr else s["learning_rate"]
     name, plus, flag = name.partition("+")
@@ -156,7 +156,7 @@ def settings_of(method: str, s: dict) -> dict:
         if setting in ("scale_rewards", "teacher_mode"):
             s[setting] = value
             continue
-        if setting == "reveal_answer":
+        if setting in ("reveal_answer", "sampled_token"):
             s[setting] = value not in ("0", "false", "no")
             continue
         s[setting] = (
@@ -373,6 +373,7 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
         **({"scale_rewards": s["scale_rewards"]} if "~scale=" in method else {}),
         **({"reveal_answer": s["reveal_answer"]} if "~reveal=" in method else {}),
         **({"teacher_mode": s["teacher_mode"]} if "~teacher=" in method else {}),
+        **({"sampled_token": s["sampled_token"]} if "~sampled=" in method else {}),
         "split": "distinct",  # held-out questions kept out of training (earlier runs: no key)
         **gym_scoring(task.name),
     }
@@ -404,6 +405,7 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
             grpo_weight=grpo_weight,
             hybrid_mode=hybrid_mode,
             dont_reprompt_on_self_success=not own_success,
+            sampled_token=s.get("sampled_token", False),
         )
     )
     args = GRPOConfig(

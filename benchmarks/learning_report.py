@@ -231,6 +231,7 @@ KNOBS = {
     "scale": "scale_rewards",  # GRPOConfig: TRL's advantage scaling (group, batch, none)
     "reveal": "reveal_answer",  # GymReward: 0 = feedback without the expected answer
     "teacher": "teacher_mode",  # SDPOConfig.teacher_mode: ema (default), frozen, live, trust_region
+    "sampled": "sampled_token",  # SDPOConfig.sampled_token: 1 = distil only the sampled token's log-ratio
 }  # `~name=value` -> setting
 
 
