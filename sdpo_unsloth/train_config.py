@@ -50,11 +50,11 @@ DEFAULTS: dict[str, Any] = {
 # Kit defaults for SDPO's own knobs, used when no `sdpo_config` is passed (an SDPOConfig you pass is taken as
 # is: its defaults are the seed's pure SDPO). The per-group hybrid trains with TRL's GRPO loss in prompt groups
 # whose rewards differ and with SDPO's distillation in the others (all failed with feedback, or all succeeded): on
-# the learning panel (3 seeds, held-out questions never trained on, gym numbers scored right or wrong) its mean was
-# at or above GRPO's, and pure SDPO's where that beat GRPO, on addition, code, basic_arithmetic and gcd, and below
-# on lcm (29.2% vs GRPO 30.2, pure SDPO 39.6: every method's student repeats the question's numbers there) and
-# count_bits (2.1% vs GRPO 6.2; nothing learns there); "failures" missed one task more (gcd), and no option
-# measured beat it across the tasks (docs/benchmarks.md, "learning-panel").
+# the learning panel (3-5 seeds, held-out questions never trained on, gym numbers scored right or wrong) its mean
+# was at or above GRPO's, and pure SDPO's where that beat GRPO, on addition, code, basic_arithmetic and gcd, and
+# below on lcm (below both; every method's student repeats the question's numbers there) and count_bits (below
+# GRPO; nothing learns there); "failures" missed one task more (gcd), and no option measured beat it across the
+# tasks (the figures: README's panel table and docs/benchmarks.md, "learning-panel", generated from the records).
 SDPO_DEFAULTS: dict[str, Any] = {"grpo_weight": 1.0, "hybrid_mode": "per_group"}
 
 
