@@ -369,11 +369,9 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
         "temperature": s["temperature"],
         "sdpo_alpha": s["alpha"],
         "teacher_update_rate": s["teacher_update_rate"],
-        **({"distillation_topk": s["distillation_topk"]} if "~topk=" in method else {}),
-        **({"scale_rewards": s["scale_rewards"]} if "~scale=" in method else {}),
-        **({"reveal_answer": s["reveal_answer"]} if "~reveal=" in method else {}),
-        **({"teacher_mode": s["teacher_mode"]} if "~teacher=" in method else {}),
-        **({"sampled_token": s["sampled_token"]} if "~sampled=" in method else {}),
+        **{  # the other overrides, under their setting's name (alpha and ema: the two keys above)
+            report.KNOBS[k]: s[report.KNOBS[k]] for k in report.knobs(method)[1] if k not in ("alpha", "ema")
+        },
         "split": "distinct",  # held-out questions kept out of training (earlier runs: no key)
         **gym_scoring(task.name),
     }
