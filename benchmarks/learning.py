@@ -117,7 +117,7 @@ def method_spec(method: str, s: dict) -> tuple[float, float | None, str, bool]:
     (`dont_reprompt_on_self_success=False`); `NAME@LR` overrides the learning rate; `~alpha=A`, `~ema=R`,
     `~topk=K|full` override an SDPO setting, `~scale=group|batch|none` GRPOConfig.scale_rewards, `~reveal=0` keeps
     the expected answer out of a gym task's feedback (GymReward.reveal_answer), `~teacher=M` SDPOConfig.teacher_mode,
-    `~sampled=1` SDPOConfig.sampled_token (`settings_of`)."""
+    `~sampled=1` SDPOConfig.sampled_token, `~beta=B` GRPOConfig.beta (`settings_of`)."""
     name, _, lr = report.knobs(method)[0].partition("@")
     lr_value = float(lr) if lr else s["learning_rate"]
     name, plus, flag = name.partition("+")
@@ -423,6 +423,7 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
         save_strategy="no",
         **LEARNING_RUN,
         **({"scale_rewards": s["scale_rewards"]} if "scale_rewards" in s else {}),
+        **({"beta": s["beta"]} if "beta" in s else {}),
         seed=seed,
         data_seed=seed,
     )

@@ -235,6 +235,7 @@ KNOBS = {
     "reveal": "reveal_answer",  # GymReward: 0 = feedback without the expected answer
     "teacher": "teacher_mode",  # SDPOConfig.teacher_mode: ema (default), frozen, live, trust_region
     "sampled": "sampled_token",  # SDPOConfig.sampled_token: 1 = distil only the sampled token's log-ratio
+    "beta": "beta",  # GRPOConfig.beta: TRL's KL penalty to the initial policy (SDPO adds it in its own loss)
 }  # `~name=value` -> setting
 
 

@@ -125,6 +125,8 @@ class StepStats:
             means.append("sdpo/is_clip_frac")
         if not cfg.sampled_token:
             means.append("sdpo/teacher_student_kl")
+        if self.reference_kl_beta > 0:
+            means.append("kl")  # TRL's name for the mean KL to the reference
         return tuple(means), ("sdpo/grpo_loss",) if cfg.grpo_weight > 0 else ()
 
     def _add_stat(self, name: str, total: float, count: float = 0.0) -> None:

@@ -28,7 +28,14 @@ from transformers import DynamicCache  # noqa: E402
 from transformers.cache_utils import DynamicLayer  # noqa: E402
 
 from . import loss as sdpo_loss  # noqa: E402
-from .adapters import adapter_scope, checkpointing_off, dropout_off  # noqa: E402
+from .adapters import (  # noqa: E402
+    STUDENT_ADAPTER,
+    adapter_is_initial,
+    adapter_scope,
+    add_teacher_adapter,
+    checkpointing_off,
+    dropout_off,
+)
 from .budget import TimeBudget  # noqa: E402
 from .checkpoints import AtomicCheckpoints, GenerationBuffer, step_end_random  # noqa: E402
 from .config import SDPOConfig  # noqa: E402
@@ -43,6 +50,7 @@ from .teacher_state import TeacherState, _prepare_model, _TeacherCallback  # noq
 _UNSET = object()
 # loss types whose normalisation the hybrid's GRPO term reproduces (`SDPOTrainer._grpo_term`)
 HYBRID_LOSS_TYPES = ("dapo", "grpo", "bnpo", "dr_grpo")
+REFERENCE_ADAPTER = "sdpo_reference"  # the KL anchor's frozen copy of an adapter trained before SDPO
 
 
 GRPO_ONLY_OPTIONS = (
@@ -90,6 +98,15 @@ def _warn_unused_grpo_options(args: Any) -> None:
         )
 
 
+def _reference_adapter(model: Any) -> str | None:
+    """The KL anchor's policy (GRPOConfig.beta): the student as it starts. A fresh LoRA adds nothing, so the base
+    with adapters disabled is that policy (None); an adapter trained before gets a frozen copy, as TRL's "ref"."""
+    if adapter_is_initial(model, STUDENT_ADAPTER):
+        return None
+    add_teacher_adapter(model, REFERENCE_ADAPTER)
+    return REFERENCE_ADAPTER
+
+
 class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
     sdpo_config: SDPOConfig
     # One input kind for the compiled decoder blocks from the first step on (see `_completion_hidden`).
@@ -111,12 +128,17 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
             sdpo_config = SDPOConfig()
         if not isinstance(sdpo_config, SDPOConfig):
             raise TypeError(f"`sdpo_config` must be an SDPOConfig, got {type(sdpo_config).__name__}.")
-        if sdpo_config.enabled and args is not None and getattr(args, "beta", 0.0):
+        # GRPOConfig.beta: SDPO's loss adds TRL's KL term itself (`_sdpo_loss`), against the initial policy scored
+        # in the loss, so TRL (or unsloth) is shown beta 0 and neither loads a reference model nor scores one.
+        beta = float(getattr(args, "beta", 0.0) or 0.0) if sdpo_config.enabled and args is not None else 0.0
+        if beta and getattr(args, "loss_type", "dapo") not in HYBRID_LOSS_TYPES:
             raise ValueError(
-                f"`beta` (GRPOConfig) must be 0 with SDPO, got {args.beta}: the SDPO loss has no reference-model "
-                "KL term, so beta would only load a reference model and be ignored. Set beta=0.0, or "
-                "SDPOConfig(enabled=False) for plain GRPO with a KL term."
+                f"GRPOConfig.beta={beta} with loss_type={args.loss_type!r}: SDPO's KL term is normalised as TRL's "
+                f"loss_type {', '.join(HYBRID_LOSS_TYPES)}. Use one of those, or beta=0.0."
             )
+        if beta < 0:
+            raise ValueError(f"GRPOConfig.beta must be >= 0 (the KL penalty's weight), got {beta}.")
+        self.reference_kl_beta = beta
         if sdpo_config.enabled and args is not None:
             entropy = {
                 "entropy_coef": (getattr(args, "entropy_coef", 0.0), 0.0),
@@ -172,7 +194,14 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
         self._warned_reprompt_budget = False
         check_trainer_inputs(args, kwargs.get("train_dataset"), kwargs.get("processing_class"))
         model, self._teacher_adapter = _prepare_model(model, sdpo_config, peft_config)
-        super().__init__(model=model, reward_funcs=self._checked_rewards, args=args, **kwargs)
+        self._reference_adapter = _reference_adapter(model) if beta else None
+        if beta:
+            args.beta = 0.0  # restored below: the user's config keeps its value
+        try:
+            super().__init__(model=model, reward_funcs=self._checked_rewards, args=args, **kwargs)
+        finally:
+            if beta:
+                args.beta = beta
         if self.args.fp16:
             # TRL casts QLoRA adapters to bf16; fp16 AMP (a T4) cannot unscale bf16 gradients: keep them fp32.
             for param in self.model.parameters():
@@ -644,9 +673,11 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
         mask = completion_mask if "tool_mask" not in inputs else completion_mask * inputs["tool_mask"]
         has_teacher = inputs["sdpo_sample_mask"] > 0  # [B]
         hybrid = cfg.grpo_weight > 0
+        beta = self.reference_kl_beta
+        dense = hybrid or beta > 0  # every row with a completion token has a loss, a teacher or not
         if hybrid:  # a sequence weighted 1 on GRPO distils nothing: no teacher forward for it
             has_teacher = has_teacher & (inputs["sdpo_distill_weight"] > 0)
-        rows = (mask.sum(dim=1) > 0) & (True if hybrid else has_teacher)  # [B]
+        rows = (mask.sum(dim=1) > 0) & (True if dense else has_teacher)  # [B]
         n_teacher = self._window_counts(inputs)
         if not rows.any():
             self._end_micro_batch(mode)
@@ -660,7 +691,7 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
         ids = torch.cat([inputs["prompt_ids"][rows], completion_ids[rows]], dim=1)
         attention = torch.cat([inputs["prompt_mask"][rows], completion_mask[rows]], dim=1)
         student_hidden = self._completion_hidden(peft_model, ids, attention, length)  # [B_r, L, H]
-        if hybrid:  # rows without a teacher score against themselves: zero divergence and gradient
+        if dense:  # rows without a teacher score against themselves: zero divergence and gradient
             full = student_hidden.detach().clone()
             if teacher_hidden is not None:
                 full[teacher_rows] = teacher_hidden.to(full.dtype)
@@ -721,6 +752,25 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
             grpo_grid = scatter(-torch.minimum(ratio * advantages, clipped * advantages) * rollout)
             loss = loss + self._grpo_term(grpo_grid * mix, row_mask, inputs)
             self._add_stat("sdpo/grpo_loss", float(self._grpo_term(grpo_grid.detach(), row_mask, inputs)))
+        if (
+            beta > 0
+        ):  # TRL's KL penalty: beta x k3(p, p_ref) on every completion token, normalised as GRPO's loss
+            with torch.no_grad(), dropout_off(peft_model), adapter_scope(peft_model, self._reference_adapter):
+                reference_hidden = self._completion_hidden(peft_model, ids, attention, length)
+            reference_logp = sdpo_loss.sampled_logps(
+                reference_hidden[selected],
+                head.weight,
+                completion_ids[rows][selected],
+                temperature=head.temperature(self.temperature),
+                lm_head_bias=head.bias,
+                logit_softcap=head.softcap,
+                chunk_size=cfg.logit_chunk_size,
+            )
+            kl = sdpo_loss.reference_kl(terms.student_logp, reference_logp)  # [N]
+            if getattr(self.args, "use_bias_correction_kl", False):
+                kl = kl * torch.exp(terms.student_logp - logp_old)
+            loss = loss + self._grpo_term(scatter(beta * kl), row_mask, inputs)
+            self._add_stat("kl", float(kl.detach().sum()), float(selected.sum()))
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"the SDPO loss is {float(loss)} at step {self.state.global_step}; the step was refused and nothing "

@@ -40,13 +40,14 @@ size (K, K + 1 with the tail, or V), ``V`` vocabulary, ``H`` hidden size, ``n`` 
 
 from __future__ import annotations
 
-from .chunked import chunked_distill
+from .chunked import chunked_distill, sampled_logps
 from .terms import (
     DistillTerms,
     append_tail,
     distill_from_logits,
     divergence,
     importance_weight,
+    reference_kl,
     renormalize,
     sampled_token_surrogate,
     sequence_mean_loss,
@@ -59,7 +60,9 @@ __all__ = [
     "distill_from_logits",
     "divergence",
     "importance_weight",
+    "reference_kl",
     "renormalize",
+    "sampled_logps",
     "sampled_token_surrogate",
     "sequence_mean_loss",
 ]

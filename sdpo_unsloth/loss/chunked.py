@@ -315,3 +315,30 @@ def chunked_distill(
         student_topk_mass=s_mass,
         teacher_topk_mass=t_mass,
     )
+
+
+@torch.no_grad()
+def sampled_logps(
+    hidden: Tensor,
+    lm_head_weight: Tensor,
+    target_ids: Tensor,
+    *,
+    temperature: float,
+    lm_head_bias: Tensor | None = None,
+    logit_softcap: float | None = None,
+    chunk_size: int = 1024,
+) -> Tensor:
+    """[N] log p(y_t) over the full vocabulary from [N, H] hidden states, ``chunk_size`` rows of logits at a
+    time, with the logits of ``chunked_distill`` (softcap, then / temperature; fp32, fp64 for fp64 inputs).
+    No gradient: it scores a reference policy (the KL anchor of `GRPOConfig.beta`)."""
+    _check_scalars(0.0, temperature)
+    if chunk_size < 1:
+        raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}")
+    dtype = torch.float64 if torch.float64 in (hidden.dtype, lm_head_weight.dtype) else torch.float32
+    spec = _ChunkSpec(0.0, None, False, float(temperature), logit_softcap, chunk_size, False, False, dtype)
+    out = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)  # [N]
+    for r0 in range(0, hidden.shape[0], chunk_size):
+        logits = _project(hidden[r0 : r0 + chunk_size], lm_head_weight, lm_head_bias, spec)  # [n, V]
+        picked = logits.gather(1, target_ids[r0 : r0 + chunk_size].unsqueeze(1)).squeeze(1)  # [n]
+        out[r0 : r0 + chunk_size] = picked - torch.logsumexp(logits, dim=-1)
+    return out

@@ -130,6 +130,14 @@ def sampled_token_surrogate(student_logp: Tensor, teacher_logp: Tensor) -> Tenso
     return (student_logp - teacher_logp).detach() * student_logp
 
 
+def reference_kl(student_logp: Tensor, reference_logp: Tensor) -> Tensor:
+    """Per-token k3 estimate of KL(p || p_ref) at the sampled token, TRL's `beta` term:
+    exp(r - s) - (r - s) - 1 with s = log p(y), r = log p_ref(y). Non-negative, 0 where p(y) = p_ref(y);
+    its gradient in s is 1 - p_ref(y) / p(y). The reference gets no gradient."""
+    diff = reference_logp.detach().to(student_logp.dtype) - student_logp
+    return torch.exp(diff) - diff - 1.0
+
+
 def sequence_mean_loss(per_token: Tensor, mask: Tensor, normalizer: float | Tensor) -> Tensor:
     """sum_i [token mean of ``per_token`` over sequence i's active tokens] / ``normalizer``.
 
