@@ -138,17 +138,29 @@ def constant_completion(graded: list[tuple[str, float | None]]) -> tuple[str, in
     return (text, count) if count >= SAME_SHARE * len(graded) and len(scores) > 1 else None
 
 
-def constant_advice(sdpo: Any) -> str:
-    """The setting that helps against a constant answer, for the configuration that is training."""
+def anchor_advice(sdpo: Any, beta: float) -> str:
+    """The KL anchor as advice against a narrowing student, unless it is on already (or the run is plain GRPO)."""
+    if not sdpo.enabled or beta > 0:
+        return ""
+    return (
+        " Or anchor the student to where it started: GRPOConfig(beta=0.1), TRL's KL penalty to the initial "
+        "policy, which kept the learning panel's count_bits students from narrowing to a few answers "
+        "(docs/benchmarks.md, 'KL anchor')."
+    )
+
+
+def constant_advice(sdpo: Any, beta: float = 0.0) -> str:
+    """The setting that helps against a constant answer, for the configuration that is training (`beta`: its
+    GRPOConfig.beta)."""
     if sdpo.enabled and sdpo.grpo_weight == 0:
         return (
             "Pure SDPO distils the teacher's view of the answer it was told; where answers take few values "
             f"(counts, yes/no) the student can learn the feedback's wording and one number. Use {default_hybrid()}, "
-            "or a lower learning_rate."
+            "or a lower learning_rate." + anchor_advice(sdpo, beta)
         )
     return (
         "Lower learning_rate, and check the reward on a few completions: a verifier that gives partial credit "
-        "to any well-formed answer rewards the form, not the answer."
+        "to any well-formed answer rewards the form, not the answer." + anchor_advice(sdpo, beta)
     )
 
 
@@ -169,8 +181,9 @@ def significant_drop(before: float, score: float, rows: int) -> bool:
 NO_SIGNAL_BATCHES = 4
 
 
-def advice(sdpo: Any, zero_std: list[float]) -> str:
-    """The setting that helps, from the SDPO config and TRL's `frac_reward_zero_std` values so far."""
+def advice(sdpo: Any, zero_std: list[float], beta: float = 0.0) -> str:
+    """The setting that helps, from the SDPO config, its GRPOConfig.beta and TRL's `frac_reward_zero_std` values
+    so far."""
     spread = [1.0 - float(v) for v in zero_std]
     varied = sum(spread) / len(spread) if spread else None
     share = f" ({varied:.0%} of prompt groups had rewards that differ)" if varied is not None else ""
@@ -203,6 +216,7 @@ def advice(sdpo: Any, zero_std: list[float]) -> str:
         "(grpo_weight=0), which distils a group's success to its failed siblings instead of reinforcing it "
         "(it led on the learning panel's lcm, where its students answer with one of the question's numbers, "
         "and lost on basic_arithmetic; check its completions for one constant answer, docs/benchmarks.md)."
+        + anchor_advice(sdpo, beta)
     )
 
 
@@ -309,10 +323,13 @@ class HeldOutMonitor(TrainerCallback):
         control.should_log, control.should_save, control.should_evaluate = flags
         self.check(step, score, graded)
 
+    def _beta(self) -> float:
+        return float(getattr(self.trainer, "reference_kl_beta", 0.0))
+
     def check(self, step: int, score: float, graded: list[tuple[str, float | None]] | None = None) -> None:
         """Warn on a significant drop from the starting score, and on a constant answer in `graded`."""
         if graded and self.constant is None:
-            found = warn_constant(graded, score, step, self.trainer.sdpo_config)
+            found = warn_constant(graded, score, step, self.trainer.sdpo_config, self._beta())
             self.constant = (step, *found) if found is not None else None
         if graded and self.questions and self.echo is None and self.constant is None:
             echoed = warn_echo(graded, self.questions, score, step)
@@ -326,7 +343,7 @@ class HeldOutMonitor(TrainerCallback):
         pending = list(getattr(self.trainer, "_metrics", {}).get("train", {}).get("frac_reward_zero_std", []))
         warnings.warn(
             f"training is lowering the held-out score: {self.before:.3f} before, {score:.3f} after {step} "
-            f"steps ({self.rows} held-out rows; more than evaluation noise). {advice(self.trainer.sdpo_config, logged + pending)}",
+            f"steps ({self.rows} held-out rows; more than evaluation noise). {advice(self.trainer.sdpo_config, logged + pending, self._beta())}",
             RegressionWarning,
             stacklevel=2,
         )
@@ -355,10 +372,10 @@ def warn_echo(
 
 
 def warn_constant(
-    graded: list[tuple[str, float | None]], score: float, step: int, sdpo: Any
+    graded: list[tuple[str, float | None]], score: float, step: int, sdpo: Any, beta: float = 0.0
 ) -> tuple[str, int] | None:
     """Warn (`ConstantAnswerWarning`) when `constant_completion` finds one in `graded`, an evaluation after `step`
-    steps that scored `score`; returns the finding (None: no warning)."""
+    steps that scored `score` (`beta`: the run's GRPOConfig.beta); returns the finding (None: no warning)."""
     found = constant_completion(graded)
     if found is None:
         return None
@@ -368,7 +385,7 @@ def warn_constant(
         f"the student gives the same completion to {count} of {rows} held-out questions after {step} steps: "
         f"{shown!r}, right on some of them and wrong on others: it does not answer the question, and its "
         f"held-out score ({score:.3f}) is largely the share of questions that constant happens to fit. "
-        f"{constant_advice(sdpo)}",
+        f"{constant_advice(sdpo, beta)}",
         ConstantAnswerWarning,
         stacklevel=3,
     )

@@ -35,6 +35,7 @@ def monitored_run(
     category=RegressionWarning,
     reward=None,
     questions=None,
+    beta=0.0,
 ):
     """Train STEPS tiny steps with a monitor every step whose evaluation returns `scores` (and puts
     `completions`, one list of (completion, score) per evaluation, into its `graded`) in turn; the messages of
@@ -50,6 +51,7 @@ def monitored_run(
             gradient_accumulation_steps=1,
             max_steps=STEPS,
             generation_kwargs={"sequence_bias": {(EOS,): 4.5}},
+            beta=beta,
         ),
         sdpo_config=sdpo or SDPOConfig(diagnostics_samples=0, warn_noop=False),
         processing_class=tokenizer,
@@ -115,6 +117,14 @@ def test_the_advice_follows_the_configuration(tmp_path, mode, distils):
         and "grpo_weight=0" in messages[0]
         and "enabled=False" in messages[0]
     )
+    assert "GRPOConfig(beta=0.1)" in messages[0]  # the KL anchor, not on in this run
+
+
+def test_the_advice_does_not_name_the_kl_anchor_to_a_run_that_has_it(tmp_path):
+    sdpo = SDPOConfig(diagnostics_samples=0, warn_noop=False, grpo_weight=1.0, hybrid_mode="per_group")
+    _, _, _, messages = monitored_run(tmp_path, [0.1, 0.1, 0.1], sdpo=sdpo, beta=0.1)
+    assert len(messages) == 1 and "Lower learning_rate" in messages[0]
+    assert "beta=" not in messages[0]
 
 
 @pytest.mark.parametrize(
