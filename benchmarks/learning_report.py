@@ -38,10 +38,11 @@ PANEL = (
     "exact2.jsonl",
     "causes.jsonl",
     "seeds.jsonl",
+    "beta.jsonl",
 )
 """The panel's records in docs/panel/: the README's table and docs/benchmarks.md are `--report-only` of all of them
-(panel.jsonl is on the earlier split, the others on the distinct one; exact.jsonl, exact2.jsonl, causes.jsonl and
-seeds.jsonl hold the gym runs scored with a number right or wrong, the others' gym runs had the verifier's substring
+(panel.jsonl is on the earlier split, the others on the distinct one; exact.jsonl, exact2.jsonl, causes.jsonl,
+seeds.jsonl and beta.jsonl hold the gym runs scored with a number right or wrong, the others' gym runs had the verifier's substring
 credit: see `records`)."""
 ORDER = {"grpo": 0, "sdpo": 1, "fail": 2}
 NAMES = {  # method prefix -> what it is (learning.py's method_spec)
