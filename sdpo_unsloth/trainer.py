@@ -131,13 +131,13 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
         # GRPOConfig.beta: SDPO's loss adds TRL's KL term itself (`_sdpo_loss`), against the initial policy scored
         # in the loss, so TRL (or unsloth) is shown beta 0 and neither loads a reference model nor scores one.
         beta = float(getattr(args, "beta", 0.0) or 0.0) if sdpo_config.enabled and args is not None else 0.0
+        if beta < 0:
+            raise ValueError(f"GRPOConfig.beta must be >= 0 (the KL penalty's weight), got {beta}.")
         if beta and getattr(args, "loss_type", "dapo") not in HYBRID_LOSS_TYPES:
             raise ValueError(
                 f"GRPOConfig.beta={beta} with loss_type={args.loss_type!r}: SDPO's KL term is normalised as TRL's "
                 f"loss_type {', '.join(HYBRID_LOSS_TYPES)}. Use one of those, or beta=0.0."
             )
-        if beta < 0:
-            raise ValueError(f"GRPOConfig.beta must be >= 0 (the KL penalty's weight), got {beta}.")
         self.reference_kl_beta = beta
         if sdpo_config.enabled and args is not None:
             entropy = {
@@ -752,9 +752,8 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
             grpo_grid = scatter(-torch.minimum(ratio * advantages, clipped * advantages) * rollout)
             loss = loss + self._grpo_term(grpo_grid * mix, row_mask, inputs)
             self._add_stat("sdpo/grpo_loss", float(self._grpo_term(grpo_grid.detach(), row_mask, inputs)))
-        if (
-            beta > 0
-        ):  # TRL's KL penalty: beta x k3(p, p_ref) on every completion token, normalised as GRPO's loss
+        if beta > 0:
+            # TRL's KL penalty: beta x k3(p, p_ref) on every completion token, normalised as GRPO's loss
             with torch.no_grad(), dropout_off(peft_model), adapter_scope(peft_model, self._reference_adapter):
                 reference_hidden = self._completion_hidden(peft_model, ids, attention, length)
             reference_logp = sdpo_loss.sampled_logps(

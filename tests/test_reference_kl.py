@@ -44,11 +44,12 @@ def _differ(a, b):
     return max(float((a[k] - b[k]).abs().max()) for k in a)
 
 
-@pytest.mark.parametrize("loss_type", ["dapo", "grpo"])
-def test_the_kl_penalty_is_trls_where_the_per_group_hybrid_is_trls_grpo(tmp_path, loss_type):
+@pytest.mark.parametrize(("loss_type", "bias_correction"), [("dapo", False), ("grpo", False), ("dapo", True)])
+def test_the_kl_penalty_is_trls_where_the_per_group_hybrid_is_trls_grpo(tmp_path, loss_type, bias_correction):
     """Where the per-group hybrid at weight 1 is TRL's GRPO (every group has a reward spread), beta > 0 gives TRL's
-    update with beta, through two train() steps with SGD (the KL's gradient is 0 at the first: p = p_ref)."""
-    kw = {"loss_type": loss_type}
+    update with beta, through two train() steps with SGD (the KL's gradient is 0 at the first: p = p_ref); also
+    with `use_bias_correction_kl` (the KL times the importance ratio)."""
+    kw = {"loss_type": loss_type, "use_bias_correction_kl": bias_correction}
     config = SDPOConfig(grpo_weight=1.0, hybrid_mode="per_group")
     grpo = run(tmp_path, "grpo", SDPOConfig(enabled=False), 4, 2, OneWinnerPerGroup(), beta=2.0, **kw)
     ours = run(tmp_path, "ours", config, 4, 2, OneWinnerPerGroup(), beta=2.0, **kw)
