@@ -77,15 +77,15 @@ def _trim_left_padding(ids: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Ten
     return ids[:, width:], mask[:, width:]
 
 
-def _warn_unused_grpo_options(args: Any) -> None:
-    """Pure SDPO has no GRPO term: say so once when GRPOConfig sets options only that term reads."""
+def _warn_unused_grpo_options(args: Any, beta: float) -> None:
+    """Pure SDPO has no GRPO term: say so once when GRPOConfig sets options only that term reads (with `beta` > 0
+    the KL term is normalised as `loss_type`, which then has an effect)."""
     import dataclasses
 
-    defaults = {f.name: f.default for f in dataclasses.fields(type(args)) if f.name in GRPO_ONLY_OPTIONS}
+    unused = [n for n in GRPO_ONLY_OPTIONS if not (beta > 0 and n == "loss_type")]
+    defaults = {f.name: f.default for f in dataclasses.fields(type(args)) if f.name in unused}
     changed = [
-        f"{n}={getattr(args, n)!r}"
-        for n in GRPO_ONLY_OPTIONS
-        if n in defaults and getattr(args, n) != defaults[n]
+        f"{n}={getattr(args, n)!r}" for n in unused if n in defaults and getattr(args, n) != defaults[n]
     ]
     if changed:
         from .train_config import default_hybrid
@@ -152,7 +152,7 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
                         "(SDPOConfig(enabled=False)) for the entropy bonus."
                     )
         if sdpo_config.enabled and sdpo_config.grpo_weight == 0 and args is not None:
-            _warn_unused_grpo_options(args)
+            _warn_unused_grpo_options(args, beta)
         if sdpo_config.enabled and sdpo_config.grpo_weight > 0 and args is not None:
             unsupported = {
                 "loss_type": (getattr(args, "loss_type", "dapo"), HYBRID_LOSS_TYPES),

@@ -112,3 +112,11 @@ def test_an_adapter_trained_before_sdpo_is_its_own_reference(tmp_path):
 def test_beta_rejects_a_loss_type_whose_normalisation_the_kl_term_does_not_reproduce(tmp_path):
     with pytest.raises(ValueError, match=r"beta=0\.04 with loss_type='cispo'"):
         make_trainer(tmp_path, SDPOConfig(), beta=0.04, loss_type="cispo")
+
+
+def test_pure_sdpo_with_beta_does_not_call_loss_type_unused(tmp_path):
+    """With beta > 0 the KL term is normalised as loss_type: the pure-SDPO warning about options only GRPO's loss
+    reads leaves loss_type out (it still names the others)."""
+    with pytest.warns(UserWarning, match=r"GRPOConfig sets epsilon=0\.3, which only GRPO's loss") as caught:
+        make_trainer(tmp_path, SDPOConfig(), beta=0.1, loss_type="grpo", epsilon=0.3)
+    assert not any("loss_type=" in str(w.message) for w in caught)
