@@ -71,6 +71,11 @@ def _weighted_rows(weight: Tensor, idx: Tensor, coef: Tensor) -> Tensor:
     return out
 
 
+def _compute_dtype(hidden: Tensor, weight: Tensor) -> torch.dtype:
+    """The logits' dtype: float64 when the hidden states or the head are float64, else float32."""
+    return torch.float64 if torch.float64 in (hidden.dtype, weight.dtype) else torch.float32
+
+
 def _to_probs_(logits: Tensor) -> Tensor:
     """Turns [n, V] logits into probabilities *in place*; returns logsumexp [n, 1]. No [n, V] temporary."""
     top = logits.amax(dim=-1, keepdim=True)  # [n, 1]
@@ -290,7 +295,7 @@ def chunked_distill(
             "chunked_distill treats the output projection as frozen, but lm_head_weight/lm_head_bias "
             "requires grad: pass `.detach()`ed tensors, or use distill_from_logits to train lm_head"
         )
-    dtype = torch.float64 if torch.float64 in (student_hidden.dtype, lm_head_weight.dtype) else torch.float32
+    dtype = _compute_dtype(student_hidden, lm_head_weight)
     spec = _ChunkSpec(
         alpha=alpha,
         topk=_effective_topk(topk, vocab),
@@ -334,7 +339,7 @@ def sampled_logps(
     _check_scalars(0.0, temperature)
     if chunk_size < 1:
         raise ValueError(f"`chunk_size` must be >= 1, got {chunk_size}")
-    dtype = torch.float64 if torch.float64 in (hidden.dtype, lm_head_weight.dtype) else torch.float32
+    dtype = _compute_dtype(hidden, lm_head_weight)
     spec = _ChunkSpec(0.0, None, False, float(temperature), logit_softcap, chunk_size, False, False, dtype)
     out = torch.empty(hidden.shape[0], dtype=dtype, device=hidden.device)  # [N]
     for r0 in range(0, hidden.shape[0], chunk_size):
