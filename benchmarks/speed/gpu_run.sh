@@ -6,16 +6,9 @@
 #     bash benchmarks/speed/gpu_run.sh --budget 300   # extra arguments go to benchmarks/speed/gpu_step.py
 #     bash benchmarks/speed/gpu_run.sh --tests --stages unsloth:1.5b   # first tests/gpu (log: $OUT/gpu_tests.log)
 #
-# .whl/ (ignored by git through .git/info/exclude) holds only what the machine lacks, for cp312 manylinux x86_64:
-#   trl 1.14.2, datasets 4.8.5 (+ dill 0.4.1, multiprocess 0.70.19), peft 0.21.2 (the tested version),
-#   bitsandbytes 0.50.2 repacked with only libbitsandbytes_cpu/cuda130/cuda132.so (43 MB -> 7 MB),
-#   unsloth 2026.10.9 repacked without studio/ (its web app, never imported: 28.6 MB -> 2.2 MB), unsloth_zoo 2026.10.9,
-#   and their import-time needs missing there: tyro (+ docstring_parser, typeguard, shtab), msgspec, cut_cross_entropy,
-#   torchao, hf_transfer, diffusers, json5, nest_asyncio, structlog, pydantic 2.14.4 (+ pydantic_core, annotated_types,
-#   typing_inspection), typing_extensions 4.16.0 (installed only when the machine's is older). xformers is left out
-#   (unsloth falls back to SDPA). Recipe: `pip download --no-deps --only-binary=:all: --python-version 3.12
-#   --implementation cp --platform manylinux_2_28_x86_64 ... -d .whl NAME==VERSION` (device README), then the
-#   bitsandbytes and unsloth wheels rewritten with their RECORD trimmed to the kept files.
+# .whl/ (ignored by git through .git/info/exclude) holds only what the machine lacks, for cp312 manylinux x86_64,
+# built here by `bash benchmarks/speed/gpu_wheels.sh` (the list, the versions and the two trimmed wheels are there).
+# xformers is left out (unsloth falls back to SDPA).
 # Nothing here replaces the machine's torch, transformers, accelerate, triton or numpy: none of them is in .whl.
 set -uo pipefail
 run_tests=0
