@@ -300,3 +300,67 @@ def test_loss_logps_match_an_unpadded_forward_in_training_mode(small_model_dir, 
             teacher = one_row(teacher_prompt, completion)
         torch.testing.assert_close(terms["student_logp"][i, :length].float(), student, rtol=0, atol=3e-2)
         torch.testing.assert_close(terms["teacher_logp"][i, :length].float(), teacher, rtol=0, atol=3e-2)
+
+
+def test_per_group_hybrid_with_the_kl_anchor_trains_on_unsloth(small_model_dir, tmp_path):
+    """`train()`'s default loss (GRPO where a group's rewards differ, distillation where they are equal) plus
+    `GRPOConfig.beta` on unsloth's patched trainer: neither TRL nor unsloth loads a reference model (the base with
+    the adapters disabled is SDPO's reference), both terms run, and the KL is 0 at the first step (the student
+    starts as its reference) and positive after it."""
+    from datasets import Dataset
+    from trl import GRPOConfig
+
+    from sdpo_unsloth import SDPOConfig, SDPOTrainer, load_model
+
+    class Split:
+        """Rows 0-7 of a batch: a reward spread in every group (GRPO); rows 8-15 all wrong with feedback."""
+
+        __name__ = "split"
+
+        def __init__(self):
+            self.last_feedback: list[str] = []
+
+        def __call__(self, prompts, completions, **kwargs):
+            n = len(completions)
+            self.last_feedback = ["Wrong. The answer is 7."] * n
+            return [float(i < n // 2 and i % 2 == 0) for i in range(n)]
+
+    model, tokenizer = load_model(
+        small_model_dir, load_in_4bit=True, lora_r=8, max_seq_length=256, dtype="fp16"
+    )
+    rows = [{"prompt": [{"role": "user", "content": f"{a}*{b}="}]} for a in range(4) for b in range(4)]
+    student0 = _adapter(model, "default")
+    trainer = SDPOTrainer(
+        model=model,
+        args=GRPOConfig(
+            output_dir=str(tmp_path / "out"),
+            num_generations=4,
+            per_device_train_batch_size=16,
+            gradient_accumulation_steps=1,
+            max_completion_length=8,
+            max_steps=2,
+            learning_rate=5e-3,
+            beta=0.1,
+            logging_steps=1,
+            fp16=True,
+            bf16=False,
+            report_to=[],
+            save_strategy="no",
+            shuffle_dataset=False,
+        ),
+        sdpo_config=SDPOConfig(grpo_weight=1.0, hybrid_mode="per_group"),
+        processing_class=tokenizer,
+        reward_funcs=[Split()],
+        train_dataset=Dataset.from_list(rows),
+    )
+    assert trainer.args.beta == 0.1 and trainer.reference_kl_beta == 0.1
+    assert getattr(trainer, "ref_model", None) is None, "a reference model was loaded"
+    trainer.train()
+    history = [h for h in trainer.state.log_history if "loss" in h]
+    assert [h["step"] for h in history][:2] == [1, 2]
+    kl = [h["kl"] for h in history]
+    assert abs(kl[0]) < 1e-3 and kl[1] > 0, kl
+    assert all(h["sdpo/distill_loss"] > 0 and "sdpo/grpo_loss" in h for h in history), history
+    assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
+    student = _adapter(model, "default")
+    assert max(float((student[n] - student0[n]).abs().max()) for n in student) > 1e-4
