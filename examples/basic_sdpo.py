@@ -79,8 +79,10 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     # One base model, two LoRA adapters: the student ("default") and the EMA teacher.
+    # 4-bit on a GPU, except the embedded model: it comes dequantised from a 4-bit file already.
+    four_bit = on_gpu and args.model != "embedded"
     model, tokenizer = load_model(
-        args.model, load_in_4bit=on_gpu, lora_r=16, gradient_checkpointing=on_gpu, seed=args.seed
+        args.model, load_in_4bit=four_bit, lora_r=16, gradient_checkpointing=on_gpu, seed=args.seed
     )
 
     train_rows = addition_dataset(args.train_size, seed=args.seed)

@@ -90,8 +90,10 @@ def main(argv: list[str] | None = None) -> None:
             f"completions of at most {completion_length} tokens, no 4-bit."
         )
 
+    # 4-bit on a GPU, except the embedded model: it comes dequantised from a 4-bit file already.
+    four_bit = on_gpu and args.model != "embedded"
     model, tokenizer = load_model(
-        args.model, load_in_4bit=on_gpu, lora_r=16, gradient_checkpointing=on_gpu, seed=args.seed
+        args.model, load_in_4bit=four_bit, lora_r=16, gradient_checkpointing=on_gpu, seed=args.seed
     )
 
     # Rows: {"prompt": [system, user], "tests": "<json>", "task_type", "function"}; shuffled by seed.

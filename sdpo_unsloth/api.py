@@ -127,12 +127,12 @@ def _load_student(
     model: str, chosen: Backend, args: GRPOConfig, sdpo: SDPOConfig, inputs: TrainInputs, **options: Any
 ) -> tuple[Any, Any]:
     """`load_model` with the run's precision, teacher adapter and seed; then the tokenizer's checks."""
-    from .model import load_model
+    from .model import default_load_in_4bit, load_model
 
     load_in_4bit, max_seq_length = options.pop("load_in_4bit"), options["max_seq_length"]
     peft_model, tokenizer = load_model(
         model,
-        load_in_4bit=chosen.device == "cuda" if load_in_4bit is None else load_in_4bit,
+        load_in_4bit=default_load_in_4bit(model, chosen.device) if load_in_4bit is None else load_in_4bit,
         dtype="bf16" if args.bf16 else "fp16" if args.fp16 else None,
         teacher_adapter=sdpo.teacher_adapter_name if sdpo.ema_teacher else None,
         gradient_checkpointing=args.gradient_checkpointing,
@@ -300,7 +300,8 @@ def train(
         lora_r: LoRA rank of the student.
         lora_alpha: LoRA alpha (default: lora_r).
         load_in_4bit: nf4 base weights; default True on a CUDA GPU, False on CPU (bitsandbytes' CPU
-            4-bit is slow).
+            4-bit is slow) and for "embedded" (a 135M model dequantised from a 4-bit GGUF: quantising it again
+            costs accuracy and saves ~0.2 GB; docs/benchmarks.md).
         max_seq_length: prompt + completion budget for unsloth.
         gradient_checkpointing: default True on GPU, False on CPU.
         backend: "auto" (unsloth on a CUDA GPU when installed), "unsloth" or "transformers".

@@ -61,6 +61,14 @@ def _resolve_path(model_name_or_path: str) -> str:
     return model_name_or_path
 
 
+def default_load_in_4bit(model_name_or_path: str, device: str) -> bool:
+    """`train()`'s default for `load_in_4bit`: nf4 on a CUDA GPU, except for the embedded model.
+
+    The embedded SmolLM2-135M is dequantised from a Q4_1 GGUF; quantising it to nf4 again makes its untrained
+    greedy answers worse (measured in docs/benchmarks.md), to save about 0.2 GB in 16-bit."""
+    return device == "cuda" and model_name_or_path != "embedded"
+
+
 def load_model(
     model_name_or_path: str,
     *,

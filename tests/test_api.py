@@ -540,3 +540,42 @@ def test_evaluating_a_4bit_model_on_cpu_leaves_its_gradients_as_they_were(tiny_m
     after = lora_grads()
     for name, grad in before.items():
         torch.testing.assert_close(after[name], grad, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize(
+    ("model", "device", "explicit", "expected"),
+    [
+        ("embedded", "cuda", None, False),  # dequantised from a 4-bit GGUF: not quantised again
+        ("some/hub-model", "cuda", None, True),
+        ("some/hub-model", "cpu", None, False),
+        ("embedded", "cuda", True, True),  # what the caller asks for wins
+        ("some/hub-model", "cuda", False, False),
+    ],
+)
+def test_the_4bit_default_skips_the_embedded_model(monkeypatch, model, device, explicit, expected):
+    """What `train()` hands `load_model` as `load_in_4bit`, per model and device (the loader is stopped there)."""
+    from types import SimpleNamespace
+
+    import sdpo_unsloth.model as model_module
+    from sdpo_unsloth.api import _load_student
+    from sdpo_unsloth.bootstrap import Backend
+
+    seen = {}
+
+    def stop(name, **kwargs):
+        seen.update(kwargs, name=name)
+        raise RuntimeError("stop here")
+
+    monkeypatch.setattr(model_module, "load_model", stop)
+    args = SimpleNamespace(bf16=False, fp16=device == "cuda", gradient_checkpointing=False, seed=0)
+    with pytest.raises(RuntimeError, match="stop here"):
+        _load_student(
+            model,
+            Backend("transformers", device, "test"),
+            args,
+            SDPOConfig(),
+            None,
+            load_in_4bit=explicit,
+            max_seq_length=64,
+        )
+    assert seen["name"] == model and seen["load_in_4bit"] is expected
