@@ -226,6 +226,10 @@ def doctor(model: str | None = None, *, dtype: str = "auto", **shape: Any) -> st
     unknown = sorted(set(shape) - set(defaults))
     if unknown:
         raise TypeError(f"doctor() got unknown settings {unknown}; it takes {', '.join(defaults)}.")
+    if shape.get("load_in_4bit") is None:  # train()'s GPU default for this model
+        from .model import default_load_in_4bit
+
+        shape["load_in_4bit"] = default_load_in_4bit(model or "", "cuda")
     shape = {**defaults, **shape}
     from . import __version__
     from .bootstrap import current_backend, imported_too_early

@@ -314,3 +314,13 @@ def test_demo_without_held_out_problems_trains_and_says_it_did_not_score(tmp_pat
     assert code == 0, err
     assert "not scored (--eval-size 0)" in out and "held-out accuracy after:  not measured" in out
     assert (tmp_path / "d" / "adapter" / "adapter_model.safetensors").is_file()
+
+
+def test_doctor_estimates_the_base_as_train_loads_it_on_a_gpu(capsys, tiny_model_dir):
+    """4-bit by default, 16-bit for the embedded model (train() does not quantise it again); a flag overrides."""
+    _, out, _ = run(capsys, "doctor", "--model", tiny_model_dir)
+    assert "4-bit base" in out
+    _, out, _ = run(capsys, "doctor", "--model", "embedded")
+    assert "16-bit base" in out
+    _, out, _ = run(capsys, "doctor", "--model", "embedded", "--load-in-4bit")
+    assert "4-bit base" in out and "16-bit base" not in out

@@ -138,7 +138,10 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
     doctor_cmd.add_argument("--max-completion-length", type=int, default=128, help="(default: 128)")
     doctor_cmd.add_argument("--lora-r", type=int, default=16, help="(default: 16)")
     doctor_cmd.add_argument(
-        "--load-in-4bit", action=argparse.BooleanOptionalAction, default=True, help="(default: on)"
+        "--load-in-4bit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="(default: as train() on a GPU: on, off for 'embedded')",
     )
     doctor_cmd.add_argument(
         "--gradient-checkpointing", action=argparse.BooleanOptionalAction, default=True, help="(default: on)"
