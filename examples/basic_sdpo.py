@@ -79,11 +79,9 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     # One base model, two LoRA adapters: the student ("default") and the EMA teacher.
-    # 4-bit on a GPU, except the embedded model: it comes dequantised from a 4-bit file already.
-    four_bit = on_gpu and args.model != "embedded"
-    model, tokenizer = load_model(
-        args.model, load_in_4bit=four_bit, lora_r=16, gradient_checkpointing=on_gpu, seed=args.seed
-    )
+    # load_model's default base: 4-bit on a GPU (the embedded model excepted: it is dequantised from a 4-bit
+    # file), unquantised on CPU.
+    model, tokenizer = load_model(args.model, lora_r=16, gradient_checkpointing=on_gpu, seed=args.seed)
 
     train_rows = addition_dataset(args.train_size, seed=args.seed)
     eval_rows = addition_dataset(args.eval_size, seed=args.seed + 1, exclude=train_rows)

@@ -90,11 +90,9 @@ def main(argv: list[str] | None = None) -> None:
             f"completions of at most {completion_length} tokens, no 4-bit."
         )
 
-    # 4-bit on a GPU, except the embedded model: it comes dequantised from a 4-bit file already.
-    four_bit = on_gpu and args.model != "embedded"
-    model, tokenizer = load_model(
-        args.model, load_in_4bit=four_bit, lora_r=16, gradient_checkpointing=on_gpu, seed=args.seed
-    )
+    # load_model's default base: 4-bit on a GPU (the embedded model excepted: it is dequantised from a 4-bit
+    # file), unquantised on CPU.
+    model, tokenizer = load_model(args.model, lora_r=16, gradient_checkpointing=on_gpu, seed=args.seed)
 
     # Rows: {"prompt": [system, user], "tests": "<json>", "task_type", "function"}; shuffled by seed.
     rows = code_tasks(seed=args.seed, task_types=args.task_types)

@@ -115,11 +115,9 @@ def main(argv: list[str] | None = None) -> None:
     bf16 = on_gpu and bf16_supported()  # native bf16 (a T4: fp16)
 
     # 4-bit base + LoRA r16 student + EMA teacher adapter; unsloth's loader when it is the backend.
-    # 4-bit on a GPU, except the embedded model: it comes dequantised from a 4-bit file already.
-    four_bit = on_gpu and args.model != "embedded"
-    model, tokenizer = load_model(
-        args.model, load_in_4bit=four_bit, lora_r=16, gradient_checkpointing=on_gpu, seed=args.seed
-    )
+    # load_model's default base: 4-bit on a GPU (the embedded model excepted: it is dequantised from a 4-bit
+    # file), unquantised on CPU.
+    model, tokenizer = load_model(args.model, lora_r=16, gradient_checkpointing=on_gpu, seed=args.seed)
 
     common = {"seed": args.seed, "digits": args.digits, "system_prompt": SYSTEM_PROMPT}
     train_rows = addition_dataset(args.train_size, **common)

