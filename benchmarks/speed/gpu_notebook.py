@@ -3,8 +3,9 @@
 For machines without Jupyter (the device machine has no ipykernel): the cells run in this process, with the
 install cell skipped (`SDPO_NOTEBOOK_CI=1`), parameters injected after the cell tagged `parameters` (as
 papermill does), matplotlib drawing off-screen, and `IPython.display` replaced by a recorder when IPython is
-missing (said in the result). `--t4` makes torch report no bf16 before anything is imported, so the kit and
-unsloth choose fp16 as on a T4. Stops at the first failing cell, as a notebook does.
+missing (said in the result). `--t4` makes torch report no bf16 before anything is imported, so the kit
+picks fp16 as on a T4 (the model's dtype and `fp16=True` for training; unsloth's banner still reads bf16 support from
+the device's compute capability). Stops at the first failing cell, as a notebook does.
 
     python benchmarks/speed/gpu_notebook.py notebooks/quickstart_addition.ipynb --t4 \
         --param MODEL='"embedded"' --out $OUT/quickstart.json
@@ -41,6 +42,16 @@ class _Tee(io.TextIOBase):
     def flush(self):
         self.stream.flush()
 
+    @property
+    def encoding(self):
+        return self.stream.encoding
+
+    def fileno(self):
+        return self.stream.fileno()
+
+    def isatty(self):
+        return self.stream.isatty()
+
 
 def _display_recorder(shown: list[str]) -> None:
     """Install a stand-in `IPython.display` (HTML, Markdown, display) that records what would be shown."""
@@ -64,18 +75,22 @@ def _display_recorder(shown: list[str]) -> None:
     sys.modules["IPython"], sys.modules["IPython.display"] = ipython, module
 
 
-def code_cells(path: Path, params: dict[str, str]) -> list[str]:
+def code_cells(path: Path, params: dict[str, str]) -> list[tuple[str, str]]:
+    """(label, source) of each non-empty code cell in order, the injected parameters after the `parameters` cell."""
     cells = json.loads(path.read_text(encoding="utf-8"))["cells"]
-    sources = []
-    for cell in cells:
-        if cell["cell_type"] != "code":
-            continue
+    sources, injected = [], False
+    for index, cell in enumerate(cells):
         source = "".join(cell["source"])
+        if cell["cell_type"] != "code" or not source.strip():
+            continue
         if any(line.lstrip().startswith(("!", "%")) for line in source.splitlines()):
-            raise SystemExit(f"{path}: a cell uses shell or magic syntax, which this runner cannot run")
-        sources.append(source)
+            raise SystemExit(f"{path}: cell {index} uses shell or magic syntax, which this runner cannot run")
+        sources.append((f"cell {index}", source))
         if "parameters" in cell.get("metadata", {}).get("tags", []) and params:
-            sources.append("\n".join(f"{name} = {value}" for name, value in params.items()))
+            sources.append(("injected parameters", "\n".join(f"{k} = {v}" for k, v in params.items())))
+            injected = True
+    if params and not injected:
+        raise SystemExit(f"{path}: --param given, but no code cell is tagged `parameters`")
     return sources
 
 
@@ -91,8 +106,13 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--out", type=Path, required=True, help="JSON record to write")
     args = parser.parse_args(argv)
+    bad = [item for item in args.param if "=" not in item]
+    if bad:
+        parser.error(f"--param takes NAME=python-expression, got {bad}")
     params = dict(item.split("=", 1) for item in args.param)
     sources = code_cells(args.notebook.resolve(), params)
+    args.out = args.out.resolve()  # before the cells run elsewhere
+    args.out.parent.mkdir(parents=True, exist_ok=True)
 
     os.environ.setdefault("SDPO_NOTEBOOK_CI", "1")  # the install cell installs nothing
     os.environ.setdefault("MPLBACKEND", "Agg")
@@ -118,20 +138,20 @@ def main(argv: list[str] | None = None) -> int:
         "torch": torch.__version__,
         "ipython_display": ipython,
         "cells": [],
-        "status": "ok",
+        "status": "running",
     }
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="notebook-"))
     workdir.mkdir(parents=True, exist_ok=True)
     os.chdir(workdir)
     namespace: dict = {"__name__": "__main__"}
     start = time.perf_counter()
-    for index, source in enumerate(sources):
+    for label, source in sources:
         tee = _Tee(sys.stdout)
         began = time.perf_counter()
-        entry: dict = {"cell": index, "first_line": source.strip().splitlines()[0][:80]}
+        entry: dict = {"cell": label, "first_line": source.strip().splitlines()[0][:80]}
         try:
             with contextlib.redirect_stdout(tee):
-                exec(compile(source, f"<cell {index}>", "exec"), namespace)
+                exec(compile(source, f"<{label}>", "exec"), namespace)
         except BaseException as err:  # a notebook shows any error and stops there
             entry["error"] = f"{type(err).__name__}: {err}"
             entry["traceback"] = traceback.format_exc()[-6000:]
@@ -142,13 +162,15 @@ def main(argv: list[str] | None = None) -> int:
             entry["peak_cuda_gib"] = round(torch.cuda.max_memory_allocated() / 2**30, 3)
         record["cells"].append(entry)
         print(
-            f"[gpu_notebook] cell {index}: {entry['seconds']} s{' FAILED' if 'error' in entry else ''}",
+            f"[gpu_notebook] {label}: {entry['seconds']} s{' FAILED' if 'error' in entry else ''}",
             flush=True,
         )
         args.out.write_text(json.dumps(record, indent=1))
         if "error" in entry:
             print(entry["traceback"], file=sys.stderr)
             break
+    if record["status"] == "running":
+        record["status"] = "ok"
     record["total_s"] = round(time.perf_counter() - start, 1)
     result = namespace.get("result")
     for name in ("before", "after", "adapter_dir"):
