@@ -214,7 +214,7 @@ def doctor(model: str | None = None, *, dtype: str = "auto", **shape: Any) -> st
         dtype: "auto", "bf16", "fp16" or "fp32".
         **shape: the run's shape for that estimate, any of `estimate_vram`'s keyword arguments
             (per_device_train_batch_size, prompt_length, max_completion_length, lora_r, load_in_4bit, ...);
-            its defaults where left out.
+            its defaults where left out, except `load_in_4bit`: `train()`'s on a GPU (off for "embedded").
     """
     import inspect
 
@@ -286,9 +286,10 @@ def doctor(model: str | None = None, *, dtype: str = "auto", **shape: Any) -> st
     if model:
         shape["dtype_bytes"] = 4 if chosen in ("fp32", "float32") else 2
         estimate = estimate_vram(_load_config(model), **shape)
+        base = "4-bit" if shape["load_in_4bit"] else f"{8 * shape['dtype_bytes']}-bit"
         lines.append(
             f"peak VRAM estimate for {model} ({estimate['parameters'] / 1e6:.0f}M parameters, "
-            f"{'4-bit' if shape['load_in_4bit'] else '16-bit'} base, batch {shape['per_device_train_batch_size']}, "
+            f"{base} base, batch {shape['per_device_train_batch_size']}, "
             f"{shape['prompt_length']}+{shape['max_completion_length']} tokens): ~{estimate['peak'] / _GIB:.2f} GiB"
         )
         for key in (

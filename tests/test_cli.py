@@ -320,7 +320,9 @@ def test_doctor_estimates_the_base_as_train_loads_it_on_a_gpu(capsys, tiny_model
     """4-bit by default, 16-bit for the embedded model (train() does not quantise it again); a flag overrides."""
     _, out, _ = run(capsys, "doctor", "--model", tiny_model_dir)
     assert "4-bit base" in out
-    _, out, _ = run(capsys, "doctor", "--model", "embedded")
+    _, out, _ = run(capsys, "doctor", "--model", "embedded", "--dtype", "fp16")
     assert "16-bit base" in out
-    _, out, _ = run(capsys, "doctor", "--model", "embedded", "--load-in-4bit")
+    _, out, _ = run(capsys, "doctor", "--model", "embedded")  # on this CPU: fp32 compute
+    assert "32-bit base" in out
+    _, out, _ = run(capsys, "doctor", "--model", "embedded", "--dtype", "fp16", "--load-in-4bit")
     assert "4-bit base" in out and "16-bit base" not in out
