@@ -58,7 +58,7 @@ EOF
 if [ "$run_tests" = 1 ]; then  # the GPU tests, bounded so that the benchmark still runs after them
     t0=$(date +%s)
     SDPO_UNSLOTH_BACKEND=unsloth PYTHONPATH=/tmp/site_unsloth:$PYTHONPATH timeout "${GPU_TESTS_TIMEOUT:-200}" \
-        python3 -m pytest -m gpu tests/gpu -v -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
+        python3 -m pytest -m gpu tests/gpu -o addopts= -v -rs -p no:cacheprovider 2>&1 | tee "$OUT/gpu_tests.log"
     echo "gpu_run: tests/gpu exit ${PIPESTATUS[0]} in $(( $(date +%s) - t0 ))s" | tee -a "$OUT/gpu_tests.log"
 fi
 

@@ -10,7 +10,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/../.."
 dest=.whl
-mkdir -p "$dest"
+rm -rf "$dest" && mkdir -p "$dest"  # gpu_run.sh installs every wheel here: no leftovers of another bundle
 grep -qx '/.whl/' .git/info/exclude 2>/dev/null || { mkdir -p .git/info && echo /.whl/ >> .git/info/exclude; }
 platforms=()
 for p in manylinux_2_28 manylinux_2_27 manylinux_2_24 manylinux_2_17 manylinux2014 manylinux1; do
@@ -34,6 +34,7 @@ path, rule = sys.argv[1], sys.argv[2]
 keep = eval(f"lambda name: {rule}")
 with zipfile.ZipFile(path) as src:
     names = [n for n in src.namelist() if keep(n) or n.endswith(".dist-info/RECORD")]
+    infos = {n: src.getinfo(n) for n in names}  # modes and timestamps kept
     data = {n: src.read(n) for n in names}
 record = next(n for n in names if n.endswith(".dist-info/RECORD"))
 lines = []
@@ -46,11 +47,11 @@ for n in names:
 data[record] = ("\n".join(lines) + "\n").encode()
 with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as out:
     for n in names:
-        out.writestr(n, data[n])
+        out.writestr(infos[n], data[n], compress_type=zipfile.ZIP_DEFLATED)
 print(f"trimmed {path}: kept {len(names)} files")
 EOF
 }
-trim "$(ls "$dest"/bitsandbytes-0.50.2-*.whl)" \
+trim "$dest"/bitsandbytes-0.50.2-py3-none-manylinux_2_24_x86_64.whl \
     "not name.startswith('bitsandbytes/libbitsandbytes_') or name.endswith(('_cpu.so', 'cuda130.so', 'cuda132.so'))"
 trim "$dest/unsloth-2026.10.9-py3-none-any.whl" "not name.startswith('studio/')"
 du -sh "$dest"

@@ -361,6 +361,8 @@ def test_per_group_hybrid_with_the_kl_anchor_trains_on_unsloth(small_model_dir, 
     kl = [h["kl"] for h in history]
     assert abs(kl[0]) < 1e-3 and kl[1] > 0, kl
     assert all(h["sdpo/distill_loss"] > 0 and "sdpo/grpo_loss" in h for h in history), history
+    # two groups with a reward spread (GRPO), two all wrong with feedback (distilled): half the samples each
+    assert all(h["frac_reward_zero_std"] == 0.5 and h["sdpo/frac_distilled"] == 0.5 for h in history), history
     assert all(torch.isfinite(torch.tensor(h["loss"])) for h in history)
     student = _adapter(model, "default")
     assert max(float((student[n] - student0[n]).abs().max()) for n in student) > 1e-4
