@@ -51,10 +51,10 @@ DEFAULTS: dict[str, Any] = {
 # is: its defaults are the seed's pure SDPO). The per-group hybrid trains with TRL's GRPO loss in prompt groups
 # whose rewards differ and with SDPO's distillation in the others (all failed with feedback, or all succeeded): on
 # the learning panel (3-5 seeds, held-out questions never trained on, gym numbers scored right or wrong) its mean
-# was at or above GRPO's, and pure SDPO's where that beat GRPO, on addition, code, basic_arithmetic and gcd, and
-# below on lcm (below both; every method's student repeats the question's numbers there) and count_bits (below
-# GRPO; nothing learns there); "failures" missed one task more (gcd), and no option measured beat it across the
-# tasks (the figures: README's panel table and docs/benchmarks.md, "learning-panel", generated from the records).
+# was at or above GRPO's, and pure SDPO's where that beat GRPO, on addition, code and basic_arithmetic, and
+# below on lcm (below both; every method's student repeats the question's numbers there), count_bits (below
+# GRPO; nothing learns there) and gcd (below GRPO, whose seeds spread widest); no option measured beat it across
+# the tasks (the figures: README's panel table and docs/benchmarks.md, "learning-panel", generated from the records).
 SDPO_DEFAULTS: dict[str, Any] = {"grpo_weight": 1.0, "hybrid_mode": "per_group"}
 
 
