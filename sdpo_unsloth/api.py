@@ -127,12 +127,11 @@ def _load_student(
     model: str, chosen: Backend, args: GRPOConfig, sdpo: SDPOConfig, inputs: TrainInputs, **options: Any
 ) -> tuple[Any, Any]:
     """`load_model` with the run's precision, teacher adapter and seed; then the tokenizer's checks."""
-    from .model import default_load_in_4bit, load_model
+    from .model import load_model
 
-    load_in_4bit, max_seq_length = options.pop("load_in_4bit"), options["max_seq_length"]
-    peft_model, tokenizer = load_model(
+    max_seq_length = options["max_seq_length"]
+    peft_model, tokenizer = load_model(  # load_in_4bit=None in `options`: load_model's default for the model
         model,
-        load_in_4bit=default_load_in_4bit(model, chosen.device) if load_in_4bit is None else load_in_4bit,
         dtype="bf16" if args.bf16 else "fp16" if args.fp16 else None,
         teacher_adapter=sdpo.teacher_adapter_name if sdpo.ema_teacher else None,
         gradient_checkpointing=args.gradient_checkpointing,

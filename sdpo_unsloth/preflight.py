@@ -333,13 +333,12 @@ def preflight(
     # user's generators must come out of a preflight as they went in.
     with _random_states_kept():
         if isinstance(model, str):
-            from .model import default_load_in_4bit, load_model
+            from .model import load_model
 
             needs_teacher = sdpo.ema_teacher
-            four_bit = default_load_in_4bit(model, chosen.device) if load_in_4bit is None else load_in_4bit
             model, tokenizer = load_model(
                 model,
-                load_in_4bit=four_bit,
+                load_in_4bit=load_in_4bit,
                 max_seq_length=max_seq_length,
                 lora_r=lora_r,
                 teacher_adapter=sdpo.teacher_adapter_name if needs_teacher else None,

@@ -78,3 +78,30 @@ def tiny_model_dir(tmp_path_factory):
 @pytest.fixture
 def tiny_tokenizer():
     return make_tiny_tokenizer()
+
+
+@pytest.fixture
+def load_stopped_on(monkeypatch):
+    """`load_stopped_on(device)`: `load_model` runs as on that device (transformers backend) and is stopped where
+    it calls `from_pretrained`; returns a dict that receives the path and whether a 4-bit config was passed."""
+    import torch
+    import transformers
+
+    import sdpo_unsloth.model as model_module
+    from sdpo_unsloth.bootstrap import Backend
+
+    seen: dict = {}
+
+    def stop(path, **kwargs):
+        seen.update(path=path, load_in_4bit="quantization_config" in kwargs)
+        raise RuntimeError("stop here")
+
+    def pretend(device: str) -> dict:
+        monkeypatch.setattr(model_module, "bootstrap", lambda *a: Backend("transformers", device, "test"))
+        monkeypatch.setattr(model_module, "_resolve_path", lambda name: name)  # no embedded conversion
+        monkeypatch.setattr(model_module, "pick_dtype", lambda *a: torch.float16)
+        monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+        monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_pretrained", stop)
+        return seen
+
+    return pretend

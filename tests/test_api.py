@@ -552,21 +552,14 @@ def test_evaluating_a_4bit_model_on_cpu_leaves_its_gradients_as_they_were(tiny_m
         ("some/hub-model", "cuda", False, False),
     ],
 )
-def test_the_4bit_default_skips_the_embedded_model(monkeypatch, model, device, explicit, expected):
-    """What `train()` hands `load_model` as `load_in_4bit`, per model and device (the loader is stopped there)."""
+def test_the_4bit_default_skips_the_embedded_model(load_stopped_on, model, device, explicit, expected):
+    """Whether `train()`'s loading quantises the base, per model and device (stopped at `from_pretrained`)."""
     from types import SimpleNamespace
 
-    import sdpo_unsloth.model as model_module
     from sdpo_unsloth.api import _load_student
     from sdpo_unsloth.bootstrap import Backend
 
-    seen = {}
-
-    def stop(name, **kwargs):
-        seen.update(kwargs, name=name)
-        raise RuntimeError("stop here")
-
-    monkeypatch.setattr(model_module, "load_model", stop)
+    seen = load_stopped_on(device)
     args = SimpleNamespace(bf16=False, fp16=device == "cuda", gradient_checkpointing=False, seed=0)
     with pytest.raises(RuntimeError, match="stop here"):
         _load_student(
@@ -578,7 +571,7 @@ def test_the_4bit_default_skips_the_embedded_model(monkeypatch, model, device, e
             load_in_4bit=explicit,
             max_seq_length=64,
         )
-    assert seen["name"] == model and seen["load_in_4bit"] is expected
+    assert seen["path"] == model and seen["load_in_4bit"] is expected
 
 
 def test_load_model_defaults_to_trains_base(tiny_model_dir):

@@ -187,20 +187,14 @@ def test_with_sdpo_off_only_the_reward_spread_counts(tiny):
 
 
 @pytest.mark.parametrize(("model", "expected"), [("embedded", False), ("some/hub-model", True)])
-def test_preflight_loads_the_base_as_train_does_on_a_gpu(monkeypatch, model, expected):
-    """On a (pretended) GPU: nf4 for a named model, 16-bit for the embedded one, as `train()` (loader stopped)."""
-    import sdpo_unsloth.model as model_module
+def test_preflight_loads_the_base_as_train_does_on_a_gpu(monkeypatch, load_stopped_on, model, expected):
+    """On a (pretended) GPU: nf4 for a named model, 16-bit for the embedded one, as `train()` (stopped at
+    `from_pretrained`)."""
     import sdpo_unsloth.preflight as preflight_module
     from sdpo_unsloth.bootstrap import Backend
 
-    seen = {}
-
-    def stop(name, **kwargs):
-        seen.update(kwargs, name=name)
-        raise RuntimeError("stop here")
-
+    seen = load_stopped_on("cuda")
     monkeypatch.setattr(preflight_module, "bootstrap", lambda *a: Backend("transformers", "cuda", "test"))
-    monkeypatch.setattr(model_module, "load_model", stop)
     with pytest.raises(RuntimeError, match="stop here"):
         preflight(model, "addition")
-    assert seen["name"] == model and seen["load_in_4bit"] is expected
+    assert seen["path"] == model and seen["load_in_4bit"] is expected
