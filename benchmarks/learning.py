@@ -117,7 +117,8 @@ def method_spec(method: str, s: dict) -> tuple[float, float | None, str, bool]:
     (`dont_reprompt_on_self_success=False`); `NAME@LR` overrides the learning rate; `~alpha=A`, `~ema=R`,
     `~topk=K|full` override an SDPO setting, `~scale=group|batch|none` GRPOConfig.scale_rewards, `~reveal=0` keeps
     the expected answer out of a gym task's feedback (GymReward.reveal_answer), `~teacher=M` SDPOConfig.teacher_mode,
-    `~sampled=1` SDPOConfig.sampled_token, `~beta=B` GRPOConfig.beta (`settings_of`)."""
+    `~sampled=1` SDPOConfig.sampled_token, `~beta=B` GRPOConfig.beta, `~anchor=A` SDPOConfig.distill_anchor
+    (`settings_of`)."""
     name, _, lr = report.knobs(method)[0].partition("@")
     lr_value = float(lr) if lr else s["learning_rate"]
     name, plus, flag = name.partition("+")
@@ -404,6 +405,7 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
             hybrid_mode=hybrid_mode,
             dont_reprompt_on_self_success=not own_success,
             sampled_token=s.get("sampled_token", False),
+            distill_anchor=s.get("distill_anchor", 0.0),
         )
     )
     args = GRPOConfig(

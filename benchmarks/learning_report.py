@@ -239,6 +239,7 @@ KNOBS = {
     "teacher": "teacher_mode",  # SDPOConfig.teacher_mode: ema (default), frozen, live, trust_region
     "sampled": "sampled_token",  # SDPOConfig.sampled_token: 1 = distil only the sampled token's log-ratio
     "beta": "beta",  # GRPOConfig.beta: TRL's KL penalty to the initial policy (SDPO adds it in its own loss)
+    "anchor": "distill_anchor",  # SDPOConfig.distill_anchor: that penalty on the distilled samples only
 }  # `~name=value` -> setting
 
 

@@ -179,6 +179,15 @@ class SDPOConfig:
             "success is reinforced by GRPO and not distilled, a failure gets both. Needs grpo_weight > 0."
         ),
     )
+    distill_anchor: float = field(
+        default=0.0,
+        metadata=_help(
+            "Weight of a KL penalty to the initial policy on the distilled samples only: TRL's beta x k3(p, "
+            "p_ref) per completion token, normalised as its loss_type, as GRPOConfig.beta adds on every sample. "
+            "It holds back the teacher's pull where distilling narrows the student to a few answers, and leaves "
+            "the hybrid's GRPO samples free. Adds to GRPOConfig.beta on those samples. 0 = off."
+        ),
+    )
     sampled_token: bool = field(
         default=False,
         metadata=_help(
@@ -264,6 +273,8 @@ class SDPOConfig:
             fail("success_reward_threshold", "a finite number", self.success_reward_threshold)
         if not finite(self.grpo_weight) or not 0.0 <= self.grpo_weight <= 1.0:
             fail("grpo_weight", "in [0, 1]", self.grpo_weight, "the paper's hybrid used 0.9 for a 0.6B model")
+        if not finite(self.distill_anchor) or self.distill_anchor < 0:
+            fail("distill_anchor", "a finite number >= 0", self.distill_anchor, "e.g. 0.1; 0 turns it off")
         if self.hybrid_mode not in HYBRID_MODES:
             fail("hybrid_mode", f"one of {', '.join(HYBRID_MODES)}", self.hybrid_mode)
         if self.hybrid_mode != "fixed" and self.grpo_weight == 0:

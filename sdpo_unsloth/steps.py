@@ -125,7 +125,7 @@ class StepStats:
             means.append("sdpo/is_clip_frac")
         if not cfg.sampled_token:
             means.append("sdpo/teacher_student_kl")
-        if self.reference_kl_beta > 0:
+        if self.reference_kl_beta > 0 or cfg.distill_anchor > 0:
             means.append("kl")  # TRL's name for the mean KL to the reference
         return tuple(means), ("sdpo/grpo_loss",) if cfg.grpo_weight > 0 else ()
 

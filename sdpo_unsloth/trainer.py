@@ -139,6 +139,12 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
                 f"loss_type {', '.join(HYBRID_LOSS_TYPES)}. Use one of those, or beta=0.0."
             )
         self.reference_kl_beta = beta
+        anchor = sdpo_config.distill_anchor if sdpo_config.enabled else 0.0
+        if anchor and args is not None and getattr(args, "loss_type", "dapo") not in HYBRID_LOSS_TYPES:
+            raise ValueError(
+                f"SDPOConfig.distill_anchor={anchor} with loss_type={args.loss_type!r}: the anchor's KL term is "
+                f"normalised as TRL's loss_type {', '.join(HYBRID_LOSS_TYPES)}. Use one of those, or distill_anchor=0."
+            )
         if sdpo_config.enabled and args is not None:
             entropy = {
                 "entropy_coef": (getattr(args, "entropy_coef", 0.0), 0.0),
@@ -194,7 +200,7 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
         self._warned_reprompt_budget = False
         check_trainer_inputs(args, kwargs.get("train_dataset"), kwargs.get("processing_class"))
         model, self._teacher_adapter = _prepare_model(model, sdpo_config, peft_config)
-        self._reference_adapter = _reference_adapter(model) if beta else None
+        self._reference_adapter = _reference_adapter(model) if beta or anchor else None
         if beta:
             args.beta = 0.0  # restored below: the user's config keeps its value
         try:
@@ -752,24 +758,32 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
             grpo_grid = scatter(-torch.minimum(ratio * advantages, clipped * advantages) * rollout)
             loss = loss + self._grpo_term(grpo_grid * mix, row_mask, inputs)
             self._add_stat("sdpo/grpo_loss", float(self._grpo_term(grpo_grid.detach(), row_mask, inputs)))
-        if beta > 0:
-            # TRL's KL penalty: beta x k3(p, p_ref) on every completion token, normalised as GRPO's loss
+        # TRL's KL penalty, weight x k3(p, p_ref) per completion token, normalised as GRPO's loss: GRPOConfig.beta
+        # on every row, SDPOConfig.distill_anchor on the rows distilled; the reference scores only rows weighted.
+        kl_weight = beta + cfg.distill_anchor * teacher_rows.to(student_hidden.dtype)  # [B_r]
+        anchored = kl_weight > 0  # [B_r]
+        if anchored.any():
+            on = anchored[:, None].expand_as(selected)[selected]  # [N]: tokens of anchored rows
             with torch.no_grad(), dropout_off(peft_model), adapter_scope(peft_model, self._reference_adapter):
-                reference_hidden = self._completion_hidden(peft_model, ids, attention, length)
+                reference_hidden = self._completion_hidden(
+                    peft_model, ids[anchored], attention[anchored], length
+                )
             reference_logp = sdpo_loss.sampled_logps(
-                reference_hidden[selected],
+                reference_hidden[selected[anchored]],
                 head.weight,
-                completion_ids[rows][selected],
+                completion_ids[rows][anchored][selected[anchored]],
                 temperature=head.temperature(self.temperature),
                 lm_head_bias=head.bias,
                 logit_softcap=head.softcap,
                 chunk_size=cfg.logit_chunk_size,
             )
-            kl = sdpo_loss.reference_kl(terms.student_logp, reference_logp)  # [N]
+            kl = sdpo_loss.reference_kl(terms.student_logp[on], reference_logp)  # [N_a]
             if getattr(self.args, "use_bias_correction_kl", False):
-                kl = kl * torch.exp(terms.student_logp - logp_old)
-            loss = loss + self._grpo_term(scatter(beta * kl), row_mask, inputs)
-            self._add_stat("kl", float(kl.detach().sum()), float(selected.sum()))
+                kl = kl * torch.exp(terms.student_logp[on] - logp_old[on])
+            per_token = torch.zeros_like(terms.student_logp).masked_scatter(on, kl)  # [N]
+            weights = kl_weight[:, None].expand_as(selected)[selected]  # [N]
+            loss = loss + self._grpo_term(scatter(weights * per_token), row_mask, inputs)
+            self._add_stat("kl", float(kl.detach().sum()), float(on.sum()))
         if not torch.isfinite(loss):
             raise FloatingPointError(
                 f"the SDPO loss is {float(loss)} at step {self.state.global_step}; the step was refused and nothing "

@@ -179,10 +179,11 @@ def test_hybrid_update_equals_a_hand_computation(tmp_path, mode, weight):
 
 
 def _assert_update_is_the_hand_computed_step(
-    model, inputs, student0, update, expected_mix, expected_distill, lr
+    model, inputs, student0, update, expected_mix, expected_distill, lr, kl_weights=None
 ):
     """`update` (one SGD step, no clipping) is -lr x the gradient of mean_i g_i GRPO_i (on-policy: -A_i token mean)
-    + the sum of d_i x the token-mean JSD of the sequences with a teacher / their number."""
+    + the sum of d_i x the token-mean JSD of the sequences with a teacher / their number
+    + mean_i kl_weights[i] x the token mean of k3(p, p_ref), p_ref the base (a fresh LoRA switched off)."""
     rows_n = len(expected_mix)
     with torch.no_grad():  # back to the weights the step saw
         for n, p in model.named_parameters():
@@ -190,7 +191,7 @@ def _assert_update_is_the_hand_computed_step(
                 p.copy_(student0[n])
     model.zero_grad()
     model.train()
-    grpo_terms, sdpo_terms = [], []
+    grpo_terms, sdpo_terms, kl_terms = [], [], []
     for row in range(rows_n):
         length = int(inputs["completion_mask"][row].sum())
         completion = inputs["completion_ids"][row, :length]
@@ -207,13 +208,25 @@ def _assert_update_is_the_hand_computed_step(
                 _, teacher_logits = row_logps(model, teacher_prompt, completion)
             jsd = divergence(student_logits.log_softmax(-1), teacher_logits.log_softmax(-1), 0.5).mean()
             sdpo_terms.append(expected_distill[row] * jsd)
-    loss = sum(grpo_terms) / len(grpo_terms) + sum(sdpo_terms) / len(sdpo_terms)
-    loss.backward()
+        if kl_weights is not None and kl_weights[row]:
+            with torch.no_grad(), model.disable_adapter():
+                reference_logp, _ = row_logps(model, prompt, completion)
+            log_ratio = reference_logp - student_logp
+            # TRL's use_bias_correction_kl (its default): k3 x the importance ratio, 1 on-policy, gradient dlog p
+            kl_terms.append(kl_weights[row] * ((log_ratio.exp() - log_ratio - 1) * ratio).mean())
+    loss = sum(grpo_terms) / rows_n + sum(sdpo_terms) / len(sdpo_terms)
+    params = {n: p for n, p in model.named_parameters() if ".default." in n}
+    grads = dict(
+        zip(params, torch.autograd.grad(loss, list(params.values()), retain_graph=True), strict=True)
+    )
+    if kl_terms:  # the KL's share on its own: a visible part of the update, far above the tolerance
+        kl_grads = torch.autograd.grad(sum(kl_terms) / rows_n, list(params.values()))
+        assert max(float(g.abs().max()) for g in kl_grads) * lr > 1e-5
+        grads = {n: grads[n] + g for n, g in zip(params, kl_grads, strict=True)}
     moved = 0.0
-    for n, p in model.named_parameters():
-        if ".default." in n:
-            torch.testing.assert_close(update[n], -lr * p.grad, rtol=1e-3, atol=1e-7)
-            moved = max(moved, float(update[n].abs().max()))
+    for n in params:
+        torch.testing.assert_close(update[n], -lr * grads[n], rtol=1e-3, atol=1e-7)
+        moved = max(moved, float(update[n].abs().max()))
     assert moved > 1e-5
 
 
@@ -435,4 +448,56 @@ def test_teacher_forward_runs_without_the_padding_of_rows_it_does_not_distil(tmp
     assert widths == [(longest_distilled, True)]  # one teacher forward, no all-padding column
     _assert_update_is_the_hand_computed_step(
         model, inputs, student0, update, [1.0 - d for d in distill], distill, lr
+    )
+
+
+def test_distill_anchor_update_equals_a_hand_computation(tmp_path):
+    """SDPOConfig.distill_anchor with the per-group hybrid, two SGD steps through trainer.train() (the KL's gradient
+    is 0 at the first: the student is its reference there): the second step's update equals -lr x the gradient of
+    the hybrid's loss plus anchor x k3 to the initial policy on the distilled samples only (the all-failed group),
+    none on the group GRPO trains."""
+    from transformers import TrainerCallback
+
+    lr, anchor = 1.0, 3.0
+    trainer = make_trainer(
+        tmp_path,
+        SDPOConfig(
+            grpo_weight=1.0,
+            hybrid_mode="per_group",
+            distillation_topk=None,
+            teacher_update_rate=0.0,
+            distill_anchor=anchor,
+        ),
+        reward=FirstOfFirstPrompt(),
+        per_device_train_batch_size=8,
+        gradient_accumulation_steps=1,
+        max_steps=2,
+        optim="sgd",
+        learning_rate=lr,
+        lr_scheduler_type="constant",
+        max_grad_norm=0.0,
+        loss_type="grpo",
+    )
+    model = trainer.model
+    before = {}
+
+    class BeforeSecondStep(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            if state.global_step == 1:
+                before.update(
+                    {n: p.detach().clone() for n, p in model.named_parameters() if ".default." in n}
+                )
+
+    trainer.add_callback(BeforeSecondStep())
+    trainer.train()
+    inputs = trainer._buffered_inputs[0]  # the second step's generation batch
+    update = {n: p.detach() - before[n] for n, p in model.named_parameters() if ".default." in n}
+    distill = inputs["sdpo_distill_weight"].tolist()
+    assert 0 < sum(distill) < 8  # one group distilled, the other trained by GRPO
+    teacher = inputs["sdpo_sample_mask"].tolist()
+    anchored = [anchor if d > 0 and t else 0.0 for d, t in zip(distill, teacher, strict=True)]
+    kl = [e["kl"] for e in trainer.state.log_history if "kl" in e]
+    assert kl[0] == 0.0 and kl[1] > 0  # the anchor's KL: 0 at the start, then the student has moved
+    _assert_update_is_the_hand_computed_step(
+        model, inputs, before, update, inputs["sdpo_grpo_weight"].tolist(), distill, lr, kl_weights=anchored
     )

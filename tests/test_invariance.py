@@ -71,7 +71,7 @@ def assert_same_update(reference, other):
             torch.testing.assert_close(ours[key], theirs[key], rtol=1e-4, atol=1e-4 * scale)
     assert len(logs_a) == len(logs_b) > 0
     for entry_a, entry_b in zip(logs_a, logs_b, strict=True):
-        for key in ("loss", "sdpo/distill_loss", "sdpo/teacher_student_kl", "sdpo/grpo_loss"):
+        for key in ("loss", "sdpo/distill_loss", "sdpo/teacher_student_kl", "sdpo/grpo_loss", "kl"):
             if key in entry_a or key in entry_b:
                 assert entry_a[key] == pytest.approx(entry_b[key], rel=1e-3, abs=1e-9), key
 
@@ -80,6 +80,9 @@ CONFIGS = {
     "sdpo": SDPOConfig(teacher_update_rate=0.5),
     "hybrid": SDPOConfig(teacher_update_rate=0.5, grpo_weight=0.5),
     "sampled_token": SDPOConfig(teacher_update_rate=0.5, alpha=1.0, sampled_token=True),
+    "anchor": SDPOConfig(
+        teacher_update_rate=0.5, grpo_weight=1.0, hybrid_mode="per_group", distill_anchor=2.0
+    ),
 }
 
 
@@ -89,6 +92,8 @@ def test_gradient_accumulation_gives_the_unsplit_update(tmp_path, config):
     assert_same_update(whole, run(tmp_path, "ga2", CONFIGS[config], batch=4, accumulation=2))
     if config == "sdpo":
         assert_same_update(whole, run(tmp_path, "ga4", CONFIGS[config], batch=2, accumulation=4))
+    if config == "anchor":  # the anchor's KL is in the second step's update (0 at the first: p = p_ref)
+        assert [e.get("kl", 0.0) > 0 for e in whole[2]] == [False, True]
 
 
 def test_steps_per_generation_above_accumulation(tmp_path):

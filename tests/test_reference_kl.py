@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import make_tiny_model, make_tiny_tokenizer
 from test_hybrid import OneWinnerPerGroup
-from test_invariance import run
+from test_invariance import WrongWithFeedback, run
 from test_trainer import adapter_tensors, make_trainer
 
 from sdpo_unsloth import SDPOConfig
@@ -120,3 +120,29 @@ def test_pure_sdpo_with_beta_does_not_call_loss_type_unused(tmp_path):
     with pytest.warns(UserWarning, match=r"GRPOConfig sets epsilon=0\.3, which only GRPO's loss") as caught:
         make_trainer(tmp_path, SDPOConfig(), beta=0.1, loss_type="grpo", epsilon=0.3)
     assert not any("loss_type=" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize("value", [-0.1, float("nan"), float("inf")])
+def test_distill_anchor_rejects_a_weight_that_is_not_a_finite_number_from_0(value):
+    with pytest.raises(ValueError, match=r"`distill_anchor` must be a finite number >= 0"):
+        SDPOConfig(distill_anchor=value)
+
+
+def test_distill_anchor_rejects_a_loss_type_whose_normalisation_it_does_not_reproduce(tmp_path):
+    with pytest.raises(ValueError, match=r"distill_anchor=0\.1 with loss_type='cispo'"):
+        make_trainer(tmp_path, SDPOConfig(distill_anchor=0.1), loss_type="cispo")
+
+
+def test_distill_anchor_on_pure_sdpo_is_beta(tmp_path):
+    """Pure SDPO distils every sample with a teacher, so the anchor there is GRPOConfig.beta on the samples with a
+    teacher: with every sample failing with feedback, the same two train() steps (SGD) as beta at the same weight."""
+    kw = {"max_grad_norm": 0.0}
+    beta = run(tmp_path, "beta", SDPOConfig(), 4, 2, WrongWithFeedback(), beta=5.0, **kw)
+    anchor = run(tmp_path, "anchor", SDPOConfig(distill_anchor=5.0), 4, 2, WrongWithFeedback(), **kw)
+    plain = run(tmp_path, "plain", SDPOConfig(), 4, 2, WrongWithFeedback(), **kw)
+    assert beta[3] == anchor[3] == plain[3]  # the same rollouts
+    scale = max(float(v.abs().max()) for v in beta[0].values())
+    for key in beta[0]:
+        torch.testing.assert_close(anchor[0][key], beta[0][key], rtol=1e-4, atol=1e-5 * scale)
+    assert _differ(anchor[0], plain[0]) > 1e-2 * scale  # the anchor is what made the difference
+    assert [e["kl"] for e in anchor[2]] == pytest.approx([e["kl"] for e in beta[2]], rel=1e-4)
