@@ -661,6 +661,8 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
                      ("grpo": sum over sequences of token means / (rows x accumulation); "dapo", TRL's
                      default: token sum / the window's tokens; see `_grpo_term`)
             loss   = L_GRPO + L_SDPO     (without the hybrid: g_i = 0, d_i = 1)
+                     + the KL penalty to the initial policy, k_i x k3 normalised as L_GRPO, with k_i =
+                       GRPOConfig.beta + SDPOConfig.distill_anchor if sequence i is distilled, else beta
 
         (g_i, d_i) per `hybrid_mode` (`steps.hybrid_weights`): "fixed" (w, 1 - w) for every sequence;
         "per_group" that in prompt groups whose rewards differ and (0, 1) in the others; "failed_groups" as
