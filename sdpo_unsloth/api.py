@@ -237,6 +237,7 @@ def train(
     teacher_update_rate: float | None = None,
     grpo_weight: float | None = None,
     hybrid_mode: HybridMode | None = None,
+    distill_anchor: float | None = None,
     lora_r: int = 16,
     lora_alpha: int | None = None,
     load_in_4bit: bool | None = None,
@@ -296,6 +297,9 @@ def train(
             elsewhere; the default), "failed_groups" (the same, but a group that all succeeded is not distilled),
             "failures" (GRPO on every sample, distillation on the failed ones) or "fixed" (grpo_weight on every
             sample; the default with grpo_weight=0).
+        distill_anchor: weight of a KL penalty to the initial policy on the distilled samples only (TRL's k3, as
+            GRPOConfig.beta puts on every sample); it holds a student that distillation narrows to a few answers
+            near where it started. 0 is off.
         lora_r: LoRA rank of the student.
         lora_alpha: LoRA alpha (default: lora_r).
         load_in_4bit: nf4 base weights; default True on a CUDA GPU, False on CPU (bitsandbytes' CPU
@@ -367,6 +371,7 @@ def train(
         teacher_update_rate=teacher_update_rate,
         grpo_weight=grpo_weight,
         hybrid_mode=hybrid_mode,
+        distill_anchor=distill_anchor,
         time_budget=time_budget,
         reward_timeout=reward_timeout,  # 0: no limit
     )
