@@ -139,13 +139,15 @@ def constant_completion(graded: list[tuple[str, float | None]]) -> tuple[str, in
 
 
 def anchor_advice(sdpo: Any, beta: float) -> str:
-    """The KL anchor as advice against a narrowing student, unless it is on already (or the run is plain GRPO)."""
-    if not sdpo.enabled or beta > 0:
+    """The KL anchor as advice against a narrowing student, unless one is on already (GRPOConfig.beta or
+    SDPOConfig.distill_anchor) or the run is plain GRPO."""
+    if not sdpo.enabled or beta > 0 or sdpo.distill_anchor > 0:
         return ""
     return (
-        " Or anchor the student to where it started: GRPOConfig(beta=0.1), TRL's KL penalty to the initial "
-        "policy, which kept the learning panel's count_bits students from narrowing to a few answers "
-        "(docs/benchmarks.md, 'KL anchor')."
+        " Or hold the distilled samples near where the student started: SDPOConfig(distill_anchor=0.1) "
+        "(train(..., distill_anchor=0.1)), TRL's KL penalty to the initial policy on the samples SDPO distils, "
+        "which kept the learning panel's count_bits students from narrowing to a few answers (docs/benchmarks.md, "
+        "'KL anchor'); GRPOConfig(beta=0.1) puts it on every sample."
     )
 
 

@@ -117,14 +117,21 @@ def test_the_advice_follows_the_configuration(tmp_path, mode, distils):
         and "grpo_weight=0" in messages[0]
         and "enabled=False" in messages[0]
     )
-    assert "GRPOConfig(beta=0.1)" in messages[0]  # the KL anchor, not on in this run
+    assert "SDPOConfig(distill_anchor=0.1)" in messages[0]  # the KL anchor, not on in this run
 
 
-def test_the_advice_does_not_name_the_kl_anchor_to_a_run_that_has_it(tmp_path):
-    sdpo = SDPOConfig(diagnostics_samples=0, warn_noop=False, grpo_weight=1.0, hybrid_mode="per_group")
-    _, _, _, messages = monitored_run(tmp_path, [0.1, 0.1, 0.1], sdpo=sdpo, beta=0.1)
+@pytest.mark.parametrize(("anchor", "beta"), [(0.0, 0.1), (0.1, 0.0)])
+def test_the_advice_does_not_name_the_kl_anchor_to_a_run_that_has_it(tmp_path, anchor, beta):
+    sdpo = SDPOConfig(
+        diagnostics_samples=0,
+        warn_noop=False,
+        grpo_weight=1.0,
+        hybrid_mode="per_group",
+        distill_anchor=anchor,
+    )
+    _, _, _, messages = monitored_run(tmp_path, [0.1, 0.1, 0.1], sdpo=sdpo, beta=beta)
     assert len(messages) == 1 and "Lower learning_rate" in messages[0]
-    assert "beta=" not in messages[0]
+    assert "beta=" not in messages[0] and "distill_anchor=" not in messages[0]
 
 
 @pytest.mark.parametrize(
