@@ -54,7 +54,8 @@ DEFAULTS: dict[str, Any] = {
 # was at or above GRPO's, and pure SDPO's where that beat GRPO, on addition, code and basic_arithmetic, and
 # below on lcm (below both; every method's student repeats the question's numbers there), count_bits (below
 # GRPO; nothing learns there) and gcd (below GRPO, whose seeds spread widest); no option measured beat it across
-# the tasks (the figures: README's panel table and docs/benchmarks.md, "learning-panel", generated from the records).
+# the tasks: SDPOConfig.distill_anchor=0.1 meets count_bits and ends gcd and lcm lower (the figures: README's panel
+# table and docs/benchmarks.md, "learning-panel", generated from the records).
 SDPO_DEFAULTS: dict[str, Any] = {"grpo_weight": 1.0, "hybrid_mode": "per_group"}
 
 
