@@ -158,7 +158,22 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
                         "(SDPOConfig(enabled=False)) for the entropy bonus."
                     )
         if sdpo_config.enabled and sdpo_config.grpo_weight == 0 and args is not None:
-            _warn_unused_grpo_options(args, beta)
+            _warn_unused_grpo_options(args, max(beta, anchor))
+        distils = sdpo_config.enabled and not (
+            sdpo_config.grpo_weight == 1.0 and sdpo_config.hybrid_mode == "fixed"
+        )
+        if sdpo_config.distill_anchor > 0 and not distils:
+            warnings.warn(
+                f"SDPOConfig.distill_anchor={sdpo_config.distill_anchor} has no effect: "
+                + (
+                    "SDPO is off (enabled=False), so nothing is distilled; for a KL penalty on plain GRPO use "
+                    "GRPOConfig.beta."
+                    if not sdpo_config.enabled
+                    else "grpo_weight=1 with hybrid_mode='fixed' distils no sample; use GRPOConfig.beta for a "
+                    "penalty on every sample, or a hybrid_mode that distils (e.g. 'per_group')."
+                ),
+                stacklevel=2,
+            )
         if sdpo_config.enabled and sdpo_config.grpo_weight > 0 and args is not None:
             unsupported = {
                 "loss_type": (getattr(args, "loss_type", "dapo"), HYBRID_LOSS_TYPES),
@@ -682,7 +697,8 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
         has_teacher = inputs["sdpo_sample_mask"] > 0  # [B]
         hybrid = cfg.grpo_weight > 0
         beta = self.reference_kl_beta
-        dense = hybrid or beta > 0  # every row with a completion token has a loss, a teacher or not
+        # every row with a completion token has a loss, a teacher or not (the KL term's normaliser counts them all)
+        dense = hybrid or beta > 0 or cfg.distill_anchor > 0
         if hybrid:  # a sequence weighted 1 on GRPO distils nothing: no teacher forward for it
             has_teacher = has_teacher & (inputs["sdpo_distill_weight"] > 0)
         rows = (mask.sum(dim=1) > 0) & (True if dense else has_teacher)  # [B]
@@ -762,7 +778,7 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
             self._add_stat("sdpo/grpo_loss", float(self._grpo_term(grpo_grid.detach(), row_mask, inputs)))
         # TRL's KL penalty, weight x k3(p, p_ref) per completion token, normalised as GRPO's loss: GRPOConfig.beta
         # on every row, SDPOConfig.distill_anchor on the rows distilled; the reference scores only rows weighted.
-        kl_weight = beta + cfg.distill_anchor * teacher_rows.to(student_hidden.dtype)  # [B_r]
+        kl_weight = beta + cfg.distill_anchor * teacher_rows.to(terms.student_logp.dtype)  # [B_r], fp32
         anchored = kl_weight > 0  # [B_r]
         if anchored.any():
             on = anchored[:, None].expand_as(selected)[selected]  # [N]: tokens of anchored rows

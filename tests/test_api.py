@@ -156,7 +156,7 @@ def test_flat_knobs_override_the_config_objects(tmp_path):
     seed = _build_sdpo_config(SDPOConfig())
     assert (seed.grpo_weight, seed.hybrid_mode) == (0.0, "fixed")  # a config passed is taken as is
     assert _build_sdpo_config(SDPOConfig(), distill_anchor=0.2).distill_anchor == 0.2
-    assert _build_sdpo_config(None, distill_anchor=0.0).distill_anchor == 0.0
+    assert _build_sdpo_config(None, distill_anchor=0.3).distill_anchor == 0.3
 
     user = GRPOConfig(
         output_dir="elsewhere",

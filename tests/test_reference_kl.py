@@ -146,3 +146,22 @@ def test_distill_anchor_on_pure_sdpo_is_beta(tmp_path):
         torch.testing.assert_close(anchor[0][key], beta[0][key], rtol=1e-4, atol=1e-5 * scale)
     assert _differ(anchor[0], plain[0]) > 1e-2 * scale  # the anchor is what made the difference
     assert [e["kl"] for e in anchor[2]] == pytest.approx([e["kl"] for e in beta[2]], rel=1e-4)
+
+
+def test_pure_sdpo_with_distill_anchor_does_not_call_loss_type_unused(tmp_path):
+    """The anchor's KL term is normalised as loss_type too: the unused-options warning leaves it out."""
+    with pytest.warns(UserWarning, match=r"GRPOConfig sets epsilon=0\.3, which only GRPO's loss") as caught:
+        make_trainer(tmp_path, SDPOConfig(distill_anchor=0.1), loss_type="grpo", epsilon=0.3)
+    assert not any("loss_type=" in str(w.message) for w in caught)
+
+
+@pytest.mark.parametrize(
+    ("config", "says"),
+    [
+        (SDPOConfig(enabled=False, distill_anchor=0.1), "SDPO is off"),
+        (SDPOConfig(grpo_weight=1.0, hybrid_mode="fixed", distill_anchor=0.1), "distils no sample"),
+    ],
+)
+def test_distill_anchor_that_can_do_nothing_says_so(tmp_path, config, says):
+    with pytest.warns(UserWarning, match=rf"distill_anchor=0\.1 has no effect: .*{says}"):
+        make_trainer(tmp_path, config)
