@@ -78,7 +78,9 @@ TRIM = sdpo_unsloth.trainer._trim_left_padding
 MIXES = {"worst case": AlwaysWrong, "half the groups succeed": HalfGroupsSucceed}
 
 
-def run(model_name: str, sdpo: dict, reward: object, steps: int, completion: int) -> list[float]:
+def run(
+    model_name: str, sdpo: dict, reward: object, steps: int, completion: int, beta: float = 0.0
+) -> list[float]:
     from datasets import Dataset
     from trl import GRPOConfig
 
@@ -97,6 +99,7 @@ def run(model_name: str, sdpo: dict, reward: object, steps: int, completion: int
         output_dir="/tmp/sdpo-step-time",
         max_completion_length=completion,
         max_steps=steps + 2,
+        beta=beta,
         **STEP_TIME_RUN,
     )
     trainer = SDPOTrainer(
