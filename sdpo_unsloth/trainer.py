@@ -133,18 +133,15 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
         beta = float(getattr(args, "beta", 0.0) or 0.0) if sdpo_config.enabled and args is not None else 0.0
         if beta < 0:
             raise ValueError(f"GRPOConfig.beta must be >= 0 (the KL penalty's weight), got {beta}.")
-        if beta and getattr(args, "loss_type", "dapo") not in HYBRID_LOSS_TYPES:
-            raise ValueError(
-                f"GRPOConfig.beta={beta} with loss_type={args.loss_type!r}: SDPO's KL term is normalised as TRL's "
-                f"loss_type {', '.join(HYBRID_LOSS_TYPES)}. Use one of those, or beta=0.0."
-            )
         self.reference_kl_beta = beta
         anchor = sdpo_config.distill_anchor if sdpo_config.enabled else 0.0
-        if anchor and args is not None and getattr(args, "loss_type", "dapo") not in HYBRID_LOSS_TYPES:
-            raise ValueError(
-                f"SDPOConfig.distill_anchor={anchor} with loss_type={args.loss_type!r}: the anchor's KL term is "
-                f"normalised as TRL's loss_type {', '.join(HYBRID_LOSS_TYPES)}. Use one of those, or distill_anchor=0."
-            )
+        # Both KL weights add one term, normalised as TRL's loss_type: refuse a loss_type it does not reproduce.
+        for name, weight in (("GRPOConfig.beta", beta), ("SDPOConfig.distill_anchor", anchor)):
+            if weight and args is not None and getattr(args, "loss_type", "dapo") not in HYBRID_LOSS_TYPES:
+                raise ValueError(
+                    f"{name}={weight} with loss_type={args.loss_type!r}: SDPO's KL term is normalised as TRL's "
+                    f"loss_type {', '.join(HYBRID_LOSS_TYPES)}. Use one of those, or {name.split('.')[1]}=0.0."
+                )
         if sdpo_config.enabled and args is not None:
             entropy = {
                 "entropy_coef": (getattr(args, "entropy_coef", 0.0), 0.0),
