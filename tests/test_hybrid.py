@@ -179,12 +179,24 @@ def test_hybrid_update_equals_a_hand_computation(tmp_path, mode, weight):
 
 
 def _assert_update_is_the_hand_computed_step(
-    model, inputs, student0, update, expected_mix, expected_distill, lr, kl_weights=None
+    model, inputs, student0, update, expected_mix, expected_distill, lr, kl_weights=None, loss_type="grpo"
 ):
-    """`update` (one SGD step, no clipping) is -lr x the gradient of mean_i g_i GRPO_i (on-policy: -A_i token mean)
-    + the sum of d_i x the token-mean JSD of the sequences with a teacher / their number
-    + mean_i kl_weights[i] x the token mean of k3(p, p_ref), p_ref the base (a fresh LoRA switched off)."""
+    """`update` (one SGD step, no clipping) is -lr x the gradient of
+    the sum of d_i x the token-mean JSD of the sequences with a teacher / their number
+    + the GRPO term g_i GRPO_i (on-policy: -A_i per token) and the KL term kl_weights[i] x k3(p, p_ref) per token
+    (p_ref the base: a fresh LoRA switched off), both normalised as `loss_type` over `inputs`, the step's whole
+    batch: "grpo" the mean over rows of their token means, "bnpo" / "dapo" the token sum / the batch's tokens
+    (for "bnpo" that is the micro-batch's, so `inputs` must be one micro-batch; "dapo" divides by the tokens of
+    the step's window, which may be several)."""
     rows_n = len(expected_mix)
+    assert loss_type in ("grpo", "bnpo", "dapo")
+    if loss_type == "grpo":
+        reduce, normaliser = torch.mean, rows_n  # each row's token mean, averaged over the rows
+    else:
+        reduce, normaliser = (
+            torch.sum,
+            float(inputs["completion_mask"].sum()),
+        )  # token sum / the batch's tokens
     with torch.no_grad():  # back to the weights the step saw
         for n, p in model.named_parameters():
             if ".default." in n:
@@ -199,7 +211,7 @@ def _assert_update_is_the_hand_computed_step(
         student_logp, student_logits = row_logps(model, prompt, completion)
         # On-policy ratio 1 with the gradient of log p: d/dθ of -A * exp(logp - sg(logp)) = -A dlogp.
         ratio = torch.exp(student_logp - student_logp.detach())
-        grpo_terms.append(expected_mix[row] * (-float(inputs["advantages"][row]) * ratio).mean())
+        grpo_terms.append(expected_mix[row] * reduce(-float(inputs["advantages"][row]) * ratio))
         if inputs["sdpo_sample_mask"][row]:
             teacher_prompt = inputs["sdpo_teacher_prompt_ids"][row][
                 inputs["sdpo_teacher_prompt_mask"][row].bool()
@@ -213,14 +225,14 @@ def _assert_update_is_the_hand_computed_step(
                 reference_logp, _ = row_logps(model, prompt, completion)
             log_ratio = reference_logp - student_logp
             # TRL's use_bias_correction_kl (its default): k3 x the importance ratio, 1 on-policy, gradient dlog p
-            kl_terms.append(kl_weights[row] * ((log_ratio.exp() - log_ratio - 1) * ratio).mean())
-    loss = sum(grpo_terms) / rows_n + sum(sdpo_terms) / len(sdpo_terms)
+            kl_terms.append(kl_weights[row] * reduce((log_ratio.exp() - log_ratio - 1) * ratio))
+    loss = sum(grpo_terms) / normaliser + sum(sdpo_terms) / len(sdpo_terms)
     params = {n: p for n, p in model.named_parameters() if ".default." in n}
     grads = dict(
         zip(params, torch.autograd.grad(loss, list(params.values()), retain_graph=True), strict=True)
     )
     if kl_terms:  # the KL's share on its own: a visible part of the update, far above the tolerance
-        kl_grads = torch.autograd.grad(sum(kl_terms) / rows_n, list(params.values()))
+        kl_grads = torch.autograd.grad(sum(kl_terms) / normaliser, list(params.values()))
         assert max(float(g.abs().max()) for g in kl_grads) * lr > 1e-5
         grads = {n: grads[n] + g for n, g in zip(params, kl_grads, strict=True)}
     moved = 0.0
@@ -451,32 +463,25 @@ def test_teacher_forward_runs_without_the_padding_of_rows_it_does_not_distil(tmp
     )
 
 
-def test_distill_anchor_update_equals_a_hand_computation(tmp_path):
-    """SDPOConfig.distill_anchor with the per-group hybrid, two SGD steps through trainer.train() (the KL's gradient
-    is 0 at the first: the student is its reference there): the second step's update equals -lr x the gradient of
-    the hybrid's loss plus anchor x k3 to the initial policy on the distilled samples only (the all-failed group),
-    none on the group GRPO trains."""
+def _second_sgd_step(tmp_path, sdpo_config, reward, accumulation, loss_type, lr):
+    """Two SGD steps through trainer.train() at a constant lr, no clipping (a KL to the initial policy has no
+    gradient at the first: the student is its reference there): (model, the student adapter before the second
+    step, the second step's update, that step's batch as one dict - its micro-batches put back together -, the
+    trainer's log)."""
     from transformers import TrainerCallback
 
-    lr, anchor = 1.0, 3.0
     trainer = make_trainer(
         tmp_path,
-        SDPOConfig(
-            grpo_weight=1.0,
-            hybrid_mode="per_group",
-            distillation_topk=None,
-            teacher_update_rate=0.0,
-            distill_anchor=anchor,
-        ),
-        reward=FirstOfFirstPrompt(),
-        per_device_train_batch_size=8,
-        gradient_accumulation_steps=1,
+        sdpo_config,
+        reward=reward,
+        per_device_train_batch_size=8 // accumulation,
+        gradient_accumulation_steps=accumulation,
         max_steps=2,
         optim="sgd",
         learning_rate=lr,
         lr_scheduler_type="constant",
         max_grad_norm=0.0,
-        loss_type="grpo",
+        loss_type=loss_type,
     )
     model = trainer.model
     before = {}
@@ -490,16 +495,89 @@ def test_distill_anchor_update_equals_a_hand_computation(tmp_path):
 
     trainer.add_callback(BeforeSecondStep())
     trainer.train()
-    inputs = trainer._buffered_inputs[0]  # the second step's generation batch
     update = {n: p.detach() - before[n] for n, p in model.named_parameters() if ".default." in n}
+    parts = trainer._buffered_inputs  # the second step's generation batch, one entry per micro-batch
+    assert len(parts) == accumulation
+    inputs = {
+        key: torch.cat([part[key] for part in parts])
+        if isinstance(value, torch.Tensor) and value.dim() > 0 and value.size(0) == 8 // accumulation
+        else value
+        for key, value in parts[0].items()
+    }
+    return model, before, update, inputs, trainer.state.log_history
+
+
+@pytest.mark.parametrize(("loss_type", "accumulation"), [("grpo", 1), ("dapo", 2)])
+def test_distill_anchor_update_equals_a_hand_computation(tmp_path, loss_type, accumulation):
+    """SDPOConfig.distill_anchor with the per-group hybrid: the second SGD step's update equals -lr x the gradient
+    of the hybrid's loss plus anchor x k3 to the initial policy on the distilled samples only (the all-failed
+    group), none on the group GRPO trains, normalised as loss_type ("dapo", TRL's default: over the tokens of the
+    whole accumulation window, here two micro-batches)."""
+    lr, anchor = 1.0, 3.0
+    config = SDPOConfig(
+        grpo_weight=1.0,
+        hybrid_mode="per_group",
+        distillation_topk=None,
+        teacher_update_rate=0.0,
+        distill_anchor=anchor,
+    )
+    model, before, update, inputs, log = _second_sgd_step(
+        tmp_path, config, FirstOfFirstPrompt(), accumulation, loss_type, lr
+    )
     distill = inputs["sdpo_distill_weight"].tolist()
     assert 0 < sum(distill) < 8  # one group distilled, the other trained by GRPO
     teacher = inputs["sdpo_sample_mask"].tolist()
     anchored = [anchor if d > 0 and t else 0.0 for d, t in zip(distill, teacher, strict=True)]
-    kl = [e["kl"] for e in trainer.state.log_history if "kl" in e]
+    kl = [e["kl"] for e in log if "kl" in e]
     assert (
         kl[0] == pytest.approx(0.0, abs=1e-9) and kl[1] > 0
     )  # the anchor's KL: 0 at the start, then the student has moved
     _assert_update_is_the_hand_computed_step(
-        model, inputs, before, update, inputs["sdpo_grpo_weight"].tolist(), distill, lr, kl_weights=anchored
+        model,
+        inputs,
+        before,
+        update,
+        inputs["sdpo_grpo_weight"].tolist(),
+        distill,
+        lr,
+        kl_weights=anchored,
+        loss_type=loss_type,
+    )
+
+
+class FeedbackForTheFirstPrompt:
+    """Every sample fails; those of the first prompt get feedback (a teacher), the others none (no teacher)."""
+
+    __name__ = "feedback_for_the_first_prompt"
+
+    def __call__(self, prompts, completions, answer, **kwargs):
+        self.last_feedback = [
+            f"Wrong. The answer is {a}." if p == prompts[0] else ""
+            for p, a in zip(prompts, answer, strict=True)
+        ]
+        return [0.0] * len(completions)
+
+
+def test_pure_sdpo_distill_anchor_under_bnpo_counts_the_rows_without_a_teacher(tmp_path):
+    """Pure SDPO with the anchor and loss_type "bnpo": the KL on the rows with a teacher is divided by the tokens of
+    every row of the micro-batch, as TRL's bnpo term (not by the teacher rows' tokens only)."""
+    lr, anchor = 1.0, 3.0
+    config = SDPOConfig(distillation_topk=None, teacher_update_rate=0.0, distill_anchor=anchor)
+    model, before, update, inputs, _ = _second_sgd_step(
+        tmp_path, config, FeedbackForTheFirstPrompt(), 1, "bnpo", lr
+    )
+    teacher = inputs["sdpo_sample_mask"].tolist()
+    assert teacher.count(1) == 4 and teacher.count(0) == 4  # one group with a teacher, one without
+    lengths = inputs["completion_mask"].sum(dim=1)
+    assert float(lengths[inputs["sdpo_sample_mask"] == 0].sum()) > 0  # rows without a teacher have tokens
+    _assert_update_is_the_hand_computed_step(
+        model,
+        inputs,
+        before,
+        update,
+        [0.0] * 8,
+        [float(t) for t in teacher],
+        lr,
+        kl_weights=[anchor * t for t in teacher],
+        loss_type="bnpo",
     )
