@@ -192,11 +192,8 @@ def _assert_update_is_the_hand_computed_step(
     assert loss_type in ("grpo", "bnpo", "dapo")
     if loss_type == "grpo":
         reduce, normaliser = torch.mean, rows_n  # each row's token mean, averaged over the rows
-    else:
-        reduce, normaliser = (
-            torch.sum,
-            float(inputs["completion_mask"].sum()),
-        )  # token sum / the batch's tokens
+    else:  # the token sum / the batch's tokens
+        reduce, normaliser = torch.sum, float(inputs["completion_mask"].sum())
     with torch.no_grad():  # back to the weights the step saw
         for n, p in model.named_parameters():
             if ".default." in n:
