@@ -610,7 +610,8 @@ def main(argv: list[str] | None = None) -> int:
             summary,
             PLOT,
             f"GRPO (blue), SDPO (red), per-group hybrid (orange), failed-groups hybrid (black), "
-            f"GRPO + SDPO on failures (green); train()'s default: {report.HYBRID_NAMES[report.default_method()]}\n"
+            f"GRPO + SDPO on failures (green), dash-dotted with a setting changed; train()'s default: "
+            f"{report.HYBRID_NAMES[report.default_method()]}\n"
             f"SmolLM2-135M-Instruct, CPU, {m['max_steps']} steps, "
             f"{m['max_completion_length']}-token budget (thin: per seed, thick: mean)",
         )

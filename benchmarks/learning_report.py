@@ -43,10 +43,12 @@ PANEL = (
     "seeds2.jsonl",
     "fgx.jsonl",
     "anchor.jsonl",
+    "anchor2.jsonl",
+    "fga.jsonl",
 )
 """The panel's records in docs/panel/: the README's table and docs/benchmarks.md are `--report-only` of all of them
 (panel.jsonl is on the earlier split, the others on the distinct one; exact.jsonl, exact2.jsonl, causes.jsonl,
-seeds.jsonl, beta.jsonl, beta03.jsonl, seeds2.jsonl, fgx.jsonl and anchor.jsonl hold the gym runs scored with a number right or wrong, the others' gym runs had the verifier's substring
+seeds.jsonl, beta.jsonl, beta03.jsonl, seeds2.jsonl, fgx.jsonl, anchor.jsonl, anchor2.jsonl and fga.jsonl hold the gym runs scored with a number right or wrong, the others' gym runs had the verifier's substring
 credit: see `records`)."""
 ORDER = {"grpo": 0, "sdpo": 1, "fail": 2}
 NAMES = {  # method prefix -> what it is (learning.py's method_spec)
@@ -343,14 +345,21 @@ HYBRID_METHODS = {
     "failed_groups": "fg",
     "failures": "fail",
 }  # hybrid_mode -> method prefix
-HYBRID_NAMES = {"pg": "per-group hybrid", "fg": "failed-groups hybrid", "fail": "GRPO + SDPO on failures"}
+HYBRID_NAMES = {  # the README table's columns after GRPO and pure SDPO: train()'s default first, then the options
+    "pg~anchor=0.1": "per-group hybrid + KL anchor 0.1",
+    "pg": "per-group hybrid",
+    "fg": "failed-groups hybrid",
+    "fail": "GRPO + SDPO on failures",
+}
 
 
 def default_method() -> str:
-    """The panel method that is `train()`'s default hybrid (`SDPO_DEFAULTS`): "pg", "fg" or "fail"."""
+    """The panel method that is `train()`'s default (`SDPO_DEFAULTS`): "pg", "fg" or "fail", with "~anchor=A"
+    where the default sets SDPOConfig.distill_anchor (e.g. "pg~anchor=0.1")."""
     from sdpo_unsloth.train_config import SDPO_DEFAULTS
 
-    return HYBRID_METHODS[SDPO_DEFAULTS["hybrid_mode"]]
+    anchor = SDPO_DEFAULTS.get("distill_anchor", 0.0)
+    return HYBRID_METHODS[SDPO_DEFAULTS["hybrid_mode"]] + (f"~anchor={anchor:g}" if anchor else "")
 
 
 def default_vs_baselines(rows: list[dict], default: str | None = None) -> dict | None:

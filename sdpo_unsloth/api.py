@@ -291,15 +291,17 @@ def train(
         teacher_mode: "ema" (default), "frozen", "live" or "trust_region".
         teacher_update_rate: EMA rate / trust-region mix (default 0.05).
         grpo_weight: weight of TRL's GRPO loss in the hybrid (paper Eq. 3); 0 is pure SDPO (the seed's). Default
-            1.0 with hybrid_mode "per_group": GRPO where a prompt group's rewards differ, SDPO's distillation
-            in the other groups (docs/benchmarks.md, "learning-panel"); an `sdpo_config` you pass keeps its own.
+            1.0 with hybrid_mode "per_group" and distill_anchor 0.1: GRPO where a prompt group's rewards differ,
+            SDPO's distillation in the other groups, held near the initial policy (docs/benchmarks.md,
+            "learning-panel"); an `sdpo_config` you pass keeps its own.
         hybrid_mode: "per_group" (grpo_weight only in prompt groups whose rewards differ, pure distillation
             elsewhere; the default), "failed_groups" (the same, but a group that all succeeded is not distilled),
             "failures" (GRPO on every sample, distillation on the failed ones) or "fixed" (grpo_weight on every
             sample; the default with grpo_weight=0).
         distill_anchor: weight of a KL penalty to the initial policy on the distilled samples only (TRL's k3, as
             GRPOConfig.beta puts on every sample); it holds a student that distillation narrows to a few answers
-            near where it started. 0 is off.
+            near where it started. Default 0.1 with the default hybrid (the learning panel); 0 (off) with
+            grpo_weight=0, the seed's pure SDPO, and with a fixed mix of grpo_weight 1, which distils nothing.
         lora_r: LoRA rank of the student.
         lora_alpha: LoRA alpha (default: lora_r).
         load_in_4bit: nf4 base weights; default True on a CUDA GPU, False on CPU (bitsandbytes' CPU

@@ -150,11 +150,19 @@ def test_flat_knobs_override_the_config_objects(tmp_path):
     assert (sdpo.alpha, sdpo.teacher_update_rate, sdpo.distillation_topk) == (1.0, 0.3, None)
     assert _build_sdpo_config(None, alpha=None).alpha == 0.5  # None = keep the default
     kit = _build_sdpo_config(None)
-    assert (kit.grpo_weight, kit.hybrid_mode) == (1.0, "per_group")  # train()'s default: the per-group hybrid
+    # train()'s default: the per-group hybrid with the KL anchor
+    assert (kit.grpo_weight, kit.hybrid_mode, kit.distill_anchor) == (1.0, "per_group", 0.1)
     pure = _build_sdpo_config(None, grpo_weight=0.0)
-    assert (pure.grpo_weight, pure.hybrid_mode) == (0.0, "fixed")  # asked for pure SDPO: the seed's loss
+    # asked for pure SDPO: the seed's loss, no anchor (unless asked for too)
+    assert (pure.grpo_weight, pure.hybrid_mode, pure.distill_anchor) == (0.0, "fixed", 0.0)
+    assert _build_sdpo_config(None, grpo_weight=0.0, distill_anchor=0.2).distill_anchor == 0.2
+    grpo_only = _build_sdpo_config(None, hybrid_mode="fixed")  # w 1 on every sample: nothing distilled
+    assert (grpo_only.grpo_weight, grpo_only.distill_anchor) == (1.0, 0.0)
+    assert _build_sdpo_config(None, hybrid_mode="fixed", grpo_weight=0.5).distill_anchor == 0.1  # it distils
+    assert _build_sdpo_config(None, hybrid_mode="failed_groups").distill_anchor == 0.1
     seed = _build_sdpo_config(SDPOConfig())
-    assert (seed.grpo_weight, seed.hybrid_mode) == (0.0, "fixed")  # a config passed is taken as is
+    # a config passed is taken as is
+    assert (seed.grpo_weight, seed.hybrid_mode, seed.distill_anchor) == (0.0, "fixed", 0.0)
     assert _build_sdpo_config(SDPOConfig(), distill_anchor=0.2).distill_anchor == 0.2
     assert _build_sdpo_config(None, distill_anchor=0.3).distill_anchor == 0.3
 

@@ -26,6 +26,23 @@ def test_readme_figures_match_the_code():
     assert "| `logit_chunk_size` |" not in readme  # one table, generated, in docs/
 
 
+def test_the_docs_name_train_s_default_hybrid_as_the_code_sets_it():
+    """Where the README and the guides spell out `train()`'s default (grpo_weight, hybrid_mode, distill_anchor),
+    they give `SDPO_DEFAULTS`; a pair without the anchor would describe a default that is not the code's."""
+    import re
+
+    from sdpo_unsloth.train_config import SDPO_DEFAULTS
+
+    pattern = r'grpo_weight=([0-9.]+), hybrid_mode="(\w+)"(?:, distill_anchor=([0-9.]+))?'
+    found = 0
+    for name in ("README.md", "docs/how-it-works.md", "docs/troubleshooting.md"):
+        for weight, mode, anchor in re.findall(pattern, (ROOT / name).read_text()):
+            found += 1
+            stated = {"grpo_weight": float(weight), "hybrid_mode": mode, "distill_anchor": float(anchor or 0)}
+            assert stated == SDPO_DEFAULTS, f"{name} states {stated}"
+    assert found >= 3
+
+
 def test_readme_panel_table_is_generated_from_the_panel_records():
     """The README's learning-panel numbers are `learning_report.readme_block` of the panel's records (docs/panel/,
     `learning_report.PANEL`), from which docs/benchmarks.md is written (`benchmarks/learning.py --report-only --write`
@@ -81,7 +98,9 @@ def test_the_panel_method_the_readme_calls_the_default_is_train_s_default():
     assert inspect.signature(learning_report.readme_block).parameters["default"].default is None
     default = learning_report.default_method()
     _, grpo_weight, hybrid_mode, own_success = learning.method_spec(default, {"learning_rate": 5e-4})
-    assert {"grpo_weight": grpo_weight, "hybrid_mode": hybrid_mode} == SDPO_DEFAULTS and not own_success
+    anchor = learning.settings_of(default, {"distill_anchor": 0.0})["distill_anchor"]
+    assert {"grpo_weight": grpo_weight, "hybrid_mode": hybrid_mode, "distill_anchor": anchor} == SDPO_DEFAULTS
+    assert not own_success
 
 
 def heading_anchors(text: str) -> set[str]:

