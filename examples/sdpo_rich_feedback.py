@@ -11,8 +11,8 @@ SDPO puts that feedback into the teacher's prompt, so the teacher knows what wen
 student is distilled towards what the teacher then predicts. The settings are the paper's for rich
 feedback: reverse KL (alpha=1.0), top-20 logits, a slow EMA teacher (rate 0.01), as pure SDPO (an
 `SDPOConfig`'s grpo_weight defaults to 0): every sample with a teacher is distilled, and there is no
-GRPO term. `sdpo_unsloth.train()` defaults to the per-group hybrid instead (GRPO in prompt groups
-whose rewards differ), because on the learning panel's code task pure SDPO scored below GRPO
+GRPO term. `sdpo_unsloth.train()` defaults to the per-group hybrid with the KL anchor instead (GRPO in
+prompt groups whose rewards differ), because on the learning panel's code task pure SDPO scored below GRPO
 (docs/benchmarks.md, "Learning panel"); notebooks/rich_feedback_code.ipynb trains that way.
 
     python examples/sdpo_rich_feedback.py                                # Qwen2.5-0.5B-Instruct, GPU
