@@ -212,6 +212,8 @@ ATTACKS = [
         "memory_growth",
         "chunks = []\nwhile True:\n    chunks.append(bytearray(10 ** 7))",
         {Status.MEMORY, Status.KILLED},
+        # the memory limit, not the clock, must stop it: on a loaded machine the child's start alone can take 1 s
+        limits={"timeout_s": 10.0},
     ),
     Attack(
         "fork_bomb",
