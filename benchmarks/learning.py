@@ -95,6 +95,11 @@ def settings(args: argparse.Namespace) -> dict:
     from sdpo_unsloth.tasks.addition import DEMO_SETTINGS
 
     s = dict(DEMO_SETTINGS)
+    # The demo's loss (train()'s default) is a panel method of its own, e.g. `pg~anchor=0.1`: each method's name
+    # alone sets the hybrid and the anchor (`method_spec`, `~anchor=A`), so `sdpo` and `pg` stay unanchored.
+    for name in ("grpo_weight", "hybrid_mode"):
+        s.pop(name, None)
+    s["distill_anchor"] = 0.0
     for name, value in (
         ("model", args.model),
         ("max_steps", args.max_steps),

@@ -75,6 +75,21 @@ def _records(task: str, method: str, finals: list[float]) -> list[dict]:
     return rows
 
 
+def test_only_a_methods_name_sets_the_kl_anchor():
+    """The panel starts from the demo's settings, whose loss is train()'s default (with distill_anchor): `sdpo` and
+    `pg` must still run without the anchor, and `pg~anchor=0.1` with it."""
+    import learning
+
+    s = learning.settings(learning.parse_args(["--tasks", "addition"]))
+    from sdpo_unsloth.tasks.addition import DEMO_SETTINGS
+
+    assert DEMO_SETTINGS.distill_anchor > 0  # what the panel must not inherit
+    assert learning.settings_of("sdpo", s)["distill_anchor"] == 0.0
+    assert learning.settings_of("pg", s)["distill_anchor"] == 0.0
+    assert learning.settings_of("pg~anchor=0.1", s)["distill_anchor"] == 0.1
+    assert report.default_method() == "pg~anchor=0.1"  # train()'s default is run under its own name
+
+
 def test_summary_reports_every_seed_mean_spread_and_where_sdpo_is_below(tmp_path):
     out = tmp_path / "runs.jsonl"
     records = (
