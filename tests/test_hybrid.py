@@ -509,7 +509,9 @@ def test_distill_anchor_update_equals_a_hand_computation(tmp_path, loss_type, ac
     """SDPOConfig.distill_anchor with the per-group hybrid: the second SGD step's update equals -lr x the gradient
     of the hybrid's loss plus anchor x k3 to the initial policy on the distilled samples only (the all-failed
     group), none on the group GRPO trains, normalised as loss_type ("dapo", TRL's default: over the tokens of the
-    whole accumulation window, here two micro-batches)."""
+    whole accumulation window, here two micro-batches). The tiny model's completions all run to the 6-token budget,
+    so "grpo" (row means) and a token mean weigh every token alike here: what this checks is the term's scale (the
+    window's tokens once, not each micro-batch's), not how rows of different lengths are weighed."""
     lr, anchor = 1.0, 3.0
     config = SDPOConfig(
         grpo_weight=1.0,
@@ -557,7 +559,8 @@ class FeedbackForTheFirstPrompt:
 
 def test_pure_sdpo_distill_anchor_under_bnpo_counts_the_rows_without_a_teacher(tmp_path):
     """Pure SDPO with the anchor and loss_type "bnpo": the KL on the rows with a teacher is divided by the tokens of
-    every row of the micro-batch, as TRL's bnpo term (not by the teacher rows' tokens only)."""
+    every row of the micro-batch, as TRL's bnpo term (not by the teacher rows' tokens only: that would double it
+    here, half the rows having no teacher)."""
     lr, anchor = 1.0, 3.0
     config = SDPOConfig(distillation_topk=None, teacher_update_rate=0.0, distill_anchor=anchor)
     model, before, update, inputs, _ = _second_sgd_step(
