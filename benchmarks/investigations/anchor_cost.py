@@ -29,10 +29,14 @@ from common import write_section
 from sdpo_unsloth.train_config import SDPO_DEFAULTS
 
 ANCHOR = 0.1
+HYBRID = {
+    **SDPO_DEFAULTS,
+    "distill_anchor": 0.0,
+}  # the per-group hybrid alone (train()'s default adds the anchor)
 VARIANTS = {  # name -> (SDPOConfig kwargs, GRPOConfig.beta)
-    "hybrid": (SDPO_DEFAULTS, 0.0),
-    "distill_anchor": ({**SDPO_DEFAULTS, "distill_anchor": ANCHOR}, 0.0),
-    "beta": (SDPO_DEFAULTS, ANCHOR),
+    "hybrid": (HYBRID, 0.0),
+    "distill_anchor": ({**HYBRID, "distill_anchor": ANCHOR}, 0.0),
+    "beta": (HYBRID, ANCHOR),
 }
 
 
