@@ -164,18 +164,16 @@ def _build_sdpo_config(base: SDPOConfig | None, **flat: Any) -> SDPOConfig:
     if base is not None and not isinstance(base, SDPOConfig):
         raise UsageError(f"`sdpo_config` must be an SDPOConfig, got {type(base).__name__}.")
     values = base.to_dict() if base is not None else {}
-    if (
-        base is None
-    ):  # the kit's defaults; a grpo_weight of 0 asked for is the seed's pure SDPO (mode "fixed")
+    # the kit's defaults; a grpo_weight of 0 asked for is the seed's pure SDPO (mode "fixed")
+    if base is None:
         values.update(SDPO_DEFAULTS)
         if flat.get("grpo_weight") == 0 and flat.get("hybrid_mode") is None:
             values["hybrid_mode"] = "fixed"
         weight = values["grpo_weight"] if flat.get("grpo_weight") is None else flat["grpo_weight"]
         mode = values["hybrid_mode"] if flat.get("hybrid_mode") is None else flat["hybrid_mode"]
         if flat.get("distill_anchor") is None and (weight == 0 or (mode == "fixed" and weight >= 1)):
-            values["distill_anchor"] = (
-                0.0  # pure SDPO as the seed's; a mix that distils nothing has no use for it
-            )
+            # pure SDPO as the seed's; a mix that distils nothing has no use for it
+            values["distill_anchor"] = 0.0
     for name, value in flat.items():
         if value is None:
             continue
