@@ -327,6 +327,12 @@ class SDPOConfig:
         return self.enabled and self.teacher_mode == "ema"
 
     @property
+    def distils(self) -> bool:
+        """True when some sample can get a distillation term: SDPO is on and the mix is not all GRPO (a fixed
+        mix at grpo_weight 1 gives every sample GRPO's loss alone, so a distillation setting does nothing)."""
+        return self.enabled and not (self.hybrid_mode == "fixed" and self.grpo_weight >= 1.0)
+
+    @property
     def time_budget_seconds(self) -> float | None:
         return None if self.time_budget is None else parse_duration(self.time_budget)
 

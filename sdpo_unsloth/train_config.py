@@ -169,11 +169,6 @@ def _build_sdpo_config(base: SDPOConfig | None, **flat: Any) -> SDPOConfig:
         values.update(SDPO_DEFAULTS)
         if flat.get("grpo_weight") == 0 and flat.get("hybrid_mode") is None:
             values["hybrid_mode"] = "fixed"
-        weight = values["grpo_weight"] if flat.get("grpo_weight") is None else flat["grpo_weight"]
-        mode = values["hybrid_mode"] if flat.get("hybrid_mode") is None else flat["hybrid_mode"]
-        if flat.get("distill_anchor") is None and (weight == 0 or (mode == "fixed" and weight >= 1)):
-            # pure SDPO as the seed's; a mix that distils nothing has no use for it
-            values["distill_anchor"] = 0.0
     for name, value in flat.items():
         if value is None:
             continue
@@ -183,7 +178,15 @@ def _build_sdpo_config(base: SDPOConfig | None, **flat: Any) -> SDPOConfig:
         ):  # "full" vocab; 0: no limit
             value = None
         values[name] = value
-    return SDPOConfig(**values)
+    config = SDPOConfig(**values)
+    if (
+        base is None
+        and flat.get("distill_anchor") is None
+        and (config.grpo_weight == 0 or not config.distils)
+    ):
+        # the default anchor: not for pure SDPO (the seed's loss) nor a mix that distils nothing
+        config = dataclasses.replace(config, distill_anchor=0.0)
+    return config
 
 
 def _build_grpo_config(base: GRPOConfig | None, device: str, checkpoint_dir: Path, **flat: Any) -> GRPOConfig:

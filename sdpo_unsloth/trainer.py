@@ -156,10 +156,7 @@ class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
                     )
         if sdpo_config.enabled and sdpo_config.grpo_weight == 0 and args is not None:
             _warn_unused_grpo_options(args, max(beta, anchor))
-        distils = sdpo_config.enabled and not (
-            sdpo_config.grpo_weight == 1.0 and sdpo_config.hybrid_mode == "fixed"
-        )
-        if sdpo_config.distill_anchor > 0 and not distils:
+        if sdpo_config.distill_anchor > 0 and not sdpo_config.distils:
             warnings.warn(
                 f"SDPOConfig.distill_anchor={sdpo_config.distill_anchor} has no effect: "
                 + (

@@ -82,3 +82,20 @@ def test_tiny_tokenizer_round_trips(tiny_model_dir):
     assert reloaded.decode(reloaded.ids).endswith("<|im_start|>assistant\n")
     assert (reloaded.pad_token_id, reloaded.eos_token_id) == (original.pad_token_id, original.eos_token_id)
     assert reloaded.pad_token_id != reloaded.eos_token_id
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "distils"),
+    [
+        ({}, True),  # the seed's pure SDPO
+        ({"enabled": False}, False),  # plain GRPO
+        ({"grpo_weight": 1.0}, False),  # a fixed mix all GRPO
+        ({"grpo_weight": 0.9}, True),
+        ({"grpo_weight": 1.0, "hybrid_mode": "per_group"}, True),  # all-failed groups are distilled
+        ({"grpo_weight": 1.0, "hybrid_mode": "failed_groups"}, True),
+        ({"grpo_weight": 1.0, "hybrid_mode": "failures"}, True),
+    ],
+)
+def test_distils_says_whether_any_sample_can_be_distilled(kwargs, distils):
+    """One rule for train()'s default anchor and the trainer's "anchor has no effect" warning."""
+    assert SDPOConfig(**kwargs).distils is distils
