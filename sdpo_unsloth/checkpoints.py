@@ -397,3 +397,66 @@ def _checkpoint_step(folder: str) -> int | None:
     """The optimizer step of a `checkpoint-N` folder, from its name."""
     match = _CHECKPOINT.match(os.path.basename(os.path.normpath(folder)))
     return int(match.group(1)) if match else None
+
+
+SETTINGS_FILE = "sdpo_config.json"  # the SDPOConfig a checkpoint was trained with
+# Fields that change how a run is watched or paced, not what a step computes: left out of the comparison.
+_OPERATIONAL = frozenset(
+    {"time_budget", "reward_timeout", "diagnostics_samples", "warn_noop", "logit_chunk_size"}
+)
+
+
+def settings_changes(saved: dict[str, Any], current: dict[str, Any]) -> list[str]:
+    """`field: saved -> current` for each SDPOConfig field that decides the update and differs."""
+    return [
+        f"{name}: {saved[name]!r} -> {value!r}"
+        for name, value in current.items()
+        if name not in _OPERATIONAL and name in saved and saved[name] != value
+    ]
+
+
+class SettingsRecord:
+    """Trainer mixin: each checkpoint keeps the SDPOConfig it was trained with (`sdpo_config.json`), and a run
+    resumed with other settings says which, once (a default that changed between versions of the kit
+    included): its remaining steps train with the new values, so it is not the run the checkpoint began."""
+
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        if self.args.should_save:  # before the Trainer's files: trainer_state.json stays the last one
+            folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, SETTINGS_FILE), "w", encoding="utf-8") as handle:
+                json.dump(self.sdpo_config.to_dict(), handle, indent=1, default=str)
+        super()._save_checkpoint(model, trial)
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        super()._load_from_checkpoint(resume_from_checkpoint, model)
+        if not self.accelerator.is_main_process:
+            return
+        path = os.path.join(resume_from_checkpoint, SETTINGS_FILE)
+        current = json.loads(json.dumps(self.sdpo_config.to_dict(), default=str))
+        if not os.path.exists(path):
+            anchor = current.get("distill_anchor") or 0
+            warnings.warn(
+                f"{resume_from_checkpoint} has no {SETTINGS_FILE} (saved by an earlier version of sdpo_unsloth), "
+                "so this run's SDPOConfig cannot be checked against the one it was trained with; the resumed "
+                "steps train with this run's."
+                + (
+                    f" This run distils with distill_anchor={anchor}, train()'s default since 2026-12-01: pass "
+                    "distill_anchor=0.0 to continue a run begun with the earlier default."
+                    if anchor
+                    else ""
+                ),
+                stacklevel=2,
+            )
+            return
+        with open(path, encoding="utf-8") as handle:
+            saved = json.load(handle)
+        changes = settings_changes(saved, current)
+        if changes:
+            warnings.warn(
+                f"{resume_from_checkpoint} was trained with other SDPOConfig settings than this run's "
+                f"({'; '.join(changes)}): the resumed steps train with this run's values. To continue the run "
+                "as it began, pass the checkpoint's values, as recorded in its "
+                f"{SETTINGS_FILE} (SDPOConfig fields; most are train() keywords too, and CLI flags as --field-name).",
+                stacklevel=2,
+            )

@@ -37,7 +37,7 @@ from .adapters import (  # noqa: E402
     dropout_off,
 )
 from .budget import TimeBudget  # noqa: E402
-from .checkpoints import AtomicCheckpoints, GenerationBuffer, step_end_random  # noqa: E402
+from .checkpoints import AtomicCheckpoints, GenerationBuffer, SettingsRecord, step_end_random  # noqa: E402
 from .config import SDPOConfig  # noqa: E402
 from .diagnostics import diagnostic_callbacks  # noqa: E402
 from .heads import OutputHead, check_output_head, output_head  # noqa: E402
@@ -107,7 +107,7 @@ def _reference_adapter(model: Any) -> str | None:
     return REFERENCE_ADAPTER
 
 
-class _SDPOMixin(StepStats, TeacherState, GenerationBuffer):
+class _SDPOMixin(StepStats, TeacherState, GenerationBuffer, SettingsRecord):
     sdpo_config: SDPOConfig
     # One input kind for the compiled decoder blocks from the first step on (see `_completion_hidden`).
     stable_shapes: bool = True

@@ -347,6 +347,42 @@ def test_resume_continues_with_the_same_teacher(tmp_path):
     assert os.path.exists(checkpoint / "trainer_state.json")
 
 
+def test_a_resume_with_other_sdpo_settings_names_them(tmp_path):
+    """Each checkpoint keeps the SDPOConfig it was trained with; resuming with other values that decide the
+    update (here the KL anchor, as when train()'s default changed) says which, and from a checkpoint without the
+    record (an earlier version) says it cannot check. Settings that only pace or watch a run are not named."""
+    import json
+    import warnings
+
+    from sdpo_unsloth.checkpoints import SETTINGS_FILE
+
+    sdpo = SDPOConfig(teacher_update_rate=0.3)
+    first = make_trainer(tmp_path / "a", sdpo, max_steps=2, save_strategy="steps", save_steps=2)
+    first.train()
+    checkpoint = tmp_path / "a" / "run" / "checkpoint-2"
+    assert json.loads((checkpoint / SETTINGS_FILE).read_text()) == sdpo.to_dict()
+
+    def resume(name, config):
+        trainer = make_trainer(tmp_path / name, config, max_steps=3)
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            trainer.train(resume_from_checkpoint=str(checkpoint))
+        assert trainer.state.global_step == 3  # it trained on from the checkpoint
+        return [str(w.message) for w in caught if "SDPOConfig" in str(w.message)]
+
+    same = dict(
+        teacher_update_rate=0.3, diagnostics_samples=0, logit_chunk_size=64
+    )  # pacing and watching only
+    assert resume("same", SDPOConfig(**same)) == []
+    (changed,) = resume("other", SDPOConfig(**same, distill_anchor=0.1, alpha=1.0))
+    assert "checkpoint-2 was trained with other SDPOConfig settings" in changed
+    assert "alpha: 0.5 -> 1.0" in changed and "distill_anchor: 0.0 -> 0.1" in changed
+    assert "diagnostics_samples" not in changed and "logit_chunk_size" not in changed
+    (checkpoint / SETTINGS_FILE).unlink()  # saved by an earlier version
+    (unknown,) = resume("old", SDPOConfig(teacher_update_rate=0.3, distill_anchor=0.1))
+    assert f"has no {SETTINGS_FILE}" in unknown and "pass distill_anchor=0.0" in unknown
+
+
 @pytest.mark.parametrize(
     "options",
     [dict(steps_per_generation=2, gradient_accumulation_steps=1), dict(num_iterations=2)],
