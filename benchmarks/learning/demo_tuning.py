@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--topk", help="distillation_topk: int or none (full vocabulary)")
     p.add_argument("--teacher-mode", choices=("ema", "frozen", "live", "trust_region"))
     p.add_argument("--teacher-rate", type=float)
+    p.add_argument("--grpo-weight", type=float, help="SDPOConfig.grpo_weight (0: the seed's pure SDPO)")
+    p.add_argument("--hybrid-mode", choices=("fixed", "per_group", "failed_groups", "failures"))
+    p.add_argument("--distill-anchor", type=float, help="SDPOConfig.distill_anchor")
     p.add_argument("--no-tail", action="store_true")
     p.add_argument("--train-size", type=int)
     p.add_argument("--held-size", type=int)
@@ -70,6 +73,9 @@ BASE = dict(
     teacher_mode="ema",
     teacher_update_rate=0.1,
     tail=True,
+    grpo_weight=0.0,  # the seed's pure SDPO; --recommended takes the demo's (train()'s default hybrid)
+    hybrid_mode="fixed",
+    distill_anchor=0.0,
     train_size=68,
     train_seed=0,
     held_size=32,
@@ -96,6 +102,9 @@ def settings_from(args: argparse.Namespace) -> dict:
         "alpha": args.alpha,
         "teacher_mode": args.teacher_mode,
         "teacher_update_rate": args.teacher_rate,
+        "grpo_weight": args.grpo_weight,
+        "hybrid_mode": args.hybrid_mode,
+        "distill_anchor": args.distill_anchor,
         "train_size": args.train_size,
         "held_size": args.held_size,
     }
@@ -118,7 +127,9 @@ def describe(s: dict) -> str:
         return "GRPO " + common
     teacher = s["teacher_mode"] + (f"{s['teacher_update_rate']:g}" if s["teacher_mode"] == "ema" else "")
     tail = "" if s["tail"] else " no-tail"
-    return f"SDPO a={s['alpha']:g} K={s['distillation_topk']}{tail} teacher={teacher} " + common
+    mix = "" if s["grpo_weight"] == 0 else f" w={s['grpo_weight']:g} {s['hybrid_mode']}"
+    anchor = f" anchor={s['distill_anchor']:g}" if s["distill_anchor"] else ""
+    return f"SDPO a={s['alpha']:g} K={s['distillation_topk']}{tail}{mix}{anchor} teacher={teacher} " + common
 
 
 def run(s: dict, seed: int, eval_every: int, verbose: bool) -> dict:
@@ -157,6 +168,9 @@ def run(s: dict, seed: int, eval_every: int, verbose: bool) -> dict:
             distillation_add_tail=s["tail"],
             teacher_mode=s["teacher_mode"],
             teacher_update_rate=s["teacher_update_rate"],
+            grpo_weight=s["grpo_weight"],
+            hybrid_mode=s["hybrid_mode"],
+            distill_anchor=s["distill_anchor"],
         )
     )
     out = tempfile.mkdtemp(prefix="demo_tuning_")
