@@ -342,7 +342,7 @@ def test_per_group_weight_one_is_trls_grpo_where_every_group_has_a_spread(
     assert len(loss[0]) == 2 and loss[1] == pytest.approx(loss[0], rel=1e-3, abs=1e-7)
 
 
-def ending_model():
+def ending_model(strength: float = 7.0):
     """The tiny model (untied) with a raised end-of-sequence logit: some completions end, others are cut off."""
     from conftest import make_tiny_model, make_tiny_tokenizer
 
@@ -351,7 +351,7 @@ def ending_model():
     with torch.no_grad():
         ids = torch.randint(4, len(tokenizer), (8, 12), generator=torch.Generator().manual_seed(1))
         direction = model.model(input_ids=ids).last_hidden_state.reshape(-1, model.config.hidden_size).mean(0)
-        model.lm_head.weight[model.config.eos_token_id] = 7.0 * direction / direction.norm() ** 2
+        model.lm_head.weight[model.config.eos_token_id] = strength * direction / direction.norm() ** 2
     return model
 
 
@@ -460,7 +460,7 @@ def test_teacher_forward_runs_without_the_padding_of_rows_it_does_not_distil(tmp
     )
 
 
-def _second_sgd_step(tmp_path, sdpo_config, reward, accumulation, loss_type, lr):
+def _second_sgd_step(tmp_path, sdpo_config, reward, accumulation, loss_type, lr, model=None):
     """Two SGD steps through trainer.train() at a constant lr, no clipping (a KL to the initial policy has no
     gradient at the first: the student is its reference there): (model, the student adapter before the second
     step, the second step's update, that step's batch as one dict - its micro-batches put back together -, the
@@ -479,6 +479,7 @@ def _second_sgd_step(tmp_path, sdpo_config, reward, accumulation, loss_type, lr)
         lr_scheduler_type="constant",
         max_grad_norm=0.0,
         loss_type=loss_type,
+        model=model,
     )
     model = trainer.model
     before = {}
@@ -504,15 +505,25 @@ def _second_sgd_step(tmp_path, sdpo_config, reward, accumulation, loss_type, lr)
     return model, before, update, inputs, trainer.state.log_history
 
 
+def _completion_lengths(inputs, ending: bool) -> None:
+    """The tiny model's completions all run to the 6-token budget; `ending_model`'s end at different lengths, so
+    "grpo" (each row's token mean) and a token sum over the batch ("bnpo", "dapo") weigh their tokens differently."""
+    lengths = set(inputs["completion_mask"].sum(dim=1).tolist())
+    assert len(lengths) > 1 if ending else lengths == {6}, lengths
+
+
+@pytest.mark.parametrize("ending", [False, True], ids=["full_length", "varied_length"])
 @pytest.mark.parametrize(("loss_type", "accumulation"), [("grpo", 1), ("dapo", 2)])
-def test_distill_anchor_update_equals_a_hand_computation(tmp_path, loss_type, accumulation):
+def test_distill_anchor_update_equals_a_hand_computation(tmp_path, loss_type, accumulation, ending):
     """SDPOConfig.distill_anchor with the per-group hybrid: the second SGD step's update equals -lr x the gradient
     of the hybrid's loss plus anchor x k3 to the initial policy on the distilled samples only (the all-failed
     group), none on the group GRPO trains, normalised as loss_type ("dapo", TRL's default: over the tokens of the
-    whole accumulation window, here two micro-batches). The tiny model's completions all run to the 6-token budget,
-    so "grpo" (row means) and a token mean weigh every token alike here: what this checks is the term's scale (the
-    window's tokens once, not each micro-batch's), not how rows of different lengths are weighed."""
-    lr, anchor = 1.0, 3.0
+    whole accumulation window, here two micro-batches). With completions of one length this checks the term's
+    scale (the window's tokens once, not each micro-batch's); with completions of different lengths
+    (`ending_model`), also how rows of different lengths are weighed (a row's token mean for "grpo", each token
+    alike for "dapo"). There a smaller first step keeps the endings into the second (at lr 1 every completion of
+    the second step had one length), and a larger anchor keeps the KL's share of the update visible."""
+    lr, anchor = (0.2, 30.0) if ending else (1.0, 3.0)
     config = SDPOConfig(
         grpo_weight=1.0,
         hybrid_mode="per_group",
@@ -521,8 +532,15 @@ def test_distill_anchor_update_equals_a_hand_computation(tmp_path, loss_type, ac
         distill_anchor=anchor,
     )
     model, before, update, inputs, log = _second_sgd_step(
-        tmp_path, config, FirstOfFirstPrompt(), accumulation, loss_type, lr
+        tmp_path,
+        config,
+        FirstOfFirstPrompt(),
+        accumulation,
+        loss_type,
+        lr,
+        ending_model() if ending else None,
     )
+    _completion_lengths(inputs, ending)
     distill = inputs["sdpo_distill_weight"].tolist()
     assert 0 < sum(distill) < 8  # one group distilled, the other trained by GRPO
     teacher = inputs["sdpo_sample_mask"].tolist()
@@ -557,15 +575,17 @@ class FeedbackForTheFirstPrompt:
         return [0.0] * len(completions)
 
 
-def test_pure_sdpo_distill_anchor_under_bnpo_counts_the_rows_without_a_teacher(tmp_path):
+@pytest.mark.parametrize("ending", [False, True], ids=["full_length", "varied_length"])
+def test_pure_sdpo_distill_anchor_under_bnpo_counts_the_rows_without_a_teacher(tmp_path, ending):
     """Pure SDPO with the anchor and loss_type "bnpo": the KL on the rows with a teacher is divided by the tokens of
     every row of the micro-batch, as TRL's bnpo term (not by the teacher rows' tokens only: that would double it
     here, half the rows having no teacher)."""
-    lr, anchor = 1.0, 3.0
+    lr, anchor = (0.2, 30.0) if ending else (1.0, 3.0)
     config = SDPOConfig(distillation_topk=None, teacher_update_rate=0.0, distill_anchor=anchor)
     model, before, update, inputs, _ = _second_sgd_step(
-        tmp_path, config, FeedbackForTheFirstPrompt(), 1, "bnpo", lr
+        tmp_path, config, FeedbackForTheFirstPrompt(), 1, "bnpo", lr, ending_model() if ending else None
     )
+    _completion_lengths(inputs, ending)
     teacher = inputs["sdpo_sample_mask"].tolist()
     assert teacher.count(1) == 4 and teacher.count(0) == 4  # one group with a teacher, one without
     lengths = inputs["completion_mask"].sum(dim=1)
