@@ -302,11 +302,13 @@ def test_loss_logps_match_an_unpadded_forward_in_training_mode(small_model_dir, 
         torch.testing.assert_close(terms["teacher_logp"][i, :length].float(), teacher, rtol=0, atol=3e-2)
 
 
-def test_per_group_hybrid_with_the_kl_anchor_trains_on_unsloth(small_model_dir, tmp_path):
-    """`train()`'s default loss (GRPO where a group's rewards differ, distillation where they are equal) plus
-    `GRPOConfig.beta` on unsloth's patched trainer: neither TRL nor unsloth loads a reference model (the base with
-    the adapters disabled is SDPO's reference), both terms run, and the KL is 0 at the first step (the student
-    starts as its reference) and positive after it."""
+@pytest.mark.parametrize(("beta", "anchor"), [(0.1, 0.0), (0.0, 0.1)], ids=["grpo_beta", "distill_anchor"])
+def test_per_group_hybrid_with_the_kl_anchor_trains_on_unsloth(small_model_dir, tmp_path, beta, anchor):
+    """The per-group hybrid (GRPO where a group's rewards differ, distillation where they are equal) with a KL
+    anchor on unsloth's patched trainer: `GRPOConfig.beta` (on every sample) or `SDPOConfig.distill_anchor` (on
+    the distilled ones: `train()`'s default). Neither TRL nor unsloth loads a reference model (the base with the
+    adapters disabled is SDPO's reference), both terms run, and the KL is 0 at the first step (the student starts
+    as its reference) and positive after it."""
     from datasets import Dataset
     from trl import GRPOConfig
 
@@ -340,7 +342,7 @@ def test_per_group_hybrid_with_the_kl_anchor_trains_on_unsloth(small_model_dir, 
             max_completion_length=8,
             max_steps=2,
             learning_rate=5e-3,
-            beta=0.1,
+            beta=beta,
             logging_steps=1,
             fp16=True,
             bf16=False,
@@ -348,12 +350,13 @@ def test_per_group_hybrid_with_the_kl_anchor_trains_on_unsloth(small_model_dir, 
             save_strategy="no",
             shuffle_dataset=False,
         ),
-        sdpo_config=SDPOConfig(grpo_weight=1.0, hybrid_mode="per_group"),
+        sdpo_config=SDPOConfig(grpo_weight=1.0, hybrid_mode="per_group", distill_anchor=anchor),
         processing_class=tokenizer,
         reward_funcs=[Split()],
         train_dataset=Dataset.from_list(rows),
     )
-    assert trainer.args.beta == 0.1 and trainer.reference_kl_beta == 0.1
+    assert trainer.args.beta == beta and trainer.reference_kl_beta == beta
+    assert trainer.sdpo_config.distill_anchor == anchor
     assert getattr(trainer, "ref_model", None) is None, "a reference model was loaded"
     trainer.train()
     history = [h for h in trainer.state.log_history if "loss" in h]
