@@ -441,8 +441,8 @@ class SettingsRecord:
                 "so this run's SDPOConfig cannot be checked against the one it was trained with; the resumed "
                 "steps train with this run's."
                 + (
-                    f" This run distils with distill_anchor={anchor}, train()'s default since 2026-12-01: pass "
-                    "distill_anchor=0.0 to continue a run begun with the earlier default."
+                    f" This run has distill_anchor={anchor} (train()'s default gained distill_anchor=0.1 on "
+                    "2026-12-01): pass distill_anchor=0.0 to continue a run begun without it."
                     if anchor
                     else ""
                 ),
