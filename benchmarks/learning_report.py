@@ -47,10 +47,11 @@ PANEL = (
     "fga.jsonl",
     "code34.jsonl",
     "reveal.jsonl",
+    "gcd8.jsonl",
 )
 """The panel's records in docs/panel/: the README's table and docs/benchmarks.md are `--report-only` of all of them
 (panel.jsonl is on the earlier split, the others on the distinct one; exact.jsonl, exact2.jsonl, causes.jsonl,
-seeds.jsonl, beta.jsonl, beta03.jsonl, seeds2.jsonl, fgx.jsonl, anchor.jsonl, anchor2.jsonl, fga.jsonl, code34.jsonl and reveal.jsonl hold the gym runs scored with a number right or wrong, the others' gym runs had the verifier's substring
+seeds.jsonl, beta.jsonl, beta03.jsonl, seeds2.jsonl, fgx.jsonl, anchor.jsonl, anchor2.jsonl, fga.jsonl, code34.jsonl, reveal.jsonl and gcd8.jsonl hold the gym runs scored with a number right or wrong, the others' gym runs had the verifier's substring
 credit: see `records`)."""
 ORDER = {"grpo": 0, "sdpo": 1, "fail": 2}
 NAMES = {  # method prefix -> what it is (learning.py's method_spec)
