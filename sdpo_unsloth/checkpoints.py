@@ -244,6 +244,14 @@ class AtomicCheckpoints:
 GENERATION_FILE = "sdpo_generation-{rank}.pt"  # one per process, inside a checkpoint saved mid-generation
 
 
+def checkpoint_folder(trainer: Any, trial: Any) -> str:
+    """The folder the Trainer is about to save `checkpoint-N` into (inside `AtomicCheckpoints`' staging folder
+    while it saves), created, so that a mixin can write its files there before the Trainer's own."""
+    folder = os.path.join(trainer._get_output_dir(trial), f"checkpoint-{trainer.state.global_step}")
+    os.makedirs(folder, exist_ok=True)
+    return folder
+
+
 def random_states() -> tuple:
     """Python's, NumPy's and torch's (CPU and every CUDA device) global random states."""
     import numpy as np
@@ -323,8 +331,7 @@ class GenerationBuffer:
         if buffered is not None and done % self._generate_every() != 0:
             import torch
 
-            folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
-            os.makedirs(folder, exist_ok=True)
+            folder = checkpoint_folder(self, trial)
             path = os.path.join(folder, GENERATION_FILE.format(rank=self.accelerator.process_index))
             saved = {"step": done, "setup": self._generation_setup(), "buffered_inputs": buffered}
             saved["plans"] = _plans_json(getattr(self, "sdpo_last_plans", None))
@@ -422,9 +429,9 @@ class SettingsRecord:
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         if self.args.should_save:  # before the Trainer's files: trainer_state.json stays the last one
-            folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
-            os.makedirs(folder, exist_ok=True)
-            with open(os.path.join(folder, SETTINGS_FILE), "w", encoding="utf-8") as handle:
+            with open(
+                os.path.join(checkpoint_folder(self, trial), SETTINGS_FILE), "w", encoding="utf-8"
+            ) as handle:
                 json.dump(self.sdpo_config.to_dict(), handle, indent=1, default=str)
         super()._save_checkpoint(model, trial)
 

@@ -16,6 +16,7 @@ import torch
 from transformers import TrainerCallback
 
 from .adapters import STUDENT_ADAPTER, adapter_is_initial, add_teacher_adapter, copy_adapter, ema_update
+from .checkpoints import checkpoint_folder
 from .config import SDPOConfig
 from .faults import fault_point
 from .model import attach_lora
@@ -114,8 +115,7 @@ class TeacherState:
             from peft.utils import get_peft_model_state_dict
             from safetensors.torch import save_file
 
-            folder = os.path.join(self._get_output_dir(trial), f"checkpoint-{self.state.global_step}")
-            os.makedirs(folder, exist_ok=True)
+            folder = checkpoint_folder(self, trial)
             state = get_peft_model_state_dict(self._peft_model(), adapter_name=self._teacher_adapter)
             save_file(
                 {k: v.detach().contiguous().cpu() for k, v in state.items()},
