@@ -342,7 +342,7 @@ def test_per_group_weight_one_is_trls_grpo_where_every_group_has_a_spread(
     assert len(loss[0]) == 2 and loss[1] == pytest.approx(loss[0], rel=1e-3, abs=1e-7)
 
 
-def ending_model(strength: float = 7.0):
+def ending_model():
     """The tiny model (untied) with a raised end-of-sequence logit: some completions end, others are cut off."""
     from conftest import make_tiny_model, make_tiny_tokenizer
 
@@ -351,7 +351,7 @@ def ending_model(strength: float = 7.0):
     with torch.no_grad():
         ids = torch.randint(4, len(tokenizer), (8, 12), generator=torch.Generator().manual_seed(1))
         direction = model.model(input_ids=ids).last_hidden_state.reshape(-1, model.config.hidden_size).mean(0)
-        model.lm_head.weight[model.config.eos_token_id] = strength * direction / direction.norm() ** 2
+        model.lm_head.weight[model.config.eos_token_id] = 7.0 * direction / direction.norm() ** 2
     return model
 
 
