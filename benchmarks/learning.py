@@ -22,8 +22,8 @@ W defaults to 1: GRPO in groups whose rewards differ, SDPO in the others), `fgW`
 the same, but an all-successful group is not distilled), `failW` (hybrid_mode="failures", W
 defaults to 1: W x GRPO on every sample + SDPO on the failed ones); `grpo@LR` / `sdpo@LR` override lr;
 `sdpo+self` (any SDPO method) shows a success its own completion as the demonstration; `pgrare`, `spread`,
-`pgtrunc` and `adv` are experiments on the per-group hybrid (rare_success_weights, spread_weights,
-truncated_rows_distilled, advantage_weights), patched into the trainer for their own runs. A suffix `~alpha=A`, `~ema=R` (the
+`pgtrunc`, `adv` and `veto` are experiments on the per-group hybrid (rare_success_weights, spread_weights,
+truncated_rows_distilled, advantage_weights, teacher_veto), patched into the trainer for their own runs. A suffix `~alpha=A`, `~ema=R` (the
 teacher's update rate) or `~topk=K|full` overrides that SDPO setting for the run (e.g. `pg~alpha=1`), and
 `~scale=group|batch|none` TRL's advantage scaling (GRPOConfig.scale_rewards).
 """
@@ -141,6 +141,7 @@ def method_spec(method: str, s: dict) -> tuple[float, float | None, str, bool]:
         "spread",
         "pgtrunc",
         "adv",
+        "veto",
     ):  # experiments on the per-group hybrid, patched in by run_one
         return lr_value, 1.0, "per_group", own
     if name.startswith("pg"):
@@ -150,7 +151,7 @@ def method_spec(method: str, s: dict) -> tuple[float, float | None, str, bool]:
     if name.startswith("fail"):
         return lr_value, float(name[len("fail") :] or 1.0), "failures", own
     raise SystemExit(
-        f"unknown method {method!r}: use grpo, sdpo, hybridW, pgW, fgW, failW, the experiments pgrare, spread, pgtrunc and adv, optionally +self (SDPO methods) and @lr"
+        f"unknown method {method!r}: use grpo, sdpo, hybridW, pgW, fgW, failW, the experiments pgrare, spread, pgtrunc, adv and veto, optionally +self (SDPO methods) and @lr"
     )
 
 
@@ -249,6 +250,33 @@ def truncated_rows_distilled(generate):
             if length >= self.max_completion_length and row[length - 1] not in eos:
                 output["sdpo_grpo_weight"][i], output["sdpo_distill_weight"][i] = 0.0, 1.0
         return output
+
+    return wrapped
+
+
+def teacher_veto(distill):
+    """Experiment `veto` (wraps `sdpo_unsloth.loss.chunked_distill` for that run only): the per-group hybrid,
+    but the distillation of a sampled token is dropped where the teacher gives it more probability than the
+    student does. Under the per-group hybrid at weight 1 every distilled sample failed, so the teacher may push a
+    failed completion's tokens down and reshape the others, never raise what the verifier rejected (on gcd the
+    students drift towards answering with a number of the question, which the teacher reading the question
+    again prefers). In sampled-token mode (`~sampled=1~alpha=1`) the teacher's log-probability is capped at the
+    student's: only the tokens it rates lower are pushed, down. Not an SDPOConfig option."""
+
+    def wrapped(*args, **kwargs):
+        import dataclasses
+
+        import torch
+
+        terms = distill(*args, **kwargs)
+        student = terms.student_logp.detach()
+        endorsed = terms.teacher_logp > student
+        divergence = terms.divergence
+        if divergence is not None:
+            divergence = divergence * (~endorsed).to(divergence.dtype)
+        return dataclasses.replace(
+            terms, divergence=divergence, teacher_logp=torch.minimum(terms.teacher_logp, student)
+        )
 
     return wrapped
 
@@ -358,6 +386,9 @@ def run_one(s: dict, task: PanelTask, method: str, seed: int, out: str) -> None:
     mixin._generate_and_score_completions = (
         truncated_rows_distilled(generate) if report.family(method) == "pgtrunc" else generate
     )
+    loss_module = sdpo_unsloth.trainer.sdpo_loss
+    distill = _ORIGINAL.setdefault("distill", loss_module.chunked_distill)
+    loss_module.chunked_distill = teacher_veto(distill) if report.family(method) == "veto" else distill
     sdpo_unsloth.trainer.hybrid_weights = EXPERIMENTS.get(
         report.family(method), sdpo_unsloth.steps.hybrid_weights
     )
