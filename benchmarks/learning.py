@@ -22,8 +22,8 @@ W defaults to 1: GRPO in groups whose rewards differ, SDPO in the others), `fgW`
 the same, but an all-successful group is not distilled), `failW` (hybrid_mode="failures", W
 defaults to 1: W x GRPO on every sample + SDPO on the failed ones); `grpo@LR` / `sdpo@LR` override lr;
 `sdpo+self` (any SDPO method) shows a success its own completion as the demonstration; `pgrare`, `spread`,
-`pgtrunc`, `adv` and `veto` are experiments on the per-group hybrid (rare_success_weights, spread_weights,
-truncated_rows_distilled, advantage_weights, teacher_veto), patched into the trainer for their own runs. A suffix `~alpha=A`, `~ema=R` (the
+`pgtrunc`, `adv`, `veto` and `gate` are experiments on the per-group hybrid (rare_success_weights,
+spread_weights, truncated_rows_distilled, advantage_weights, teacher_veto, batch_gate_weights), patched into the trainer for their own runs. A suffix `~alpha=A`, `~ema=R` (the
 teacher's update rate) or `~topk=K|full` overrides that SDPO setting for the run (e.g. `pg~alpha=1`), and
 `~scale=group|batch|none` TRL's advantage scaling (GRPOConfig.scale_rewards).
 """
@@ -142,6 +142,7 @@ def method_spec(method: str, s: dict) -> tuple[float, float | None, str, bool]:
         "pgtrunc",
         "adv",
         "veto",
+        "gate",
     ):  # experiments on the per-group hybrid, patched in by run_one
         return lr_value, 1.0, "per_group", own
     if name.startswith("pg"):
@@ -151,7 +152,7 @@ def method_spec(method: str, s: dict) -> tuple[float, float | None, str, bool]:
     if name.startswith("fail"):
         return lr_value, float(name[len("fail") :] or 1.0), "failures", own
     raise SystemExit(
-        f"unknown method {method!r}: use grpo, sdpo, hybridW, pgW, fgW, failW, the experiments pgrare, spread, pgtrunc, adv and veto, optionally +self (SDPO methods) and @lr"
+        f"unknown method {method!r}: use grpo, sdpo, hybridW, pgW, fgW, failW, the experiments pgrare, spread, pgtrunc, adv, veto and gate, optionally +self (SDPO methods) and @lr"
     )
 
 
@@ -227,7 +228,30 @@ def advantage_weights(rewards, group_size, *, weight, mode, success_threshold=1.
     return grpo, distill
 
 
+def batch_gate_weights(rewards, group_size, *, weight, mode, success_threshold=1.0):
+    """Experiment `gate` (patched into the trainer for that run only): the per-group hybrid while fewer than half
+    of the generation batch's prompt groups have a success; from half on, GRPO alone (no sample distilled), since
+    GRPO then has a contrast in most groups and distilling the rest is what lowered gcd.
+
+    >>> batch_gate_weights([1.0, 0.0, 0.0, 0.0], 2, weight=1.0, mode="per_group")
+    ([1.0, 1.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0])
+    >>> batch_gate_weights([1.0, 0.0, 0.0, 0.0, 0.0, 0.0], 2, weight=1.0, mode="per_group")
+    ([1.0, 1.0, 0.0, 0.0, 0.0, 0.0], [0.0, 0.0, 1.0, 1.0, 1.0, 1.0])
+    """
+    from sdpo_unsloth.steps import hybrid_weights
+
+    grpo, distill = hybrid_weights(
+        rewards, group_size, weight=weight, mode=mode, success_threshold=success_threshold
+    )
+    groups = [rewards[i : i + group_size] for i in range(0, len(rewards), group_size)]
+    won = sum(any(r >= success_threshold for r in g) for g in groups)
+    if 2 * won >= len(groups):
+        distill = [0.0] * len(rewards)
+    return grpo, distill
+
+
 EXPERIMENTS = {
+    "gate": batch_gate_weights,
     "pgrare": rare_success_weights,
     "spread": spread_weights,
     "adv": advantage_weights,
